@@ -1,0 +1,3 @@
+"""smsops: self-hosted SMS campaigns over a dbt-modeled warehouse."""
+
+__version__ = "0.1.0"

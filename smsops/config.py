@@ -1,0 +1,59 @@
+"""Where smsops keeps its files, read from the environment.
+
+``SMSOPS_HOME`` (default ``./data``) holds the operational store and the published
+warehouse snapshots, so tests and several installs never collide.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    """Every location smsops reads or writes, derived from one home folder."""
+
+    home: Path
+
+    @property
+    def ops_store(self) -> Path:
+        return self.home / "ops.sqlite"
+
+    @property
+    def warehouse_dir(self) -> Path:
+        return self.home / "warehouse"
+
+    @property
+    def warehouse_pointer(self) -> Path:
+        return self.warehouse_dir / "current.json"
+
+    @property
+    def build_lock(self) -> Path:
+        return self.warehouse_dir / "build.lock"
+
+    @property
+    def dbt_artifacts(self) -> Path:
+        return self.home / "dbt"
+
+
+def paths(home: str | os.PathLike[str] | None = None) -> Paths:
+    """Resolve the paths for ``home``, else ``$SMSOPS_HOME``, else ``./data``."""
+    chosen = home if home is not None else os.environ.get("SMSOPS_HOME", "data")
+    return Paths(home=Path(chosen).expanduser().resolve())
+
+
+def dbt_project_dir() -> Path:
+    """The dbt project: ``$SMSOPS_DBT_PROJECT`` or ``dbt_project/`` beside the package."""
+    return Path(os.environ.get("SMSOPS_DBT_PROJECT", REPO_ROOT / "dbt_project")).resolve()
+
+
+def duckdb_settings() -> dict[str, str | int]:
+    """Bounded DuckDB resources: by default a process would claim ~80% of RAM."""
+    return {
+        "memory_limit": os.environ.get("SMSOPS_DUCKDB_MEMORY", "4GB"),
+        "threads": int(os.environ.get("SMSOPS_DUCKDB_THREADS", "2")),
+    }

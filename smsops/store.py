@@ -1,0 +1,270 @@
+"""The operational store: raw, append-mostly tables that every process may write.
+
+Embedded default: one SQLite file in WAL mode (``$SMSOPS_HOME/ops.sqlite``). Tables are
+``STRICT`` so a wrong type is refused at write time instead of surfacing in a mart, and
+every table has a natural unique key so that writing the same fact twice is a no-op.
+
+Conventions: timestamps are UTC text ``YYYY-MM-DD HH:MM:SS[.ffffff]``; booleans are
+``0``/``1``; JSON documents are text.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from smsops.config import paths
+
+SCHEMA_VERSION = 1
+
+TABLES: dict[str, str] = {
+    "contacts": """
+        create table if not exists contacts (
+            contact_id        integer primary key,
+            external_id       text unique,
+            first_name        text,
+            last_name         text,
+            gender            text check (gender in ('f', 'm')),
+            birth_date        text,
+            email             text,
+            city              text,
+            region            text,
+            time_zone         text,
+            phone_raw         text,
+            phone_e164        text,
+            phone_valid       integer not null default 0 check (phone_valid in (0, 1)),
+            phone_reason      text,
+            number_type       text,
+            phone_country     text,
+            phone_time_zones  text,
+            attributes        text,
+            created_at        text not null,
+            updated_at        text not null
+        ) strict""",
+    "consent_events": """
+        create table if not exists consent_events (
+            event_id      integer primary key,
+            event_key     text not null unique,
+            phone_e164    text not null,
+            contact_id    integer,
+            purpose       text not null check (purpose in ('marketing', 'service')),
+            action        text not null check (action in ('opt_in', 'opt_out')),
+            source        text not null check (
+                source in ('web_form', 'import', 'keyword_reply', 'link', 'api', 'admin', 'provider')
+            ),
+            consent_text  text,
+            proof         text,
+            occurred_at   text not null,
+            recorded_at   text not null
+        ) strict""",
+    "orders": """
+        create table if not exists orders (
+            order_id     integer primary key,
+            external_id  text not null unique,
+            contact_id   integer not null,
+            ordered_at   text not null,
+            amount       real not null,
+            currency     text not null,
+            category     text,
+            status       text not null check (status in ('paid', 'cancelled', 'refunded'))
+        ) strict""",
+    "customer_events": """
+        create table if not exists customer_events (
+            event_id     integer primary key,
+            event_key    text not null unique,
+            contact_id   integer not null,
+            event_type   text not null,
+            occurred_at  text not null,
+            properties   text
+        ) strict""",
+    "campaigns": """
+        create table if not exists campaigns (
+            campaign_id       integer primary key,
+            name              text not null,
+            kind              text not null check (kind in ('promo', 'service')),
+            status            text not null check (
+                status in ('draft', 'scheduled', 'running', 'paused', 'finished', 'cancelled')
+            ),
+            sender_id         text,
+            segment           text,
+            trigger_event     text,
+            test_fraction     real,
+            holdout_fraction  real,
+            created_at        text not null,
+            launched_at       text,
+            finished_at       text
+        ) strict""",
+    "campaign_variants": """
+        create table if not exists campaign_variants (
+            campaign_id  integer not null,
+            variant      text not null,
+            template     text not null,
+            sender_id    text,
+            primary key (campaign_id, variant)
+        ) strict""",
+    # The outbox: one row per campaign x contact, holdout and suppressed included, so the
+    # outbox *is* the frozen audience and every recipient not sent to carries a reason.
+    "messages": """
+        create table if not exists messages (
+            message_id           integer primary key,
+            idempotency_key      text not null unique,
+            campaign_id          integer not null,
+            variant              text not null,
+            contact_id           integer not null,
+            phone_e164           text,
+            body                 text,
+            encoding             text check (encoding in ('GSM-7', 'UCS-2')),
+            segments             integer,
+            price                real,
+            currency             text,
+            state                text not null check (
+                state in ('planned', 'holdout', 'suppressed', 'sending', 'submitted',
+                          'unknown', 'rejected', 'cancelled')
+            ),
+            skip_reason          text,
+            error_code           text,
+            provider             text,
+            provider_message_id  text,
+            planned_at           text not null,
+            not_before           text,
+            submitted_at         text,
+            attempts             integer not null default 0,
+            unique (provider, provider_message_id)
+        ) strict""",
+    # Provider receipts as they arrived: out of order, sometimes twice (kept once).
+    "message_status_events": """
+        create table if not exists message_status_events (
+            event_id             integer primary key,
+            message_id           integer not null,
+            provider             text not null,
+            provider_message_id  text,
+            status               text not null check (
+                status in ('accepted', 'queued', 'sending', 'sent', 'delivered',
+                           'undelivered', 'failed')
+            ),
+            error_code           text,
+            occurred_at          text not null,
+            received_at          text not null,
+            unique (message_id, status)
+        ) strict""",
+    "links": """
+        create table if not exists links (
+            token        text primary key,
+            message_id   integer not null,
+            url          text not null,
+            created_at   text not null
+        ) strict""",
+    "clicks": """
+        create table if not exists clicks (
+            click_id     integer primary key,
+            token        text not null,
+            message_id   integer not null,
+            clicked_at   text not null,
+            user_agent   text,
+            unique (token, clicked_at)
+        ) strict""",
+    "inbound_messages": """
+        create table if not exists inbound_messages (
+            inbound_id           integer primary key,
+            provider             text not null,
+            provider_message_id  text not null,
+            from_e164            text not null,
+            to_number            text,
+            body                 text not null,
+            keyword              text check (keyword in ('stop', 'start', 'help')),
+            contact_id           integer,
+            in_reply_to          integer,
+            received_at          text not null,
+            unique (provider, provider_message_id)
+        ) strict""",
+}
+
+INDEXES: tuple[str, ...] = (
+    "create index if not exists ix_contacts_phone on contacts (phone_e164)",
+    "create index if not exists ix_consent_phone on consent_events (phone_e164, purpose, occurred_at)",
+    "create index if not exists ix_orders_contact on orders (contact_id, ordered_at)",
+    "create index if not exists ix_events_contact on customer_events (contact_id, occurred_at)",
+    "create index if not exists ix_messages_campaign on messages (campaign_id, state)",
+    "create index if not exists ix_messages_phone on messages (phone_e164, planned_at)",
+    "create index if not exists ix_status_message on message_status_events (message_id)",
+    "create index if not exists ix_clicks_message on clicks (message_id)",
+    "create index if not exists ix_inbound_from on inbound_messages (from_e164, received_at)",
+)
+
+
+class StoreError(RuntimeError):
+    """The operational store is missing, unreadable or of an unknown schema version."""
+
+
+def store_path(home: str | os.PathLike[str] | None = None) -> Path:
+    return paths(home).ops_store
+
+
+def connect(path: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> sqlite3.Connection:
+    """Open the store for a short unit of work: WAL, a busy timeout, foreign-key pragmas."""
+    target = Path(path) if path is not None else store_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(target, timeout=timeout, isolation_level=None)
+    conn.execute("pragma journal_mode = wal")
+    conn.execute("pragma synchronous = normal")
+    conn.execute(f"pragma busy_timeout = {int(timeout * 1000)}")
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """All-or-nothing: ``begin immediate`` takes the write lock up front, so two
+    processes never interleave half a unit of work."""
+    conn.execute("begin immediate")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("rollback")
+        raise
+    else:
+        conn.execute("commit")
+
+
+def create_schema(conn: sqlite3.Connection, *, indexes: bool = True) -> None:
+    """Create every table (and index); safe to run any number of times."""
+    version = conn.execute("pragma user_version").fetchone()[0]
+    if version not in (0, SCHEMA_VERSION):
+        raise StoreError(
+            f"ops store has schema version {version}, this smsops knows {SCHEMA_VERSION}; "
+            "upgrade smsops or point SMSOPS_HOME at another folder"
+        )
+    with transaction(conn):
+        for ddl in TABLES.values():
+            conn.execute(ddl)
+        if indexes:
+            for ddl in INDEXES:
+                conn.execute(ddl)
+        conn.execute(f"pragma user_version = {SCHEMA_VERSION}")
+
+
+def open_store(home: str | os.PathLike[str] | None = None) -> sqlite3.Connection:
+    """Connect to the store under ``home`` and make sure its schema exists."""
+    conn = connect(store_path(home))
+    create_schema(conn)
+    return conn
+
+
+def table_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Row count of every operational table."""
+    return {name: conn.execute(f"select count(*) from {name}").fetchone()[0] for name in TABLES}
+
+
+def is_empty(home: str | os.PathLike[str] | None = None) -> bool:
+    """True when there is no store yet or it holds no contacts."""
+    path = store_path(home)
+    if not path.exists():
+        return True
+    conn = connect(path)
+    try:
+        create_schema(conn)
+        return conn.execute("select not exists (select 1 from contacts)").fetchone()[0] == 1
+    finally:
+        conn.close()
