@@ -1,0 +1,140 @@
+"""The ``smsops`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import date
+
+from smsops import store, warehouse
+from smsops.config import REPO_ROOT, paths
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from smsops import demo
+
+    if args.if_empty and not store.is_empty():
+        print(f"store {paths().ops_store} already holds contacts; demo not written")
+        return 0
+    as_of = date.fromisoformat(args.as_of) if args.as_of else None
+    print(f"writing a demo base of {args.contacts:,} contacts (seed {args.seed}) …", flush=True)
+    try:
+        summary = demo.generate(args.contacts, args.seed, as_of=as_of, force=args.force)
+    except demo.DemoError as exc:
+        print(f"smsops demo: {exc}", file=sys.stderr)
+        return 2
+    width = max(len(t) for t in summary.counts)
+    for table, count in summary.counts.items():
+        print(f"  {table:<{width}}  {count:>12,}")
+    print(f"wrote {summary.path} in {summary.seconds:.1f} s")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    print("building the warehouse (dbt build) …", flush=True)
+    try:
+        snap = warehouse.build(full_refresh=args.full_refresh, wait=not args.no_wait, echo=args.verbose)
+    except warehouse.BuildBusy as exc:
+        print(f"smsops build: {exc}", file=sys.stderr)
+        return 3
+    except warehouse.BuildError as exc:
+        print(f"smsops build: {exc}\n{exc.log_tail}", file=sys.stderr)
+        return 1
+    print(f"published build {snap.build_id} ({snap.path.name}) in {snap.seconds:.1f} s")
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    try:
+        frame = warehouse.query(args.sql)
+    except warehouse.WarehouseError as exc:
+        print(f"smsops query: {exc}", file=sys.stderr)
+        return 1
+    frame.to_csv(sys.stdout, index=False)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    p = paths()
+    print(f"home       {p.home}")
+    if p.ops_store.exists():
+        conn = store.connect(p.ops_store)
+        try:
+            store.create_schema(conn)
+            for table, count in store.table_counts(conn).items():
+                print(f"  {table:<22} {count:>12,}")
+        finally:
+            conn.close()
+    else:
+        print("  no operational store yet (run `smsops demo` or import your contacts)")
+    snap = warehouse.current()
+    if snap is None:
+        print("warehouse  not built yet (run `smsops build`)")
+    else:
+        print(f"warehouse  build {snap.build_id}, built {snap.built_at:%Y-%m-%d %H:%M:%S} UTC in {snap.seconds:.1f} s")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Set up everything a first-time user needs, then start the app (replaces this process)."""
+    if store.is_empty():
+        rc = _demo(argparse.Namespace(contacts=args.demo_contacts, seed=42, as_of=None, force=False, if_empty=True))
+        if rc:
+            return rc
+    if not args.skip_build or warehouse.current() is None:
+        rc = _build(argparse.Namespace(full_refresh=False, no_wait=False, verbose=False))
+        if rc:
+            return rc
+    url = f"http://{args.address}:{args.port}"
+    print(f"smsops is starting on {url}", flush=True)
+    argv = [
+        sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "app.py"),
+        "--server.address", args.address, "--server.port", str(args.port),
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="smsops", description="Self-hosted SMS campaigns over a dbt warehouse.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="write a realistic demo base into the operational store")
+    d.add_argument("--contacts", type=int, default=20_000, help="number of contacts (default 20,000)")
+    d.add_argument("--seed", type=int, default=42, help="random seed: same seed and --as-of, same data")
+    d.add_argument("--as-of", help="the demo's 'today' as YYYY-MM-DD (default: today, UTC)")
+    d.add_argument("--force", action="store_true", help="replace a store that already holds contacts")
+    d.add_argument("--if-empty", action="store_true", help="do nothing when the store already holds contacts")
+    d.set_defaults(func=_demo)
+
+    b = sub.add_parser("build", help="run dbt build and publish the warehouse snapshot the app reads")
+    b.add_argument("--full-refresh", action="store_true", help="rebuild incremental models from scratch")
+    b.add_argument("--no-wait", action="store_true", help="fail instead of waiting when a build is running")
+    b.add_argument("-v", "--verbose", action="store_true", help="show dbt's output")
+    b.set_defaults(func=_build)
+
+    q = sub.add_parser("query", help="run a read-only SQL query against the warehouse; prints CSV")
+    q.add_argument("sql")
+    q.set_defaults(func=_query)
+
+    s = sub.add_parser("status", help="show the store's row counts and the published warehouse build")
+    s.set_defaults(func=_status)
+
+    r = sub.add_parser("run", help="demo data if the store is empty, build if needed, start the app")
+    r.add_argument("--address", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8501)
+    r.add_argument("--demo-contacts", type=int, default=50_000)
+    r.add_argument("--skip-build", action="store_true", help="serve the last published build as it is")
+    r.set_defaults(func=_run)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

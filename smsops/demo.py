@@ -1,0 +1,841 @@
+"""A realistic demo base, deterministic for a seed and an as-of date.
+
+What it holds: contacts with phone numbers in the messy forms CRMs keep (a few percent
+foreign, landline, invalid or duplicated), Cyrillic and Latin names, cities across
+Russia's time zones; a consent ledger (opt-ins with source and proof, some opt-outs);
+orders with a long-tailed amount distribution; customer events; and three months of
+campaign history (promo and service, A/B variants, holdouts) with outbox rows, provider
+receipts (some out of order), tracked links, clicks, replies (a few STOP) and orders
+that follow them.
+
+Generation is vectorised with numpy; the result is written to a temporary file that
+replaces the store only when complete, so a crash never leaves half a demo behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import numpy as np
+
+from smsops import encoding, phones, store
+from smsops.config import paths
+from smsops.reference import cities, sms_prices
+
+# ---------------------------------------------------------------------------------------
+# Vocabulary
+
+MALE_FIRST = (
+    "Александр", "Алексей", "Андрей", "Антон", "Артём", "Борис", "Вадим", "Валерий", "Василий",
+    "Виктор", "Владимир", "Владислав", "Вячеслав", "Геннадий", "Георгий", "Григорий", "Денис",
+    "Дмитрий", "Евгений", "Егор", "Иван", "Игорь", "Илья", "Кирилл", "Константин", "Леонид",
+    "Максим", "Марк", "Матвей", "Михаил", "Никита", "Николай", "Олег", "Павел", "Пётр", "Роман",
+    "Руслан", "Сергей", "Станислав", "Степан", "Тимур", "Фёдор", "Юрий", "Ярослав",
+)  # fmt: skip
+FEMALE_FIRST = (
+    "Александра", "Алина", "Алиса", "Алла", "Анастасия", "Анна", "Валентина", "Валерия", "Вера",
+    "Вероника", "Виктория", "Галина", "Дарья", "Диана", "Евгения", "Екатерина", "Елена",
+    "Елизавета", "Жанна", "Зоя", "Инна", "Ирина", "Карина", "Кристина", "Ксения", "Лариса",
+    "Любовь", "Людмила", "Маргарита", "Марина", "Мария", "Надежда", "Наталья", "Нина", "Оксана",
+    "Ольга", "Полина", "Светлана", "София", "Тамара", "Татьяна", "Ульяна", "Юлия", "Яна",
+)  # fmt: skip
+SURNAMES = (
+    "Иванов", "Смирнов", "Кузнецов", "Попов", "Васильев", "Петров", "Соколов", "Михайлов",
+    "Новиков", "Фёдоров", "Морозов", "Волков", "Алексеев", "Лебедев", "Семёнов", "Егоров",
+    "Павлов", "Козлов", "Степанов", "Николаев", "Орлов", "Андреев", "Макаров", "Никитин",
+    "Захаров", "Зайцев", "Соловьёв", "Борисов", "Яковлев", "Григорьев", "Романов", "Воробьёв",
+    "Сергеев", "Кузьмин", "Фролов", "Александров", "Дмитриев", "Королёв", "Гусев", "Киселёв",
+    "Ильин", "Максимов", "Поляков", "Сорокин", "Виноградов", "Ковалёв", "Белов", "Медведев",
+    "Антонов", "Тарасов", "Жуков", "Баранов", "Филиппов", "Комаров", "Давыдов", "Беляев",
+    "Герасимов", "Богданов", "Осипов", "Сидоров", "Матвеев", "Титов", "Марков", "Миронов",
+    "Крылов", "Куликов", "Карпов", "Власов", "Мельников", "Денисов", "Гаврилов", "Тихонов",
+    "Казаков", "Афанасьев", "Данилов", "Савельев", "Тимофеев", "Фомин", "Чернов", "Абрамов",
+    "Мартынов", "Ефимов", "Федотов", "Щербаков", "Назаров", "Калинин", "Исаев", "Чернышёв",
+    "Быков", "Маслов", "Родионов", "Коновалов", "Лазарев", "Воронин", "Климов", "Филатов",
+    "Пономарёв", "Голубев", "Кудрявцев", "Прохоров", "Наумов", "Потапов", "Журавлёв", "Овчинников",
+    "Трофимов", "Леонов", "Соболев", "Ермаков", "Колесников", "Гончаров", "Емельянов", "Никифоров",
+    "Грачёв", "Котов", "Гришин", "Ефремов", "Архипов", "Громов", "Кириллов", "Малышев",
+    "Панов", "Моисеев", "Румянцев", "Акимов", "Кондратьев", "Бирюков", "Горбунов", "Анисимов",
+    "Еремин", "Тихомиров", "Галкин", "Лукьянов", "Михеев", "Скворцов", "Юдин", "Белоусов",
+    "Нестеров", "Симонов", "Прокофьев", "Харитонов", "Князев", "Цветков", "Левин", "Митрофанов",
+    "Воронов", "Аксёнов", "Софронов", "Мальцев", "Логинов", "Горшков", "Савин", "Краснов",
+    "Майоров", "Демидов", "Елисеев", "Рыбаков", "Сафонов", "Плотников", "Демин", "Хохлов",
+    "Жданов", "Островский", "Вишневский", "Шевченко", "Бондаренко", "Ким", "Ли", "Абдуллаев",
+    "Гарипов", "Сафин", "Хабибуллин", "Алиев", "Мамедов", "Петросян", "Григорян",
+)  # fmt: skip
+LATIN_MALE = ("Ivan", "Alexey", "Dmitry", "Sergey", "Andrey", "Maxim", "John", "Michael", "David",
+              "Thomas", "Daniel", "Lukas", "Jonas", "Aziz", "Timur", "Arman", "Giorgi", "Aram")  # fmt: skip
+LATIN_FEMALE = ("Anna", "Maria", "Elena", "Olga", "Natalia", "Irina", "Emily", "Sarah", "Laura",
+                "Sophie", "Hannah", "Julia", "Aigerim", "Nino", "Ani", "Dilnoza", "Kate", "Eva")  # fmt: skip
+LATIN_SURNAMES = ("Ivanov", "Petrov", "Smirnov", "Kuznetsov", "Popov", "Sokolov", "Smith", "Brown",
+                  "Taylor", "Wilson", "Müller", "Schmidt", "Schneider", "Fischer", "Nurlanov",
+                  "Beridze", "Hakobyan", "Karimov", "Abenov", "Lee", "Novak", "García")  # fmt: skip
+
+CATEGORIES = ("Одежда", "Обувь", "Электроника", "Дом и сад", "Красота", "Детские товары",
+              "Спорт", "Продукты", "Книги", "Зоотовары")  # fmt: skip
+CATEGORY_WEIGHTS = (0.22, 0.12, 0.12, 0.11, 0.1, 0.09, 0.07, 0.08, 0.05, 0.04)
+
+SENDER = "SHOPMARKET"
+SHOP_URL = "https://shop.example.ru"
+
+# A foreign number per country: a valid national pattern with random tail digits.
+FOREIGN = {
+    "KZ": ("+7 701 {a:03d} {b:02d} {c:02d}", "+7 (701) {a:03d}-{b:02d}-{c:02d}"),
+    "BY": ("+375 29 {a:03d}-{b:02d}-{c:02d}", "+375291{a:03d}{b:02d}{c:01d}"),
+    "UZ": ("+998 90 {a:03d} {b:02d} {c:02d}", "+998 (90) {a:03d}-{b:02d}-{c:02d}"),
+    "AM": ("+374 91 {a:03d} {b:03d}", "+374 91{a:03d}{b:03d}"),
+    "GE": ("+995 555 {a:02d} {b:02d} {c:02d}", "+995555{a:02d}{b:02d}{c:02d}"),
+    "DE": ("+49 151 {a:04d} {b:04d}", "+49 (0)151 {a:04d}{b:04d}"),
+    "GB": ("+44 7911 {a:06d}", "+44 (0) 7911 {a:06d}"),
+    "US": ("+1 (415) 5{a:02d}-{b:04d}", "+1 415 5{a:02d} {b:04d}"),
+}
+LANDLINE_CODES = (495, 499, 812, 383, 343, 843, 831, 391, 351, 846, 347, 863, 861, 381)
+INVALID_FORMS = (
+    "912-34-{a:02d}", "8 (912) 345-{a:02d}", "+7 (000) 000-00-{a:02d}", "нет", "-", "0",
+    "8 800 ЗВОНИ", "7{a:02d}", "+7 912 345 67 89 12 {a:02d}", "тел. уточнить",
+)  # fmt: skip
+
+
+def _ru_formats(n: int, style: int) -> str:
+    """One Russian mobile ``9XXXXXXXXX`` as a CRM would hold it."""
+    s = f"{n:010d}"
+    a, b, c, d = s[:3], s[3:6], s[6:8], s[8:]
+    match style:
+        case 0:
+            return f"8 ({a}) {b}-{c}-{d}"
+        case 1:
+            return f"+7 {a} {b} {c} {d}"
+        case 2:
+            return f"7{s}"
+        case 3:
+            return s
+        case 4:
+            return f"+7({a}){b}-{c}-{d}"
+        case 5:
+            return f"8-{a}-{b}-{c}-{d}"
+        case 6:
+            return f"+7\u00a0{a}\u00a0{b}\u00a0{c}\u00a0{d}"
+        case 7:
+            return f"8.{a}.{b}.{c}.{d}"
+        case _:
+            return f"+7{s}"
+
+
+RU_STYLE_WEIGHTS = (0.24, 0.18, 0.16, 0.08, 0.1, 0.06, 0.04, 0.02, 0.12)
+
+
+def _feminine(surname: str) -> str:
+    for ending, replacement in (("ский", "ская"), ("цкий", "цкая"), ("ой", "ая")):
+        if surname.endswith(ending):
+            return surname[: -len(ending)] + replacement
+    if surname.endswith(("ов", "ев", "ёв", "ин", "ын")):
+        return surname + "а"
+    if surname.endswith(("ov", "ev", "in")):
+        return surname + "a"
+    return surname
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers over numpy arrays
+
+SECOND = np.timedelta64(1, "s")
+
+
+def _ts(values: np.ndarray) -> list[str | None]:
+    """datetime64[s] → 'YYYY-MM-DD HH:MM:SS' text (NaT → None)."""
+    text = np.datetime_as_string(values.astype("datetime64[s]"), unit="s")
+    out = np.char.replace(text, "T", " ").astype(object)
+    out[np.isnat(values)] = None
+    return out.tolist()
+
+
+def _pick(rng: np.random.Generator, options: Sequence, size: int, p: Sequence[float] | None = None):
+    arr = np.empty(len(options), dtype=object)
+    arr[:] = list(options)
+    if p is not None:
+        p = np.asarray(p, dtype=float) / np.sum(p)
+    return arr[rng.choice(len(options), size=size, p=p)]
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSummary:
+    """What a demo run wrote, and how long it took."""
+
+    path: Path
+    counts: dict[str, int]
+    seconds: float
+
+
+class DemoError(RuntimeError):
+    """The demo cannot be written (for example: the store already holds data)."""
+
+
+# ---------------------------------------------------------------------------------------
+# The generator
+
+
+class _Demo:
+    def __init__(self, contacts: int, seed: int, as_of: datetime) -> None:
+        if contacts < 1:
+            raise DemoError(f"--contacts must be at least 1, got {contacts}")
+        self.n = contacts
+        self.rng = np.random.default_rng(seed)
+        self.as_of = np.datetime64(as_of.replace(tzinfo=None), "s")
+        self.tables: dict[str, dict[str, list]] = {}
+
+    # -- contacts ------------------------------------------------------------------------
+    def contacts(self) -> None:
+        rng, n = self.rng, self.n
+        ids = np.arange(1, n + 1)
+        female = rng.random(n) < 0.56
+        latin = rng.random(n) < 0.12
+
+        kind = rng.choice(6, size=n, p=[0.905, 0.03, 0.02, 0.025, 0.015, 0.005])
+        # 0 RU mobile, 1 foreign, 2 RU landline, 3 invalid, 4 duplicate of another, 5 empty
+        mobiles = 9_000_000_000 + rng.integers(0, 1_000_000_000, size=n)
+        styles = rng.choice(len(RU_STYLE_WEIGHTS), size=n, p=RU_STYLE_WEIGHTS)
+        foreign_country = _pick(rng, list(FOREIGN), n)
+        tails = rng.integers(0, 1_000_000, size=(n, 3))
+        donors = rng.integers(0, max(n, 1), size=n)
+        raw: list[str | None] = [None] * n
+        mob_list, style_list, kind_list = mobiles.tolist(), styles.tolist(), kind.tolist()
+        for i in range(n):
+            k = kind_list[i]
+            if k == 0:
+                raw[i] = _ru_formats(mob_list[i], style_list[i])
+            elif k == 1:
+                a, b, c = tails[i]
+                fmt = FOREIGN[foreign_country[i]][style_list[i] % 2]
+                raw[i] = fmt.format(a=a % 1000 if "{a:03d}" in fmt else a % 10**6, b=b % 10000, c=c % 100)
+            elif k == 2:
+                code = LANDLINE_CODES[mob_list[i] % len(LANDLINE_CODES)]
+                s = f"{mob_list[i] % 10_000_000:07d}"
+                raw[i] = f"8 ({code}) {s[:3]}-{s[3:5]}-{s[5:]}" if style_list[i] % 2 else f"+7{code}{s}"
+            elif k == 3:
+                raw[i] = INVALID_FORMS[mob_list[i] % len(INVALID_FORMS)].format(a=tails[i][0] % 100)
+            elif k == 4:
+                j = int(donors[i])
+                raw[i] = _ru_formats(mob_list[j], (style_list[i] + 1) % len(RU_STYLE_WEIGHTS))
+            else:
+                raw[i] = "" if style_list[i] % 2 else None
+        normalized = phones.normalize_many(raw, default_region="RU", processes=2 if n >= 200_000 else None)
+
+        # City: Russians across the country (a few blank), foreigners in their country.
+        all_cities = cities()
+        ru = [c for c in all_cities if c.country == "RU"]
+        ru_idx = rng.choice(len(ru), size=n, p=np.array([c.weight for c in ru]) / sum(c.weight for c in ru))
+        by_country = {c.country: c for c in all_cities if c.country != "RU"}
+        city, region, tz = [None] * n, [None] * n, [None] * n
+        blank_city = (rng.random(n) < 0.05).tolist()
+        phone_country = [p.country for p in normalized]
+        for i in range(n):
+            if blank_city[i]:
+                continue
+            c = by_country.get(phone_country[i]) if kind_list[i] == 1 else ru[ru_idx[i]]
+            if c is not None:
+                city[i], region[i], tz[i] = c.city, c.region, c.time_zone
+
+        male_first = _pick(rng, MALE_FIRST, n)
+        female_first = _pick(rng, FEMALE_FIRST, n)
+        surname = _pick(rng, SURNAMES, n)
+        fem_surname = np.vectorize(_feminine, otypes=[object])(surname)
+        first = np.where(female, female_first, male_first)
+        last = np.where(female, fem_surname, surname)
+        lat_first = np.where(female, _pick(rng, LATIN_FEMALE, n), _pick(rng, LATIN_MALE, n))
+        lat_last_m = _pick(rng, LATIN_SURNAMES, n)
+        lat_last = np.where(female, np.vectorize(_feminine, otypes=[object])(lat_last_m), lat_last_m)
+        first = np.where(latin, lat_first, first)
+        last = np.where(latin, lat_last, last)
+        no_last = rng.random(n) < 0.08  # CRMs often hold a first name only
+        last = np.where(no_last, None, last)
+
+        age_days = (rng.gamma(6.0, 6.5, size=n) + 18) * 365.25
+        birth = (self.as_of - (age_days * 86400).astype("timedelta64[s]")).astype("datetime64[D]")
+        birth_txt = np.datetime_as_string(birth).astype(object)
+        birth_txt[rng.random(n) < 0.2] = None
+
+        created = self.as_of - (rng.beta(1.3, 2.4, size=n) * 3 * 365 * 86400).astype("timedelta64[s]")
+        tiers = np.array(
+            [None, None, None, json.dumps({"loyalty_tier": "silver"}), json.dumps({"loyalty_tier": "gold"}),
+             json.dumps({"loyalty_tier": "basic", "store": "online"})],
+            dtype=object,
+        )  # fmt: skip
+        attributes = tiers[rng.choice(len(tiers), size=n, p=[0.4, 0.2, 0.1, 0.12, 0.05, 0.13])]
+
+        self.created = created
+        self.e164 = np.array([p.e164 for p in normalized], dtype=object)
+        self.valid = np.array([p.valid for p in normalized])
+        self.first_name = first
+        self.country = np.array(phone_country, dtype=object)
+        created_txt = _ts(created)
+        self.tables["contacts"] = {
+            "contact_id": ids.tolist(),
+            "external_id": [f"CRM-{i:07d}" for i in ids.tolist()],
+            "first_name": first.tolist(),
+            "last_name": last.tolist(),
+            "gender": np.where(female, "f", "m").tolist(),
+            "birth_date": birth_txt.tolist(),
+            "email": [None] * n,
+            "city": city,
+            "region": region,
+            "time_zone": tz,
+            "phone_raw": raw,
+            "phone_e164": self.e164.tolist(),
+            "phone_valid": self.valid.astype(int).tolist(),
+            "phone_reason": [p.reason for p in normalized],
+            "number_type": [p.number_type for p in normalized],
+            "phone_country": phone_country,
+            "phone_time_zones": [",".join(p.time_zones) or None for p in normalized],
+            "attributes": attributes.tolist(),
+            "created_at": created_txt,
+            "updated_at": created_txt,
+        }
+
+    # -- consent ledger ------------------------------------------------------------------
+    def consents(self) -> None:
+        rng, n = self.rng, self.n
+        has_phone = np.array([e is not None for e in self.e164])
+        rows: dict[str, list] = {k: [] for k in (
+            "event_key", "phone_e164", "contact_id", "purpose", "action", "source", "consent_text",
+            "proof", "occurred_at", "recorded_at")}  # fmt: skip
+
+        def add(mask, purpose, action, source, text, proof_fmt, when) -> None:
+            idx = np.flatnonzero(mask)
+            when_txt = _ts(when[idx])
+            rows["event_key"] += [f"demo:{purpose}:{action}:{i + 1}" for i in idx.tolist()]
+            rows["phone_e164"] += self.e164[idx].tolist()
+            rows["contact_id"] += (idx + 1).tolist()
+            rows["purpose"] += [purpose] * len(idx)
+            rows["action"] += [action] * len(idx)
+            rows["source"] += source[idx].tolist() if isinstance(source, np.ndarray) else [source] * len(idx)
+            rows["consent_text"] += [text] * len(idx)
+            rows["proof"] += [proof_fmt.format(i=i + 1) for i in idx.tolist()]
+            rows["occurred_at"] += when_txt
+            rows["recorded_at"] += when_txt
+
+        signup = self.created
+        add(has_phone & (rng.random(n) < 0.92), "service", "opt_in", "web_form",
+            "Согласен получать сервисные SMS о заказах и оплате.",
+            '{{"form_url": "' + SHOP_URL + '/checkout", "session": "s{i}"}}', signup)  # fmt: skip
+        mkt_source = _pick(rng, ("web_form", "import", "api", "keyword_reply"), n, p=(0.5, 0.25, 0.2, 0.05))
+        opt_in_at = signup + (rng.exponential(5 * 86400, size=n)).astype("timedelta64[s]")
+        opt_in_at = np.minimum(opt_in_at, self.as_of)
+        opted_in = has_phone & (rng.random(n) < 0.68)
+        add(opted_in, "marketing", "opt_in", mkt_source,
+            "Согласен получать рекламные SMS от SHOPMARKET. Отказ — ответ СТОП.",
+            '{{"form_url": "' + SHOP_URL + '/signup", "ip": "198.51.100.{i}", "import_batch": null}}',
+            opt_in_at)  # fmt: skip
+        # Some opt out again later: by link, by the shop's staff, by the provider's STOP list.
+        out = opted_in & (rng.random(n) < 0.035)
+        out_at = opt_in_at + ((self.as_of - opt_in_at).astype(float) * rng.random(n)).astype("timedelta64[s]")
+        out_source = _pick(rng, ("link", "admin", "provider"), n, p=(0.6, 0.25, 0.15))
+        add(out, "marketing", "opt_out", out_source, None, '{{"request": "demo-{i}"}}', out_at)
+        self.marketing_in = opted_in & ~out
+        self.tables["consent_events"] = rows
+
+    # -- orders and events ---------------------------------------------------------------
+    def orders(self) -> None:
+        rng, n = self.rng, self.n
+        buyer = rng.random(n) >= 0.36
+        counts = np.where(buyer, 1 + rng.negative_binomial(1.1, 0.32, size=n), 0)
+        counts = np.minimum(counts, 60)
+        owner = np.repeat(np.arange(n), counts)
+        m = len(owner)
+        active = rng.random(n) < 0.62
+        start = self.created.astype("datetime64[s]").astype(np.int64)
+        end_all = self.as_of.astype(np.int64)
+        end = np.where(active, end_all, start + ((end_all - start) * rng.random(n)).astype(np.int64))
+        when = start[owner] + ((end[owner] - start[owner]) * rng.random(m)).astype(np.int64)
+        spend_level = rng.lognormal(0, 0.5, size=n)
+        amount = np.round(np.maximum(rng.lognormal(np.log(2100), 0.85, size=m) * spend_level[owner], 99), 2)
+        self._orders = {
+            "contact": owner,
+            "when": when.astype("datetime64[s]"),
+            "amount": amount,
+            "category": _pick(rng, CATEGORIES, m, CATEGORY_WEIGHTS),
+            "status": _pick(rng, ("paid", "cancelled", "refunded"), m, (0.93, 0.04, 0.03)),
+        }
+
+    def customer_events(self) -> None:
+        rng, n = self.rng, self.n
+        kinds = {"app_open": 0.45, "cart_abandoned": 0.15, "payment_due": 0.05}
+        owner = [np.arange(n)]
+        types = [np.full(n, "signup", dtype=object)]
+        when = [self.created]
+        horizon = (self.as_of - self.created).astype(np.int64)
+        for kind, rate in kinds.items():
+            k = rng.poisson(rate, size=n)
+            o = np.repeat(np.arange(n), k)
+            owner.append(o)
+            types.append(np.full(len(o), kind, dtype=object))
+            when.append(self.created[o] + (horizon[o] * rng.random(len(o))).astype("timedelta64[s]"))
+        owner_a, types_a, when_a = np.concatenate(owner), np.concatenate(types), np.concatenate(when)
+        self._events = {"contact": owner_a, "type": types_a, "when": when_a}
+        ids = np.arange(1, len(owner_a) + 1)
+        props = np.array([None, '{"platform": "ios"}', '{"platform": "android"}', '{"platform": "web"}'],
+                         dtype=object)[rng.choice(4, size=len(owner_a))]  # fmt: skip
+        props[types_a == "signup"] = None
+        self.tables["customer_events"] = {
+            "event_id": ids.tolist(),
+            "event_key": [f"demo:event:{i}" for i in ids.tolist()],
+            "contact_id": (owner_a + 1).tolist(),
+            "event_type": types_a.tolist(),
+            "occurred_at": _ts(when_a),
+            "properties": props.tolist(),
+        }
+
+    # -- campaign history ----------------------------------------------------------------
+    CAMPAIGNS = (
+        # name, kind, days ago, audience share, variants {name: template}, holdout, ctr, cvr
+        ("Осенняя распродажа −30%", "promo", 84, 0.16, {
+            "A": "{name}, осенняя распродажа: −30% на всё до воскресенья! {link}",
+            "B": "{name}, только до воскресенья −30% на всю осеннюю коллекцию 🍂 {link}"}, 0.05, 0.055, 0.10),
+        ("Новая коллекция", "promo", 70, 0.12, {
+            "A": "{name}, новая коллекция уже в магазине. Смотрите первыми: {link}"}, 0.0, 0.045, 0.08),
+        ("Вернитесь — 500 ₽ в подарок", "promo", 56, 0.08, {
+            "A": "{name}, мы скучаем! Дарим 500 ₽ на следующий заказ от 2000 ₽ по промокоду BACK500: {link}"},
+            0.05, 0.04, 0.07),
+        ("Weekend sale", "promo", 42, 0.05, {
+            "A": "{name}, weekend sale: 20% off everything until Sunday. {link}"}, 0.0, 0.05, 0.09),
+        ("Бонусы сгорают", "promo", 28, 0.14, {
+            "A": "{name}, у вас 700 бонусов, они сгорят через 3 дня. Потратьте: {link}",
+            "B": "{name}, 700 бонусов сгорят через 3 дня! Успейте потратить: {link}"}, 0.05, 0.06, 0.11),
+        ("Персональная подборка", "promo", 9, 0.12, {
+            "A": "{name}, мы собрали подборку для вас. Скидка 15% до пятницы: {link}",
+            "B": "{name}, ваша подборка готова — и −15% на неё до пятницы: {link}"}, 0.05, 0.065, 0.1),
+        ("Чёрная пятница: ранний доступ", "promo", 2, 0.15, {
+            "A": "{name}, ранний доступ к Чёрной пятнице открыт: до −50%! {link}"}, 0.05, 0.07, 0.12),
+    )  # fmt: skip
+    AUTOMATIONS = (
+        ("Код подтверждения регистрации", "signup", "Код для входа в SHOPMARKET: {code}. Никому его не сообщайте."),
+        ("Напоминание об оплате", "payment_due",
+         "{name}, напоминаем об оплате заказа до завтра. Оплатить: {link}"),
+        ("Заказ передан в доставку", "order", "{name}, заказ передан в доставку. Отследить: {link}"),
+    )  # fmt: skip
+
+    def campaigns(self) -> None:
+        rng, n = self.rng, self.n
+        prices = sms_prices()
+        country_price = np.array(
+            [prices.get(c or "ZZ", prices["ZZ"])[1] for c in self.country.tolist()], dtype=float
+        )
+        analysis_cache: dict[str, tuple[str, int]] = {}
+
+        def analyse(body: str) -> tuple[str, int]:
+            hit = analysis_cache.get(body)
+            if hit is None:
+                a = encoding.analyze(body)
+                hit = analysis_cache[body] = (a.encoding, a.segments)
+            return hit
+
+        camp_rows: dict[str, list] = {k: [] for k in (
+            "campaign_id", "name", "kind", "status", "sender_id", "segment", "trigger_event",
+            "test_fraction", "holdout_fraction", "created_at", "launched_at", "finished_at")}  # fmt: skip
+        var_rows: dict[str, list] = {k: [] for k in ("campaign_id", "variant", "template", "sender_id")}
+        batches: list[dict[str, np.ndarray]] = []
+        dup_e164 = self.e164
+
+        def plan(cid, kind, contacts, variant, touch, template, holdout_mask):
+            """Outbox rows for one campaign: policy outcome, body, price, provider fate."""
+            m = len(contacts)
+            state = np.full(m, "submitted", dtype=object)
+            reason = np.full(m, None, dtype=object)
+            e164 = dup_e164[contacts]
+            no_phone = ~self.valid[contacts]
+            reason[no_phone] = "invalid_number"
+            if kind == "promo":
+                reason[~no_phone & ~self.marketing_in[contacts]] = "no_consent"
+            # the same number twice in one audience (duplicated CRM records)
+            _, first_idx = np.unique(np.where(e164 == None, np.arange(m).astype(str), e164).astype(str),  # noqa: E711
+                                     return_index=True)  # fmt: skip
+            dup = np.ones(m, dtype=bool)
+            dup[first_idx] = False
+            reason[(reason == None) & dup] = "duplicate"  # noqa: E711
+            reason[(reason == None) & (rng.random(m) < (0.012 if kind == "promo" else 0))] = "capped"  # noqa: E711
+            state[reason != None] = "suppressed"  # noqa: E711
+            state[holdout_mask] = "holdout"
+            reason[holdout_mask] = "holdout"
+            sending = state == "submitted"
+            rejected = sending & (rng.random(m) < 0.006)
+            state[rejected] = "rejected"
+            error = np.full(m, None, dtype=object)
+            error[rejected] = _pick(rng, ("21211", "21610", "21614"), int(rejected.sum()), (0.5, 0.3, 0.2))
+            reason[rejected] = np.where(error[rejected] == "21610", "provider_opted_out", "provider_rejected")
+            names = self.first_name[contacts]
+            bodies = np.full(m, None, dtype=object)
+            enc = np.full(m, None, dtype=object)
+            segs = np.full(m, None, dtype=object)
+            price = np.full(m, None, dtype=object)
+            cur = np.full(m, None, dtype=object)
+            tokens = np.full(m, None, dtype=object)
+            raw_tokens = rng.integers(0, 2**62, size=m)
+            for i in np.flatnonzero(state != "holdout").tolist():
+                token = f"{raw_tokens[i]:x}"[:10] + f"{i:x}"
+                body = template.format(name=names[i] or "клиент", link=f"https://s.example.ru/l/{token}",
+                                       code=f"{raw_tokens[i] % 1000000:06d}")
+                bodies[i] = body
+                enc[i], segs[i] = analyse(body)
+                if "{link}" in template:
+                    tokens[i] = token
+            billable = (state == "submitted") | (state == "rejected")
+            price[billable] = np.round(np.array(segs[billable], dtype=float) * country_price[contacts][billable], 4)
+            cur[billable] = "RUB"
+            batches.append({
+                "campaign_id": np.full(m, cid), "variant": np.full(m, variant, dtype=object),
+                "contact": contacts, "e164": e164, "body": bodies, "encoding": enc, "segments": segs,
+                "price": price, "currency": cur, "state": state, "reason": reason, "error": error,
+                "planned": touch, "token": tokens,
+            })  # fmt: skip
+
+        cid = 0
+        for name, kind, days_ago, share, variants, holdout, ctr, cvr in self.CAMPAIGNS:
+            cid += 1
+            launched = self.as_of - np.timedelta64(days_ago, "D") + np.timedelta64(8, "h")
+            # Marketers target mostly opted-in contacts; the rest shows what policy removes.
+            size = max(1, int(n * share))
+            pool_in = np.flatnonzero(self.marketing_in & (self.created < launched))
+            pool_any = np.flatnonzero(self.created < launched)
+            k_in = min(len(pool_in), int(size * 0.88))
+            audience = np.concatenate([
+                rng.choice(pool_in, size=k_in, replace=False) if k_in else np.array([], dtype=int),
+                rng.choice(pool_any, size=min(len(pool_any), size - k_in), replace=False),
+            ])  # fmt: skip
+            audience = np.unique(audience)
+            rng.shuffle(audience)
+            m = len(audience)
+            hold = rng.random(m) < holdout
+            names_v = list(variants)
+            assign = rng.integers(0, len(names_v), size=m)
+            touch = launched + (np.arange(m) // 400).astype("timedelta64[s]")  # ~400 msg/s
+            for vi, vname in enumerate(names_v):
+                sel = (assign == vi) & ~hold
+                plan(cid, kind, audience[sel], vname, touch[sel], variants[vname], np.zeros(sel.sum(), bool))
+                var_rows["campaign_id"].append(cid)
+                var_rows["variant"].append(vname)
+                var_rows["template"].append(variants[vname].replace("{name}", "{{ first_name | default('клиент') }}")
+                                            .replace("{link}", "{{ link('" + SHOP_URL + "/sale') }}"))
+            if hold.any():
+                plan(cid, kind, audience[hold], "holdout", touch[hold], "", hold[hold])
+            finished = touch.max() + np.timedelta64(2, "h")
+            camp_rows["campaign_id"].append(cid)
+            camp_rows["name"].append(name)
+            camp_rows["kind"].append(kind)
+            camp_rows["status"].append("finished")
+            camp_rows["sender_id"].append(SENDER)
+            camp_rows["segment"].append(json.dumps({"all": [{"field": "is_reachable_marketing", "op": "is_true"}]}))
+            camp_rows["trigger_event"].append(None)
+            camp_rows["test_fraction"].append(1.0 if len(variants) > 1 else None)
+            camp_rows["holdout_fraction"].append(holdout or None)
+            camp_rows["created_at"].append(_ts(np.array([launched - np.timedelta64(1, "D")]))[0])
+            camp_rows["launched_at"].append(_ts(np.array([launched]))[0])
+            camp_rows["finished_at"].append(_ts(np.array([finished]))[0])
+            self._campaign_rates[cid] = (ctr, cvr)
+
+        # Event-triggered service messages over the last 90 days.
+        window_start = self.as_of - np.timedelta64(90, "D")
+        for name, trigger, template in self.AUTOMATIONS:
+            cid += 1
+            if trigger == "order":
+                when = self._orders["when"]
+                sel = (when >= window_start) & (rng.random(len(when)) < 0.5)
+                contacts, touch = self._orders["contact"][sel], when[sel] + np.timedelta64(20, "h")
+            else:
+                ev = self._events
+                sel = (ev["type"] == trigger) & (ev["when"] >= window_start)
+                contacts, touch = ev["contact"][sel], ev["when"][sel] + np.timedelta64(3, "s")
+            keep = touch <= self.as_of
+            contacts, touch = contacts[keep], touch[keep]
+            # a contact gets one message per trigger occurrence; the outbox key is per
+            # campaign x contact, so keep the latest occurrence
+            order = np.argsort(touch)
+            contacts, touch = contacts[order], touch[order]
+            _, last_idx = np.unique(contacts[::-1], return_index=True)
+            last_idx = len(contacts) - 1 - last_idx
+            contacts, touch = contacts[last_idx], touch[last_idx]
+            plan(cid, "service", contacts, "A", touch, template, np.zeros(len(contacts), dtype=bool))
+            var_rows["campaign_id"].append(cid)
+            var_rows["variant"].append("A")
+            var_rows["template"].append(template.replace("{name}", "{{ first_name | default('клиент') }}")
+                                        .replace("{link}", "{{ link('" + SHOP_URL + "/orders') }}")
+                                        .replace("{code}", "{{ code }}"))
+            var_rows["sender_id"].append(SENDER)
+            first_touch = touch.min() if len(touch) else window_start
+            camp_rows["campaign_id"].append(cid)
+            camp_rows["name"].append(name)
+            camp_rows["kind"].append("service")
+            camp_rows["status"].append("running")
+            camp_rows["sender_id"].append(SENDER)
+            camp_rows["segment"].append(None)
+            camp_rows["trigger_event"].append(trigger if trigger != "order" else "order_shipped")
+            camp_rows["test_fraction"].append(None)
+            camp_rows["holdout_fraction"].append(None)
+            camp_rows["created_at"].append(_ts(np.array([window_start]))[0])
+            camp_rows["launched_at"].append(_ts(np.array([first_touch]))[0])
+            camp_rows["finished_at"].append(None)
+            self._campaign_rates[cid] = (0.25 if "{link}" in template else 0.0, 0.0)
+        var_rows["sender_id"] = [SENDER] * len(var_rows["campaign_id"])
+        self.tables["campaigns"] = camp_rows
+        self.tables["campaign_variants"] = var_rows
+        self._outbox = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def outcomes(self) -> None:
+        """Receipts, links, clicks, replies and the orders that follow messages."""
+        rng = self.rng
+        ob = self._outbox
+        m = len(ob["contact"])
+        ids = np.arange(1, m + 1)
+        planned = ob["planned"].astype("datetime64[s]")
+        state = ob["state"]
+        submitted = state == "submitted"
+        submitted_at = np.where(submitted | (state == "rejected"), planned + np.timedelta64(1, "s"),
+                                np.datetime64("NaT"))  # fmt: skip
+        provider_id = np.full(m, None, dtype=object)
+        provider_id[submitted] = [f"SM{i:032x}" for i in ids[submitted].tolist()]
+
+        # receipts: sent (mostly), then a terminal status; a few arrive out of order
+        fate = rng.choice(3, size=m, p=[0.93, 0.04, 0.03])  # delivered / undelivered / failed
+        sent_lag = rng.exponential(3, size=m).astype("timedelta64[s]") + np.timedelta64(1, "s")
+        final_lag = sent_lag + rng.exponential(25, size=m).astype("timedelta64[s]") + np.timedelta64(1, "s")
+        pending = submitted & (planned + final_lag > self.as_of)  # too recent for a receipt
+        has_sent = submitted & (rng.random(m) < 0.97)
+        has_final = submitted & ~pending
+        delivered = has_final & (fate == 0)
+        ev_msg = np.concatenate([ids[has_sent], ids[has_final]])
+        ev_status = np.concatenate([
+            np.full(int(has_sent.sum()), "sent", dtype=object),
+            np.array(["delivered", "undelivered", "failed"], dtype=object)[fate[has_final]],
+        ])  # fmt: skip
+        ev_occurred = np.concatenate([planned[has_sent] + sent_lag[has_sent], planned[has_final] + final_lag[has_final]])
+        ev_received = ev_occurred + rng.exponential(2, size=len(ev_msg)).astype("timedelta64[s]")
+        swap = rng.random(len(ev_msg)) < 0.02  # the final receipt overtakes 'sent'
+        ev_received = np.where(swap, ev_received + np.timedelta64(90, "s"), ev_received)
+        ev_error = np.full(len(ev_msg), None, dtype=object)
+        failed_rows = np.isin(ev_status, ["undelivered", "failed"])
+        ev_error[failed_rows] = _pick(rng, ("30003", "30005", "30006", "30007", "30008"), int(failed_rows.sum()),
+                                      (0.35, 0.2, 0.15, 0.1, 0.2))  # fmt: skip
+        order = np.argsort(ev_received, kind="stable")
+        self.tables["message_status_events"] = {
+            "event_id": np.arange(1, len(ev_msg) + 1).tolist(),
+            "message_id": ev_msg[order].tolist(),
+            "provider": ["sandbox"] * len(ev_msg),
+            "provider_message_id": [f"SM{i:032x}" for i in ev_msg[order].tolist()],
+            "status": ev_status[order].tolist(),
+            "error_code": ev_error[order].tolist(),
+            "occurred_at": _ts(ev_occurred[order]),
+            "received_at": _ts(ev_received[order]),
+        }
+
+        # links and clicks
+        delivered_at = planned + final_lag
+        has_link = ob["token"] != None  # noqa: E711
+        cids = ob["campaign_id"]
+        ctr = np.array([self._campaign_rates[c][0] for c in range(1, max(self._campaign_rates) + 1)])[cids - 1]
+        ctr = ctr * np.where(ob["variant"] == "B", 1.25, 1.0)
+        clicked = delivered & has_link & (rng.random(m) < ctr)
+        click_at = delivered_at + rng.exponential(5400, size=m).astype("timedelta64[s]")
+        clicked &= click_at <= self.as_of
+        twice = clicked & (rng.random(m) < 0.12)
+        click_msg = np.concatenate([ids[clicked], ids[twice]])
+        click_when = np.concatenate([click_at[clicked], click_at[twice] + np.timedelta64(600, "s")])
+        agents = _pick(rng, (
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148",
+            "Mozilla/5.0 (Linux; Android 15; SM-S921B) AppleWebKit/537.36 Chrome/131.0 Mobile Safari/537.36",
+            "Mozilla/5.0 (Linux; Android 14; Redmi Note 13) AppleWebKit/537.36 Chrome/130.0 Mobile Safari/537.36",
+        ), len(click_msg))  # fmt: skip
+        self.tables["links"] = {
+            "token": ob["token"][has_link].tolist(),
+            "message_id": ids[has_link].tolist(),
+            "url": [SHOP_URL + "/sale?utm_source=sms&utm_campaign=" + str(c) for c in cids[has_link].tolist()],
+            "created_at": _ts(planned[has_link]),
+        }
+        self.tables["clicks"] = {
+            "click_id": np.arange(1, len(click_msg) + 1).tolist(),
+            "token": ob["token"][click_msg - 1].tolist(),
+            "message_id": click_msg.tolist(),
+            "clicked_at": _ts(click_when),
+            "user_agent": agents.tolist(),
+        }
+
+        # replies: a few STOP (which opt the number out everywhere), the rest free text
+        promo = np.array([k == "promo" for k in self.tables["campaigns"]["kind"]])[cids - 1]
+        replied = delivered & promo & (rng.random(m) < 0.008)
+        reply_at = delivered_at + rng.exponential(3600, size=m).astype("timedelta64[s]")
+        replied &= reply_at <= self.as_of
+        r_idx = np.flatnonzero(replied)
+        texts = _pick(rng, ("СТОП", "Стоп", "STOP", "стоп ", "Отписаться", "Спасибо!", "Когда будет доставка?",
+                            "А на детские товары скидка есть?", "не пишите мне больше", "Ок"),
+                      len(r_idx), (0.2, 0.08, 0.05, 0.04, 0.03, 0.2, 0.15, 0.12, 0.05, 0.08))  # fmt: skip
+        keyword = np.array([_keyword(t) for t in texts.tolist()], dtype=object)
+        inbound_ids = np.arange(1, len(r_idx) + 1)
+        self.tables["inbound_messages"] = {
+            "inbound_id": inbound_ids.tolist(),
+            "provider": ["sandbox"] * len(r_idx),
+            "provider_message_id": [f"SMIN{i:030x}" for i in inbound_ids.tolist()],
+            "from_e164": ob["e164"][r_idx].tolist(),
+            "to_number": [SENDER] * len(r_idx),
+            "body": texts.tolist(),
+            "keyword": keyword.tolist(),
+            "contact_id": (ob["contact"][r_idx] + 1).tolist(),
+            "in_reply_to": ids[r_idx].tolist(),
+            "received_at": _ts(reply_at[r_idx]),
+        }
+        stops = keyword == "stop"
+        ce = self.tables["consent_events"]
+        for inbound_id, phone, contact, when in zip(
+            inbound_ids[stops].tolist(), ob["e164"][r_idx][stops].tolist(),
+            (ob["contact"][r_idx][stops] + 1).tolist(), _ts(reply_at[r_idx][stops]), strict=True,
+        ):  # fmt: skip
+            ce["event_key"].append(f"inbound:{inbound_id}")
+            ce["phone_e164"].append(phone)
+            ce["contact_id"].append(contact)
+            ce["purpose"].append("marketing")
+            ce["action"].append("opt_out")
+            ce["source"].append("keyword_reply")
+            ce["consent_text"].append(None)
+            ce["proof"].append(json.dumps({"inbound_id": inbound_id}))
+            ce["occurred_at"].append(when)
+            ce["recorded_at"].append(when)
+
+        # orders that follow a click or a delivery (and a baseline for the holdout)
+        cvr = np.array([self._campaign_rates[c][1] for c in range(1, max(self._campaign_rates) + 1)])[cids - 1]
+        after_click = clicked & (rng.random(m) < cvr * 1.6)
+        after_delivery = delivered & ~clicked & promo & (rng.random(m) < cvr * 0.12)
+        holdout = state == "holdout"
+        baseline = holdout & (rng.random(m) < cvr * 0.06)
+        conv = after_click | after_delivery | baseline
+        touch = np.where(after_click, click_at, np.where(holdout, planned, delivered_at))
+        conv_at = touch + rng.exponential(30 * 3600, size=m).astype("timedelta64[s]")
+        conv &= conv_at <= self.as_of
+        c_idx = np.flatnonzero(conv)
+        o = self._orders
+        o["contact"] = np.concatenate([o["contact"], ob["contact"][c_idx]])
+        o["when"] = np.concatenate([o["when"], conv_at[c_idx]])
+        o["amount"] = np.concatenate([o["amount"], np.round(rng.lognormal(np.log(2600), 0.7, len(c_idx)), 2)])
+        o["category"] = np.concatenate([o["category"], _pick(rng, CATEGORIES, len(c_idx), CATEGORY_WEIGHTS)])
+        o["status"] = np.concatenate([o["status"], np.full(len(c_idx), "paid", dtype=object)])
+
+        self.tables["messages"] = {
+            "message_id": ids.tolist(),
+            "idempotency_key": [f"{c}:{k + 1}" for c, k in zip(cids.tolist(), ob["contact"].tolist(), strict=True)],
+            "campaign_id": cids.tolist(),
+            "variant": ob["variant"].tolist(),
+            "contact_id": (ob["contact"] + 1).tolist(),
+            "phone_e164": ob["e164"].tolist(),
+            "body": ob["body"].tolist(),
+            "encoding": ob["encoding"].tolist(),
+            "segments": ob["segments"].tolist(),
+            "price": ob["price"].tolist(),
+            "currency": ob["currency"].tolist(),
+            "state": state.tolist(),
+            "skip_reason": ob["reason"].tolist(),
+            "error_code": ob["error"].tolist(),
+            "provider": np.where(submitted | (state == "rejected"), "sandbox", None).tolist(),
+            "provider_message_id": provider_id.tolist(),
+            "planned_at": _ts(planned),
+            "not_before": [None] * m,
+            "submitted_at": _ts(submitted_at),
+            "attempts": (submitted | (state == "rejected")).astype(int).tolist(),
+        }
+
+    def finish_orders(self) -> None:
+        o = self._orders
+        order = np.argsort(o["when"], kind="stable")
+        ids = np.arange(1, len(order) + 1)
+        self.tables["orders"] = {
+            "order_id": ids.tolist(),
+            "external_id": [f"ORD-{i:08d}" for i in ids.tolist()],
+            "contact_id": (o["contact"][order] + 1).tolist(),
+            "ordered_at": _ts(o["when"][order]),
+            "amount": o["amount"][order].tolist(),
+            "currency": ["RUB"] * len(order),
+            "category": o["category"][order].tolist(),
+            "status": o["status"][order].tolist(),
+        }
+
+    def run(self) -> dict[str, dict[str, list]]:
+        self._campaign_rates: dict[int, tuple[float, float]] = {}
+        self.contacts()
+        self.consents()
+        self.orders()
+        self.customer_events()
+        self.campaigns()
+        self.outcomes()
+        self.finish_orders()
+        return self.tables
+
+
+def _keyword(text: str) -> str | None:
+    """Demo-only reply classification; the real one is smsops.consent.classify_reply."""
+    word = text.strip().strip("!.").upper()
+    if word in {"СТОП", "STOP", "ОТПИСАТЬСЯ"}:
+        return "stop"
+    return None
+
+
+def _write(path: Path, tables: dict[str, dict[str, list]]) -> dict[str, int]:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("pragma journal_mode = off")
+        conn.execute("pragma synchronous = off")
+        store.create_schema(conn, indexes=False)
+        conn.execute("begin")
+        counts = {}
+        for table in store.TABLES:
+            cols = tables.get(table, {})
+            if not cols:
+                counts[table] = 0
+                continue
+            names = list(cols)
+            sql = f"insert into {table} ({', '.join(names)}) values ({', '.join('?' * len(names))})"
+            rows = list(zip(*(cols[c] for c in names), strict=True))
+            conn.executemany(sql, rows)
+            counts[table] = len(rows)
+        conn.execute("commit")
+        for ddl in store.INDEXES:
+            conn.execute(ddl)
+        conn.execute("pragma journal_mode = wal")
+    finally:
+        conn.close()
+    return counts
+
+
+def generate(
+    contacts: int = 20_000,
+    seed: int = 42,
+    *,
+    as_of: datetime | date | None = None,
+    home: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> DemoSummary:
+    """Write a demo base into the store under ``home``.
+
+    Refuses to touch a store that holds contacts unless ``force``; the new store is
+    written beside the old one and swapped in only when complete.
+    """
+    started = time.perf_counter()
+    target = paths(home).ops_store
+    if not force and not store.is_empty(home):
+        raise DemoError(f"{target} already holds contacts; use --force to replace it with a demo base")
+    if as_of is None:
+        as_of = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    elif isinstance(as_of, date) and not isinstance(as_of, datetime):
+        as_of = datetime(as_of.year, as_of.month, as_of.day)
+    tables = _Demo(contacts, seed, as_of).run()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".demo-tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        counts = _write(tmp, tables)
+        for suffix in ("-wal", "-shm"):
+            Path(str(target) + suffix).unlink(missing_ok=True)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return DemoSummary(path=target, counts=counts, seconds=time.perf_counter() - started)

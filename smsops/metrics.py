@@ -1,0 +1,161 @@
+"""Figures the Overview shows, read from the marts of the published warehouse."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+
+from smsops import warehouse
+
+Home = str | os.PathLike[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    """Headline figures: the base now, and messaging over the last ``days`` days."""
+
+    build_id: str
+    built_at: datetime
+    days: int
+    contacts: int
+    valid_mobile: int
+    reachable: int
+    sent: int
+    delivered: int
+    clicked: int
+    conversions: int
+    revenue: float
+    opt_outs: int
+    cost: float
+
+    @property
+    def reachable_rate(self) -> float | None:
+        return _rate(self.reachable, self.contacts)
+
+    @property
+    def delivery_rate(self) -> float | None:
+        return _rate(self.delivered, self.sent)
+
+    @property
+    def ctr(self) -> float | None:
+        """Unique clicks per delivered message."""
+        return _rate(self.clicked, self.delivered)
+
+    @property
+    def conversion_rate(self) -> float | None:
+        return _rate(self.conversions, self.delivered)
+
+    @property
+    def opt_out_rate(self) -> float | None:
+        """Opt-outs that followed a message, per delivered message."""
+        return _rate(self.opt_outs, self.delivered)
+
+
+def _rate(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def _since(days: int) -> datetime:
+    return (datetime.now(UTC) - timedelta(days=days)).replace(tzinfo=None)
+
+
+BASE_SQL = """
+select
+    count(*) as contacts,
+    count(*) filter (where phone_valid) as valid_mobile,
+    count(*) filter (where is_reachable_marketing) as reachable
+from dim_contacts
+"""
+
+WINDOW_SQL = """
+select
+    count(*) filter (where sent_at is not null) as sent,
+    count(*) filter (where status = 'delivered') as delivered,
+    count(*) filter (where clicked) as clicked,
+    coalesce(sum(conversions), 0) as conversions,
+    coalesce(sum(revenue), 0) as revenue,
+    count(*) filter (where opted_out_after) as opt_outs,
+    coalesce(sum(cost), 0) as cost
+from fct_messages
+where planned_at >= ?
+"""
+
+
+def overview(days: int = 30, home: Home = None) -> Overview:
+    """Headline figures from ``dim_contacts`` and ``fct_messages``."""
+    snap = warehouse.current(home)
+    if snap is None:
+        raise warehouse.WarehouseError("the warehouse has not been built yet: run `smsops build`")
+    base = warehouse.query(BASE_SQL, home=home).iloc[0]
+    window = warehouse.query(WINDOW_SQL, [_since(days)], home=home).iloc[0]
+    return Overview(
+        build_id=snap.build_id,
+        built_at=snap.built_at,
+        days=days,
+        contacts=int(base.contacts),
+        valid_mobile=int(base.valid_mobile),
+        reachable=int(base.reachable),
+        sent=int(window.sent),
+        delivered=int(window.delivered),
+        clicked=int(window.clicked),
+        conversions=int(window.conversions),
+        revenue=float(window.revenue),
+        opt_outs=int(window.opt_outs),
+        cost=float(window.cost),
+    )
+
+
+DAILY_SQL = """
+select
+    day,
+    messages_sent,
+    delivered,
+    clicks,
+    conversions,
+    revenue
+from fct_daily_kpis
+where day >= ?
+order by day
+"""
+
+
+def daily_activity(days: int = 30, home: Home = None) -> pd.DataFrame:
+    """One row per day: messages sent, delivered, clicks, conversions, revenue."""
+    frame = warehouse.query(DAILY_SQL, [_since(days).date()], home=home)
+    frame["day"] = pd.to_datetime(frame["day"])
+    return frame
+
+
+CONSENT_MIX_SQL = """
+select
+    case
+        when not phone_valid then 'No valid mobile number'
+        when opted_out then 'Opted out'
+        when is_reachable_marketing then 'Marketing opt-in'
+        when service_opt_in then 'Service messages only'
+        else 'No consent recorded'
+    end as consent_state,
+    count(*) as contacts
+from dim_contacts
+group by 1
+"""
+
+CONSENT_ORDER = (
+    "Marketing opt-in",
+    "Service messages only",
+    "No consent recorded",
+    "Opted out",
+    "No valid mobile number",
+)
+
+
+def consent_mix(home: Home = None) -> pd.DataFrame:
+    """Contacts by what may be sent to them, in a fixed order with zeros kept."""
+    frame = warehouse.query(CONSENT_MIX_SQL, home=home)
+    counts = dict(zip(frame["consent_state"], frame["contacts"], strict=True))
+    return pd.DataFrame(
+        {"consent_state": list(CONSENT_ORDER), "contacts": [int(counts.get(s, 0)) for s in CONSENT_ORDER]}
+    )

@@ -1,0 +1,196 @@
+"""The warehouse: dbt builds it, everyone else reads a published snapshot.
+
+DuckDB allows one read-write process per file and refuses even read-only opens while a
+writer holds it. So a build never touches the file readers use: it copies the current
+snapshot (keeping incremental models incremental) to a new file, runs dbt on that file
+in a child process, and on success atomically replaces a small pointer
+(``current.json``: build id, path, time). Readers resolve the pointer, open a short
+read-only connection, fetch everything and close. Old snapshots are pruned.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from smsops.config import Paths, dbt_project_dir, duckdb_settings, paths
+
+KEEP_SNAPSHOTS = 3
+
+
+class WarehouseError(RuntimeError):
+    """The warehouse has not been built yet, or a query against it failed."""
+
+
+class BuildError(RuntimeError):
+    """``dbt build`` failed; the published snapshot is unchanged."""
+
+    def __init__(self, message: str, log_tail: str) -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class BuildBusy(RuntimeError):
+    """Another build holds the build lock."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One published warehouse build."""
+
+    build_id: str
+    path: Path
+    built_at: datetime
+    seconds: float
+
+
+def current(home: str | os.PathLike[str] | None = None) -> Snapshot | None:
+    """The published snapshot, or None before the first successful build."""
+    pointer = paths(home).warehouse_pointer
+    try:
+        data = json.loads(pointer.read_text())
+    except FileNotFoundError:
+        return None
+    return Snapshot(
+        build_id=data["build_id"],
+        path=Path(data["path"]),
+        built_at=datetime.fromisoformat(data["built_at"]),
+        seconds=float(data["seconds"]),
+    )
+
+
+@contextmanager
+def _build_lock(p: Paths, wait: bool) -> Iterator[None]:
+    p.warehouse_dir.mkdir(parents=True, exist_ok=True)
+    with open(p.build_lock, "a+") as fh:
+        flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fh, flags)
+        except BlockingIOError:
+            raise BuildBusy("a warehouse build is already running; try again when it finishes") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def dbt_command(args: Sequence[str], p: Paths, warehouse_path: Path) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run dbt against ``warehouse_path``."""
+    project = dbt_project_dir()
+    argv = [
+        sys.executable, "-m", "dbt.cli.main", *args,
+        "--project-dir", str(project),
+        "--profiles-dir", str(project),
+        "--target-path", str(p.dbt_artifacts / "target"),
+        "--log-path", str(p.dbt_artifacts / "logs"),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "SMSOPS_HOME": str(p.home),
+        "SMSOPS_WAREHOUSE_PATH": str(warehouse_path),
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+    }
+    return argv, env
+
+
+def build(
+    home: str | os.PathLike[str] | None = None,
+    *,
+    full_refresh: bool = False,
+    wait: bool = True,
+    echo: bool = False,
+) -> Snapshot:
+    """Run ``dbt build`` into a new snapshot file and publish it atomically.
+
+    One build at a time (a lock file); with ``wait=False`` a concurrent call raises
+    BuildBusy instead of queueing. On failure the published snapshot stays as it was.
+    """
+    p = paths(home)
+    with _build_lock(p, wait):
+        previous = current(p.home)
+        build_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        target = p.warehouse_dir / f"wh-{build_id}.duckdb"
+        if previous is not None and previous.path.exists() and not full_refresh:
+            shutil.copyfile(previous.path, target)
+        args = ["build", *(["--full-refresh"] if full_refresh else [])]
+        argv, env = dbt_command(args, p, target)
+        started = time.perf_counter()
+        proc = subprocess.run(
+            argv,
+            cwd=dbt_project_dir(),
+            env=env,
+            stdout=None if echo else subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        seconds = time.perf_counter() - started
+        if proc.returncode != 0:
+            target.unlink(missing_ok=True)
+            tail = "\n".join((proc.stdout or "").splitlines()[-40:])
+            raise BuildError(f"dbt build failed (exit {proc.returncode}); published snapshot unchanged", tail)
+        snapshot = Snapshot(build_id=build_id, path=target, built_at=datetime.now(UTC), seconds=seconds)
+        _publish(p, snapshot)
+        _prune(p, keep=snapshot.path)
+        return snapshot
+
+
+def _publish(p: Paths, snapshot: Snapshot) -> None:
+    tmp = p.warehouse_pointer.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "build_id": snapshot.build_id,
+                "path": str(snapshot.path),
+                "built_at": snapshot.built_at.isoformat(),
+                "seconds": round(snapshot.seconds, 3),
+            }
+        )
+    )
+    os.replace(tmp, p.warehouse_pointer)
+
+
+def _prune(p: Paths, keep: Path) -> None:
+    """Remove all but the newest snapshots. A reader still holding an old file keeps its
+    open inode; new readers already follow the pointer."""
+    files = sorted(p.warehouse_dir.glob("wh-*.duckdb"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in files[KEEP_SNAPSHOTS:]:
+        if old != keep:
+            old.unlink(missing_ok=True)
+            Path(str(old) + ".wal").unlink(missing_ok=True)
+
+
+@contextmanager
+def connect(home: str | os.PathLike[str] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short read-only connection to the published snapshot."""
+    snapshot = current(home)
+    if snapshot is None:
+        raise WarehouseError("the warehouse has not been built yet: run `smsops build`")
+    conn = duckdb.connect(str(snapshot.path), read_only=True, config=duckdb_settings())
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def query(sql: str, params: Sequence[Any] | dict[str, Any] | None = None, home=None) -> pd.DataFrame:
+    """Run one read-only query against the published snapshot, fully fetched."""
+    with connect(home) as conn:
+        try:
+            return conn.execute(sql, params or []).df()
+        except duckdb.Error as exc:
+            raise WarehouseError(f"query failed: {exc}") from exc

@@ -1,0 +1,40 @@
+"""Shared fixtures: small real stores and one real warehouse build per test session."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from smsops import demo, warehouse
+
+DEMO_CONTACTS = 3_000
+DEMO_SEED = 7
+
+
+def today() -> datetime:
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty SMSOPS_HOME of this test's own."""
+    monkeypatch.setenv("SMSOPS_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def built_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo base, built by dbt and published: read-only for the tests that use it."""
+    path = tmp_path_factory.mktemp("built")
+    demo.generate(DEMO_CONTACTS, DEMO_SEED, as_of=today(), home=path)
+    warehouse.build(path)
+    return path
+
+
+@pytest.fixture
+def built_env(built_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The session's built warehouse, made the current SMSOPS_HOME."""
+    monkeypatch.setenv("SMSOPS_HOME", str(built_home))
+    return built_home

@@ -1,0 +1,94 @@
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from smsops import store
+
+
+def test_schema_is_created_and_safe_to_run_twice(home):
+    conn = store.open_store(home)
+    store.create_schema(conn)
+    store.create_schema(conn)
+    assert set(store.table_counts(conn)) == set(store.TABLES)
+    assert all(count == 0 for count in store.table_counts(conn).values())
+    assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
+def test_store_lives_under_smsops_home(home):
+    assert store.store_path() == home / "ops.sqlite"
+    store.open_store().close()
+    assert (home / "ops.sqlite").exists()
+
+
+def test_strict_tables_refuse_a_wrong_type(home):
+    conn = store.open_store(home)
+    with pytest.raises(sqlite3.IntegrityError, match="cannot store TEXT value in INTEGER column"):
+        conn.execute(
+            "insert into contacts (contact_id, phone_valid, created_at, updated_at) values ('x', 0, 'a', 'a')"
+        )
+
+
+def test_enum_checks_refuse_an_unknown_status(home):
+    conn = store.open_store(home)
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+        conn.execute(
+            "insert into message_status_events (message_id, provider, status, occurred_at, received_at)"
+            " values (1, 'sandbox', 'teleported', '2025-01-01 00:00:00', '2025-01-01 00:00:00')"
+        )
+
+
+def test_unique_keys_make_repeated_writes_no_ops(home):
+    conn = store.open_store(home)
+    row = ("k1", "+79123456789", "marketing", "opt_in", "web_form", "2025-01-01 00:00:00", "2025-01-01 00:00:00")
+    sql = (
+        "insert into consent_events (event_key, phone_e164, purpose, action, source, occurred_at, recorded_at)"
+        " values (?, ?, ?, ?, ?, ?, ?) on conflict (event_key) do nothing"
+    )
+    conn.execute(sql, row)
+    conn.execute(sql, row)
+    assert conn.execute("select count(*) from consent_events").fetchone()[0] == 1
+    # the outbox admits one message per campaign x contact
+    outbox = (
+        "insert into messages (idempotency_key, campaign_id, variant, contact_id, state, planned_at)"
+        " values ('1:1', 1, 'A', 1, 'planned', '2025-01-01 00:00:00')"
+    )
+    conn.execute(outbox)
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        conn.execute(outbox)
+
+
+def test_transaction_leaves_nothing_half_written(home):
+    conn = store.open_store(home)
+    with pytest.raises(RuntimeError), store.transaction(conn):
+        conn.execute(
+            "insert into campaigns (name, kind, status, created_at) values ('a', 'promo', 'draft', '2025-01-01')"
+        )
+        raise RuntimeError("crash mid-way")
+    assert conn.execute("select count(*) from campaigns").fetchone()[0] == 0
+
+
+def test_an_unknown_schema_version_is_refused(home):
+    conn = store.open_store(home)
+    conn.execute("pragma user_version = 99")
+    with pytest.raises(store.StoreError, match="schema version 99"):
+        store.create_schema(conn)
+
+
+def test_two_processes_write_concurrently_without_losing_rows(home):
+    store.open_store(home).close()
+    code = (
+        "import sys; from smsops import store\n"
+        "conn = store.connect(sys.argv[1])\n"
+        "for i in range(300):\n"
+        "    with store.transaction(conn):\n"
+        "        conn.execute(\"insert into customer_events (event_key, contact_id, event_type, occurred_at)"
+        " values (?, 1, 'app_open', '2025-01-01 00:00:00')\", (f'{sys.argv[2]}-{i}',))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(store.store_path(home)), tag]) for tag in ("a", "b")
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    conn = store.connect(store.store_path(home))
+    assert conn.execute("select count(*) from customer_events").fetchone()[0] == 600
