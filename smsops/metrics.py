@@ -75,8 +75,8 @@ select
     count(*) filter (where sent_at is not null) as sent,
     count(*) filter (where status = 'delivered') as delivered,
     count(*) filter (where clicked) as clicked,
-    coalesce(sum(conversions), 0) as conversions,
-    coalesce(sum(revenue), 0) as revenue,
+    coalesce(sum(conversions) filter (where not is_holdout), 0) as conversions,
+    coalesce(sum(revenue) filter (where not is_holdout), 0) as revenue,
     count(*) filter (where opted_out_after) as opt_outs,
     coalesce(sum(cost), 0) as cost
 from fct_messages

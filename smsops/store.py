@@ -231,6 +231,8 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 def create_schema(conn: sqlite3.Connection, *, indexes: bool = True) -> None:
     """Create every table (and index); safe to run any number of times."""
     version = conn.execute("pragma user_version").fetchone()[0]
+    if version == SCHEMA_VERSION and not _missing_tables(conn):
+        return  # the common case: no write lock taken
     if version not in (0, SCHEMA_VERSION):
         raise StoreError(
             f"ops store has schema version {version}, this smsops knows {SCHEMA_VERSION}; "
@@ -243,6 +245,11 @@ def create_schema(conn: sqlite3.Connection, *, indexes: bool = True) -> None:
             for ddl in INDEXES:
                 conn.execute(ddl)
         conn.execute(f"pragma user_version = {SCHEMA_VERSION}")
+
+
+def _missing_tables(conn: sqlite3.Connection) -> set[str]:
+    present = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}
+    return set(TABLES) - present
 
 
 def open_store(home: str | os.PathLike[str] | None = None) -> sqlite3.Connection:

@@ -123,8 +123,9 @@ def build(
     p = paths(home)
     with _build_lock(p, wait):
         previous = current(p.home)
-        build_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        target = p.warehouse_dir / f"wh-{build_id}.duckdb"
+        # the file name becomes the DuckDB catalog name in compiled SQL: no dashes
+        build_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "_" + uuid.uuid4().hex[:6]
+        target = p.warehouse_dir / f"wh_{build_id}.duckdb"
         if previous is not None and previous.path.exists() and not full_refresh:
             shutil.copyfile(previous.path, target)
         args = ["build", *(["--full-refresh"] if full_refresh else [])]
@@ -167,7 +168,7 @@ def _publish(p: Paths, snapshot: Snapshot) -> None:
 def _prune(p: Paths, keep: Path) -> None:
     """Remove all but the newest snapshots. A reader still holding an old file keeps its
     open inode; new readers already follow the pointer."""
-    files = sorted(p.warehouse_dir.glob("wh-*.duckdb"), key=lambda f: f.stat().st_mtime, reverse=True)
+    files = sorted(p.warehouse_dir.glob("wh_*.duckdb"), key=lambda f: f.stat().st_mtime, reverse=True)
     for old in files[KEEP_SNAPSHOTS:]:
         if old != keep:
             old.unlink(missing_ok=True)
