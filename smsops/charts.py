@@ -31,7 +31,7 @@ def consent_mix_chart(frame: pd.DataFrame) -> alt.Chart:
         .mark_bar()
         .encode(
             x=alt.X("contacts:Q", title="Contacts"),
-            y=alt.Y("consent_state:N", title=None, sort=list(frame["consent_state"])),
+            y=alt.Y("consent_state:N", title=None, sort=list(frame["consent_state"]), axis=alt.Axis(labelLimit=220)),
             color=alt.Color("consent_state:N", legend=None),
             tooltip=[alt.Tooltip("consent_state:N", title="State"), alt.Tooltip("contacts:Q", format=",")],
         )

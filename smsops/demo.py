@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -93,7 +94,7 @@ FOREIGN = {
     "AM": ("+374 91 {a:03d} {b:03d}", "+374 91{a:03d}{b:03d}"),
     "GE": ("+995 555 {a:02d} {b:02d} {c:02d}", "+995555{a:02d}{b:02d}{c:02d}"),
     "DE": ("+49 151 {a:04d} {b:04d}", "+49 (0)151 {a:04d}{b:04d}"),
-    "GB": ("+44 7911 {a:06d}", "+44 (0) 7911 {a:06d}"),
+    "GB": ("+44 7400 {a:06d}", "+44 (0) 7800 {a:06d}"),
     "US": ("+1 (415) 5{a:02d}-{b:04d}", "+1 415 5{a:02d} {b:04d}"),
 }
 LANDLINE_CODES = (495, 499, 812, 383, 343, 843, 831, 391, 351, 846, 347, 863, 861, 381)
@@ -101,6 +102,15 @@ INVALID_FORMS = (
     "912-34-{a:02d}", "8 (912) 345-{a:02d}", "+7 (000) 000-00-{a:02d}", "нет", "-", "0",
     "8 800 ЗВОНИ", "7{a:02d}", "+7 912 345 67 89 12 {a:02d}", "тел. уточнить",
 )  # fmt: skip
+
+
+_PLACEHOLDER = re.compile(r"\{([abc]):0(\d)d\}")
+
+
+def _fill_digits(fmt: str, values) -> str:
+    """Fill ``{a:03d}``-style placeholders with exactly that many digits of ``values``."""
+    by_name = dict(zip("abc", (int(v) for v in values), strict=True))
+    return _PLACEHOLDER.sub(lambda m: f"{by_name[m[1]] % 10 ** int(m[2]):0{m[2]}d}", fmt)
 
 
 def _ru_formats(n: int, style: int) -> str:
@@ -150,6 +160,8 @@ SECOND = np.timedelta64(1, "s")
 
 def _ts(values: np.ndarray) -> list[str | None]:
     """datetime64[s] → 'YYYY-MM-DD HH:MM:SS' text (NaT → None)."""
+    if len(values) == 0:
+        return []
     text = np.datetime_as_string(values.astype("datetime64[s]"), unit="s")
     out = np.char.replace(text, "T", " ").astype(object)
     out[np.isnat(values)] = None
@@ -213,7 +225,7 @@ class _Demo:
             elif k == 1:
                 a, b, c = tails[i]
                 fmt = FOREIGN[foreign_country[i]][style_list[i] % 2]
-                raw[i] = fmt.format(a=a % 1000 if "{a:03d}" in fmt else a % 10**6, b=b % 10000, c=c % 100)
+                raw[i] = _fill_digits(fmt, tails[i])
             elif k == 2:
                 code = LANDLINE_CODES[mob_list[i] % len(LANDLINE_CODES)]
                 s = f"{mob_list[i] % 10_000_000:07d}"

@@ -123,10 +123,13 @@ order by day
 
 
 def daily_activity(days: int = 30, home: Home = None) -> pd.DataFrame:
-    """One row per day: messages sent, delivered, clicks, conversions, revenue."""
-    frame = warehouse.query(DAILY_SQL, [_since(days).date()], home=home)
+    """One row per day of the window (days without messages as zeros): messages sent,
+    delivered, clicks, conversions, revenue."""
+    start = _since(days).date()
+    frame = warehouse.query(DAILY_SQL, [start], home=home)
     frame["day"] = pd.to_datetime(frame["day"])
-    return frame
+    every_day = pd.date_range(start, datetime.now(UTC).date(), freq="D", name="day")
+    return frame.set_index("day").reindex(every_day, fill_value=0).reset_index()
 
 
 CONSENT_MIX_SQL = """

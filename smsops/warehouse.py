@@ -139,7 +139,7 @@ def build(
             stderr=subprocess.STDOUT,
             text=True,
         )
-        seconds = time.perf_counter() - started
+        seconds = round(time.perf_counter() - started, 3)
         if proc.returncode != 0:
             target.unlink(missing_ok=True)
             tail = "\n".join((proc.stdout or "").splitlines()[-40:])

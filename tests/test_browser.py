@@ -1,0 +1,49 @@
+"""The main journeys in a real browser: Debian's Chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from browser import CHROMIUM, chromium_page, streamlit_server, wait_for_script
+from smsops import metrics, warehouse
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make chromium)"),
+]
+
+
+def test_overview_answers_in_a_browser_while_a_build_runs(built_home, tmp_path):
+    ov = metrics.overview(30, home=built_home)
+    before = warehouse.current(built_home)
+    with streamlit_server(built_home) as url, chromium_page() as page:
+        env = {**os.environ, "SMSOPS_HOME": str(built_home)}
+        build = subprocess.Popen(
+            [sys.executable, "-m", "smsops.cli", "build"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(1.5)  # let dbt start and take the new snapshot file
+            page.goto(url)
+            wait_for_script(page)
+            page.wait_for_selector("[data-testid=stMetric]")
+            contacts = page.locator("[data-testid=stMetric]", has_text="Contacts").first
+            assert f"{ov.contacts:,}" in contacts.inner_text()
+            assert page.locator("[data-testid=stMetric]", has_text="Messages sent").count() == 1
+            page.locator("[data-testid=stVegaLiteChart]").nth(1).wait_for()
+            page.screenshot(path=str(tmp_path / "overview.png"), full_page=True)
+            assert build.poll() is None, "the build finished before the page was checked: not a concurrency test"
+        finally:
+            output, _ = build.communicate(timeout=300)
+        assert build.returncode == 0, output
+        assert warehouse.current(built_home).build_id != before.build_id
+        # the next visit shows the new build
+        page.reload()
+        wait_for_script(page)
+        page.wait_for_selector("[data-testid=stMetric]")
+        assert warehouse.current(built_home).build_id in page.locator("[data-testid=stCaptionContainer]").first.inner_text()
