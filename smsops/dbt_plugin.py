@@ -26,13 +26,9 @@ from dbt.adapters.duckdb.utils import SourceConfig
 from smsops import store
 from smsops.config import paths
 
-
 # dbt loads sources from several threads; one read at a time keeps the store's WAL
 # recovery and the reads from tripping over each other (each read takes well under 1 s).
 _read_lock = threading.Lock()
-
-ARROW_TYPES = {"integer": pa.int64(), "real": pa.float64(), "text": pa.string()}
-
 
 def read_table(db_path: str, table: str) -> pa.Table:
     """The whole ``table`` as Arrow, each column typed as the store declares it.
@@ -50,7 +46,7 @@ def read_table(db_path: str, table: str) -> pa.Table:
         cur.execute("pragma busy_timeout = 30000")
         cur.fetchall()
         cur.execute(f"select name, lower(type) from pragma_table_info('{table}')")
-        declared = {name: ARROW_TYPES[kind] for name, kind in cur.fetchall()}
+        declared = {name: store.ARROW_TYPES[kind] for name, kind in cur.fetchall()}
         cur.execute(f"select count(*) from {table}")
         rows = cur.fetchone()[0]
         cur.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(max(rows, 1) + 1)})

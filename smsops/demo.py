@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import sqlite3
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from smsops import encoding, phones, store
 from smsops.config import paths
@@ -168,6 +171,39 @@ def _ts(values: np.ndarray) -> list[str | None]:
     return out.tolist()
 
 
+def _ts_col(values: np.ndarray) -> pa.Array:
+    """Like ``_ts`` for a whole column, formatted in Arrow (C++), not one Python string at a time."""
+    import pyarrow.compute as pc
+
+    return pc.strftime(pa.array(values.astype("datetime64[s]")), format="%Y-%m-%d %H:%M:%S")
+
+
+def _keys(prefix: str, ids: np.ndarray, width: int = 0) -> pa.Array:
+    """``f"{prefix}{i:0{width}d}"`` for each id, computed in Arrow."""
+    import pyarrow.compute as pc
+
+    text = pc.cast(pa.array(ids), pa.string())
+    if width:
+        text = pc.utf8_lpad(text, width=width, padding="0")
+    return pc.binary_join_element_wise(pa.scalar(prefix), text, "")
+
+
+def _idempotency_keys(campaign_ids: np.ndarray, contact_ids: np.ndarray) -> pa.Array:
+    """``"<campaign_id>:<contact_id>"``, the outbox's key, computed in Arrow."""
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(
+        pc.cast(pa.array(campaign_ids), pa.string()), pc.cast(pa.array(contact_ids), pa.string()), ":"
+    )
+
+
+def _column(values, kind: pa.DataType) -> pa.Array:
+    """One table column as Arrow: lists, numpy arrays and Arrow arrays are all accepted."""
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        return values if values.type == kind else values.cast(kind)
+    return pa.array(values, type=kind)
+
+
 def _pick(rng: np.random.Generator, options: Sequence, size: int, p: Sequence[float] | None = None):
     arr = np.empty(len(options), dtype=object)
     arr[:] = list(options)
@@ -286,26 +322,26 @@ class _Demo:
         self.valid = np.array([p.valid for p in normalized])
         self.first_name = first
         self.country = np.array(phone_country, dtype=object)
-        created_txt = _ts(created)
+        created_txt = _ts_col(created)
         self.tables["contacts"] = {
-            "contact_id": ids.tolist(),
-            "external_id": [f"CRM-{i:07d}" for i in ids.tolist()],
-            "first_name": first.tolist(),
-            "last_name": last.tolist(),
-            "gender": np.where(female, "f", "m").tolist(),
-            "birth_date": birth_txt.tolist(),
+            "contact_id": ids,
+            "external_id": _keys("CRM-", ids, 7),
+            "first_name": first,
+            "last_name": last,
+            "gender": np.where(female, "f", "m"),
+            "birth_date": birth_txt,
             "email": [None] * n,
             "city": city,
             "region": region,
             "time_zone": tz,
             "phone_raw": raw,
-            "phone_e164": self.e164.tolist(),
-            "phone_valid": self.valid.astype(int).tolist(),
+            "phone_e164": self.e164,
+            "phone_valid": self.valid.astype(int),
             "phone_reason": [p.reason for p in normalized],
             "number_type": [p.number_type for p in normalized],
             "phone_country": phone_country,
             "phone_time_zones": [",".join(p.time_zones) or None for p in normalized],
-            "attributes": attributes.tolist(),
+            "attributes": attributes,
             "created_at": created_txt,
             "updated_at": created_txt,
         }
@@ -395,12 +431,12 @@ class _Demo:
                          dtype=object)[rng.choice(4, size=len(owner_a))]  # fmt: skip
         props[types_a == "signup"] = None
         self.tables["customer_events"] = {
-            "event_id": ids.tolist(),
-            "event_key": [f"demo:event:{i}" for i in ids.tolist()],
-            "contact_id": (owner_a + 1).tolist(),
-            "event_type": types_a.tolist(),
-            "occurred_at": _ts(when_a),
-            "properties": props.tolist(),
+            "event_id": ids,
+            "event_key": _keys("demo:event:", ids),
+            "contact_id": (owner_a + 1),
+            "event_type": types_a,
+            "occurred_at": _ts_col(when_a),
+            "properties": props,
         }
 
     # -- campaign history ----------------------------------------------------------------
@@ -490,14 +526,19 @@ class _Demo:
             raw_tokens = rng.integers(0, 2**62, size=m)
             for i in np.flatnonzero(state != "holdout").tolist():
                 token = f"{raw_tokens[i]:x}"[:10] + f"{i:x}"
-                body = template.format(name=names[i] or "клиент", link=f"https://s.example.ru/l/{token}",
-                                       code=f"{raw_tokens[i] % 1000000:06d}")
+                body = template.format(
+                    name=names[i] or "клиент",
+                    link=f"https://s.example.ru/l/{token}",
+                    code=f"{raw_tokens[i] % 1000000:06d}",
+                )
                 bodies[i] = body
                 enc[i], segs[i] = analyse(body)
                 if "{link}" in template:
                     tokens[i] = token
             billable = (state == "submitted") | (state == "rejected")
-            price[billable] = np.round(np.array(segs[billable], dtype=float) * country_price[contacts][billable], 4)
+            price[billable] = np.round(
+                np.array(segs[billable], dtype=float) * country_price[contacts][billable], 4
+            )
             cur[billable] = "RUB"
             batches.append({
                 "campaign_id": np.full(m, cid), "variant": np.full(m, variant, dtype=object),
@@ -531,8 +572,11 @@ class _Demo:
                 plan(cid, kind, audience[sel], vname, touch[sel], variants[vname], np.zeros(sel.sum(), bool))
                 var_rows["campaign_id"].append(cid)
                 var_rows["variant"].append(vname)
-                var_rows["template"].append(variants[vname].replace("{name}", "{{ first_name | default('клиент') }}")
-                                            .replace("{link}", "{{ link('" + SHOP_URL + "/sale') }}"))
+                var_rows["template"].append(
+                    variants[vname]
+                    .replace("{name}", "{{ first_name | default('клиент') }}")
+                    .replace("{link}", "{{ link('" + SHOP_URL + "/sale') }}")
+                )
             if hold.any():
                 plan(cid, kind, audience[hold], "holdout", touch[hold], "", hold[hold])
             finished = touch.max() + np.timedelta64(2, "h")
@@ -541,7 +585,9 @@ class _Demo:
             camp_rows["kind"].append(kind)
             camp_rows["status"].append("finished")
             camp_rows["sender_id"].append(SENDER)
-            camp_rows["segment"].append(json.dumps({"all": [{"field": "is_reachable_marketing", "op": "is_true"}]}))
+            camp_rows["segment"].append(
+                json.dumps({"all": [{"field": "is_reachable_marketing", "op": "is_true"}]})
+            )
             camp_rows["trigger_event"].append(None)
             camp_rows["test_fraction"].append(1.0 if len(variants) > 1 else None)
             camp_rows["holdout_fraction"].append(holdout or None)
@@ -574,9 +620,11 @@ class _Demo:
             plan(cid, "service", contacts, "A", touch, template, np.zeros(len(contacts), dtype=bool))
             var_rows["campaign_id"].append(cid)
             var_rows["variant"].append("A")
-            var_rows["template"].append(template.replace("{name}", "{{ first_name | default('клиент') }}")
-                                        .replace("{link}", "{{ link('" + SHOP_URL + "/orders') }}")
-                                        .replace("{code}", "{{ code }}"))
+            var_rows["template"].append(
+                template.replace("{name}", "{{ first_name | default('клиент') }}")
+                .replace("{link}", "{{ link('" + SHOP_URL + "/orders') }}")
+                .replace("{code}", "{{ code }}")
+            )
             var_rows["sender_id"].append(SENDER)
             first_touch = touch.min() if len(touch) else window_start
             camp_rows["campaign_id"].append(cid)
@@ -610,6 +658,32 @@ class _Demo:
                                 np.datetime64("NaT"))  # fmt: skip
         provider_id = np.full(m, None, dtype=object)
         provider_id[submitted] = [f"SM{i:032x}" for i in ids[submitted].tolist()]
+        cids = ob["campaign_id"]
+        self._emit(
+            "messages",
+            {
+                "message_id": ids,
+                "idempotency_key": _idempotency_keys(cids, ob["contact"] + 1),
+                "campaign_id": cids,
+                "variant": ob["variant"],
+                "contact_id": (ob["contact"] + 1),
+                "phone_e164": ob["e164"],
+                "body": ob["body"],
+                "encoding": ob["encoding"],
+                "segments": ob["segments"],
+                "price": ob["price"],
+                "currency": ob["currency"],
+                "state": state,
+                "skip_reason": ob["reason"],
+                "error_code": ob["error"],
+                "provider": np.where(submitted | (state == "rejected"), "sandbox", None),
+                "provider_message_id": provider_id,
+                "planned_at": _ts_col(planned),
+                "not_before": [None] * m,
+                "submitted_at": _ts_col(submitted_at),
+                "attempts": (submitted | (state == "rejected")).astype(int),
+            },
+        )
 
         # receipts: sent (mostly), then a terminal status; a few arrive out of order
         fate = rng.choice(3, size=m, p=[0.93, 0.04, 0.03])  # delivered / undelivered / failed
@@ -624,7 +698,9 @@ class _Demo:
             np.full(int(has_sent.sum()), "sent", dtype=object),
             np.array(["delivered", "undelivered", "failed"], dtype=object)[fate[has_final]],
         ])  # fmt: skip
-        ev_occurred = np.concatenate([planned[has_sent] + sent_lag[has_sent], planned[has_final] + final_lag[has_final]])
+        ev_occurred = np.concatenate(
+            [planned[has_sent] + sent_lag[has_sent], planned[has_final] + final_lag[has_final]]
+        )
         ev_received = ev_occurred + rng.exponential(2, size=len(ev_msg)).astype("timedelta64[s]")
         swap = rng.random(len(ev_msg)) < 0.02  # the final receipt overtakes 'sent'
         ev_received = np.where(swap, ev_received + np.timedelta64(90, "s"), ev_received)
@@ -633,22 +709,26 @@ class _Demo:
         ev_error[failed_rows] = _pick(rng, ("30003", "30005", "30006", "30007", "30008"), int(failed_rows.sum()),
                                       (0.35, 0.2, 0.15, 0.1, 0.2))  # fmt: skip
         order = np.argsort(ev_received, kind="stable")
-        self.tables["message_status_events"] = {
-            "event_id": np.arange(1, len(ev_msg) + 1).tolist(),
-            "message_id": ev_msg[order].tolist(),
-            "provider": ["sandbox"] * len(ev_msg),
-            "provider_message_id": [f"SM{i:032x}" for i in ev_msg[order].tolist()],
-            "status": ev_status[order].tolist(),
-            "error_code": ev_error[order].tolist(),
-            "occurred_at": _ts(ev_occurred[order]),
-            "received_at": _ts(ev_received[order]),
-        }
+        self._emit(
+            "message_status_events",
+            {
+                "event_id": np.arange(1, len(ev_msg) + 1),
+                "message_id": ev_msg[order],
+                "provider": ["sandbox"] * len(ev_msg),
+                "provider_message_id": [f"SM{i:032x}" for i in ev_msg[order].tolist()],
+                "status": ev_status[order],
+                "error_code": ev_error[order],
+                "occurred_at": _ts_col(ev_occurred[order]),
+                "received_at": _ts_col(ev_received[order]),
+            },
+        )
 
         # links and clicks
         delivered_at = planned + final_lag
         has_link = ob["token"] != None  # noqa: E711
-        cids = ob["campaign_id"]
-        ctr = np.array([self._campaign_rates[c][0] for c in range(1, max(self._campaign_rates) + 1)])[cids - 1]
+        ctr = np.array([self._campaign_rates[c][0] for c in range(1, max(self._campaign_rates) + 1)])[
+            cids - 1
+        ]
         ctr = ctr * np.where(ob["variant"] == "B", 1.25, 1.0)
         clicked = delivered & has_link & (rng.random(m) < ctr)
         click_at = delivered_at + rng.exponential(5400, size=m).astype("timedelta64[s]")
@@ -661,19 +741,27 @@ class _Demo:
             "Mozilla/5.0 (Linux; Android 15; SM-S921B) AppleWebKit/537.36 Chrome/131.0 Mobile Safari/537.36",
             "Mozilla/5.0 (Linux; Android 14; Redmi Note 13) AppleWebKit/537.36 Chrome/130.0 Mobile Safari/537.36",
         ), len(click_msg))  # fmt: skip
-        self.tables["links"] = {
-            "token": ob["token"][has_link].tolist(),
-            "message_id": ids[has_link].tolist(),
-            "url": [SHOP_URL + "/sale?utm_source=sms&utm_campaign=" + str(c) for c in cids[has_link].tolist()],
-            "created_at": _ts(planned[has_link]),
-        }
-        self.tables["clicks"] = {
-            "click_id": np.arange(1, len(click_msg) + 1).tolist(),
-            "token": ob["token"][click_msg - 1].tolist(),
-            "message_id": click_msg.tolist(),
-            "clicked_at": _ts(click_when),
-            "user_agent": agents.tolist(),
-        }
+        self._emit(
+            "links",
+            {
+                "token": ob["token"][has_link],
+                "message_id": ids[has_link],
+                "url": [
+                    SHOP_URL + "/sale?utm_source=sms&utm_campaign=" + str(c) for c in cids[has_link].tolist()
+                ],
+                "created_at": _ts_col(planned[has_link]),
+            },
+        )
+        self._emit(
+            "clicks",
+            {
+                "click_id": np.arange(1, len(click_msg) + 1),
+                "token": ob["token"][click_msg - 1],
+                "message_id": click_msg,
+                "clicked_at": _ts_col(click_when),
+                "user_agent": agents,
+            },
+        )
 
         # replies: a few STOP (which opt the number out everywhere), the rest free text
         promo = np.array([k == "promo" for k in self.tables["campaigns"]["kind"]])[cids - 1]
@@ -686,20 +774,26 @@ class _Demo:
                       len(r_idx), (0.2, 0.08, 0.05, 0.04, 0.03, 0.2, 0.15, 0.12, 0.05, 0.08))  # fmt: skip
         keyword = np.array([_keyword(t) for t in texts.tolist()], dtype=object)
         inbound_ids = np.arange(1, len(r_idx) + 1)
-        self.tables["inbound_messages"] = {
-            "inbound_id": inbound_ids.tolist(),
-            "provider": ["sandbox"] * len(r_idx),
-            "provider_message_id": [f"SMIN{i:030x}" for i in inbound_ids.tolist()],
-            "from_e164": ob["e164"][r_idx].tolist(),
-            "to_number": [SENDER] * len(r_idx),
-            "body": texts.tolist(),
-            "keyword": keyword.tolist(),
-            "contact_id": (ob["contact"][r_idx] + 1).tolist(),
-            "in_reply_to": ids[r_idx].tolist(),
-            "received_at": _ts(reply_at[r_idx]),
-        }
+        self._emit(
+            "inbound_messages",
+            {
+                "inbound_id": inbound_ids,
+                "provider": ["sandbox"] * len(r_idx),
+                "provider_message_id": [f"SMIN{i:030x}" for i in inbound_ids.tolist()],
+                "from_e164": ob["e164"][r_idx],
+                "to_number": [SENDER] * len(r_idx),
+                "body": texts,
+                "keyword": keyword,
+                "contact_id": (ob["contact"][r_idx] + 1),
+                "in_reply_to": ids[r_idx],
+                "received_at": _ts_col(reply_at[r_idx]),
+            },
+        )
         stops = keyword == "stop"
-        ce = self.tables["consent_events"]
+        ce: dict[str, list] = {k: [] for k in (
+            "event_key", "phone_e164", "contact_id", "purpose", "action", "source", "consent_text",
+            "proof", "occurred_at", "recorded_at")}  # fmt: skip
+        self.tables["consent_events"] = ce  # appended after the base ledger
         for inbound_id, phone, contact, when in zip(
             inbound_ids[stops].tolist(), ob["e164"][r_idx][stops].tolist(),
             (ob["contact"][r_idx][stops] + 1).tolist(), _ts(reply_at[r_idx][stops]), strict=True,
@@ -716,7 +810,9 @@ class _Demo:
             ce["recorded_at"].append(when)
 
         # orders that follow a click or a delivery (and a baseline for the holdout)
-        cvr = np.array([self._campaign_rates[c][1] for c in range(1, max(self._campaign_rates) + 1)])[cids - 1]
+        cvr = np.array([self._campaign_rates[c][1] for c in range(1, max(self._campaign_rates) + 1)])[
+            cids - 1
+        ]
         after_click = clicked & (rng.random(m) < cvr * 1.6)
         after_delivery = delivered & ~clicked & promo & (rng.random(m) < cvr * 0.12)
         holdout = state == "holdout"
@@ -726,61 +822,48 @@ class _Demo:
         conv_at = touch + rng.exponential(30 * 3600, size=m).astype("timedelta64[s]")
         conv &= conv_at <= self.as_of
         c_idx = np.flatnonzero(conv)
-        o = self._orders
-        o["contact"] = np.concatenate([o["contact"], ob["contact"][c_idx]])
-        o["when"] = np.concatenate([o["when"], conv_at[c_idx]])
-        o["amount"] = np.concatenate([o["amount"], np.round(rng.lognormal(np.log(2600), 0.7, len(c_idx)), 2)])
-        o["category"] = np.concatenate([o["category"], _pick(rng, CATEGORIES, len(c_idx), CATEGORY_WEIGHTS)])
-        o["status"] = np.concatenate([o["status"], np.full(len(c_idx), "paid", dtype=object)])
-
-        self.tables["messages"] = {
-            "message_id": ids.tolist(),
-            "idempotency_key": [f"{c}:{k + 1}" for c, k in zip(cids.tolist(), ob["contact"].tolist(), strict=True)],
-            "campaign_id": cids.tolist(),
-            "variant": ob["variant"].tolist(),
-            "contact_id": (ob["contact"] + 1).tolist(),
-            "phone_e164": ob["e164"].tolist(),
-            "body": ob["body"].tolist(),
-            "encoding": ob["encoding"].tolist(),
-            "segments": ob["segments"].tolist(),
-            "price": ob["price"].tolist(),
-            "currency": ob["currency"].tolist(),
-            "state": state.tolist(),
-            "skip_reason": ob["reason"].tolist(),
-            "error_code": ob["error"].tolist(),
-            "provider": np.where(submitted | (state == "rejected"), "sandbox", None).tolist(),
-            "provider_message_id": provider_id.tolist(),
-            "planned_at": _ts(planned),
-            "not_before": [None] * m,
-            "submitted_at": _ts(submitted_at),
-            "attempts": (submitted | (state == "rejected")).astype(int).tolist(),
+        self._conversions = {
+            "contact": ob["contact"][c_idx],
+            "when": conv_at[c_idx],
+            "amount": np.round(rng.lognormal(np.log(2600), 0.7, len(c_idx)), 2),
+            "category": _pick(rng, CATEGORIES, len(c_idx), CATEGORY_WEIGHTS),
+            "status": np.full(len(c_idx), "paid", dtype=object),
         }
 
-    def finish_orders(self) -> None:
-        o = self._orders
-        order = np.argsort(o["when"], kind="stable")
-        ids = np.arange(1, len(order) + 1)
-        self.tables["orders"] = {
-            "order_id": ids.tolist(),
-            "external_id": [f"ORD-{i:08d}" for i in ids.tolist()],
-            "contact_id": (o["contact"][order] + 1).tolist(),
-            "ordered_at": _ts(o["when"][order]),
-            "amount": o["amount"][order].tolist(),
+    def order_rows(self, orders: dict[str, np.ndarray], first_id: int) -> dict[str, list]:
+        """Orders as table rows, numbered from ``first_id`` in time order."""
+        order = np.argsort(orders["when"], kind="stable")
+        ids = np.arange(first_id, first_id + len(order))
+        return {
+            "order_id": ids,
+            "external_id": _keys("ORD-", ids, 8),
+            "contact_id": orders["contact"][order] + 1,
+            "ordered_at": _ts_col(orders["when"][order]),
+            "amount": orders["amount"][order],
             "currency": ["RUB"] * len(order),
-            "category": o["category"][order].tolist(),
-            "status": o["status"][order].tolist(),
+            "category": orders["category"][order],
+            "status": orders["status"][order],
         }
 
-    def run(self) -> dict[str, dict[str, list]]:
+    def run(self, emit: Callable[[str, dict[str, list]], None]) -> None:
+        """Generate every table, handing each to ``emit`` as soon as it is complete so
+        that writing overlaps with generating."""
         self._campaign_rates: dict[int, tuple[float, float]] = {}
+        self._emit = emit
         self.contacts()
+        emit("contacts", self.tables.pop("contacts"))
         self.consents()
+        emit("consent_events", self.tables.pop("consent_events"))
         self.orders()
+        emit("orders", self.order_rows(self._orders, first_id=1))
         self.customer_events()
+        emit("customer_events", self.tables.pop("customer_events"))
         self.campaigns()
         self.outcomes()
-        self.finish_orders()
-        return self.tables
+        # orders that followed messages come after the history the campaigns drew on
+        self.tables["orders"] = self.order_rows(self._conversions, first_id=len(self._orders["when"]) + 1)
+        for table, columns in self.tables.items():
+            emit(table, columns)
 
 
 def _keyword(text: str) -> str | None:
@@ -791,31 +874,102 @@ def _keyword(text: str) -> str | None:
     return None
 
 
-def _write(path: Path, tables: dict[str, dict[str, list]]) -> dict[str, int]:
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute("pragma journal_mode = off")
-        conn.execute("pragma synchronous = off")
-        store.create_schema(conn, indexes=False)
-        conn.execute("begin")
-        counts = {}
-        for table in store.TABLES:
-            cols = tables.get(table, {})
-            if not cols:
-                counts[table] = 0
+class _Writer:
+    """Writes tables into a new SQLite file from a background thread.
+
+    Rows go in through ADBC bulk ingest from Arrow, which runs without the GIL, so the
+    generator keeps working while earlier tables are written. Journal and fsync are off
+    (the file is a temporary that replaces the store only when complete); indexes are
+    built at the end, which is faster than maintaining them row by row.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import adbc_driver_sqlite.dbapi as adbc
+
+        self.path = path
+        conn = sqlite3.connect(path)
+        try:
+            store.create_schema(conn, indexes=False)
+            self.declared = {
+                table: {
+                    name: kind.lower() for _, name, kind, *_ in conn.execute(f"pragma table_info({table})")
+                }
+                for table in store.TABLES
+            }
+        finally:
+            conn.close()
+        self.conn = adbc.connect(str(path), autocommit=True)
+        self.cur = self.conn.cursor()
+        for sql in ("pragma journal_mode = off", "pragma synchronous = off", "begin"):
+            self.cur.execute(sql)
+            self.cur.fetchall()
+        self.counts = dict.fromkeys(store.TABLES, 0)
+        self.pending = dict.fromkeys(store.TABLES, 1)
+        self.queue: queue.Queue[tuple[str, dict[str, list]] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, name="demo-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, table: str, columns: dict[str, list]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((table, columns))
+
+    def expect(self, batches: dict[str, int]) -> None:
+        """How many batches each table arrives in (default one), so that a table is indexed
+        as soon as its last batch is in."""
+        self.pending.update(batches)
+
+    def _drain(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
                 continue
-            names = list(cols)
-            sql = f"insert into {table} ({', '.join(names)}) values ({', '.join('?' * len(names))})"
-            rows = list(zip(*(cols[c] for c in names), strict=True))
-            conn.executemany(sql, rows)
-            counts[table] = len(rows)
-        conn.execute("commit")
-        for ddl in store.INDEXES:
-            conn.execute(ddl)
-        conn.execute("pragma journal_mode = wal")
-    finally:
-        conn.close()
-    return counts
+            table, columns = item
+            try:
+                types = self.declared[table]
+                data = pa.table(
+                    {
+                        name: _column(values, store.ARROW_TYPES[types[name]])
+                        for name, values in columns.items()
+                    }
+                )
+                if data.num_rows:
+                    self.cur.adbc_ingest(table, data, mode="append")
+                self.counts[table] += data.num_rows
+                self.pending[table] -= 1
+                if self.pending[table] == 0:  # the table is complete: index it now
+                    for ddl in store.INDEXES:
+                        if f" on {table} (" in ddl:
+                            self.cur.execute(ddl)
+                            self.cur.fetchall()
+            except BaseException as exc:
+                self.error = exc
+
+    def finish(self) -> dict[str, int]:
+        self.queue.put(None)
+        self.thread.join()
+        try:
+            if self.error is not None:
+                raise self.error
+            self.cur.execute("commit")
+            self.cur.fetchall()
+        finally:
+            self.cur.close()
+            self.conn.close()
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            for ddl in store.INDEXES:  # no-ops, but for a table that never arrived
+                conn.execute(ddl)
+            conn.execute("pragma journal_mode = wal")
+        finally:
+            conn.close()
+        return self.counts
+
+    def abort(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.cur.close()
+        self.conn.close()
 
 
 def generate(
@@ -839,12 +993,19 @@ def generate(
         as_of = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     elif isinstance(as_of, date) and not isinstance(as_of, datetime):
         as_of = datetime(as_of.year, as_of.month, as_of.day)
-    tables = _Demo(contacts, seed, as_of).run()
+    generator = _Demo(contacts, seed, as_of)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".demo-tmp")
     tmp.unlink(missing_ok=True)
     try:
-        counts = _write(tmp, tables)
+        writer = _Writer(tmp)
+        try:
+            writer.expect({"consent_events": 2, "orders": 2})
+            generator.run(writer.put)
+        except BaseException:
+            writer.abort()
+            raise
+        counts = writer.finish()
         for suffix in ("-wal", "-shm"):
             Path(str(target) + suffix).unlink(missing_ok=True)
         os.replace(tmp, target)

@@ -16,9 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
+
 from smsops.config import paths
 
 SCHEMA_VERSION = 1
+
+# How each declared column type travels as Arrow (bulk writes, and reads into the warehouse).
+ARROW_TYPES = {"integer": pa.int64(), "real": pa.float64(), "text": pa.string()}
 
 TABLES: dict[str, str] = {
     "contacts": """
