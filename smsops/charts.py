@@ -10,7 +10,9 @@ ACTIVITY_SERIES = {"messages_sent": "Sent", "delivered": "Delivered", "clicks": 
 
 def daily_activity_chart(frame: pd.DataFrame) -> alt.Chart:
     """Daily sent / delivered / clicks as lines over time."""
-    long = frame.melt(id_vars=["day"], value_vars=list(ACTIVITY_SERIES), var_name="series", value_name="count")
+    long = frame.melt(
+        id_vars=["day"], value_vars=list(ACTIVITY_SERIES), var_name="series", value_name="count"
+    )
     long["series"] = long["series"].map(ACTIVITY_SERIES)
     return (
         alt.Chart(long, title="Messages per day")
@@ -31,7 +33,12 @@ def consent_mix_chart(frame: pd.DataFrame) -> alt.Chart:
         .mark_bar()
         .encode(
             x=alt.X("contacts:Q", title="Contacts"),
-            y=alt.Y("consent_state:N", title=None, sort=list(frame["consent_state"]), axis=alt.Axis(labelLimit=220)),
+            y=alt.Y(
+                "consent_state:N",
+                title=None,
+                sort=list(frame["consent_state"]),
+                axis=alt.Axis(labelLimit=220),
+            ),
             color=alt.Color("consent_state:N", legend=None),
             tooltip=[alt.Tooltip("consent_state:N", title="State"), alt.Tooltip("contacts:Q", format=",")],
         )

@@ -72,14 +72,18 @@ def _status(args: argparse.Namespace) -> int:
     if snap is None:
         print("warehouse  not built yet (run `smsops build`)")
     else:
-        print(f"warehouse  build {snap.build_id}, built {snap.built_at:%Y-%m-%d %H:%M:%S} UTC in {snap.seconds:.1f} s")
+        print(
+            f"warehouse  build {snap.build_id}, built {snap.built_at:%Y-%m-%d %H:%M:%S} UTC in {snap.seconds:.1f} s"
+        )
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     """Set up everything a first-time user needs, then start the app (replaces this process)."""
     if store.is_empty():
-        rc = _demo(argparse.Namespace(contacts=args.demo_contacts, seed=42, as_of=None, force=False, if_empty=True))
+        rc = _demo(
+            argparse.Namespace(contacts=args.demo_contacts, seed=42, as_of=None, force=False, if_empty=True)
+        )
         if rc:
             return rc
     if not args.skip_build or warehouse.current() is None:

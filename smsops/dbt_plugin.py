@@ -30,6 +30,7 @@ from smsops.config import paths
 # recovery and the reads from tripping over each other (each read takes well under 1 s).
 _read_lock = threading.Lock()
 
+
 def read_table(db_path: str, table: str) -> pa.Table:
     """The whole ``table`` as Arrow, each column typed as the store declares it.
 

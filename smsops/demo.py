@@ -259,7 +259,6 @@ class _Demo:
             if k == 0:
                 raw[i] = _ru_formats(mob_list[i], style_list[i])
             elif k == 1:
-                a, b, c = tails[i]
                 fmt = FOREIGN[foreign_country[i]][style_list[i] % 2]
                 raw[i] = _fill_digits(fmt, tails[i])
             elif k == 2:

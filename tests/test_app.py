@@ -10,7 +10,6 @@ from streamlit.testing.v1 import AppTest
 
 from smsops import charts, metrics, warehouse
 
-
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
 

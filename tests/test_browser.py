@@ -8,13 +8,15 @@ import sys
 import time
 
 import pytest
-
 from browser import CHROMIUM, chromium_page, streamlit_server, wait_for_script
+
 from smsops import metrics, warehouse
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make chromium)"),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make chromium)"
+    ),
 ]
 
 
@@ -37,7 +39,9 @@ def test_overview_answers_in_a_browser_while_a_build_runs(built_home, tmp_path):
             assert page.locator("[data-testid=stMetric]", has_text="Messages sent").count() == 1
             page.locator("[data-testid=stVegaLiteChart]").nth(1).wait_for()
             page.screenshot(path=str(tmp_path / "overview.png"), full_page=True)
-            assert build.poll() is None, "the build finished before the page was checked: not a concurrency test"
+            assert build.poll() is None, (
+                "the build finished before the page was checked: not a concurrency test"
+            )
         finally:
             output, _ = build.communicate(timeout=300)
         assert build.returncode == 0, output
@@ -46,4 +50,7 @@ def test_overview_answers_in_a_browser_while_a_build_runs(built_home, tmp_path):
         page.reload()
         wait_for_script(page)
         page.wait_for_selector("[data-testid=stMetric]")
-        assert warehouse.current(built_home).build_id in page.locator("[data-testid=stCaptionContainer]").first.inner_text()
+        assert (
+            warehouse.current(built_home).build_id
+            in page.locator("[data-testid=stCaptionContainer]").first.inner_text()
+        )

@@ -72,7 +72,9 @@ def test_phone_numbers_come_in_the_messy_forms_crms_hold(small_demo):
     reasons = {r[0] for r in rows(conn, "select distinct phone_reason from contacts where phone_valid = 0")}
     assert "not_mobile" in reasons  # landlines
     assert len(reasons) >= 3
-    countries = {r[0] for r in rows(conn, "select distinct phone_country from contacts where phone_valid = 1")}
+    countries = {
+        r[0] for r in rows(conn, "select distinct phone_country from contacts where phone_valid = 1")
+    }
     assert "RU" in countries and len(countries) >= 5
     dupes = rows(conn, "select count(*) from (select phone_e164 from contacts where phone_e164 is not null"
                        " group by 1 having count(*) > 1)")[0][0]  # fmt: skip
@@ -122,7 +124,10 @@ def test_campaign_history_has_variants_holdouts_and_outcomes(small_demo):
     states = dict(rows(conn, "select state, count(*) from messages group by 1"))
     assert states["submitted"] > states["suppressed"] > 0 and states["holdout"] > 0
     # every message not sent says why
-    assert rows(conn, "select count(*) from messages where state <> 'submitted' and skip_reason is null")[0][0] == 0
+    assert (
+        rows(conn, "select count(*) from messages where state <> 'submitted' and skip_reason is null")[0][0]
+        == 0
+    )
     statuses = {r[0] for r in rows(conn, "select distinct status from message_status_events")}
     assert {"sent", "delivered", "undelivered", "failed"} <= statuses
     assert rows(conn, "select count(*) from clicks")[0][0] > 0

@@ -41,7 +41,15 @@ def test_enum_checks_refuse_an_unknown_status(home):
 
 def test_unique_keys_make_repeated_writes_no_ops(home):
     conn = store.open_store(home)
-    row = ("k1", "+79123456789", "marketing", "opt_in", "web_form", "2025-01-01 00:00:00", "2025-01-01 00:00:00")
+    row = (
+        "k1",
+        "+79123456789",
+        "marketing",
+        "opt_in",
+        "web_form",
+        "2025-01-01 00:00:00",
+        "2025-01-01 00:00:00",
+    )
     sql = (
         "insert into consent_events (event_key, phone_e164, purpose, action, source, occurred_at, recorded_at)"
         " values (?, ?, ?, ?, ?, ?, ?) on conflict (event_key) do nothing"
@@ -83,7 +91,7 @@ def test_two_processes_write_concurrently_without_losing_rows(home):
         "conn = store.connect(sys.argv[1])\n"
         "for i in range(300):\n"
         "    with store.transaction(conn):\n"
-        "        conn.execute(\"insert into customer_events (event_key, contact_id, event_type, occurred_at)"
+        '        conn.execute("insert into customer_events (event_key, contact_id, event_type, occurred_at)'
         " values (?, 1, 'app_open', '2025-01-01 00:00:00')\", (f'{sys.argv[2]}-{i}',))\n"
     )
     procs = [

@@ -30,15 +30,20 @@ def scalar(sql: str, home) -> object:
 
 
 def test_marts_have_one_row_per_raw_entity(built_home, ops):
-    assert scalar("select count(*) from dim_contacts", built_home) == ops.execute(
-        "select count(*) from contacts"
-    ).fetchone()[0]
-    assert scalar("select count(*) from fct_messages", built_home) == ops.execute(
-        "select count(*) from messages"
-    ).fetchone()[0]
-    assert scalar("select count(*) from fct_campaign_performance", built_home) == ops.execute(
-        "select count(*) from (select distinct campaign_id, variant from messages)"
-    ).fetchone()[0]
+    assert (
+        scalar("select count(*) from dim_contacts", built_home)
+        == ops.execute("select count(*) from contacts").fetchone()[0]
+    )
+    assert (
+        scalar("select count(*) from fct_messages", built_home)
+        == ops.execute("select count(*) from messages").fetchone()[0]
+    )
+    assert (
+        scalar("select count(*) from fct_campaign_performance", built_home)
+        == ops.execute(
+            "select count(*) from (select distinct campaign_id, variant from messages)"
+        ).fetchone()[0]
+    )
 
 
 def test_final_status_follows_precedence_not_arrival_order(built_home, ops):
@@ -63,7 +68,7 @@ def test_final_status_follows_precedence_not_arrival_order(built_home, ops):
 
 def test_contact_consent_matches_the_latest_ledger_event(built_home, ops):
     latest: dict[str, tuple[str, str]] = {}
-    for phone, action, occurred, source in ops.execute(
+    for phone, action, _occurred, source in ops.execute(
         "select phone_e164, action, occurred_at, source from consent_events"
         " where purpose = 'marketing' or (action = 'opt_out' and source = 'keyword_reply')"
         " order by occurred_at, case action when 'opt_in' then 0 else 1 end, event_id"
@@ -71,7 +76,8 @@ def test_contact_consent_matches_the_latest_ledger_event(built_home, ops):
         latest[phone] = (action, source)
     opted_in = {p for p, (action, _) in latest.items() if action == "opt_in"}
     frame = warehouse.query(
-        "select phone_e164 from dim_contacts where marketing_opt_in and phone_e164 is not null", home=built_home
+        "select phone_e164 from dim_contacts where marketing_opt_in and phone_e164 is not null",
+        home=built_home,
     )
     assert set(frame["phone_e164"]) == opted_in
 
@@ -108,7 +114,9 @@ def test_holdout_conversions_are_measured_but_not_counted_as_revenue(built_home)
 
 
 def test_service_messages_attract_no_conversions(built_home):
-    assert scalar("select sum(conversions) from fct_messages where campaign_kind = 'service'", built_home) == 0
+    assert (
+        scalar("select sum(conversions) from fct_messages where campaign_kind = 'service'", built_home) == 0
+    )
 
 
 def test_query_cli_prints_csv_with_a_header(built_env):
@@ -125,7 +133,9 @@ def test_query_refuses_to_write(built_env):
     with pytest.raises(warehouse.WarehouseError, match="read-only"):
         warehouse.query("create table x as select 1")
     out = subprocess.run(
-        [sys.executable, "-m", "smsops.cli", "query", "drop table dim_contacts"], capture_output=True, text=True
+        [sys.executable, "-m", "smsops.cli", "query", "drop table dim_contacts"],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 1 and "read-only" in out.stderr
 
@@ -163,7 +173,7 @@ def test_readers_keep_answering_while_a_build_runs(built_home, tmp_path):
                 metrics.overview(30, home=built_home)
                 metrics.consent_mix(home=built_home)
                 answers += 1
-            except Exception as exc:  # noqa: BLE001 — the test reports whatever went wrong
+            except Exception as exc:
                 errors.append(exc)
             time.sleep(0.05)
 
