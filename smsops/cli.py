@@ -55,6 +55,31 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segments(args: argparse.Namespace) -> int:
+    """What one message costs: encoding, segments, the parts, and the fixes that save segments."""
+    from smsops import encoding, pricing
+
+    text = args.text if args.text != "-" else sys.stdin.read().rstrip("\n")
+    result = encoding.analyze(text)
+    unit = "septets" if result.encoding == encoding.GSM7 else "UTF-16 units"
+    p = pricing.price(args.country)
+    print(f"encoding   {result.encoding}")
+    print(f"length     {result.chars} characters, {result.units} {unit}")
+    print(f"segments   {result.segments}  ({result.remaining} {unit} left in the last one)")
+    print(f"cost       {pricing.message_cost(result.segments, args.country):.2f} {p.currency} to {p.country}")
+    if result.ucs2_chars:
+        shown = " ".join(repr(ch) for ch in result.ucs2_chars[:20])
+        more = f" and {len(result.ucs2_chars) - 20} more" if len(result.ucs2_chars) > 20 else ""
+        print(f"UCS-2 because of  {shown}{more}")
+        saved = encoding.savings(text)
+        print(f"smart replacement  {saved.smart_segments} segment(s)")
+        print(f"transliteration    {saved.transliterated_segments} segment(s)")
+    if args.parts and result.segments > 1:
+        for number, part in enumerate(result.parts, 1):
+            print(f"part {number}: {part!r}")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     p = paths()
     print(f"home       {p.home}")
@@ -122,6 +147,12 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="run a read-only SQL query against the warehouse; prints CSV")
     q.add_argument("sql")
     q.set_defaults(func=_query)
+
+    g = sub.add_parser("segments", help="count a message's SMS segments, encoding and cost")
+    g.add_argument("text", help="the message text ('-' reads it from standard input)")
+    g.add_argument("--country", default="RU", help="destination country for the price (default RU)")
+    g.add_argument("--parts", action="store_true", help="print each segment's text")
+    g.set_defaults(func=_segments)
 
     s = sub.add_parser("status", help="show the store's row counts and the published warehouse build")
     s.set_defaults(func=_status)

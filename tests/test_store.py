@@ -26,7 +26,7 @@ def test_strict_tables_refuse_a_wrong_type(home):
     conn = store.open_store(home)
     with pytest.raises(sqlite3.IntegrityError, match="cannot store TEXT value in INTEGER column"):
         conn.execute(
-            "insert into contacts (contact_id, phone_valid, created_at, updated_at) values ('x', 0, 'a', 'a')"
+            "insert into contacts (contact_id, phone_valid, created_at, updated_at) values (1, 'yes', 'a', 'a')"
         )
 
 
