@@ -80,6 +80,36 @@ def _segments(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_contacts(args: argparse.Namespace) -> int:
+    from smsops import importer
+
+    mapping = {}
+    for item in args.map or []:
+        column, _, target = item.partition("=")
+        mapping[column] = target
+    options = importer.Options(
+        default_region=args.default_region,
+        consent_source=args.consent_source,
+        consent_proof=args.consent_proof,
+        purpose=args.purpose,
+        mapping=mapping or None,
+    )
+    try:
+        fmt = importer.sniff(args.path, options.mapping)
+        print("columns:")
+        print("\n".join(importer.column_report(fmt)))
+        result = importer.run(args.path, options, dry_run=args.dry_run, rejects=args.rejects)
+    except importer.ImportFailed as exc:
+        print(f"smsops import: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(importer.summary_lines(result)))
+    if result.rejected_total and args.rejects:
+        print(f"rejected rows with their reasons: {args.rejects}")
+    elif result.rejected_total:
+        print("add --rejects FILE.csv to get every rejected row with its reason")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     p = paths()
     print(f"home       {p.home}")
@@ -153,6 +183,25 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--country", default="RU", help="destination country for the price (default RU)")
     g.add_argument("--parts", action="store_true", help="print each segment's text")
     g.set_defaults(func=_segments)
+
+    imp = sub.add_parser("import", help="import data into the operational store")
+    imp_sub = imp.add_subparsers(dest="what", required=True)
+    ic = imp_sub.add_parser(
+        "contacts", help="contacts from a CSV export (UTF-8 or Windows-1251, any delimiter)"
+    )
+    ic.add_argument("path")
+    ic.add_argument(
+        "--default-region", default="RU", help="country for numbers written without a country code"
+    )
+    ic.add_argument(
+        "--consent-source", help="the basis for marketing consent (without it: no marketing consent)"
+    )
+    ic.add_argument("--consent-proof", help="where the proof of consent is kept (URL, document id)")
+    ic.add_argument("--purpose", choices=["marketing", "service"], default="marketing")
+    ic.add_argument("--map", action="append", metavar="COLUMN=FIELD", help="correct a column's mapping")
+    ic.add_argument("--dry-run", action="store_true", help="report what would happen, write nothing")
+    ic.add_argument("--rejects", metavar="OUT.csv", help="write every rejected row with its reason")
+    ic.set_defaults(func=_import_contacts)
 
     s = sub.add_parser("status", help="show the store's row counts and the published warehouse build")
     s.set_defaults(func=_status)

@@ -171,6 +171,22 @@ TABLES: dict[str, str] = {
             user_agent   text,
             unique (token, clicked_at)
         ) strict""",
+    # One row per distinct import (file content x options): re-importing the same file with
+    # the same options is recognised and changes nothing.
+    "import_batches": """
+        create table if not exists import_batches (
+            batch_id      integer primary key,
+            batch_key     text not null unique,
+            file_name     text not null,
+            file_sha256   text not null,
+            options       text not null,
+            rows_read     integer not null,
+            new           integer not null,
+            updated       integer not null,
+            unchanged     integer not null,
+            rejected      integer not null,
+            imported_at   text not null
+        ) strict""",
     "inbound_messages": """
         create table if not exists inbound_messages (
             inbound_id           integer primary key,
@@ -189,6 +205,7 @@ TABLES: dict[str, str] = {
 
 INDEXES: tuple[str, ...] = (
     "create index if not exists ix_contacts_phone on contacts (phone_e164)",
+    "create index if not exists ix_contacts_names on contacts (last_name, first_name)",
     "create index if not exists ix_consent_phone on consent_events (phone_e164, purpose, occurred_at)",
     "create index if not exists ix_orders_contact on orders (contact_id, ordered_at)",
     "create index if not exists ix_events_contact on customer_events (contact_id, occurred_at)",

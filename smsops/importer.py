@@ -1,0 +1,801 @@
+"""Contact import from the CSV files CRMs export: nothing lost, nothing half-written.
+
+A file goes through four steps:
+
+1. **Read**: the encoding (UTF-8, UTF-8 with BOM, Windows-1251) and the delimiter (comma,
+   semicolon, tab, pipe) are detected; the header is mapped onto contact fields from Russian
+   or English names (`Телефон`, `Моб. телефон`, `Имя`, `phone`, `first_name`, …), and the
+   caller may correct the mapping. Unknown columns become custom attributes.
+2. **Stage**: rows stream into a temporary table in chunks, each phone normalised with
+   `smsops.phones`, so memory stays flat however long the file is.
+3. **Plan** (set-based, in SQL): duplicates inside the file, matches with stored contacts and
+   the outcome of every row (new, updated, unchanged, rejected with a reason).
+4. **Apply**, in one transaction, unless it is a dry run.
+
+Merge rule. A row matches the stored contact with the same external id; a row without an
+external id (or whose external id is not stored yet) matches the stored contact with the same
+normalised phone that has no external id of its own, or the same one. Within the file, rows
+for the same contact are merged: the last row wins and the earlier ones are reported as
+`duplicate_in_file` with the line that was kept. When a row updates a contact, its non-empty
+cells replace stored values; empty cells never erase anything; attributes merge key by key.
+
+Consent. An import brings contacts in *without* marketing consent unless the caller declares
+the basis (`consent_source`, optionally `consent_proof`); then each imported number gets an
+opt-in in the ledger with the batch and file hash as proof. An import never overrides a later
+opt-out: numbers whose latest marketing event is an opt-out are skipped and counted.
+
+Re-importing the same file with the same options changes nothing: contacts come out
+unchanged, and the batch and its consent events have keys derived from the file's hash.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import sqlite3
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from smsops import phones, store
+from smsops.reference import cities
+
+CHUNK_ROWS = 20_000
+SAMPLE_BYTES = 64 * 1024
+DELIMITERS = ",;\t|"
+
+# Contact fields a column can map to. `full_name` is split into first and last name;
+# `attribute` keeps the column as a custom attribute under its header; `ignore` drops it.
+FIELDS = (
+    "external_id",
+    "phone",
+    "first_name",
+    "last_name",
+    "middle_name",
+    "full_name",
+    "email",
+    "city",
+    "region",
+    "time_zone",
+    "gender",
+    "birth_date",
+)
+Target = str  # a name in FIELDS, "attribute" or "ignore"
+
+_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "external_id": (
+        "id", "external id", "externalid", "crm id", "client id", "customer id", "contact id",
+        "id клиента", "код клиента", "код", "номер клиента", "идентификатор", "ид",
+    ),
+    "phone": (
+        "phone", "phone number", "mobile", "mobile phone", "cell", "cell phone", "msisdn", "tel",
+        "telephone", "телефон", "моб телефон", "мобильный телефон", "мобильный", "моб", "сотовый",
+        "номер телефона", "телефон мобильный", "тел", "контактный телефон", "номер",
+    ),
+    "first_name": ("first name", "firstname", "given name", "имя"),
+    "last_name": ("last name", "lastname", "surname", "family name", "фамилия"),
+    "middle_name": ("middle name", "patronymic", "отчество"),
+    "full_name": ("name", "full name", "fullname", "contact", "client", "customer", "фио", "ф и о",
+                  "клиент", "имя клиента", "покупатель", "контакт"),
+    "email": ("email", "e mail", "mail", "почта", "эл почта", "электронная почта", "емейл"),
+    "city": ("city", "town", "город", "населенный пункт"),
+    "region": ("region", "state", "province", "регион", "область", "субъект"),
+    "time_zone": ("time zone", "timezone", "tz", "часовой пояс"),
+    "gender": ("gender", "sex", "пол"),
+    "birth_date": ("birth date", "birthdate", "birthday", "date of birth", "dob", "дата рождения",
+                   "день рождения", "др"),
+}  # fmt: skip
+_GENDER = {
+    "m": "m", "male": "m", "man": "m", "м": "m", "муж": "m", "мужской": "m", "мужчина": "m",
+    "f": "f", "female": "f", "woman": "f", "ж": "f", "жен": "f", "женский": "f", "женщина": "f",
+}  # fmt: skip
+_DATE_FORMATS = ("%Y-%m-%d", "%d.%m.%Y", "%d/%m/%Y", "%d-%m-%Y", "%d.%m.%y", "%Y.%m.%d", "%m/%d/%Y")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+Reason = Literal["missing_phone", "invalid_phone", "not_mobile", "malformed_row", "duplicate_in_file"]
+REASON_TEXT: dict[str, str] = {
+    "missing_phone": "no phone number in the row",
+    "invalid_phone": "the phone number is not a valid number",
+    "not_mobile": "the phone number is a landline or another number that cannot receive SMS",
+    "malformed_row": "the row has a different number of cells than the header",
+    "duplicate_in_file": "another row of the file is the same contact; the later row was kept",
+}
+
+
+class ImportFailed(ValueError):
+    """The file cannot be read as contacts at all (nothing was written)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What the caller declares about a file."""
+
+    default_region: str = "RU"
+    consent_source: str | None = None  # the basis for marketing consent, e.g. "signup form, 2024"
+    consent_proof: str | None = None  # where the proof is kept, e.g. a form URL or document id
+    purpose: Literal["marketing", "service"] = "marketing"
+    mapping: Mapping[str, Target] | None = None  # header -> field, overriding the guesses
+
+    def as_json(self) -> str:
+        data = {
+            "default_region": self.default_region,
+            "consent_source": self.consent_source,
+            "consent_proof": self.consent_proof,
+            "purpose": self.purpose,
+            "mapping": dict(sorted((self.mapping or {}).items())),
+        }
+        return json.dumps(data, ensure_ascii=False, sort_keys=True)
+
+
+@dataclass(frozen=True, slots=True)
+class FileFormat:
+    """How a file is written: detected, then shown to the user."""
+
+    encoding: str
+    delimiter: str
+    header: tuple[str, ...]
+    mapping: dict[str, Target]  # header -> target, guessed and then overridden
+
+    @property
+    def unmapped_phone(self) -> bool:
+        return "phone" not in self.mapping.values()
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    line: int
+    reason: str
+    detail: str | None
+    cells: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What an import did (or, for a dry run, would do)."""
+
+    file_name: str
+    file_sha256: str
+    format: FileFormat
+    rows_read: int
+    new: int
+    updated: int
+    unchanged: int
+    rejected: dict[str, int]
+    consent_recorded: int
+    consent_skipped_opted_out: int
+    dry_run: bool
+    batch_id: int | None
+    already_imported: bool
+    seconds: float
+    sample_rejects: tuple[Rejected, ...] = field(default=())
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def _key(text: str) -> str:
+    """Header text reduced for matching: lower case, ё→е, punctuation as single spaces."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("ё", "е")
+    return " ".join(re.sub(r"[^\w]+", " ", text).split())
+
+
+_BY_KEY = {_key(name): target for target, names in _SYNONYMS.items() for name in names}
+_BY_KEY.update({_key(f): f for f in FIELDS})
+
+
+def guess_mapping(header: tuple[str, ...]) -> dict[str, Target]:
+    """Map each header cell onto a contact field; unknown columns become attributes.
+    A field is taken by the first column that names it; later ones become attributes."""
+    mapping: dict[str, Target] = {}
+    taken: set[str] = set()
+    for name in header:
+        target = _BY_KEY.get(_key(name))
+        if target is None or target in taken:
+            mapping[name] = "attribute" if _key(name) else "ignore"
+        else:
+            mapping[name] = target
+            taken.add(target)
+    return mapping
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def detect_encoding(path: Path) -> str:
+    """``utf-8-sig`` for a BOM, ``utf-8`` when the whole file decodes as UTF-8, else ``cp1251``."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        if head.startswith(codecs.BOM_UTF8):
+            return "utf-8-sig"
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return "utf-16"
+        fh.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return "cp1251"
+    return "utf-8"
+
+
+def detect_delimiter(sample: str) -> str:
+    """The delimiter that splits the sample's lines into the most, equally many, cells."""
+    lines = [line for line in sample.splitlines()[:50] if line.strip()]
+    if not lines:
+        return ","
+    try:
+        return csv.Sniffer().sniff("\n".join(lines[:20]), delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        pass
+    best, best_score = ",", -1.0
+    for delimiter in DELIMITERS:
+        counts = [len(next(csv.reader([line], delimiter=delimiter))) for line in lines[:20]]
+        if counts[0] < 2:
+            continue
+        consistent = sum(c == counts[0] for c in counts) / len(counts)
+        score = consistent * 100 + counts[0]
+        if score > best_score:
+            best, best_score = delimiter, score
+    return best
+
+
+def sniff(path: str | os.PathLike[str], mapping: Mapping[str, Target] | None = None) -> FileFormat:
+    """Detect how ``path`` is written and guess its column mapping (``mapping`` overrides)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImportFailed(f"{path}: no such file")
+    encoding = detect_encoding(path)
+    with open(path, encoding=encoding, newline="") as fh:
+        sample = fh.read(SAMPLE_BYTES)
+    if not sample.strip():
+        raise ImportFailed(f"{path.name}: the file is empty")
+    delimiter = detect_delimiter(sample)
+    header_row = next(csv.reader(io.StringIO(sample), delimiter=delimiter), [])
+    header = tuple(cell.strip() for cell in header_row)
+    if len(header) < 1 or not any(header):
+        raise ImportFailed(f"{path.name}: the first line should name the columns, it is empty")
+    guessed = guess_mapping(header)
+    for name, target in (mapping or {}).items():
+        if name not in guessed:
+            raise ImportFailed(
+                f"mapping names column {name!r}, which the file does not have ({', '.join(header)})"
+            )
+        if target not in (*FIELDS, "attribute", "ignore"):
+            raise ImportFailed(f"column {name!r} cannot map to {target!r}; choose one of {', '.join(FIELDS)}")
+        guessed[name] = target
+    return FileFormat(encoding=encoding, delimiter=delimiter, header=header, mapping=guessed)
+
+
+# ---------------------------------------------------------------------------------------
+# Rows
+
+
+def _clean(value: str) -> str | None:
+    value = value.strip()
+    return value or None
+
+
+def _date(value: str | None) -> str | None:
+    if not value:
+        return None
+    text = value.strip().split(" ")[0]
+    for fmt in _DATE_FORMATS:
+        try:
+            parsed = datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+        if date(1900, 1, 1) <= parsed <= date.today():
+            return parsed.isoformat()
+    return None
+
+
+def _split_full_name(value: str) -> tuple[str | None, str | None, str | None]:
+    """(first, last, middle) from a full name: «Фамилия Имя Отчество» for Cyrillic, «First Last»."""
+    parts = value.split()
+    if not parts:
+        return None, None, None
+    if len(parts) == 1:
+        return parts[0], None, None
+    if re.search("[А-Яа-яЁё]", value):
+        return parts[1], parts[0], " ".join(parts[2:]) or None
+    return parts[0], " ".join(parts[1:]), None
+
+
+_CITY_INDEX = {_key(c.city): c for c in cities()}
+
+STAGING_COLUMNS = (
+    "line", "external_id", "first_name", "last_name", "email", "city", "region", "time_zone", "gender",
+    "birth_date", "phone_raw", "phone_e164", "phone_valid", "phone_reason", "number_type", "phone_country",
+    "phone_time_zones", "attributes", "cells", "reject_reason",
+)  # fmt: skip
+
+
+class _RowBuilder:
+    """Turns one CSV row into a staging row. Built once per file, called per row."""
+
+    def __init__(self, fmt: FileFormat, default_region: str) -> None:
+        self.width = len(fmt.header)
+        self.region = default_region
+        self.index: dict[str, int] = {}
+        self.attributes: list[tuple[int, str]] = []
+        for i, name in enumerate(fmt.header):
+            target = fmt.mapping.get(name, "ignore")
+            if target == "attribute":
+                self.attributes.append((i, name))
+            elif target != "ignore":
+                self.index[target] = i
+
+    def cell(self, cells: list[str], target: str) -> str | None:
+        i = self.index.get(target)
+        return _clean(cells[i]) if i is not None and i < len(cells) else None
+
+    def __call__(self, line: int, cells: list[str], phone: phones.PhoneNumber | None) -> tuple:
+        raw_cells = json.dumps(cells, ensure_ascii=False)
+        if len(cells) != self.width:
+            return (line, *([None] * 17), raw_cells, "malformed_row")
+        get = self.cell
+        first, last, middle = get(cells, "first_name"), get(cells, "last_name"), get(cells, "middle_name")
+        full = get(cells, "full_name")
+        if full and not (first or last):
+            first, last, split_middle = _split_full_name(full)
+            middle = middle or split_middle
+        attributes = {name: cells[i].strip() for i, name in self.attributes if cells[i].strip()}
+        if middle:
+            attributes["middle_name"] = middle
+        email = get(cells, "email")
+        if email and not _EMAIL.fullmatch(email):
+            attributes["email_as_given"] = email
+            email = None
+        city, region, zone = get(cells, "city"), get(cells, "region"), get(cells, "time_zone")
+        known = _CITY_INDEX.get(_key(city)) if city else None
+        if known is not None:
+            region = region or known.region
+            zone = zone or known.time_zone
+        gender = _GENDER.get(_key(get(cells, "gender") or ""))
+        reason = None
+        if phone is None:
+            reason = "missing_phone"
+        elif not phone.valid:
+            reason = "not_mobile" if phone.reason == "not_mobile" else (
+                "missing_phone" if phone.reason == "empty" else "invalid_phone"
+            )  # fmt: skip
+        return (
+            line, get(cells, "external_id"), first, last, email and email.lower(), city, region, zone, gender,
+            _date(get(cells, "birth_date")), phone.raw if phone else None, phone.e164 if phone else None,
+            int(phone.valid) if phone else 0, phone.reason if phone else "empty",
+            phone.number_type if phone else None, phone.country if phone else None,
+            ",".join(phone.time_zones) or None if phone else None,
+            json.dumps(attributes, ensure_ascii=False, sort_keys=True) if attributes else None,
+            raw_cells, reason,
+        )  # fmt: skip
+
+
+def _rows(path: Path, fmt: FileFormat) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) for each data row; blank lines are skipped."""
+    with open(path, encoding=fmt.encoding, newline="") as fh:
+        reader = csv.reader(fh, delimiter=fmt.delimiter)
+        next(reader, None)
+        for cells in reader:
+            if not cells or not any(c.strip() for c in cells):
+                continue
+            yield reader.line_num, cells
+
+
+# ---------------------------------------------------------------------------------------
+# Import
+
+
+_STAGING_DDL = f"""
+create temp table if not exists import_staging (
+    {", ".join(c + (" integer" if c in ("line", "phone_valid", "match_id", "kept_line") else " text") for c in STAGING_COLUMNS)},
+    reject_detail text,
+    match_id integer,
+    outcome text
+)
+"""
+
+
+def run(
+    path: str | os.PathLike[str],
+    options: Options | None = None,
+    *,
+    dry_run: bool = False,
+    home: str | os.PathLike[str] | None = None,
+    rejects: str | os.PathLike[str] | BinaryIO | None = None,
+    now: datetime | None = None,
+) -> Result:
+    """Import the contacts in ``path`` (or, with ``dry_run``, report what an import would do).
+
+    Everything is written in one transaction or not at all. ``rejects`` receives a CSV of
+    every rejected row: the original cells, the line number and the reason.
+    """
+    import time
+
+    started = time.perf_counter()
+    options = options or Options()
+    path = Path(path)
+    fmt = sniff(path, options.mapping)
+    if fmt.unmapped_phone:
+        raise ImportFailed(
+            f"{path.name}: no column is mapped to the phone number (columns: {', '.join(fmt.header)}); "
+            "name the phone column in the mapping"
+        )
+    sha = file_sha256(path)
+    batch_key = hashlib.sha256(f"{sha}\n{options.as_json()}".encode()).hexdigest()
+    stamp = _stamp(now or datetime.now(UTC))
+    conn = store.connect(store.store_path(home))
+    try:
+        store.create_schema(conn)
+        conn.execute("drop table if exists temp.import_staging")
+        conn.execute(_STAGING_DDL)
+        rows_read = _stage(conn, path, fmt, options.default_region)
+        if rows_read == 0:
+            raise ImportFailed(f"{path.name}: the header was read but no data rows follow it")
+        conn.execute("begin immediate")
+        try:
+            counts = _plan(conn)
+            previous = conn.execute(
+                "select batch_id from import_batches where batch_key = ?", (batch_key,)
+            ).fetchone()
+            consent = (0, 0)
+            batch_id = previous[0] if previous else None
+            if not dry_run:
+                _apply(conn, stamp)
+                if options.consent_source:
+                    consent = _record_consent(conn, options, sha, batch_key, path.name, stamp)
+                if previous is None:
+                    batch_id = conn.execute(
+                        "insert into import_batches (batch_key, file_name, file_sha256, options, rows_read, new,"
+                        " updated, unchanged, rejected, imported_at) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (batch_key, path.name, sha, options.as_json(), rows_read, counts["new"],
+                         counts["updated"], counts["unchanged"], sum(counts["rejected"].values()), stamp),
+                    ).lastrowid  # fmt: skip
+            elif options.consent_source:
+                consent = _consent_counts(conn, options)
+        except BaseException:
+            conn.execute("rollback")
+            raise
+        conn.execute("rollback" if dry_run else "commit")
+        sample = _write_rejects(conn, fmt, rejects)
+        conn.execute("drop table if exists temp.import_staging")
+    finally:
+        conn.close()
+    return Result(
+        file_name=path.name,
+        file_sha256=sha,
+        format=fmt,
+        rows_read=rows_read,
+        new=counts["new"],
+        updated=counts["updated"],
+        unchanged=counts["unchanged"],
+        rejected=counts["rejected"],
+        consent_recorded=consent[0],
+        consent_skipped_opted_out=consent[1],
+        dry_run=dry_run,
+        batch_id=batch_id,
+        already_imported=previous is not None,
+        seconds=time.perf_counter() - started,
+        sample_rejects=sample,
+    )
+
+
+def _stamp(when: datetime) -> str:
+    return when.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
+
+
+def _stage(conn: sqlite3.Connection, path: Path, fmt: FileFormat, region: str) -> int:
+    build = _RowBuilder(fmt, region)
+    phone_at = build.index["phone"]
+    insert = f"insert into import_staging ({', '.join(STAGING_COLUMNS)}) values ({', '.join('?' * len(STAGING_COLUMNS))})"
+    total = 0
+    chunk: list[tuple[int, list[str]]] = []
+
+    def flush() -> None:
+        raws = [cells[phone_at] if phone_at < len(cells) else None for _, cells in chunk]
+        numbers = phones.normalize_many(raws, default_region=region)
+        conn.executemany(
+            insert,
+            [
+                build(line, cells, number if raw and raw.strip() else None)
+                for (line, cells), raw, number in zip(chunk, raws, numbers, strict=True)
+            ],
+        )
+        chunk.clear()
+
+    try:
+        for item in _rows(path, fmt):
+            chunk.append(item)
+            total += 1
+            if len(chunk) >= CHUNK_ROWS:
+                flush()
+        if chunk:
+            flush()
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ImportFailed(f"{path.name}: cannot read line {total + 2}: {exc}") from None
+    conn.execute("create index temp.ix_staging_e164 on import_staging (phone_e164)")
+    return total
+
+
+def _plan(conn: sqlite3.Connection) -> dict:
+    """Duplicates in the file, matches with stored contacts, the outcome of every row."""
+    # rows for the same contact within the file: the last one wins
+    conn.execute("""
+        with keyed as (
+            select line, coalesce('x:' || external_id, 'p:' || phone_e164) as contact_key
+            from import_staging where reject_reason is null
+        ),
+        ranked as (
+            select line, max(line) over (partition by contact_key) as kept_line from keyed
+        )
+        update import_staging
+        set reject_reason = 'duplicate_in_file', reject_detail = 'kept line ' || ranked.kept_line
+        from ranked
+        where import_staging.line = ranked.line and ranked.line <> ranked.kept_line
+    """)
+    conn.execute("""
+        update import_staging set match_id = (
+            select contact_id from contacts where contacts.external_id = import_staging.external_id
+        )
+        where reject_reason is null and external_id is not null
+    """)
+    conn.execute("""
+        update import_staging set match_id = (
+            select min(contact_id) from contacts
+            where contacts.phone_e164 = import_staging.phone_e164
+                and (contacts.external_id is null or import_staging.external_id is null)
+        )
+        where reject_reason is null and match_id is null
+    """)
+    conn.execute("""
+        update import_staging set outcome = case
+            when match_id is null then 'new'
+            when exists (
+                select 1 from contacts c where c.contact_id = import_staging.match_id and (
+                    (import_staging.external_id is not null and c.external_id is not import_staging.external_id)
+                    or (import_staging.first_name is not null and c.first_name is not import_staging.first_name)
+                    or (import_staging.last_name is not null and c.last_name is not import_staging.last_name)
+                    or (import_staging.email is not null and c.email is not import_staging.email)
+                    or (import_staging.city is not null and c.city is not import_staging.city)
+                    or (import_staging.region is not null and c.region is not import_staging.region)
+                    or (import_staging.time_zone is not null and c.time_zone is not import_staging.time_zone)
+                    or (import_staging.gender is not null and c.gender is not import_staging.gender)
+                    or (import_staging.birth_date is not null and c.birth_date is not import_staging.birth_date)
+                    or c.phone_e164 is not import_staging.phone_e164
+                    or (import_staging.attributes is not null
+                        and json_patch(coalesce(c.attributes, '{}'), import_staging.attributes)
+                            is not json(coalesce(c.attributes, '{}')))
+                )
+            ) then 'updated'
+            else 'unchanged'
+        end
+        where reject_reason is null
+    """)
+    outcomes = dict(
+        conn.execute("select outcome, count(*) from import_staging where outcome is not null group by 1")
+    )
+    rejected = dict(
+        conn.execute(
+            "select reject_reason, count(*) from import_staging where reject_reason is not null group by 1"
+        )
+    )
+    return {
+        "new": outcomes.get("new", 0),
+        "updated": outcomes.get("updated", 0),
+        "unchanged": outcomes.get("unchanged", 0),
+        "rejected": dict(sorted(rejected.items(), key=lambda kv: -kv[1])),
+    }
+
+
+def _apply(conn: sqlite3.Connection, stamp: str) -> None:
+    conn.execute(
+        """
+        insert into contacts (
+            external_id, first_name, last_name, gender, birth_date, email, city, region, time_zone,
+            phone_raw, phone_e164, phone_valid, phone_reason, number_type, phone_country,
+            phone_time_zones, attributes, created_at, updated_at
+        )
+        select
+            external_id, first_name, last_name, gender, birth_date, email, city, region, time_zone,
+            phone_raw, phone_e164, phone_valid, phone_reason, number_type, phone_country,
+            phone_time_zones, attributes, ?, ?
+        from import_staging
+        where outcome = 'new'
+        order by line
+        """,
+        (stamp, stamp),
+    )
+    conn.execute(
+        """
+        update contacts set
+            external_id = coalesce(s.external_id, contacts.external_id),
+            first_name = coalesce(s.first_name, contacts.first_name),
+            last_name = coalesce(s.last_name, contacts.last_name),
+            gender = coalesce(s.gender, contacts.gender),
+            birth_date = coalesce(s.birth_date, contacts.birth_date),
+            email = coalesce(s.email, contacts.email),
+            city = coalesce(s.city, contacts.city),
+            region = coalesce(s.region, contacts.region),
+            time_zone = coalesce(s.time_zone, contacts.time_zone),
+            phone_raw = s.phone_raw,
+            phone_e164 = s.phone_e164,
+            phone_valid = s.phone_valid,
+            phone_reason = s.phone_reason,
+            number_type = s.number_type,
+            phone_country = s.phone_country,
+            phone_time_zones = s.phone_time_zones,
+            attributes = case when s.attributes is null then contacts.attributes
+                              else json_patch(coalesce(contacts.attributes, '{}'), s.attributes) end,
+            updated_at = ?
+        from import_staging as s
+        where s.outcome = 'updated' and contacts.contact_id = s.match_id
+        """,
+        (stamp,),
+    )
+
+
+_LATEST_MARKETING_OPT_OUT = """
+    select 1 from consent_events e
+    where e.phone_e164 = import_staging.phone_e164
+        and (e.purpose = ? or (e.source = 'keyword_reply' and e.action = 'opt_out'))
+        and e.occurred_at = (
+            select max(occurred_at) from consent_events x
+            where x.phone_e164 = e.phone_e164
+                and (x.purpose = ? or (x.source = 'keyword_reply' and x.action = 'opt_out'))
+        )
+        and e.action = 'opt_out'
+"""
+
+
+def _consent_counts(conn: sqlite3.Connection, options: Options) -> tuple[int, int]:
+    row = conn.execute(
+        f"""
+        select
+            count(*) filter (where not exists ({_LATEST_MARKETING_OPT_OUT})),
+            count(*) filter (where exists ({_LATEST_MARKETING_OPT_OUT}))
+        from import_staging where outcome is not null
+        """,
+        (options.purpose, options.purpose, options.purpose, options.purpose),
+    ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def _record_consent(
+    conn: sqlite3.Connection, options: Options, sha: str, batch_key: str, file_name: str, stamp: str
+) -> tuple[int, int]:
+    """An opt-in per imported number, proven by the batch; never over a later opt-out."""
+    recorded, skipped = _consent_counts(conn, options)
+    proof = json.dumps(
+        {
+            "import_batch": batch_key[:16],
+            "file": file_name,
+            "file_sha256": sha,
+            "proof": options.consent_proof,
+        },
+        ensure_ascii=False,
+    )
+    cur = conn.execute(
+        f"""
+        insert into consent_events (
+            event_key, phone_e164, contact_id, purpose, action, source, consent_text, proof,
+            occurred_at, recorded_at
+        )
+        select
+            'import:' || ? || ':' || ? || ':' || phone_e164,
+            phone_e164,
+            (select min(contact_id) from contacts where contacts.phone_e164 = import_staging.phone_e164),
+            ?, 'opt_in', 'import', ?, json_insert(?, '$.line', line), ?, ?
+        from import_staging
+        where outcome is not null and not exists ({_LATEST_MARKETING_OPT_OUT})
+        on conflict (event_key) do nothing
+        """,
+        (sha, options.purpose, options.purpose, options.consent_source, proof, stamp, stamp,
+         options.purpose, options.purpose),
+    )  # fmt: skip
+    del recorded  # what the insert wrote is the truth (a re-import writes nothing)
+    return max(cur.rowcount, 0), skipped
+
+
+def neutralise(cell: str) -> str:
+    """A cell a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@`` first) made inert."""
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
+def _write_rejects(
+    conn: sqlite3.Connection,
+    fmt: FileFormat,
+    target: str | os.PathLike[str] | BinaryIO | None,
+    sample: int = 20,
+) -> tuple[Rejected, ...]:
+    rows = conn.execute(
+        "select line, reject_reason, reject_detail, cells from import_staging where reject_reason is not null order by line"
+    )
+    kept: list[Rejected] = []
+    out = None
+    handle = None
+    if target is not None:
+        if isinstance(target, str | os.PathLike):
+            handle = open(target, "w", encoding="utf-8-sig", newline="")  # noqa: SIM115 — closed below
+            out = csv.writer(handle)
+        else:
+            handle = io.TextIOWrapper(target, encoding="utf-8-sig", newline="", write_through=True)
+            out = csv.writer(handle)
+        out.writerow(["line", "reason", "explanation", *fmt.header])
+    try:
+        for line, reason, detail, cells_json in rows:
+            cells = tuple(json.loads(cells_json))
+            if len(kept) < sample:
+                kept.append(Rejected(line, reason, detail, cells))
+            if out is not None:
+                explanation = REASON_TEXT.get(reason, reason) + (f" ({detail})" if detail else "")
+                out.writerow([line, reason, explanation, *(neutralise(c) for c in cells)])
+    finally:
+        if handle is not None:
+            if isinstance(target, str | os.PathLike):
+                handle.close()
+            else:
+                handle.detach()
+    return tuple(kept)
+
+
+def summary_lines(result: Result) -> list[str]:
+    """The counts as a person reads them (used by the CLI)."""
+    verb = "would import" if result.dry_run else "imported"
+    lines = [
+        f"{result.file_name}: {result.rows_read:,} rows ({result.format.encoding}, "
+        f"delimiter {result.format.delimiter!r})",
+        f"  new        {result.new:>10,}",
+        f"  updated    {result.updated:>10,}",
+        f"  unchanged  {result.unchanged:>10,}",
+        f"  rejected   {result.rejected_total:>10,}",
+    ]
+    lines += [
+        f"    {reason:<18} {count:>8,}  {REASON_TEXT.get(reason, '')}"
+        for reason, count in result.rejected.items()
+    ]
+    if result.consent_recorded or result.consent_skipped_opted_out:
+        lines.append(
+            f"  marketing consent recorded for {result.consent_recorded:,} numbers"
+            + (
+                f"; {result.consent_skipped_opted_out:,} skipped: they opted out"
+                if result.consent_skipped_opted_out
+                else ""
+            )
+        )
+    if result.already_imported:
+        lines.append("  this file was imported before with the same options")
+    lines.append(
+        f"{verb} in {result.seconds:.1f} s" + ("  (dry run: nothing written)" if result.dry_run else "")
+    )
+    return lines
+
+
+def column_report(fmt: FileFormat) -> list[str]:
+    counts = Counter(fmt.mapping.values())
+    out = []
+    for name in fmt.header:
+        target = fmt.mapping.get(name, "ignore")
+        note = " (more than one column)" if counts[target] > 1 and target in FIELDS else ""
+        out.append(f"  {name!r:<28} → {target}{note}")
+    return out
