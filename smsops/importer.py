@@ -297,10 +297,24 @@ def _clean(value: str) -> str | None:
     return value or None
 
 
+_ISO_DATE = re.compile(r"(\d{4})-(\d\d)-(\d\d)")
+_RU_DATE = re.compile(r"(\d\d)\.(\d\d)\.(\d{4})")
+
+
 def _date(value: str | None) -> str | None:
+    """A birth date as ISO text, from the forms CRMs write; None when it is not a plausible date."""
     if not value:
         return None
     text = value.strip().split(" ")[0]
+    quick = _ISO_DATE.fullmatch(text) or _RU_DATE.fullmatch(text)
+    if quick is not None:  # the two usual forms, without strptime's cost
+        a, b, c = (int(g) for g in quick.groups())
+        year, month, day = (a, b, c) if a > 31 else (c, b, a)
+        try:
+            parsed = date(year, month, day)
+        except ValueError:
+            return None
+        return parsed.isoformat() if date(1900, 1, 1) <= parsed <= date.today() else None
     for fmt in _DATE_FORMATS:
         try:
             parsed = datetime.strptime(text, fmt).date()
@@ -321,6 +335,19 @@ def _split_full_name(value: str) -> tuple[str | None, str | None, str | None]:
     if re.search("[А-Яа-яЁё]", value):
         return parts[1], parts[0], " ".join(parts[2:]) or None
     return parts[0], " ".join(parts[1:]), None
+
+
+_SEP = "\x1f"  # the ASCII unit separator: never in a CSV cell a person typed
+
+
+def _pack(cells: list[str]) -> str:
+    """The original cells, kept for the rejects file (JSON only when a cell holds the separator)."""
+    joined = _SEP.join(cells)
+    return joined if joined.count(_SEP) == len(cells) - 1 else "\x00" + json.dumps(cells, ensure_ascii=False)
+
+
+def _unpack(packed: str) -> tuple[str, ...]:
+    return tuple(json.loads(packed[1:])) if packed.startswith("\x00") else tuple(packed.split(_SEP))
 
 
 _CITY_INDEX = {_key(c.city): c for c in cities()}
@@ -347,12 +374,22 @@ class _RowBuilder:
             elif target != "ignore":
                 self.index[target] = i
 
+    def chunk(self, chunk: list[tuple[int, list[str]]]) -> list[tuple]:
+        """Staging rows for a chunk of CSV rows (numbers normalised as a batch, repeats cached)."""
+        at = self.index["phone"]
+        raws = [cells[at] if at < len(cells) else None for _, cells in chunk]
+        numbers = phones.normalize_many(raws, default_region=self.region)
+        return [
+            self(line, cells, number if raw and raw.strip() else None)
+            for (line, cells), raw, number in zip(chunk, raws, numbers, strict=True)
+        ]
+
     def cell(self, cells: list[str], target: str) -> str | None:
         i = self.index.get(target)
         return _clean(cells[i]) if i is not None and i < len(cells) else None
 
     def __call__(self, line: int, cells: list[str], phone: phones.PhoneNumber | None) -> tuple:
-        raw_cells = json.dumps(cells, ensure_ascii=False)
+        raw_cells = _pack(cells)
         if len(cells) != self.width:
             return (line, *([None] * 17), raw_cells, "malformed_row")
         get = self.cell
@@ -425,11 +462,13 @@ def run(
     home: str | os.PathLike[str] | None = None,
     rejects: str | os.PathLike[str] | BinaryIO | None = None,
     now: datetime | None = None,
+    processes: int | None = None,
 ) -> Result:
     """Import the contacts in ``path`` (or, with ``dry_run``, report what an import would do).
 
     Everything is written in one transaction or not at all. ``rejects`` receives a CSV of
-    every rejected row: the original cells, the line number and the reason.
+    every rejected row: the original cells, the line number and the reason. Files over
+    8 MB are parsed by two worker processes unless ``processes`` says otherwise.
     """
     import time
 
@@ -448,9 +487,12 @@ def run(
     conn = store.connect(store.store_path(home))
     try:
         store.create_schema(conn)
+        # a larger page cache for this connection: staging and index maintenance of a big
+        # file otherwise thrash SQLite's 2 MB default
+        conn.execute("pragma cache_size = -262144")
         conn.execute("drop table if exists temp.import_staging")
         conn.execute(_STAGING_DDL)
-        rows_read = _stage(conn, path, fmt, options.default_region)
+        rows_read = _stage(conn, path, fmt, options.default_region, processes)
         if rows_read == 0:
             raise ImportFailed(f"{path.name}: the header was read but no data rows follow it")
         conn.execute("begin immediate")
@@ -505,35 +547,72 @@ def _stamp(when: datetime) -> str:
     return when.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
 
 
-def _stage(conn: sqlite3.Connection, path: Path, fmt: FileFormat, region: str) -> int:
+# Above this size the rows are built (phones normalised) in worker processes.
+PARALLEL_BYTES = 8 * 1024 * 1024
+_worker_builder: _RowBuilder | None = None
+
+
+def _init_worker(builder: _RowBuilder) -> None:
+    global _worker_builder
+    _worker_builder = builder
+
+
+def _build_chunk(chunk: list[tuple[int, list[str]]]) -> list[tuple]:
+    """Worker side: staging rows for one chunk of CSV rows."""
+    build = _worker_builder
+    assert build is not None
+    return build.chunk(chunk)
+
+
+def _chunks(rows: Iterator[tuple[int, list[str]]], size: int) -> Iterator[list[tuple[int, list[str]]]]:
+    chunk: list[tuple[int, list[str]]] = []
+    for item in rows:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _built_chunks(path: Path, fmt: FileFormat, build: _RowBuilder, processes: int) -> Iterator[list[tuple]]:
+    """Staging rows chunk by chunk, in file order; with ``processes`` > 1 built by workers
+    (at most two chunks in flight per worker, so memory stays flat)."""
+    chunks = _chunks(_rows(path, fmt), CHUNK_ROWS)
+    if processes <= 1:
+        for chunk in chunks:
+            yield build.chunk(chunk)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(
+        processes, mp_context=context, initializer=_init_worker, initargs=(build,)
+    ) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_build_chunk, chunk))
+            if len(pending) >= 2 * processes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _stage(conn: sqlite3.Connection, path: Path, fmt: FileFormat, region: str, processes: int | None) -> int:
     build = _RowBuilder(fmt, region)
-    phone_at = build.index["phone"]
+    if processes is None:
+        processes = min(2, os.cpu_count() or 1) if path.stat().st_size >= PARALLEL_BYTES else 1
     insert = f"insert into import_staging ({', '.join(STAGING_COLUMNS)}) values ({', '.join('?' * len(STAGING_COLUMNS))})"
     total = 0
-    chunk: list[tuple[int, list[str]]] = []
-
-    def flush() -> None:
-        raws = [cells[phone_at] if phone_at < len(cells) else None for _, cells in chunk]
-        numbers = phones.normalize_many(raws, default_region=region)
-        conn.executemany(
-            insert,
-            [
-                build(line, cells, number if raw and raw.strip() else None)
-                for (line, cells), raw, number in zip(chunk, raws, numbers, strict=True)
-            ],
-        )
-        chunk.clear()
-
     try:
-        for item in _rows(path, fmt):
-            chunk.append(item)
-            total += 1
-            if len(chunk) >= CHUNK_ROWS:
-                flush()
-        if chunk:
-            flush()
+        for rows in _built_chunks(path, fmt, build, processes):
+            conn.executemany(insert, rows)
+            total += len(rows)
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise ImportFailed(f"{path.name}: cannot read line {total + 2}: {exc}") from None
+        raise ImportFailed(f"{path.name}: cannot read the file after row {total + 1}: {exc}") from None
     conn.execute("create index temp.ix_staging_e164 on import_staging (phone_e164)")
     return total
 
@@ -744,7 +823,7 @@ def _write_rejects(
         out.writerow(["line", "reason", "explanation", *fmt.header])
     try:
         for line, reason, detail, cells_json in rows:
-            cells = tuple(json.loads(cells_json))
+            cells = _unpack(cells_json)
             if len(kept) < sample:
                 kept.append(Rejected(line, reason, detail, cells))
             if out is not None:
