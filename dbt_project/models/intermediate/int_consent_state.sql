@@ -12,7 +12,10 @@ consent_events as (
 
 purposes as (
 
-    select distinct purpose from consent_events
+    -- every purpose, even one the ledger has no event for yet: a STOP must still cover it
+    select 'marketing' as purpose
+    union all
+    select 'service' as purpose
 
 ),
 
