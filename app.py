@@ -7,6 +7,7 @@ st.set_page_config(page_title="smsops", page_icon="✉️", layout="wide")
 navigation = st.navigation(
     [
         st.Page("pages/overview.py", title="Overview", icon="📊", default=True),
+        st.Page("pages/contacts.py", title="Contacts", icon="👥"),
     ]
 )
 navigation.run()

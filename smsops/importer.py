@@ -838,6 +838,29 @@ def _write_rejects(
     return tuple(kept)
 
 
+def run_with_rejects(
+    path: str | os.PathLike[str], options: Options | None = None, **kwargs
+) -> tuple[Result, bytes]:
+    """:func:`run`, returning the rejects file's bytes with the result (for a download button)."""
+    buffer = io.BytesIO()
+    result = run(path, options, rejects=buffer, **kwargs)
+    return result, buffer.getvalue()
+
+
+def save_upload(name: str, data: bytes, *, home: str | os.PathLike[str] | None = None) -> Path:
+    """Keep an uploaded file under ``$SMSOPS_HOME/uploads`` (named by its hash) and return the path."""
+    digest = hashlib.sha256(data).hexdigest()
+    safe = re.sub(r"[^\w.\-]+", "_", Path(name).name)[:80] or "upload.csv"
+    folder = store.store_path(home).parent / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{digest[:16]}-{safe}"
+    if not target.exists():
+        tmp = target.with_suffix(target.suffix + ".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return target
+
+
 def summary_lines(result: Result) -> list[str]:
     """The counts as a person reads them (used by the CLI)."""
     verb = "would import" if result.dry_run else "imported"

@@ -195,3 +195,32 @@ def query(sql: str, params: Sequence[Any] | dict[str, Any] | None = None, home=N
             return conn.execute(sql, params or []).df()
         except duckdb.Error as exc:
             raise WarehouseError(f"query failed: {exc}") from exc
+
+
+def build_in_background(home: str | os.PathLike[str] | None = None) -> subprocess.Popen:
+    """Start ``smsops build`` as a separate process (a page must not run a build itself)."""
+    p = paths(home)
+    p.dbt_artifacts.mkdir(parents=True, exist_ok=True)
+    log = open(p.dbt_artifacts / "background-build.log", "ab")  # noqa: SIM115 — the child owns it
+    env = {**os.environ, "SMSOPS_HOME": str(p.home)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "smsops.cli", "build", "--no-wait"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def build_running(home: str | os.PathLike[str] | None = None) -> bool:
+    """True while a build holds the build lock."""
+    p = paths(home)
+    if not p.build_lock.exists():
+        return False
+    with open(p.build_lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False

@@ -1,0 +1,249 @@
+"""Contacts as the Contacts page shows them, read fresh from the operational store.
+
+Search by name, number or CRM id; a contact card with attributes, current consent, the
+consent history with its proof, and the messages the contact got; a manual opt-out; an
+export of a search. Numbers are masked unless the caller asks to reveal them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pandas as pd
+
+from smsops import consent, phones, store
+from smsops.importer import neutralise
+
+Home = str | os.PathLike[str] | None
+_DIGITS = re.compile(r"\d")
+
+
+class ContactNotFound(LookupError):
+    """No contact with that id."""
+
+
+def _fold(text: str | None) -> str | None:
+    """Case- and ё-insensitive form of a name (SQLite's lower() knows only ASCII)."""
+    return text.casefold().replace("ё", "е") if text else text
+
+
+@contextmanager
+def _conn(home: Home) -> Iterator[sqlite3.Connection]:
+    conn = store.connect(store.store_path(home))
+    try:
+        store.create_schema(conn)
+        conn.create_function("fold", 1, _fold, deterministic=True)
+        yield conn
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What a person typed into the search box, read as a number, an id or a name."""
+
+    text: str
+    digits: str
+
+    @classmethod
+    def parse(cls, text: str) -> Query:
+        text = (text or "").strip()
+        return cls(text=text, digits="".join(_DIGITS.findall(text)))
+
+    @property
+    def is_number(self) -> bool:
+        return len(self.digits) >= 4 and len(self.digits) >= len(self.text.replace(" ", "")) // 2
+
+
+def search(text: str, *, limit: int = 100, reveal: bool = False, home: Home = None) -> pd.DataFrame:
+    """Contacts matching ``text``: a number (any part of it, in any CRM form), a CRM id, or a
+    first/last name (case-insensitive, start of either). Empty text lists the newest contacts."""
+    query = Query.parse(text)
+    limit = max(1, min(int(limit), 10_000))
+    with _conn(home) as conn:
+        if not query.text:
+            where, params = "1 = 1", []
+        elif query.is_number:
+            digits = query.digits
+            if digits[0] == "8" and len(digits) <= 11 and digits[1:2] == "9":
+                digits = "7" + digits[1:]  # a Russian mobile written with the trunk prefix 8
+            where, params = "phone_e164 like ?", [f"%{digits}%"]
+        else:
+            name = _fold(query.text)
+            where = (
+                "external_id = ? or fold(first_name) like ? or fold(last_name) like ?"
+                " or fold(coalesce(first_name, '') || ' ' || coalesce(last_name, '')) like ?"
+                " or fold(coalesce(last_name, '') || ' ' || coalesce(first_name, '')) like ?"
+            )
+            params = [query.text, f"{name}%", f"{name}%", f"{name}%", f"{name}%"]
+        rows = conn.execute(
+            f"""
+            select contact_id, external_id, first_name, last_name, phone_e164, phone_valid, phone_reason,
+                   city, created_at
+            from contacts where {where}
+            order by contact_id desc limit ?
+            """,
+            (*params, limit),
+        ).fetchall()
+        frame = pd.DataFrame(
+            rows,
+            columns=[
+                "contact_id", "external_id", "first_name", "last_name", "phone_e164", "phone_valid",
+                "phone_reason", "city", "created_at",
+            ],
+        )  # fmt: skip
+        numbers = [p for p in frame["phone_e164"] if p and p.startswith("+")]
+        marketing = consent.states(conn, numbers, "marketing") if numbers else {}
+    frame["marketing"] = [consent_label(marketing.get(p)) for p in frame["phone_e164"]]
+    frame["phone_valid"] = frame["phone_valid"].astype(bool)
+    frame["name"] = [_name(f, last) for f, last in zip(frame["first_name"], frame["last_name"], strict=True)]
+    frame["phone"] = frame["phone_e164"] if reveal else frame["phone_e164"].map(phones.mask)
+    return frame[
+        ["contact_id", "name", "phone", "phone_valid", "marketing", "city", "external_id", "created_at"]
+    ]
+
+
+def _name(first: str | None, last: str | None) -> str:
+    return " ".join(part for part in (first, last) if part) or "—"
+
+
+def consent_label(state: consent.ConsentState | None) -> str:
+    """How a number's consent for one purpose reads on a page."""
+    if state is None or state.last_action is None:
+        return "no consent recorded"
+    if state.opted_in:
+        return "opted in"
+    return "opted out"
+
+
+@dataclass(frozen=True, slots=True)
+class ContactCard:
+    """Everything the page shows about one contact."""
+
+    contact_id: int
+    fields: dict[str, Any]
+    attributes: dict[str, Any]
+    phone_e164: str | None
+    marketing: consent.ConsentState | None
+    service: consent.ConsentState | None
+    consent_history: pd.DataFrame
+    messages: pd.DataFrame
+    replies: pd.DataFrame
+
+    @property
+    def name(self) -> str:
+        return _name(self.fields.get("first_name"), self.fields.get("last_name"))
+
+
+CARD_FIELDS = (
+    "external_id", "first_name", "last_name", "gender", "birth_date", "email", "city", "region",
+    "time_zone", "phone_raw", "phone_e164", "phone_valid", "phone_reason", "number_type", "phone_country",
+    "phone_time_zones", "attributes", "created_at", "updated_at",
+)  # fmt: skip
+
+
+def card(contact_id: int, *, home: Home = None) -> ContactCard:
+    """The contact card: fields, attributes, current consent, its history, messages, replies."""
+    with _conn(home) as conn:
+        row = conn.execute(
+            f"select {', '.join(CARD_FIELDS)} from contacts where contact_id = ?", (int(contact_id),)
+        ).fetchone()
+        if row is None:
+            raise ContactNotFound(f"no contact with id {contact_id}")
+        fields = dict(zip(CARD_FIELDS, row, strict=True))
+        phone = fields["phone_e164"] if (fields["phone_e164"] or "").startswith("+") else None
+        history = pd.DataFrame(consent.export_proof(conn, phone)) if phone else pd.DataFrame()
+        marketing = consent.state(conn, phone, "marketing") if phone else None
+        service = consent.state(conn, phone, "service") if phone else None
+        messages = pd.read_sql_query(
+            """
+            select
+                m.message_id, c.name as campaign, c.kind, m.variant, m.state, m.skip_reason,
+                (select s.status from message_status_events s where s.message_id = m.message_id
+                 order by case s.status when 'accepted' then 1 when 'queued' then 2 when 'sending' then 3
+                          when 'sent' then 4 else 5 end desc, s.occurred_at desc limit 1) as provider_status,
+                m.error_code, m.segments, m.price, m.planned_at, m.submitted_at,
+                (select count(*) from clicks k where k.message_id = m.message_id) as clicks,
+                m.body
+            from messages m join campaigns c on c.campaign_id = m.campaign_id
+            where m.contact_id = ?
+            order by m.planned_at desc
+            """,
+            conn,
+            params=(int(contact_id),),
+        )
+        replies = pd.read_sql_query(
+            "select received_at, body, keyword from inbound_messages where contact_id = ? order by received_at desc",
+            conn,
+            params=(int(contact_id),),
+        )
+    attributes = json.loads(fields.pop("attributes") or "{}")
+    return ContactCard(
+        contact_id=int(contact_id),
+        fields=fields,
+        attributes=attributes,
+        phone_e164=phone,
+        marketing=marketing,
+        service=service,
+        consent_history=history,
+        messages=messages,
+        replies=replies,
+    )
+
+
+def opt_out(
+    contact_id: int,
+    *,
+    reason: str,
+    requested_by: str,
+    purposes: tuple[str, ...] = ("marketing",),
+    home: Home = None,
+) -> int:
+    """Record an opt-out made by staff (source ``admin``) for the contact's number, with the
+    reason and who recorded it as proof. Takes effect for every send that starts after it."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise ValueError("an opt-out by staff needs a reason (for example: asked by phone)")
+    with _conn(home) as conn:
+        row = conn.execute(
+            "select phone_e164 from contacts where contact_id = ?", (int(contact_id),)
+        ).fetchone()
+        if row is None:
+            raise ContactNotFound(f"no contact with id {contact_id}")
+        if not row[0] or not row[0].startswith("+"):
+            raise ValueError(f"contact {contact_id} has no valid number to opt out")
+        now = datetime.now(UTC)
+        events = [
+            consent.ConsentEvent(
+                phone_e164=row[0],
+                purpose=purpose,
+                action="opt_out",
+                source="admin",
+                occurred_at=now,
+                consent_text=reason,
+                proof={"requested_by": requested_by, "reason": reason, "contact_id": int(contact_id)},
+                contact_id=int(contact_id),
+            )
+            for purpose in purposes
+        ]
+        return consent.record_many(conn, events)
+
+
+def export_csv(frame: pd.DataFrame) -> bytes:
+    """A search result as CSV for a spreadsheet: UTF-8 with BOM, formula cells neutralised."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(list(frame.columns))
+    for row in frame.itertuples(index=False):
+        writer.writerow(["" if v is None or v != v else neutralise(str(v)) for v in row])
+    return ("\ufeff" + buffer.getvalue()).encode("utf-8")
