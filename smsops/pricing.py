@@ -70,14 +70,19 @@ def message_cost(segments: int, country: str | None) -> float:
 
 def estimate(messages: Iterable[tuple[str | None, int]]) -> Estimate:
     """The bill for ``(country, segments)`` pairs, one per message."""
+    return estimate_totals((country, 1, segments) for country, segments in messages)
+
+
+def estimate_totals(groups: Iterable[tuple[str | None, int, int]]) -> Estimate:
+    """The bill for ``(country, messages, segments)`` totals, e.g. computed in SQL."""
     per_country: dict[str, list[int]] = {}
-    for country, segments in messages:
-        if segments < 0:
+    for country, count, segments in groups:
+        if segments < 0 or count < 0:
             raise ValueError(
-                f"segments cannot be negative, got {segments} for {country or 'unknown country'}"
+                f"counts cannot be negative: {count} messages, {segments} segments for {country or 'unknown country'}"
             )
         tally = per_country.setdefault((country or DEFAULT_COUNTRY).upper(), [0, 0])
-        tally[0] += 1
+        tally[0] += count
         tally[1] += segments
     rows = []
     totals: dict[str, float] = {}

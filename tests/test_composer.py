@@ -1,0 +1,92 @@
+"""The composer: opt-out footer, content warnings, previews and the whole-audience bill."""
+
+from __future__ import annotations
+
+import pytest
+
+from smsops import composer, encoding, pricing, templates
+
+FIELDS = ("contact_id", "first_name", "last_name", "city", "country")
+
+
+def tpl(source: str) -> templates.Template:
+    return templates.compile(source, FIELDS)
+
+
+def codes(warnings) -> set[str]:
+    return {w.code for w in warnings}
+
+
+def test_promotions_get_the_opt_out_instruction_and_service_messages_do_not():
+    assert composer.message_source("Скидка 15%!", "promo") == "Скидка 15%! Отказ: СТОП"
+    assert (
+        composer.message_source("Скидка 15%!", "promo", "Отказ: СТОП на 900")
+        == "Скидка 15%! Отказ: СТОП на 900"
+    )
+    assert composer.message_source("Заказ передан в доставку", "service") == "Заказ передан в доставку"
+    # not twice, and counted in the length
+    once = composer.message_source("Скидка 15%! Отказ: СТОП", "promo")
+    assert once.count("СТОП") == 1
+    assert encoding.analyze(composer.message_source("x" * 60, "promo")).segments == 2
+
+
+def test_content_check_explains_what_is_wrong():
+    t = tpl("СКИДКИ ДО 90% ТОЛЬКО СЕГОДНЯ!!! {{ first_name }} bit.ly/abc")
+    found = composer.check(t, kind="promo", sender=None, empty_fields={"first_name": 40}, recipients=100)
+    assert {"shortener", "all_caps", "exclamations", "no_sender", "empty_personalisation"} <= codes(found)
+    empty = next(w for w in found if w.code == "empty_personalisation")
+    assert "40 of 100" in empty.message and "default" in empty.message
+
+
+def test_a_clean_message_gets_no_warnings_but_the_footer_note():
+    t = tpl(
+        "{{ first_name | default('Здравствуйте') }}, новая коллекция в магазине: {{ link('https://shop.example.ru/new') }}"
+    )
+    found = composer.check(t, kind="promo", sender="SHOPMARKET")
+    assert codes(found) == {"opt_out_added"}
+    assert composer.check(t, kind="service", sender="SHOPMARKET") == []
+
+
+def test_unknown_fields_bad_senders_and_needless_ucs2_are_flagged():
+    t = tpl("Hello {{ nickname }} — your order “A-1” is ready")
+    found = composer.check(t, kind="service", sender="TOO-LONG-SENDER")
+    assert {"unknown_field", "bad_sender", "needless_ucs2"} <= codes(found)
+
+
+def test_preview_shows_samples_the_longest_and_a_missing_field():
+    t = tpl("{{ first_name | default('клиент') }}, ваш город {{ city | default('—') }}")
+    people = [
+        {"contact_id": 1, "first_name": "Анна", "city": "Казань", "country": "RU"},
+        {"contact_id": 2, "first_name": "Константин-Александр", "city": "Санкт-Петербург", "country": "KZ"},
+        {"contact_id": 3, "first_name": None, "city": "Омск", "country": "RU"},
+        {"contact_id": 4, "first_name": "Ли", "city": "", "country": None},
+    ]
+    rows = composer.preview(t, people, sample=2, seed=1)
+    whys = {r.why: r for r in rows}
+    assert whys["longest"].contact_id == 2
+    assert whys["missing first_name"].text.startswith("клиент,")
+    assert whys["missing city"].contact_id == 4
+    kz = whys["longest"]
+    assert kz.price == pytest.approx(kz.segments * pricing.price("KZ").per_segment)
+
+
+def test_the_estimate_is_exact_per_recipient_and_grouping_changes_nothing():
+    t = tpl("{{ first_name | default('клиент') }}, " + "скидка " * 8)
+    people = [
+        {"first_name": name, "country": c}
+        for name, c in [("Анна", "RU"), ("Ли", "RU"), (None, "KZ"), ("Анна", "RU")]
+    ]
+    each = composer.estimate(t, people)
+    expected = sum(encoding.analyze(t.render(p)).segments for p in people)
+    assert each.messages == 4 and each.segments == expected
+    assert each.empty_fields == {"first_name": 1}
+    grouped = composer.estimate(
+        t,
+        [
+            {"first_name": "Анна", "country": "RU", composer.COUNT: 2},
+            {"first_name": "Ли", "country": "RU", composer.COUNT: 1},
+            {"first_name": None, "country": "KZ", composer.COUNT: 1},
+        ],
+    )
+    assert (grouped.messages, grouped.segments, grouped.total) == (each.messages, each.segments, each.total)
+    assert grouped.bill.by_country == each.bill.by_country
