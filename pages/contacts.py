@@ -42,7 +42,7 @@ with find_tab:
         st.subheader(card.name)
         shown_number = card.phone_e164 if reveal else phones.mask(card.phone_e164)
         c1, c2, c3 = st.columns(3)
-        c1.metric("Number", shown_number or "—")
+        c1.metric("Number", (shown_number or "—").replace("*", "\\*"))  # stars, not Markdown emphasis
         c2.metric("Marketing", contacts.consent_label(card.marketing))
         c3.metric("Messages", f"{len(card.messages):,}")
         if not card.fields["phone_valid"]:
@@ -162,10 +162,7 @@ with import_tab:
         p3.metric("Unchanged", f"{preview.unchanged:,}")
         p4.metric("Rejected", f"{preview.rejected_total:,}")
         if preview.rejected:
-            st.dataframe(
-                [{"reason": importer.REASON_TEXT.get(r, r), "rows": n} for r, n in preview.rejected.items()],
-                hide_index=True,
-            )
+            st.table({importer.REASON_TEXT.get(r, r): n for r, n in preview.rejected.items()})
             st.download_button(
                 "Rejected rows with reasons (CSV)",
                 preview_rejects,

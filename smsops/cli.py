@@ -110,6 +110,42 @@ def _import_contacts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _contacts_erase(args: argparse.Namespace) -> int:
+    """A data-subject request: erase a contact's personal data, keep its consent proof minimised."""
+    from smsops import erasure
+
+    request = {
+        "phone_e164": args.phone,
+        "contact_id": args.contact_id,
+        "requested_by": args.requested_by,
+        "reason": args.reason,
+    }
+    conn = store.open_store()
+    try:
+        if not args.yes:
+            preview = erasure.erase(conn, **request, dry_run=True)
+            print("\n".join(erasure.summary_lines(preview)))
+            if not preview.changed:
+                return 0
+            if not sys.stdin.isatty():
+                print(
+                    "smsops contacts erase: not confirmed (no terminal); add --yes to erase", file=sys.stderr
+                )
+                return 1
+            answer = input("Erase for good? This cannot be undone. [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing erased")
+                return 1
+        result = erasure.erase(conn, **request)
+    except erasure.ErasureError as exc:
+        print(f"smsops contacts erase: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        conn.close()
+    print("\n".join(erasure.summary_lines(result)))
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     p = paths()
     print(f"home       {p.home}")
@@ -202,6 +238,19 @@ def parser() -> argparse.ArgumentParser:
     ic.add_argument("--dry-run", action="store_true", help="report what would happen, write nothing")
     ic.add_argument("--rejects", metavar="OUT.csv", help="write every rejected row with its reason")
     ic.set_defaults(func=_import_contacts)
+
+    ct = sub.add_parser("contacts", help="manage contacts: data-subject requests")
+    ct_sub = ct.add_subparsers(dest="action", required=True)
+    ce = ct_sub.add_parser(
+        "erase", help="erase a contact's personal data; its consent proof is kept in minimal form"
+    )
+    target = ce.add_mutually_exclusive_group(required=True)
+    target.add_argument("--phone", help="every contact holding this number (any form, e.g. 8 912 345-67-89)")
+    target.add_argument("--contact-id", type=int, help="one contact by its id")
+    ce.add_argument("--requested-by", required=True, metavar="NAME", help="who asked (a person or a ticket)")
+    ce.add_argument("--reason", help="why, for the ledger (no personal data)")
+    ce.add_argument("--yes", action="store_true", help="erase without asking for confirmation")
+    ce.set_defaults(func=_contacts_erase)
 
     s = sub.add_parser("status", help="show the store's row counts and the published warehouse build")
     s.set_defaults(func=_status)

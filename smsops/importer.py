@@ -851,9 +851,9 @@ def save_upload(name: str, data: bytes, *, home: str | os.PathLike[str] | None =
     """Keep an uploaded file under ``$SMSOPS_HOME/uploads`` (named by its hash) and return the path."""
     digest = hashlib.sha256(data).hexdigest()
     safe = re.sub(r"[^\w.\-]+", "_", Path(name).name)[:80] or "upload.csv"
-    folder = store.store_path(home).parent / "uploads"
+    folder = store.store_path(home).parent / "uploads" / digest[:16]
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{digest[:16]}-{safe}"
+    target = folder / safe
     if not target.exists():
         tmp = target.with_suffix(target.suffix + ".part")
         tmp.write_bytes(data)

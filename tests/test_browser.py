@@ -54,3 +54,37 @@ def test_overview_answers_in_a_browser_while_a_build_runs(built_home, tmp_path):
             warehouse.current(built_home).build_id
             in page.locator("[data-testid=stCaptionContainer]").first.inner_text()
         )
+
+
+def test_a_new_user_imports_a_messy_csv_and_sees_rejects_then_finds_a_contact(home, tmp_path):
+    crm = tmp_path / "crm_export.csv"
+    crm.write_bytes(
+        "Телефон;ФИО;Город;Email\n"
+        "8 (912) 345-67-89;Иванова Анна Сергеевна;Казань;anna@example.ru\n"
+        "+7 926 111 22 33;Петров Борис;Москва;\n"
+        "нет;Сидорова Вера;;\n"
+        "8 (495) 123-45-67;Офис;Москва;\n".encode("cp1251")
+    )
+    with streamlit_server(home) as url, chromium_page() as page:
+        page.goto(url)
+        wait_for_script(page)
+        page.get_by_role("link", name="Contacts").click()
+        wait_for_script(page)
+        page.get_by_role("tab", name="Import a file").click()
+        page.locator("[data-testid=stFileUploaderDropzoneInput]").set_input_files(str(crm))
+        page.locator("[data-testid=stMetric]", has_text="Rejected").wait_for()
+        wait_for_script(page)
+        assert "2" in page.locator("[data-testid=stMetric]", has_text="New").inner_text()
+        assert "2" in page.locator("[data-testid=stMetric]", has_text="Rejected").inner_text()
+        assert page.get_by_text("landline").count() >= 1
+        page.locator(".st-key-import_start button").click()
+        page.locator(".st-key-import_confirmed button").click()
+        page.get_by_text("Imported crm_export.csv: 2 new").wait_for()
+        page.get_by_role("tab", name="Find a contact").click()
+        page.locator(".st-key-contact_search input").fill("Иванова")
+        page.locator(".st-key-contact_search input").press("Enter")
+        wait_for_script(page)
+        page.get_by_role("heading", name="Анна Иванова").wait_for()
+        number = page.locator("[data-testid=stMetric]", has_text="Number").inner_text()
+        assert "+7 912 ***-**-89" in number
+        assert "+79123456789" not in page.locator("[data-testid=stMain]").inner_text()  # masked until revealed
