@@ -183,13 +183,32 @@ def _run(args: argparse.Namespace) -> int:
             return rc
     url = f"http://{args.address}:{args.port}"
     print(f"smsops is starting on {url}", flush=True)
-    argv = [
-        sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "app.py"),
-        "--server.address", args.address, "--server.port", str(args.port),
-        "--server.headless", "true", "--browser.gatherUsageStats", "false",
-    ]  # fmt: skip
-    os.execv(sys.executable, argv)
+    os.execv(sys.executable, streamlit_argv(args.address, args.port))
     return 0  # not reached
+
+
+# Streamlit treats a `pages/` folder beside the entry script as "multipage v1" until the
+# entry script has called st.navigation once in the server's life: a first visit straight
+# to /contacts would then run that page alone, without app.py's navigation. Telling
+# Streamlit up front that the app does not use the pages folder avoids that. The child
+# process imports Streamlit; smsops itself never does.
+_LAUNCH = (
+    "import sys\n"
+    "from streamlit.runtime.pages_manager import PagesManager\n"
+    "PagesManager.uses_pages_directory = False\n"
+    "from streamlit.web.cli import main\n"
+    "sys.argv = ['streamlit', 'run', *sys.argv[1:]]\n"
+    "sys.exit(main())\n"
+)
+
+
+def streamlit_argv(address: str, port: int, *extra: str) -> list[str]:
+    """The command that serves the app (app.py and its pages) on ``address:port``."""
+    return [
+        sys.executable, "-c", _LAUNCH, str(REPO_ROOT / "app.py"),
+        "--server.address", address, "--server.port", str(port),
+        "--server.headless", "true", "--browser.gatherUsageStats", "false", *extra,
+    ]  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:

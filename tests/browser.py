@@ -7,13 +7,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from smsops.cli import streamlit_argv
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -43,11 +44,7 @@ def streamlit_server(home: Path, timeout: float = 60) -> Iterator[str]:
     """Start the app on a free loopback port over ``home``; yield its URL; stop it."""
     port = free_port()
     env = {**os.environ, "SMSOPS_HOME": str(home)}
-    argv = [
-        sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"),
-        "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
-        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-    ]  # fmt: skip
+    argv = streamlit_argv("127.0.0.1", port, "--server.fileWatcherType", "none")
     proc = subprocess.Popen(
         argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
     )
