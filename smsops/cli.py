@@ -143,6 +143,10 @@ def _contacts_erase(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     print("\n".join(erasure.summary_lines(result)))
+    if result.changed:
+        removed = warehouse.purge_snapshots()
+        print(f"removed {len(removed)} older warehouse file(s) that still held the erased data")
+        print("the published warehouse still holds it until the next build: run `smsops build`")
     return 0
 
 

@@ -603,9 +603,13 @@ def states(conn: sqlite3.Connection, phones: Iterable[str], purpose: Purpose) ->
 
 def may_send(conn: sqlite3.Connection, phone_e164: str, kind: MessageKind) -> tuple[bool, str | None]:
     """``(True, None)`` when a ``"promo"`` or ``"service"`` message may go to the number now,
-    else ``(False, reason)`` with reason ``"no_consent"`` or ``"opted_out"``."""
+    else ``(False, reason)`` with reason ``"no_consent"``, ``"opted_out"`` or ``"erased"``."""
+    from smsops import erasure  # erasure builds on this module
+
     phone = _phone(phone_e164)
     kind = _choice(kind, "kind", frozenset({"promo", "service"}))
+    if erasure.is_erased_number(conn, phone):
+        return False, "erased"  # the person asked to be forgotten: their ledger holds a pseudonym
     entries = _entries(conn, phone)
     return _send_verdict(kind, _decide(phone, "marketing", entries), _decide(phone, "service", entries))
 

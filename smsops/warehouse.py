@@ -224,3 +224,17 @@ def build_running(home: str | os.PathLike[str] | None = None) -> bool:
             return True
         fcntl.flock(fh, fcntl.LOCK_UN)
         return False
+
+
+def purge_snapshots(home: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Delete every warehouse file but the published snapshot (older snapshots and the
+    development copy), e.g. after an erasure: they still hold what was erased."""
+    p = paths(home)
+    snapshot = current(home)
+    removed = []
+    for path in [*p.warehouse_dir.glob("wh_*.duckdb"), p.warehouse_dir / "dev.duckdb"]:
+        if path.exists() and (snapshot is None or path != snapshot.path):
+            path.unlink()
+            Path(str(path) + ".wal").unlink(missing_ok=True)
+            removed.append(path)
+    return removed

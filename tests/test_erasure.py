@@ -692,3 +692,17 @@ def test_after_the_next_build_the_marts_hold_nothing_personal_of_an_erased_conta
         assert erasure.is_erased_number(conn, phone)
     finally:
         conn.close()
+
+
+def test_an_erased_number_may_not_be_messaged_even_without_history_in_clear(tmp_path):
+    from smsops import consent, erasure, store
+
+    conn = store.open_store(tmp_path)
+    conn.execute(
+        "insert into contacts (contact_id, first_name, phone_e164, phone_valid, created_at, updated_at)"
+        " values (1, 'Анна', '+79123456789', 1, '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+    )
+    assert consent.may_send(conn, "+79123456789", "service") == (True, None)
+    erasure.erase(conn, phone_e164="+79123456789", requested_by="DPO")
+    assert consent.may_send(conn, "+79123456789", "service") == (False, "erased")
+    assert consent.may_send(conn, "+79123456789", "promo") == (False, "erased")

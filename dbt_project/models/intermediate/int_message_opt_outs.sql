@@ -15,6 +15,8 @@ consent_events as (
 
     select * from {{ ref('stg_ops__consent_events') }}
     where action = 'opt_out'
+        -- an erasure request is recorded as an opt-out but was not caused by a message
+        and event_key not like 'erasure:%'
 
 ),
 
