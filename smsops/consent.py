@@ -785,11 +785,16 @@ _PROOF_COLUMNS: Sequence[str] = (
 def export_proof(conn: sqlite3.Connection, phone_e164: str) -> list[dict[str, Any]]:
     """Every ledger event for a number in time order, with the text agreed to and its proof
     (times are UTC text): the sender's evidence under 38-FZ art. 18."""
-    phone = _phone(phone_e164)
+    return ledger_of(conn, _phone(phone_e164))
+
+
+def ledger_of(conn: sqlite3.Connection, stored_number: str) -> list[dict[str, Any]]:
+    """The ledger rows whose number is exactly ``stored_number`` (an E.164 number, or the
+    pseudonym an erased number became), in time order, proof parsed."""
     rows = conn.execute(
         f"select {', '.join(_PROOF_COLUMNS)} from consent_events"
         " where phone_e164 = ? order by occurred_at, event_id",
-        (phone,),
+        (stored_number,),
     ).fetchall()
     events = [dict(zip(_PROOF_COLUMNS, row, strict=True)) for row in rows]
     for event in events:

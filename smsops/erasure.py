@@ -320,36 +320,13 @@ def is_erased_number(conn: sqlite3.Connection, phone_e164: str) -> bool:
     return number in erased_numbers(conn, [number])
 
 
-_PROOF_COLUMNS: Sequence[str] = (
-    "event_id",
-    "event_key",
-    "phone_e164",
-    "contact_id",
-    "purpose",
-    "action",
-    "source",
-    "consent_text",
-    "proof",
-    "occurred_at",
-    "recorded_at",
-)
-
-
 def erased_proof(conn: sqlite3.Connection, phone_e164: str) -> list[dict[str, Any]]:
     """The minimised ledger of an erased number in time order: the proof that survives."""
     number = _number(phone_e164)
     secret = _secret(conn, create=False)
     if secret is None:
         return []
-    rows = conn.execute(
-        f"select {', '.join(_PROOF_COLUMNS)} from consent_events where phone_e164 = ?"
-        " order by occurred_at, event_id",
-        (pseudonym(number, secret),),
-    ).fetchall()
-    events = [dict(zip(_PROOF_COLUMNS, row, strict=True)) for row in rows]
-    for event in events:
-        event["proof"] = _parse_json(event["proof"])
-    return events
+    return consent.ledger_of(conn, pseudonym(number, secret))
 
 
 # ---------------------------------------------------------------------------------------
@@ -387,15 +364,6 @@ def _redactor(numbers: dict[str, str], others: Iterable[str]) -> Callable[[str],
     alternatives = "|".join(re.escape(form) for form in sorted(replacement, key=len, reverse=True))
     pattern = re.compile(rf"(?<![\w+])(?:{alternatives})(?!\w)", re.IGNORECASE)
     return lambda text: pattern.sub(lambda m: replacement.get(m.group(0).casefold(), REDACTED), text)
-
-
-def _parse_json(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return {"text": text}
 
 
 def _minimise(value: Any, redact: Callable[[str], str]) -> Any:
