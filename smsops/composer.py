@@ -82,13 +82,19 @@ def check(
     letters = [ch for ch in _static_text(text) if ch.isalpha()]
     if len(letters) >= 12 and sum(ch.isupper() for ch in letters) / len(letters) > 0.6:
         found.append(
-            ContentWarning("all_caps", "Most of the text is in capitals: it reads as shouting and looks like spam.")
+            ContentWarning(
+                "all_caps", "Most of the text is in capitals: it reads as shouting and looks like spam."
+            )
         )
     if _BANGS.search(text):
-        found.append(ContentWarning("exclamations", "Runs like «!!!» look like spam to filters and to people."))
+        found.append(
+            ContentWarning("exclamations", "Runs like «!!!» look like spam to filters and to people.")
+        )
     if not sender:
         found.append(
-            ContentWarning("no_sender", "Choose a sender ID: without one the provider picks a number.", "error")
+            ContentWarning(
+                "no_sender", "Choose a sender ID: without one the provider picks a number.", "error"
+            )
         )
     else:
         try:
@@ -111,7 +117,9 @@ def check(
         ))  # fmt: skip
     if kind == "promo" and opt_out and opt_out.strip() and opt_out.strip() not in text:
         found.append(
-            ContentWarning("opt_out_added", f"«{opt_out.strip()}» is added at the end of every promotion.", "info")
+            ContentWarning(
+                "opt_out_added", f"«{opt_out.strip()}» is added at the end of every promotion.", "info"
+            )
         )
     static = encoding.analyze(_static_text(text))
     if static.encoding == encoding.UCS2:
