@@ -27,7 +27,8 @@ from smsops import encoding, pricing, senders, templates
 Kind = Literal["promo", "service"]
 
 DEFAULT_OPT_OUT = "Отказ: СТОП"
-"""Appended to promotional messages; configure it with your short code, e.g. «Отказ: СТОП на 900»."""
+"""Appended to promotional messages; an install sets its own with $SMSOPS_OPT_OUT_TEXT
+(``smsops.config.opt_out_text``), e.g. «Отказ: СТОП на 900»."""
 
 # Public shorteners that Russian operators and carriers elsewhere filter or block.
 SHORTENERS = frozenset({

@@ -57,3 +57,14 @@ def duckdb_settings() -> dict[str, str | int]:
         "memory_limit": os.environ.get("SMSOPS_DUCKDB_MEMORY", "4GB"),
         "threads": int(os.environ.get("SMSOPS_DUCKDB_THREADS", "2")),
     }
+
+
+def senders() -> tuple[str, ...]:
+    """The sender IDs and numbers this install may send from: ``$SMSOPS_SENDERS``, comma-separated."""
+    configured = os.environ.get("SMSOPS_SENDERS", "SHOPMARKET")
+    return tuple(s.strip() for s in configured.split(",") if s.strip())
+
+
+def opt_out_text() -> str:
+    """The opt-out instruction added to promotions: ``$SMSOPS_OPT_OUT_TEXT`` (e.g. «Отказ: СТОП на 900»)."""
+    return os.environ.get("SMSOPS_OPT_OUT_TEXT", "Отказ: СТОП").strip()

@@ -201,6 +201,18 @@ TABLES: dict[str, str] = {
             received_at          text not null,
             unique (provider, provider_message_id)
         ) strict""",
+    # Saved segments: each save of a changed definition is a new version; the definition
+    # is the segment's canonical JSON (rules, never contact ids), evaluated again at launch.
+    "segments": """
+        create table if not exists segments (
+            segment_id  integer primary key,
+            name        text not null,
+            version     integer not null,
+            definition  text not null,
+            created_at  text not null,
+            created_by  text,
+            unique (name, version)
+        ) strict""",
 }
 
 INDEXES: tuple[str, ...] = (
