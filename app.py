@@ -8,6 +8,7 @@ navigation = st.navigation(
     [
         st.Page("pages/overview.py", title="Overview", icon="📊", default=True),
         st.Page("pages/contacts.py", title="Contacts", icon="👥"),
+        st.Page("pages/segments.py", title="Segments", icon="🎯"),
         st.Page("pages/compose.py", title="Compose", icon="✍️"),
     ]
 )

@@ -119,7 +119,7 @@ with right:
             for c in estimate.bill.by_country
         ],
         hide_index=True,
-        use_container_width=True,
+        width="stretch",
     )
     for w in warnings:
         (st.error if w.severity == "error" else st.warning if w.severity == "warning" else st.info)(w.message)

@@ -21,7 +21,7 @@ with find_tab:
     st.dataframe(
         results.drop(columns=["contact_id"]),
         hide_index=True,
-        use_container_width=True,
+        width="stretch",
         column_config={
             "phone_valid": st.column_config.CheckboxColumn("Can get SMS"),
             "created_at": st.column_config.TextColumn("Added (UTC)"),
@@ -61,14 +61,12 @@ with find_tab:
                 st.dataframe(
                     card.consent_history.drop(columns=["phone_e164", "event_id"], errors="ignore"),
                     hide_index=True,
-                    use_container_width=True,
+                    width="stretch",
                 )
         with messages:
-            st.dataframe(
-                card.messages.drop(columns=["message_id"]), hide_index=True, use_container_width=True
-            )
+            st.dataframe(card.messages.drop(columns=["message_id"]), hide_index=True, width="stretch")
             if not card.replies.empty:
-                st.dataframe(card.replies, hide_index=True, use_container_width=True)
+                st.dataframe(card.replies, hide_index=True, width="stretch")
 
         with st.form("opt_out_form", clear_on_submit=True):
             st.markdown("**Opt this number out**")

@@ -53,5 +53,5 @@ row2[2].metric("Cost", f"{ov.cost:,.0f} ₽")
 row2[3].metric("Conversion rate", fmt_rate(ov.conversion_rate), help="Conversions / delivered")
 
 left, right = st.columns([3, 2])
-left.altair_chart(charts.daily_activity_chart(daily), use_container_width=True)
-right.altair_chart(charts.consent_mix_chart(consent), use_container_width=True)
+left.altair_chart(charts.daily_activity_chart(daily), width="stretch")
+right.altair_chart(charts.consent_mix_chart(consent), width="stretch")
