@@ -67,7 +67,9 @@ def test_service_messages_have_no_opt_out_and_look_alikes_can_be_fixed(built_env
 
 def test_the_bill_matches_rendering_every_recipient(built_env):
     segment = segments.champions()
-    template = templates.compile("{{ first_name | default('клиент') }}, для вас подарок " * 2, segments.template_fields())
+    template = templates.compile(
+        "{{ first_name | default('клиент') }}, для вас подарок " * 2, segments.template_fields()
+    )
     grouped = segments.recipients(segment, template.fields, kind="promo", grouped=True)
     every = segments.recipients(segment, template.fields, kind="promo", grouped=False)
     assert composer.estimate(template, grouped).segments == composer.estimate(template, every).segments
