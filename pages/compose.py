@@ -73,7 +73,7 @@ with left:
     c2.metric("Encoding", static.encoding)
     c3.metric("Segments", static.segments)
     if static.ucs2_chars:
-        st.caption("UCS-2 because of: " + " ".join(f"«{ch}»" for ch in static.ucs2_chars[:30]))
+        st.caption("UCS-2 because of " + composer.ucs2_reason(static) + ".")
         saved = encoding.savings(body)
         fix1, fix2 = st.columns(2)
         fix1.button(
@@ -111,7 +111,9 @@ with right:
         help="Contacts in the audience who may get this kind of message",
     )
     b2.metric("Segments", f"{estimate.segments:,}")
-    b1.metric("Cost", f"{estimate.total:,.2f} {estimate.bill.currency or ''}")
+    b1.metric(
+        "Cost", f"{estimate.total:,.0f} {estimate.bill.currency or ''}", help=f"{estimate.total:,.2f} exactly"
+    )
     b2.metric("Per message", f"{estimate.total / estimate.messages:,.2f}" if estimate.messages else "—")
     st.dataframe(
         [

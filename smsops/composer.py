@@ -139,6 +139,17 @@ def check(
     return found
 
 
+def ucs2_reason(analysis: encoding.Analysis) -> str:
+    """Why a text is UCS-2, in words: Cyrillic (which always is) and the other characters."""
+    chars = analysis.ucs2_chars
+    cyrillic = [ch for ch in chars if "\u0400" <= ch <= "\u04ff"]
+    others = [ch for ch in chars if ch not in cyrillic]
+    parts = ["Cyrillic letters (always UCS-2: 70 characters per SMS, 67 per part)"] if cyrillic else []
+    if others:
+        parts.append("these characters: " + " ".join(f"«{ch}»" for ch in others[:20]))
+    return "; ".join(parts)
+
+
 def _static_text(source: str) -> str:
     """The template without its ``{{ … }}`` and ``{% … %}`` parts (what every recipient reads)."""
     return re.sub(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", "", source, flags=re.S)
