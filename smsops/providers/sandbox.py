@@ -1,0 +1,537 @@
+"""A local SMS provider that speaks Twilio's Messaging wire protocol, for demos and tests.
+
+The Twilio adapter talks to it unchanged (``from_config("sandbox")`` points it here). It keeps
+what it accepted in memory and behaves like a real provider under load:
+
+- ``POST /2010-04-01/Accounts/{sid}/Messages.json``: Basic auth (401 code 20003 otherwise),
+  latency drawn from ``latency``, a limit of ``rate_per_second`` per account over any sliding
+  one-second window (429 code 20429 with ``Retry-After``), transient 500/503 with probability
+  ``transient_error_rate`` (and, as with Twilio, some of those messages were accepted anyway:
+  ``ambiguous_error_rate``), then the destination's verdict:
+
+  ======================================  ==================================================
+  ``To`` (E.164, last two digits)         answer
+  ======================================  ==================================================
+  not ``+`` and 8–15 digits, or ``…00``   400, 21211 invalid ``To``
+  ``…13``                                 400, 21610 unsubscribed (the recipient sent STOP)
+  ``…14``                                 400, 21614 not a mobile number
+  ``…97``                                 201, then ``sent`` → ``undelivered`` 30007 (filtered)
+  ``…98``                                 201, then ``failed`` 30005 (unknown handset)
+  ``…99``                                 201, then ``sent`` → ``undelivered`` 30003 (unreachable)
+  anything else                           201, then ``sent`` → ``delivered``
+  ======================================  ==================================================
+
+  An accepted message gets a sid ``SM`` + 32 hex digits, ``num_segments`` from
+  :func:`smsops.encoding.analyze` and a price from :mod:`smsops.pricing` (negative, as Twilio
+  writes it, and given at once where Twilio may give it later).
+- Receipts: each status is reached after a delay drawn from ``receipt_delay`` and posted to
+  the message's ``StatusCallback``, signed with ``X-Twilio-Signature``; with probability
+  ``out_of_order_rate`` they are posted in reverse order, with ``duplicate_rate`` the last one
+  is posted twice.
+- ``GET …/Messages/{sid}.json`` and ``GET …/Messages.json?To=&From=&PageSize=&Page=``: lookups.
+- ``POST /sandbox/inbound`` (``From``, ``Body``, optional ``To``): posts a signed incoming
+  message (a reply such as «СТОП») to ``inbound_url``. No auth: it is a local test helper.
+- ``GET /sandbox/messages``: every accepted message with its receipts, as JSON.
+- ``GET /sandbox/health``.
+
+Random choices come from one generator seeded with ``seed``: the same requests sent one after
+another get the same answers; concurrent requests draw in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import math
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any, Self
+from urllib.parse import parse_qsl, urlencode
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from smsops import encoding, phones, pricing
+from smsops.providers import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, advances
+from smsops.providers.twilio import API_VERSION, SIGNATURE_HEADER, request_signature
+
+__all__ = [
+    "SandboxServer",
+    "SandboxSettings",
+    "ServerThread",
+    "create_app",
+    "run_in_thread",
+    "serve_in_thread",
+]
+
+log = logging.getLogger(__name__)
+
+_E164 = re.compile(r"\+[1-9]\d{7,14}")
+_PERMANENT = {
+    "00": (21211, "The 'To' number {to} is not a valid phone number."),
+    "13": (21610, "Attempt to send to unsubscribed recipient"),
+    "14": (21614, "'To' number is not a valid mobile number"),
+}
+_FATE = {
+    "97": (("sent", None), ("undelivered", "30007")),
+    "98": (("failed", "30005"),),
+    "99": (("sent", None), ("undelivered", "30003")),
+}
+_DELIVERED = (("sent", None), ("delivered", None))
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSettings:
+    """How the sandbox behaves. Probabilities are between 0 and 1; times are in seconds."""
+
+    seed: int = 0
+    latency: tuple[float, float] = (0.02, 0.08)
+    rate_per_second: float = 1000.0
+    transient_error_rate: float = 0.01
+    ambiguous_error_rate: float = 0.5
+    duplicate_rate: float = 0.05
+    out_of_order_rate: float = 0.05
+    receipt_delay: tuple[float, float] = (0.2, 1.5)
+    account_sid: str = SANDBOX_ACCOUNT_SID
+    auth_token: str = field(default=SANDBOX_AUTH_TOKEN, repr=False)
+    inbound_url: str | None = None
+    inbound_number: str = "+15005550006"
+
+    def __post_init__(self) -> None:
+        for name in ("transient_error_rate", "ambiguous_error_rate", "duplicate_rate", "out_of_order_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"SandboxSettings.{name} must be between 0 and 1, got {value}")
+        for name in ("latency", "receipt_delay"):
+            low, high = getattr(self, name)
+            if not 0.0 <= low <= high:
+                raise ValueError(
+                    f"SandboxSettings.{name} must be (low, high) with 0 <= low <= high, got {(low, high)}"
+                )
+        if self.rate_per_second < 1:
+            raise ValueError(
+                f"SandboxSettings.rate_per_second must be at least 1, got {self.rate_per_second}"
+            )
+        if not self.account_sid or not self.auth_token:
+            raise ValueError("SandboxSettings needs an account sid and an auth token")
+
+
+# ---------------------------------------------------------------------------------------
+# State
+
+
+@dataclass(slots=True)
+class _Message:
+    sid: str
+    account_sid: str
+    to: str
+    from_: str
+    body: str
+    segments: int
+    price: str
+    price_unit: str
+    status_callback: str | None
+    created: datetime
+    created_at: float  # loop-independent monotonic time
+    events: list[tuple[float, str, str | None]]  # (monotonic time, status, error code)
+    receipts: list[dict[str, Any]] = field(default_factory=list)
+
+    def state(self, now: float | None) -> tuple[str, str | None, datetime]:
+        """The status reached by ``now`` (statuses only move forward), its error code and time;
+        ``now=None``: as created."""
+        status, error, at = "queued", None, self.created_at
+        for when, new, code in sorted(self.events):
+            if now is not None and when <= now and advances(status, new):
+                status, error, at = new, code, when
+        return status, error, self.created + timedelta(seconds=at - self.created_at)
+
+    def resource(self, now: float | None) -> dict[str, Any]:
+        status, error, updated = self.state(now)
+        uri = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages/{self.sid}"
+        return {
+            "sid": self.sid,
+            "account_sid": self.account_sid,
+            "api_version": API_VERSION,
+            "to": self.to,
+            "from": self.from_,
+            "body": self.body,
+            "status": status,
+            "direction": "outbound-api",
+            "num_segments": str(self.segments),
+            "num_media": "0",
+            "price": self.price,
+            "price_unit": self.price_unit,
+            "error_code": int(error) if error else None,
+            "error_message": None,
+            "messaging_service_sid": None,
+            "date_created": _rfc2822(self.created),
+            "date_updated": _rfc2822(updated),
+            "date_sent": _rfc2822(updated) if status != "queued" else None,
+            "uri": f"{uri}.json",
+            "subresource_uris": {"media": f"{uri}/Media.json", "feedback": f"{uri}/Feedback.json"},
+        }
+
+
+def _rfc2822(when: datetime) -> str:
+    return format_datetime(when.astimezone(UTC).replace(microsecond=0))
+
+
+def _error(http_status: int, code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": http_status,
+    }
+    return JSONResponse(body, status_code=http_status, headers=headers)
+
+
+class _Sandbox:
+    """The simulator's memory and behaviour; one per app."""
+
+    def __init__(self, settings: SandboxSettings) -> None:
+        self.settings = settings
+        self.rng = random.Random(settings.seed)
+        self.messages: dict[str, _Message] = {}
+        self.windows: dict[str, deque[float]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.client: httpx.AsyncClient | None = None
+        self.inbound: list[dict[str, Any]] = []
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        same_user = hmac.compare_digest(user.encode(), self.settings.account_sid.encode())
+        same_password = hmac.compare_digest(password.encode(), self.settings.auth_token.encode())
+        return same_user and same_password and request.path_params.get("account") == user
+
+    def throttle(self, account: str, now: float) -> float:
+        """0 if the request fits in the last second's allowance, else the seconds to wait."""
+        window = self.windows.setdefault(account, deque())
+        while window and window[0] <= now - 1.0:
+            window.popleft()
+        if len(window) < int(self.settings.rate_per_second):
+            window.append(now)
+            return 0.0
+        return window[0] + 1.0 - now
+
+    def uniform(self, bounds: tuple[float, float]) -> float:
+        low, high = bounds
+        return low if high <= low else self.rng.uniform(low, high)
+
+    def accept(self, account: str, to: str, from_: str, body: str, callback: str | None) -> _Message:
+        now = time.monotonic()
+        segments = encoding.analyze(body).segments
+        country = phones.normalize(to).country
+        cost = pricing.message_cost(segments, country)
+        fate = _FATE.get(to[-2:], _DELIVERED)
+        times = sorted(self.uniform(self.settings.receipt_delay) for _ in fate)
+        events = [(now + delay, status, code) for delay, (status, code) in zip(times, fate, strict=True)]
+        message = _Message(
+            sid=f"SM{self.rng.getrandbits(128):032x}",
+            account_sid=account,
+            to=to,
+            from_=from_,
+            body=body,
+            segments=segments,
+            price=f"{-cost:.5f}",
+            price_unit=pricing.price(country).currency,
+            status_callback=callback,
+            created=datetime.now(UTC),
+            created_at=now,
+            events=events,
+        )
+        self.messages[message.sid] = message
+        if callback:
+            posts = [(when, status, code) for when, status, code in events]
+            if len(posts) > 1 and self.rng.random() < self.settings.out_of_order_rate:
+                statuses = [(status, code) for _, status, code in reversed(posts)]
+                posts = [(when, *status) for (when, _, _), status in zip(posts, statuses, strict=True)]
+            if self.rng.random() < self.settings.duplicate_rate:
+                when, status, code = posts[-1]
+                posts.append((when + 0.01, status, code))
+            task = asyncio.get_running_loop().create_task(self.post_receipts(message, posts))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return message
+
+    async def post_receipts(self, message: _Message, posts: list[tuple[float, str, str | None]]) -> None:
+        assert message.status_callback is not None
+        for when, status, code in posts:
+            await asyncio.sleep(max(0.0, when - time.monotonic()))
+            params = {
+                "MessageSid": message.sid,
+                "SmsSid": message.sid,
+                "AccountSid": message.account_sid,
+                "From": message.from_,
+                "To": message.to,
+                "MessageStatus": status,
+                "SmsStatus": status,
+                "ApiVersion": API_VERSION,
+            }
+            if code:
+                params["ErrorCode"] = code
+            await self.post_signed(message.status_callback, params, message.receipts, status)
+
+    async def post_signed(
+        self, url: str, params: dict[str, str], journal: list[dict[str, Any]], label: str
+    ) -> int | None:
+        signature = request_signature(self.settings.auth_token, url, params)
+        headers = {SIGNATURE_HEADER: signature, "User-Agent": "TwilioProxy/1.1 (smsops sandbox)"}
+        entry: dict[str, Any] = {"status": label, "at": datetime.now(UTC).isoformat()}
+        try:
+            assert self.client is not None, "the sandbox posts only while its app is running"
+            response = await self.client.post(url, data=params, headers=headers)
+            entry["http_status"] = response.status_code
+        except httpx.HTTPError as exc:
+            entry["error"] = type(exc).__name__
+            log.debug("sandbox could not post %s to %s: %s", label, url, type(exc).__name__)
+        journal.append(entry)
+        return entry.get("http_status")
+
+    # -- routes ------------------------------------------------------------------------
+
+    async def create_message(self, request: Request) -> Response:
+        await asyncio.sleep(self.uniform(self.settings.latency))
+        if not self.authorized(request):
+            return _error(401, 20003, "Authenticate", {"WWW-Authenticate": 'Basic realm="Twilio API"'})
+        account = request.path_params["account"]
+        form = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+        to, from_, body = form.get("To", "").strip(), form.get("From", "").strip(), form.get("Body", "")
+        if not to:
+            return _error(400, 21604, "A 'To' phone number is required.")
+        if not from_:
+            return _error(400, 21603, "A 'From' phone number is required.")
+        if not body:
+            return _error(400, 21602, "Message body is required.")
+        wait = self.throttle(account, time.monotonic())
+        if wait > 0:
+            return _error(429, 20429, "Too Many Requests", {"Retry-After": str(max(1, math.ceil(wait)))})
+        callback = form.get("StatusCallback") or None
+        if self.rng.random() < self.settings.transient_error_rate:
+            if (
+                self.rng.random() < self.settings.ambiguous_error_rate
+                and _E164.fullmatch(to)
+                and to[-2:] not in _PERMANENT
+            ):
+                self.accept(account, to, from_, body, callback)
+            if self.rng.random() < 0.5:
+                return _error(500, 20500, "Internal Server Error")
+            return _error(503, 20503, "Service Unavailable", {"Retry-After": "1"})
+        if not _E164.fullmatch(to):
+            code, text = _PERMANENT["00"]
+            return _error(400, code, text.format(to=to))
+        if to[-2:] in _PERMANENT:
+            code, text = _PERMANENT[to[-2:]]
+            return _error(400, code, text.format(to=to))
+        message = self.accept(account, to, from_, body, callback)
+        return JSONResponse(message.resource(None), status_code=201)
+
+    async def fetch_message(self, request: Request) -> Response:
+        if not self.authorized(request):
+            return _error(401, 20003, "Authenticate")
+        message = self.messages.get(request.path_params["sid"])
+        if message is None or message.account_sid != request.path_params["account"]:
+            return _error(404, 20404, f"The requested resource {request.url.path} was not found")
+        return JSONResponse(message.resource(time.monotonic()))
+
+    async def list_messages(self, request: Request) -> Response:
+        if not self.authorized(request):
+            return _error(401, 20003, "Authenticate")
+        account = request.path_params["account"]
+        query = request.query_params
+        try:
+            size = min(1000, max(1, int(query.get("PageSize", "50"))))
+            page = max(0, int(query.get("Page", "0")))
+        except ValueError:
+            return _error(400, 20001, "PageSize and Page must be integers")
+        matches = [
+            m
+            for m in reversed(self.messages.values())
+            if m.account_sid == account
+            and query.get("To", m.to) == m.to
+            and query.get("From", m.from_) == m.from_
+        ]
+        now = time.monotonic()
+        chunk = matches[page * size : (page + 1) * size]
+        path = f"/{API_VERSION}/Accounts/{account}/Messages.json"
+        filters = {key: query[key] for key in ("To", "From") if key in query}
+
+        def page_uri(number: int) -> str:
+            return f"{path}?{urlencode({**filters, 'PageSize': size, 'Page': number})}"
+
+        more = (page + 1) * size < len(matches)
+        return JSONResponse(
+            {
+                "messages": [m.resource(now) for m in chunk],
+                "page": page,
+                "page_size": size,
+                "start": page * size,
+                "end": page * size + max(0, len(chunk) - 1),
+                "uri": page_uri(page),
+                "first_page_uri": page_uri(0),
+                "next_page_uri": page_uri(page + 1) if more else None,
+                "previous_page_uri": page_uri(page - 1) if page > 0 else None,
+            }
+        )
+
+    async def send_inbound(self, request: Request) -> Response:
+        if not self.settings.inbound_url:
+            return JSONResponse(
+                {"message": "no inbound webhook is configured (SandboxSettings.inbound_url)"}, 409
+            )
+        form = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+        if not form.get("From") or "Body" not in form:
+            return JSONResponse({"message": "From and Body are required"}, 400)
+        sid = f"SM{self.rng.getrandbits(128):032x}"
+        params = {
+            "MessageSid": sid,
+            "SmsMessageSid": sid,
+            "SmsSid": sid,
+            "AccountSid": self.settings.account_sid,
+            "From": form["From"],
+            "To": form.get("To") or self.settings.inbound_number,
+            "Body": form["Body"],
+            "NumMedia": "0",
+            "NumSegments": str(encoding.analyze(form["Body"]).segments) if form["Body"] else "1",
+            "SmsStatus": "received",
+            "ApiVersion": API_VERSION,
+        }
+        journal: list[dict[str, Any]] = []
+        status = await self.post_signed(self.settings.inbound_url, params, journal, "received")
+        self.inbound.append({**params, "webhook": journal[-1]})
+        if status is None:
+            return JSONResponse(
+                {"sid": sid, "message": f"the inbound webhook could not be reached: {journal[-1]}"}, 502
+            )
+        return JSONResponse({"sid": sid, "webhook_status": status})
+
+    async def list_accepted(self, request: Request) -> Response:
+        now = time.monotonic()
+        return JSONResponse(
+            [{**m.resource(now), "receipts": list(m.receipts)} for m in self.messages.values()]
+        )
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"ok": True, "sandbox": True, "messages": len(self.messages)})
+
+
+def create_app(settings: SandboxSettings | None = None) -> Starlette:
+    """The sandbox as a Starlette app (mount it, or serve it with :func:`run_in_thread`)."""
+    sandbox = _Sandbox(settings or SandboxSettings())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            sandbox.client = client
+            try:
+                yield
+            finally:
+                for task in list(sandbox.tasks):
+                    task.cancel()
+                await asyncio.gather(*sandbox.tasks, return_exceptions=True)
+                sandbox.client = None
+
+    account = f"/{API_VERSION}/Accounts/{{account}}"
+    app = Starlette(
+        routes=[
+            Route(f"{account}/Messages.json", sandbox.create_message, methods=["POST"]),
+            Route(f"{account}/Messages.json", sandbox.list_messages, methods=["GET"]),
+            Route(f"{account}/Messages/{{sid}}.json", sandbox.fetch_message, methods=["GET"]),
+            Route("/sandbox/inbound", sandbox.send_inbound, methods=["POST"]),
+            Route("/sandbox/messages", sandbox.list_accepted, methods=["GET"]),
+            Route("/sandbox/health", sandbox.health, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.sandbox_settings = sandbox.settings
+    return app
+
+
+# ---------------------------------------------------------------------------------------
+# Serving on loopback in a background thread
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn in a background thread; stops on ``close()`` or on leaving
+    its ``with`` block. ``port=0`` picks a free port; :attr:`url` says which."""
+
+    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{host}:{port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> Self:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(
+                    f"the server on {self.host}:{self.port} did not start (is the port taken?)"
+                )
+            time.sleep(0.005)
+        sockets: Sequence[Any] = self._server.servers[0].sockets
+        self.port = sockets[0].getsockname()[1]
+        return self
+
+    def close(self) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SandboxServer(ServerThread):
+    """The sandbox, running. ``settings`` says how it behaves."""
+
+    def __init__(self, settings: SandboxSettings, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.settings = settings
+        super().__init__(create_app(settings), host, port)
+
+
+def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> ServerThread:
+    """Serve ``app`` on ``host`` in a background thread, started; use it in a ``with`` block."""
+    return ServerThread(app, host, port).start()
+
+
+def run_in_thread(
+    settings: SandboxSettings | None = None, host: str = "127.0.0.1", port: int = 0
+) -> SandboxServer:
+    """Start the sandbox on ``host`` in a background thread; use it in a ``with`` block."""
+    return SandboxServer(settings or SandboxSettings(), host, port).start()
