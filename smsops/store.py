@@ -155,6 +155,19 @@ TABLES: dict[str, str] = {
             received_at          text not null,
             unique (message_id, status)
         ) strict""",
+    # Receipts that arrived before the dispatcher recorded the provider's id for their message
+    # (a fast provider can call back before the send returns); attached by webhooks.adopt_orphans.
+    "orphan_status_events": """
+        create table if not exists orphan_status_events (
+            orphan_id            integer primary key,
+            provider             text not null,
+            provider_message_id  text not null,
+            status               text not null,
+            error_code           text,
+            occurred_at          text not null,
+            received_at          text not null,
+            unique (provider, provider_message_id, status)
+        ) strict""",
     "links": """
         create table if not exists links (
             token        text primary key,

@@ -1,0 +1,246 @@
+"""What providers and recipients send back: status callbacks, replies and link clicks.
+
+A Starlette application (``create_app``) with three kinds of routes, each writing to the
+operational store so that the next build turns it into metrics:
+
+- ``POST /webhooks/{provider}/status``: a delivery receipt. The provider's signature is
+  checked first (forged or unsigned → 403 and a log line, nothing stored; malformed → 400).
+  Receipts are stored once per message and status (a repeat is a no-op); the marts take the
+  furthest status, so a late ``sent`` never undoes ``delivered``. A receipt that arrives
+  before the dispatcher has recorded the provider's message id is kept as an orphan and
+  attached when the id is recorded: nothing is lost.
+- ``POST /webhooks/{provider}/inbound``: a reply. Stored, read for STOP/START/HELP with
+  ``smsops.consent.record_inbound`` (an opt-out takes effect for every send after it), and
+  answered with the provider's auto-reply when there is one.
+- ``GET /l/{token}``: a tracked link. The click is recorded (time, user agent) and the browser
+  redirected (302) to the address stored for that token, never one taken from the request:
+  no open redirect. Unknown tokens get 404.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+from xml.sax.saxutils import escape
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from smsops import consent, phones, store
+from smsops.providers import CallbackError, InvalidSignature, Provider, StatusUpdate
+
+log = logging.getLogger("smsops.webhooks")
+
+# Provider statuses outside the store's vocabulary, mapped onto it.
+_STORED_STATUS = {"scheduled": "accepted", "read": "delivered", "canceled": "failed"}
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{6,64}")
+MAX_BODY_BYTES = 64 * 1024
+
+
+def _stamp(when: datetime) -> str:
+    return when.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
+
+
+def record_status(conn: sqlite3.Connection, updates: list[StatusUpdate]) -> tuple[int, int]:
+    """Store receipts in one transaction: ``(stored, orphaned)``. A receipt for a provider id the
+    outbox does not know yet is kept in ``orphan_status_events`` until :func:`adopt_orphans`."""
+    stored = orphaned = 0
+    received = _stamp(datetime.now(UTC))
+    with store.transaction(conn):
+        for update in updates:
+            status = _STORED_STATUS.get(update.status, update.status)
+            error = update.error_code if status != "failed" or update.status != "canceled" else "canceled"
+            row = conn.execute(
+                "select message_id from messages where provider = ? and provider_message_id = ?",
+                (update.provider, update.provider_message_id),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "insert into orphan_status_events (provider, provider_message_id, status, error_code,"
+                    " occurred_at, received_at) values (?, ?, ?, ?, ?, ?)"
+                    " on conflict (provider, provider_message_id, status) do nothing",
+                    (update.provider, update.provider_message_id, status, error,
+                     _stamp(update.occurred_at), received),
+                )  # fmt: skip
+                orphaned += 1
+                continue
+            cur = conn.execute(
+                "insert into message_status_events (message_id, provider, provider_message_id, status,"
+                " error_code, occurred_at, received_at) values (?, ?, ?, ?, ?, ?, ?)"
+                " on conflict (message_id, status) do nothing",
+                (row[0], update.provider, update.provider_message_id, status, error,
+                 _stamp(update.occurred_at), received),
+            )  # fmt: skip
+            stored += cur.rowcount
+    return stored, orphaned
+
+
+def adopt_orphans(conn: sqlite3.Connection) -> int:
+    """Attach receipts that arrived before their message's provider id was recorded."""
+    with store.transaction(conn):
+        cur = conn.execute(
+            """
+            insert into message_status_events (message_id, provider, provider_message_id, status,
+                                               error_code, occurred_at, received_at)
+            select m.message_id, o.provider, o.provider_message_id, o.status, o.error_code,
+                   o.occurred_at, o.received_at
+            from orphan_status_events o
+            join messages m on m.provider = o.provider and m.provider_message_id = o.provider_message_id
+            where true
+            on conflict (message_id, status) do nothing
+            """
+        )
+        conn.execute(
+            """
+            delete from orphan_status_events where exists (
+                select 1 from messages m
+                where m.provider = orphan_status_events.provider
+                  and m.provider_message_id = orphan_status_events.provider_message_id
+            )
+            """
+        )
+    return cur.rowcount
+
+
+def follow_link(conn: sqlite3.Connection, token: str, user_agent: str | None) -> str | None:
+    """Record a click on ``token`` and return where it leads; None for an unknown token."""
+    if not _TOKEN.fullmatch(token or ""):
+        return None
+    row = conn.execute("select message_id, url from links where token = ?", (token,)).fetchone()
+    if row is None:
+        return None
+    now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+    conn.execute(
+        "insert into clicks (token, message_id, clicked_at, user_agent) values (?, ?, ?, ?)"
+        " on conflict (token, clicked_at) do nothing",
+        (token, row[0], now, (user_agent or "")[:512] or None),
+    )
+    return row[1]
+
+
+def _twiml(text: str | None) -> str:
+    if not text:
+        return '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+    return f'<?xml version="1.0" encoding="UTF-8"?><Response><Message>{escape(text)}</Message></Response>'
+
+
+def create_app(
+    providers: Mapping[str, Provider],
+    *,
+    home: str | os.PathLike[str] | None = None,
+    public_url: str | None = None,
+) -> Starlette:
+    """The webhook application for ``providers`` (by name), writing to the store under ``home``.
+
+    ``public_url`` is the address providers call (e.g. ``https://sms.example.ru``): signatures
+    are computed over it, so behind a proxy give the outside address, not the local one.
+    """
+    path = store.store_path(home)
+    store.open_store(home).close()
+
+    def connection() -> sqlite3.Connection:
+        return store.connect(path)
+
+    def request_url(request: Request) -> str:
+        if public_url:
+            query = f"?{request.url.query}" if request.url.query else ""
+            return public_url.rstrip("/") + request.url.path + query
+        return str(request.url)
+
+    async def form_of(request: Request) -> list[tuple[str, str]]:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise CallbackError(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} limit")
+        try:
+            return parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CallbackError(f"the body is not a form: {exc}") from None
+
+    def provider_of(request: Request) -> Provider | None:
+        return providers.get(request.path_params["provider"])
+
+    def refuse(request: Request, exc: Exception) -> Response:
+        forged = isinstance(exc, InvalidSignature)
+        log.warning(
+            "%s %s refused (%s): %s", request.method, request.url.path, "403" if forged else "400", exc
+        )
+        return PlainTextResponse("forbidden" if forged else "bad request", status_code=403 if forged else 400)
+
+    async def status(request: Request) -> Response:
+        provider = provider_of(request)
+        if provider is None:
+            return PlainTextResponse("unknown provider", status_code=404)
+        try:
+            form = await form_of(request)
+            updates = provider.parse_callback(request_url(request), form, dict(request.headers))
+        except CallbackError as exc:
+            return refuse(request, exc)
+        conn = connection()
+        try:
+            record_status(conn, updates)
+        finally:
+            conn.close()
+        code, content_type, body = provider.callback_reply()
+        return Response(body, status_code=code, media_type=content_type)
+
+    async def inbound(request: Request) -> Response:
+        provider = provider_of(request)
+        if provider is None:
+            return PlainTextResponse("unknown provider", status_code=404)
+        try:
+            form = await form_of(request)
+            message = provider.parse_inbound(request_url(request), form, dict(request.headers))
+        except CallbackError as exc:
+            return refuse(request, exc)
+        number = phones.normalize(message.from_)
+        sender = number.e164 if number.e164 else message.from_
+        conn = connection()
+        try:
+            result = consent.record_inbound(
+                conn,
+                provider=message.provider,
+                provider_message_id=message.provider_message_id,
+                from_e164=sender,
+                body=message.body,
+                received_at=message.received_at,
+                to_number=message.to,
+            )
+        except consent.ConsentError as exc:
+            return refuse(request, exc)
+        finally:
+            conn.close()
+        return Response(_twiml(result.reply_text), media_type="text/xml")
+
+    async def click(request: Request) -> Response:
+        conn = connection()
+        try:
+            target = follow_link(conn, request.path_params["token"], request.headers.get("user-agent"))
+        finally:
+            conn.close()
+        if target is None:
+            return PlainTextResponse("this link does not exist", status_code=404)
+        return RedirectResponse(target, status_code=302)
+
+    async def health(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    routes = [
+        Route("/webhooks/{provider}/status", status, methods=["POST"]),
+        Route("/webhooks/{provider}/inbound", inbound, methods=["POST"]),
+        Route("/l/{token}", click, methods=["GET"]),
+        Route("/healthz", health, methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def describe(providers: Mapping[str, Any]) -> list[str]:
+    """The URLs to configure at each provider (for the CLI and the docs)."""
+    return [f"/webhooks/{name}/status and /webhooks/{name}/inbound" for name in providers]
