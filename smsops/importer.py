@@ -7,7 +7,8 @@ A file goes through four steps:
    or English names (`Телефон`, `Моб. телефон`, `Имя`, `phone`, `first_name`, …), and the
    caller may correct the mapping. Unknown columns become custom attributes.
 2. **Stage**: rows stream into a temporary table in chunks, each phone normalised with
-   `smsops.phones`, so memory stays flat however long the file is.
+   `smsops.phones`, so memory stays flat however long the file is. A large file is read and
+   built by worker processes (see `_stage_in_workers`).
 3. **Plan** (set-based, in SQL): duplicates inside the file, matches with stored contacts and
    the outcome of every row (new, updated, unchanged, rejected with a reason).
 4. **Apply**, in one transaction, unless it is a dry run.
@@ -32,12 +33,15 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gc
 import hashlib
 import io
 import json
+import mmap
 import os
 import re
 import sqlite3
+import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -47,7 +51,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from smsops import phones, store
-from smsops.reference import cities
+from smsops.reference import City, cities
 
 CHUNK_ROWS = 20_000
 SAMPLE_BYTES = 64 * 1024
@@ -292,11 +296,6 @@ def sniff(path: str | os.PathLike[str], mapping: Mapping[str, Target] | None = N
 # Rows
 
 
-def _clean(value: str) -> str | None:
-    value = value.strip()
-    return value or None
-
-
 _ISO_DATE = re.compile(r"(\d{4})-(\d\d)-(\d\d)")
 _RU_DATE = re.compile(r"(\d\d)\.(\d\d)\.(\d{4})")
 
@@ -355,12 +354,22 @@ _CITY_INDEX = {_key(c.city): c for c in cities()}
 STAGING_COLUMNS = (
     "line", "external_id", "first_name", "last_name", "email", "city", "region", "time_zone", "gender",
     "birth_date", "phone_raw", "phone_e164", "phone_valid", "phone_reason", "number_type", "phone_country",
-    "phone_time_zones", "attributes", "cells", "reject_reason",
+    "phone_time_zones", "attributes", "cells", "reject_reason", "outcome",
 )  # fmt: skip
+# The fields a row builder reads, in the order it unpacks them.
+_BUILT_FIELDS = (
+    "external_id", "first_name", "last_name", "middle_name", "full_name", "email", "city", "region",
+    "time_zone", "gender", "birth_date",
+)  # fmt: skip
+_MALFORMED_GAP = (None,) * 17  # external_id … attributes of a row with the wrong number of cells
+_MEMO_SIZE = 50_000  # entries per memo of a row builder: cleared when full, so memory stays flat
 
 
 class _RowBuilder:
-    """Turns one CSV row into a staging row. Built once per file, called per row."""
+    """Turns one CSV row into a staging row. Built once per file, called per row.
+
+    Values that repeat across rows (cities, genders, birth dates, attribute sets, time zone
+    lists) are worked out once and remembered in small memos."""
 
     def __init__(self, fmt: FileFormat, default_region: str) -> None:
         self.width = len(fmt.header)
@@ -373,60 +382,99 @@ class _RowBuilder:
                 self.attributes.append((i, name))
             elif target != "ignore":
                 self.index[target] = i
+        self.positions = tuple(self.index.get(name, -1) for name in _BUILT_FIELDS)
+        self._cities: dict[str, City | None] = {}
+        self._genders: dict[str, str | None] = {}
+        self._dates: dict[str, str | None] = {}
+        self._zones: dict[tuple[str, ...], str | None] = {}
+        self._attributes: dict[tuple, str | None] = {}
 
     def chunk(self, chunk: list[tuple[int, list[str]]]) -> list[tuple]:
         """Staging rows for a chunk of CSV rows (numbers normalised as a batch, repeats cached)."""
         at = self.index["phone"]
         raws = [cells[at] if at < len(cells) else None for _, cells in chunk]
         numbers = phones.normalize_many(raws, default_region=self.region)
+        for memo in (self._cities, self._genders, self._dates, self._zones, self._attributes):
+            if len(memo) > _MEMO_SIZE:
+                memo.clear()
         return [
             self(line, cells, number if raw and raw.strip() else None)
             for (line, cells), raw, number in zip(chunk, raws, numbers, strict=True)
         ]
 
-    def cell(self, cells: list[str], target: str) -> str | None:
-        i = self.index.get(target)
-        return _clean(cells[i]) if i is not None and i < len(cells) else None
-
     def __call__(self, line: int, cells: list[str], phone: phones.PhoneNumber | None) -> tuple:
         raw_cells = _pack(cells)
         if len(cells) != self.width:
-            return (line, *([None] * 17), raw_cells, "malformed_row")
-        get = self.cell
-        first, last, middle = get(cells, "first_name"), get(cells, "last_name"), get(cells, "middle_name")
-        full = get(cells, "full_name")
+            return (line, *_MALFORMED_GAP, raw_cells, "malformed_row", None)
+        external_id, first, last, middle, full, email, city, region, zone, gender, birth = (
+            (cells[i].strip() or None) if i >= 0 else None for i in self.positions
+        )
         if full and not (first or last):
             first, last, split_middle = _split_full_name(full)
             middle = middle or split_middle
-        attributes = {name: cells[i].strip() for i, name in self.attributes if cells[i].strip()}
-        if middle:
-            attributes["middle_name"] = middle
-        email = get(cells, "email")
+        email_as_given = None
         if email and not _EMAIL.fullmatch(email):
-            attributes["email_as_given"] = email
-            email = None
-        city, region, zone = get(cells, "city"), get(cells, "region"), get(cells, "time_zone")
-        known = _CITY_INDEX.get(_key(city)) if city else None
-        if known is not None:
-            region = region or known.region
-            zone = zone or known.time_zone
-        gender = _GENDER.get(_key(get(cells, "gender") or ""))
-        reason = None
+            email_as_given, email = email, None
+        if self.attributes or middle or email_as_given:
+            values = tuple(cells[i].strip() for i, _ in self.attributes)
+            memo_key = (values, middle, email_as_given)
+            attributes = self._attributes.get(memo_key, _MISSING)
+            if attributes is _MISSING:
+                attributes = self._attributes[memo_key] = _attributes_json(
+                    self.attributes, values, middle, email_as_given
+                )
+        else:
+            attributes = None
+        if city:
+            known = self._cities.get(city, _MISSING)
+            if known is _MISSING:
+                known = self._cities[city] = _CITY_INDEX.get(_key(city))
+            if known is not None:
+                region = region or known.region
+                zone = zone or known.time_zone
+        gender_key = gender or ""
+        gender = self._genders.get(gender_key, _MISSING)
+        if gender is _MISSING:
+            gender = self._genders[gender_key] = _GENDER.get(_key(gender_key))
+        if birth:
+            birth_date = self._dates.get(birth, _MISSING)
+            if birth_date is _MISSING:
+                birth_date = self._dates[birth] = _date(birth)
+        else:
+            birth_date = None
         if phone is None:
-            reason = "missing_phone"
-        elif not phone.valid:
-            reason = "not_mobile" if phone.reason == "not_mobile" else (
-                "missing_phone" if phone.reason == "empty" else "invalid_phone"
+            return (
+                line, external_id, first, last, email and email.lower(), city, region, zone, gender, birth_date,
+                None, None, 0, "empty", None, None, None, attributes, raw_cells, "missing_phone", None,
             )  # fmt: skip
+        if phone.valid:
+            reason = None
+        elif phone.reason == "not_mobile":
+            reason = "not_mobile"
+        else:
+            reason = "missing_phone" if phone.reason == "empty" else "invalid_phone"
+        zones = self._zones.get(phone.time_zones, _MISSING)
+        if zones is _MISSING:
+            zones = self._zones[phone.time_zones] = ",".join(phone.time_zones) or None
         return (
-            line, get(cells, "external_id"), first, last, email and email.lower(), city, region, zone, gender,
-            _date(get(cells, "birth_date")), phone.raw if phone else None, phone.e164 if phone else None,
-            int(phone.valid) if phone else 0, phone.reason if phone else "empty",
-            phone.number_type if phone else None, phone.country if phone else None,
-            ",".join(phone.time_zones) or None if phone else None,
-            json.dumps(attributes, ensure_ascii=False, sort_keys=True) if attributes else None,
-            raw_cells, reason,
+            line, external_id, first, last, email and email.lower(), city, region, zone, gender, birth_date,
+            phone.raw, phone.e164, int(phone.valid), phone.reason, phone.number_type, phone.country, zones,
+            attributes, raw_cells, reason, None if reason else "new",
         )  # fmt: skip
+
+
+_MISSING = object()
+
+
+def _attributes_json(
+    columns: list[tuple[int, str]], values: tuple[str, ...], middle: str | None, email_as_given: str | None
+) -> str | None:
+    attributes = {name: value for (_, name), value in zip(columns, values, strict=True) if value}
+    if middle:
+        attributes["middle_name"] = middle
+    if email_as_given:
+        attributes["email_as_given"] = email_as_given
+    return json.dumps(attributes, ensure_ascii=False, sort_keys=True) if attributes else None
 
 
 def _rows(path: Path, fmt: FileFormat) -> Iterator[tuple[int, list[str]]]:
@@ -444,12 +492,13 @@ def _rows(path: Path, fmt: FileFormat) -> Iterator[tuple[int, list[str]]]:
 # Import
 
 
+# `line` is the rowid: rows go in (and come out for the contacts and the rejects file) in file order.
 _STAGING_DDL = f"""
 create temp table if not exists import_staging (
-    {", ".join(c + (" integer" if c in ("line", "phone_valid", "match_id", "kept_line") else " text") for c in STAGING_COLUMNS)},
+    line integer primary key,
+    {", ".join(c + (" integer" if c == "phone_valid" else " text") for c in STAGING_COLUMNS[1:])},
     reject_detail text,
-    match_id integer,
-    outcome text
+    match_id integer
 )
 """
 
@@ -468,7 +517,7 @@ def run(
 
     Everything is written in one transaction or not at all. ``rejects`` receives a CSV of
     every rejected row: the original cells, the line number and the reason. Files over
-    8 MB are parsed by two worker processes unless ``processes`` says otherwise.
+    8 MB are read by two worker processes unless ``processes`` says otherwise.
     """
     import time
 
@@ -485,12 +534,14 @@ def run(
     batch_key = hashlib.sha256(f"{sha}\n{options.as_json()}".encode()).hexdigest()
     stamp = _stamp(now or datetime.now(UTC))
     conn = store.connect(store.store_path(home))
+    checkpoint = None
     try:
         store.create_schema(conn)
         # a larger page cache for this connection: staging and index maintenance of a big
         # file otherwise thrash SQLite's 2 MB default
         conn.execute("pragma cache_size = -262144")
         conn.execute("drop table if exists temp.import_staging")
+        conn.execute("drop table if exists temp.import_duplicates")
         conn.execute(_STAGING_DDL)
         rows_read = _stage(conn, path, fmt, options.default_region, processes)
         if rows_read == 0:
@@ -504,7 +555,7 @@ def run(
             consent = (0, 0)
             batch_id = previous[0] if previous else None
             if not dry_run:
-                _apply(conn, stamp)
+                _apply(conn, stamp, counts)
                 if options.consent_source:
                     consent = _record_consent(conn, options, sha, batch_key, path.name, stamp)
                 if previous is None:
@@ -519,11 +570,20 @@ def run(
         except BaseException:
             conn.execute("rollback")
             raise
-        conn.execute("rollback" if dry_run else "commit")
-        sample = _write_rejects(conn, fmt, rejects)
-        conn.execute("drop table if exists temp.import_staging")
-    finally:
+        if dry_run:
+            # the plan (duplicates found in the file) lives in this transaction: report it first
+            sample = _write_rejects(conn, fmt, rejects)
+            conn.execute("rollback")
+        else:
+            conn.execute("pragma wal_autocheckpoint = 0")
+            conn.execute("commit")
+            checkpoint = threading.Thread(target=_checkpoint, args=(store.store_path(home),))
+            checkpoint.start()
+            sample = _write_rejects(conn, fmt, rejects)
+    finally:  # closing the connection discards its temporary tables
         conn.close()
+        if checkpoint is not None:
+            checkpoint.join()
     return Result(
         file_name=path.name,
         file_sha256=sha,
@@ -543,25 +603,59 @@ def run(
     )
 
 
+def _checkpoint(path: Path) -> None:
+    """Copy the committed import from the write-ahead log into the store (SQLite would do it in
+    the commit; here it overlaps writing the rejects file)."""
+    try:
+        conn = store.connect(path)
+        try:
+            conn.execute("pragma wal_checkpoint(passive)")
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        pass  # the import is committed; the next writer's checkpoint copies it instead
+
+
 def _stamp(when: datetime) -> str:
     return when.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
 
 
-# Above this size the rows are built (phones normalised) in worker processes.
+# Staging. A small file is read and built here. From PARALLEL_BYTES on, worker processes build
+# the rows, each task into a SQLite file of its own that this process then copies into the
+# staging table, in file order, while the workers go on. When the file can be cut into byte
+# ranges at line ends (an encoding where byte 10 is always a line feed, no quote characters, so
+# no cell spans lines, and no bare carriage returns) the workers read their ranges themselves;
+# otherwise this process parses the CSV and hands the workers chunks of rows.
 PARALLEL_BYTES = 8 * 1024 * 1024
-_worker_builder: _RowBuilder | None = None
+TASK_BYTES = 4 * 1024 * 1024
+_SPLITTABLE_ENCODINGS = ("utf-8", "utf-8-sig", "cp1251")
+_STAGING_INSERT = (
+    f"insert into {{table}} ({', '.join(STAGING_COLUMNS)}) values ({', '.join('?' * len(STAGING_COLUMNS))})"
+)
+_PART_DDL = f"create table rows ({', '.join(STAGING_COLUMNS)})"
+_worker_state: tuple[_RowBuilder, Path, FileFormat] | None = None
 
 
-def _init_worker(builder: _RowBuilder) -> None:
-    global _worker_builder
-    _worker_builder = builder
+class _Unreadable(Exception):
+    """Raised in a worker: (rows read before the failure, what failed)."""
 
 
-def _build_chunk(chunk: list[tuple[int, list[str]]]) -> list[tuple]:
-    """Worker side: staging rows for one chunk of CSV rows."""
-    build = _worker_builder
-    assert build is not None
-    return build.chunk(chunk)
+def _stage(conn: sqlite3.Connection, path: Path, fmt: FileFormat, region: str, processes: int | None) -> int:
+    build = _RowBuilder(fmt, region)
+    if processes is None:
+        processes = min(2, os.cpu_count() or 1) if path.stat().st_size >= PARALLEL_BYTES else 1
+    if processes > 1:
+        return _stage_in_workers(conn, path, fmt, build, processes)
+    insert = _STAGING_INSERT.format(table="temp.import_staging")
+    total = 0
+    try:
+        for chunk in _chunks(_rows(path, fmt), CHUNK_ROWS):
+            rows = build.chunk(chunk)
+            conn.executemany(insert, rows)
+            total += len(rows)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ImportFailed(f"{path.name}: cannot read the file after row {total + 1}: {exc}") from None
+    return total
 
 
 def _chunks(rows: Iterator[tuple[int, list[str]]], size: int) -> Iterator[list[tuple[int, list[str]]]]:
@@ -575,81 +669,205 @@ def _chunks(rows: Iterator[tuple[int, list[str]]], size: int) -> Iterator[list[t
         yield chunk
 
 
-def _built_chunks(path: Path, fmt: FileFormat, build: _RowBuilder, processes: int) -> Iterator[list[tuple]]:
-    """Staging rows chunk by chunk, in file order; with ``processes`` > 1 built by workers
-    (at most two chunks in flight per worker, so memory stays flat)."""
-    chunks = _chunks(_rows(path, fmt), CHUNK_ROWS)
-    if processes <= 1:
-        for chunk in chunks:
-            yield build.chunk(chunk)
-        return
+def _byte_ranges(path: Path, fmt: FileFormat, size: int) -> list[tuple[int, int, int]] | None:
+    """(start, end, lines before start) of pieces of about ``size`` bytes that each begin at a
+    row, or None when the file cannot be cut safely by bytes."""
+    if fmt.encoding not in _SPLITTABLE_ENCODINGS:
+        return None
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return None
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data.find(b'"') >= 0 or re.search(rb"\r(?!\n)", data) is not None:
+                return None
+            start = data.find(b"\n") + 1  # after the header
+            if start == 0:
+                return []
+            ranges = []
+            line = 1
+            while start < len(data):
+                cut = data.find(b"\n", min(start + size, len(data)) - 1)
+                end = len(data) if cut < 0 else cut + 1
+                ranges.append((start, end, line))
+                line += data[start:end].count(b"\n")
+                start = end
+            return ranges
+
+
+def _init_worker(build: _RowBuilder, path: Path, fmt: FileFormat) -> None:
+    global _worker_state
+    _worker_state = (build, path, fmt)
+
+
+def _range_rows(
+    path: Path, fmt: FileFormat, start: int, end: int, line: int
+) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) for each data row in bytes ``start:end`` (``line`` lines precede them)."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        data = fh.read(end - start)
+    encoding = "utf-8" if fmt.encoding == "utf-8-sig" else fmt.encoding  # the BOM is before the header
+    reader = csv.reader(io.StringIO(data.decode(encoding), newline=""), delimiter=fmt.delimiter)
+    for cells in reader:
+        if not cells or not any(c.strip() for c in cells):
+            continue
+        yield line + reader.line_num, cells
+
+
+def _stage_task(task: tuple[int, int, int] | list[tuple[int, list[str]]], part: str) -> int:
+    """Worker side: build the rows of one task (a byte range or parsed rows) into ``part``."""
+    assert _worker_state is not None
+    build, path, fmt = _worker_state
+    rows = _range_rows(path, fmt, *task) if isinstance(task, tuple) else iter(task)
+    conn = sqlite3.connect(part, isolation_level=None)
+    total = 0
+    gc.disable()  # a task makes ~10^6 short-lived objects and no cycles: the collector only costs (~25%)
+    try:
+        conn.execute("pragma journal_mode = off")
+        conn.execute("pragma synchronous = off")
+        conn.execute(_PART_DDL)
+        conn.execute("begin")
+        insert = _STAGING_INSERT.format(table="rows")
+        try:
+            for chunk in _chunks(rows, CHUNK_ROWS):
+                built = build.chunk(chunk)
+                conn.executemany(insert, built)
+                total += len(built)
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise _Unreadable(total, str(exc)) from None
+        conn.execute("commit")
+    finally:
+        conn.close()
+        gc.enable()
+    phones.clear_cache()  # each task's numbers are mostly new: keep the worker's memory flat
+    return total
+
+
+def _stage_in_workers(
+    conn: sqlite3.Connection, path: Path, fmt: FileFormat, build: _RowBuilder, processes: int
+) -> int:
     import multiprocessing
+    import tempfile
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
+    ranges = _byte_ranges(path, fmt, TASK_BYTES)
+    tasks = iter(ranges) if ranges is not None else _chunks(_rows(path, fmt), CHUNK_ROWS)
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(
-        processes, mp_context=context, initializer=_init_worker, initargs=(build,)
-    ) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(_build_chunk, chunk))
-            if len(pending) >= 2 * processes:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _stage(conn: sqlite3.Connection, path: Path, fmt: FileFormat, region: str, processes: int | None) -> int:
-    build = _RowBuilder(fmt, region)
-    if processes is None:
-        processes = min(2, os.cpu_count() or 1) if path.stat().st_size >= PARALLEL_BYTES else 1
-    insert = f"insert into import_staging ({', '.join(STAGING_COLUMNS)}) values ({', '.join('?' * len(STAGING_COLUMNS))})"
+    columns = ", ".join(STAGING_COLUMNS)
     total = 0
-    try:
-        for rows in _built_chunks(path, fmt, build, processes):
-            conn.executemany(insert, rows)
-            total += len(rows)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise ImportFailed(f"{path.name}: cannot read the file after row {total + 1}: {exc}") from None
-    conn.execute("create index temp.ix_staging_e164 on import_staging (phone_e164)")
+
+    def take(future, part: str) -> None:
+        nonlocal total
+        try:
+            total += future.result()
+        except _Unreadable as exc:
+            read, reason = exc.args
+            raise ImportFailed(
+                f"{path.name}: cannot read the file after row {total + read + 1}: {reason}"
+            ) from None
+        conn.execute("attach database ? as part", (part,))
+        try:
+            conn.execute(f"insert into temp.import_staging ({columns}) select {columns} from part.rows")
+        finally:
+            conn.execute("detach database part")
+        os.remove(part)
+
+    with tempfile.TemporaryDirectory(prefix="smsops-import-") as folder:
+        pool = ProcessPoolExecutor(
+            processes,
+            mp_context=multiprocessing.get_context(method),
+            initializer=_init_worker,
+            initargs=(build, path, fmt),
+        )
+        try:
+            pending: deque = deque()
+            for number, task in enumerate(tasks):
+                part = os.path.join(folder, f"part-{number}.sqlite")
+                pending.append((pool.submit(_stage_task, task, part), part))
+                if len(pending) >= 2 * processes:
+                    take(*pending.popleft())
+            while pending:
+                take(*pending.popleft())
+        except (UnicodeDecodeError, csv.Error) as exc:  # parsing here, for a file read in rows
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise ImportFailed(f"{path.name}: cannot read the file after row {total + 1}: {exc}") from None
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
     return total
 
 
 def _plan(conn: sqlite3.Connection) -> dict:
-    """Duplicates in the file, matches with stored contacts, the outcome of every row."""
+    """Duplicates in the file, matches with stored contacts, the outcome of every row.
+
+    Staging leaves every row without a reject reason marked ``new``; only the duplicates and
+    the rows that match a stored contact are rewritten here."""
     # rows for the same contact within the file: the last one wins
     conn.execute("""
+        create temp table import_duplicates as
         with keyed as (
             select line, coalesce('x:' || external_id, 'p:' || phone_e164) as contact_key
             from import_staging where reject_reason is null
-        ),
-        ranked as (
-            select line, max(line) over (partition by contact_key) as kept_line from keyed
         )
+        select line, kept_line from (
+            select line, max(line) over (partition by contact_key) as kept_line
+            from keyed
+            -- only keys seen more than once (a grouping is cheaper than a window over every row)
+            where contact_key in (select contact_key from keyed group by 1 having count(*) > 1)
+        )
+        where line <> kept_line
+    """)
+    conn.execute("""
         update import_staging
-        set reject_reason = 'duplicate_in_file', reject_detail = 'kept line ' || ranked.kept_line
-        from ranked
-        where import_staging.line = ranked.line and ranked.line <> ranked.kept_line
+        set reject_reason = 'duplicate_in_file', reject_detail = 'kept line ' || d.kept_line, outcome = null
+        from import_duplicates as d
+        where import_staging.line = d.line
     """)
-    conn.execute("""
-        update import_staging set match_id = (
-            select contact_id from contacts where contacts.external_id = import_staging.external_id
+    # rows that match no stored contact stay `new`
+    if conn.execute("select exists (select 1 from contacts)").fetchone()[0]:
+        _match(conn)
+    # one pass for every count (a reason this list does not know falls back to a grouping)
+    counts = conn.execute(f"""
+        select {", ".join(f"count(*) filter (where outcome = '{o}')" for o in ("new", "updated", "unchanged"))},
+            {", ".join(f"count(*) filter (where reject_reason = '{r}')" for r in _REASONS)},
+            count(*) filter (where reject_reason is not null)
+        from import_staging
+    """).fetchone()
+    rejected = {reason: n for reason, n in zip(_REASONS, counts[3:-1], strict=True) if n}
+    if sum(rejected.values()) != counts[-1]:
+        rejected = dict(
+            conn.execute(
+                "select reject_reason, count(*) from import_staging where reject_reason is not null group by 1"
+            )
         )
-        where reject_reason is null and external_id is not null
-    """)
-    conn.execute("""
-        update import_staging set match_id = (
-            select min(contact_id) from contacts
-            where contacts.phone_e164 = import_staging.phone_e164
-                and (contacts.external_id is null or import_staging.external_id is null)
-        )
-        where reject_reason is null and match_id is null
-    """)
+    return {
+        "new": counts[0],
+        "updated": counts[1],
+        "unchanged": counts[2],
+        "rejected": dict(sorted(rejected.items(), key=lambda kv: -kv[1])),
+    }
+
+
+_REASONS = tuple(sorted(REASON_TEXT))  # in the order a grouping by reason gives
+
+
+def _match(conn: sqlite3.Connection) -> None:
+    """Rows that match a stored contact: which one, and whether the row changes it."""
+    # the stored contact with the same external id, else one with the same number (and no
+    # other external id)
+    match = """coalesce(
+        (select contact_id from contacts where contacts.external_id = import_staging.external_id),
+        (select min(contact_id) from contacts
+         where contacts.phone_e164 = import_staging.phone_e164
+            and (contacts.external_id is null or import_staging.external_id is null))
+    )"""
+    conn.execute(
+        f"update import_staging set match_id = {match} where reject_reason is null and {match} is not null"
+    )
     conn.execute("""
         update import_staging set outcome = case
-            when match_id is null then 'new'
             when exists (
                 select 1 from contacts c where c.contact_id = import_staging.match_id and (
                     (import_staging.external_id is not null and c.external_id is not import_staging.external_id)
@@ -669,25 +887,27 @@ def _plan(conn: sqlite3.Connection) -> dict:
             ) then 'updated'
             else 'unchanged'
         end
-        where reject_reason is null
+        where match_id is not null
     """)
-    outcomes = dict(
-        conn.execute("select outcome, count(*) from import_staging where outcome is not null group by 1")
-    )
-    rejected = dict(
-        conn.execute(
-            "select reject_reason, count(*) from import_staging where reject_reason is not null group by 1"
-        )
-    )
-    return {
-        "new": outcomes.get("new", 0),
-        "updated": outcomes.get("updated", 0),
-        "unchanged": outcomes.get("unchanged", 0),
-        "rejected": dict(sorted(rejected.items(), key=lambda kv: -kv[1])),
-    }
 
 
-def _apply(conn: sqlite3.Connection, stamp: str) -> None:
+# Adding at least this many contacts, and no fewer than are stored, rebuilds the contacts'
+# secondary indexes after the insert instead of updating them row by row (in the same
+# transaction; about twice as fast for a large first import).
+REINDEX_ROWS = 100_000
+
+
+def _apply(conn: sqlite3.Connection, stamp: str, counts: dict) -> None:
+    indexes: list[tuple[str, str]] = []
+    if counts["new"] >= REINDEX_ROWS:
+        stored = conn.execute("select count(*) from contacts").fetchone()[0]
+        if counts["new"] >= stored:
+            indexes = conn.execute(
+                "select name, sql from sqlite_master where type = 'index' and tbl_name = 'contacts'"
+                " and sql is not null"
+            ).fetchall()
+    for name, _ in indexes:
+        conn.execute(f'drop index "{name}"')
     conn.execute(
         """
         insert into contacts (
@@ -705,6 +925,10 @@ def _apply(conn: sqlite3.Connection, stamp: str) -> None:
         """,
         (stamp, stamp),
     )
+    for _, sql in indexes:
+        conn.execute(sql)
+    if not counts["updated"]:
+        return
     conn.execute(
         """
         update contacts set

@@ -286,3 +286,11 @@ def test_imported_contacts_reach_the_marts_after_a_build(home, tmp_path):
     )
     assert list(frame["first_name"]) == ["Пётр", "Анна", "Ирина"]
     assert frame["is_reachable_marketing"].all()
+
+
+def test_a_dry_run_reports_every_reject_the_import_would(home, tmp_path):
+    path = write_csv(tmp_path / "in.csv", HEADER_RU, ROWS_RU)
+    dry, dry_rejects = importer.run_with_rejects(path, home=home, dry_run=True)
+    real, real_rejects = importer.run_with_rejects(path, home=home)
+    assert dry.rejected == real.rejected == {"invalid_phone": 2, "duplicate_in_file": 1, "not_mobile": 1}
+    assert dry_rejects == real_rejects

@@ -277,3 +277,23 @@ def test_clear_cache_forgets_results_but_not_answers() -> None:
     after = normalize("8 (912) 000-11-33")
     assert after == before
     assert after is not before
+
+
+def test_the_per_prefix_shortcut_agrees_with_libphonenumber_on_random_russian_mobiles():
+    """normalize answers +79… numbers from a verdict cached per 6-digit prefix; that verdict
+    must be what libphonenumber says for every number of the range."""
+    import random
+
+    import phonenumbers
+
+    rng = random.Random(20261125)
+    phones.clear_cache()
+    for _ in range(20_000):
+        digits = "9" + "".join(rng.choice("0123456789") for _ in range(9))
+        raw = rng.choice(["8", "+7", "7", "", "8 (", "+7 "]) + digits
+        parsed = phonenumbers.parse(raw, "RU")
+        valid = phonenumbers.is_valid_number(parsed)
+        kind = phonenumbers.number_type(parsed)
+        got = phones.normalize(raw)
+        assert got.e164 == (phonenumbers.format_number(parsed, 0) if valid else None), raw
+        assert got.valid == (valid and kind in (1, 2)), raw
