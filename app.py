@@ -10,6 +10,7 @@ navigation = st.navigation(
         st.Page("pages/contacts.py", title="Contacts", icon=":material/contacts:"),
         st.Page("pages/segments.py", title="Segments", icon=":material/filter_alt:"),
         st.Page("pages/compose.py", title="Compose", icon=":material/edit_note:"),
+        st.Page("pages/campaigns.py", title="Campaigns", icon=":material/campaign:"),
     ]
 )
 navigation.run()

@@ -68,3 +68,8 @@ def senders() -> tuple[str, ...]:
 def opt_out_text() -> str:
     """The opt-out instruction added to promotions: ``$SMSOPS_OPT_OUT_TEXT`` (e.g. «Отказ: СТОП на 900»)."""
     return os.environ.get("SMSOPS_OPT_OUT_TEXT", "Отказ: СТОП").strip()
+
+
+def provider_name() -> str:
+    """Which provider sends: ``$SMSOPS_PROVIDER`` (``sandbox`` by default, ``twilio``, ``smsru``)."""
+    return os.environ.get("SMSOPS_PROVIDER", "sandbox").strip().lower() or "sandbox"

@@ -1,0 +1,1705 @@
+"""Campaigns: create one, launch it (plan the outbox), pause, resume or cancel it.
+
+:func:`plan` is the launch. It freezes the audience — the campaign's segment evaluated now
+on the published warehouse snapshot — and writes one outbox row per recipient, in one
+transaction, holdout and everyone the policy removed included, so the outbox *is* the
+frozen audience and every row that will not be sent carries its ``skip_reason``
+(``smsops.policy`` names and explains them). What it decides on is read fresh from the
+operational store, never from a mart: the number, its validity and time zones
+(``contacts``), consent and opt-outs (the ledger), erasures, and the promotions each
+number already has for the frequency caps (the outbox, across all campaigns).
+
+How it stays fast (1M recipients ≥ 100,000/s): the audience, the contacts, the ledger and
+the cap history are read columnar in parallel (DuckDB for the snapshot, ADBC for SQLite);
+the policy runs as one set of DuckDB statements; a message is rendered once per distinct
+combination of the fields its template uses (a million recipients share a few thousand
+combinations), with ``smsops.templates``' compiled renderer; and the outbox is written by
+an ADBC bulk ingest into a temporary table and one ``insert … select … on conflict
+(idempotency_key) do nothing``.
+
+Guarantees:
+
+- Idempotent (invariant 1): the key is ``"<campaign_id>:<contact_id>"``; the write takes
+  the store's write lock, checks the campaign is still a draft (or scheduled), inserts and
+  marks it running in the same transaction. A double click, a second process or a restart after a
+  crash writes nothing twice; a repeated call returns the outcome from the outbox.
+- Caps across processes (invariant 4): promotions planned by another process after the cap
+  history was read are read again under the write lock and applied before writing.
+- Consent at send time (invariant 2): :func:`check_before_send` re-checks a batch of
+  outbox rows against the ledger, erasures and quiet hours; the dispatcher calls it just
+  before sending.
+
+A/B tests and holdouts. Each recipient who passes the policy gets a split number fixed by
+``(campaign_id, contact_id)`` (:func:`smsops.policy.split_unit`): below the holdout
+fraction the row is ``holdout`` (state ``holdout``, never sendable); then the test share is
+cut evenly across the variants. With a test fraction below 1 the rest of the audience is
+the *remainder*: state ``planned``, variant ``remainder``, no body, ``skip_reason
+'awaiting_winner'`` and ``not_before`` :data:`AWAITING_WINNER` (the year 9999), so no
+dispatcher that honours ``not_before`` can send it. :func:`release_remainder` gives it the
+winning variant: it renders the winner's text and sets ``not_before`` by quiet hours. The
+schema is unchanged (no new state: the dbt models' accepted values stay true). Rows the
+policy suppressed are spread over the real variants by contact id (as in the demo's
+history), so the ``holdout`` variant holds the control group and nothing else.
+
+Quiet hours: a row that would arrive in the recipient's quiet hours is ``planned`` with
+``not_before`` set and a held reason (``quiet_hours``, or ``quiet_hours_candidate_zones``
+when only the number's candidate zones are known); a contact with no known zone is judged
+in ``default_zone``. A dispatcher sends a planned row of a running campaign when
+``not_before`` is null or past, and clears a held reason when it does; as time passes
+between planning and sending (a long queue, a pause), :func:`check_before_send` judges quiet
+hours again when asked and :func:`defer` moves a row that would now arrive at night.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from smsops import (
+    composer,
+    consent,
+    encoding,
+    erasure,
+    policy,
+    pricing,
+    segments,
+    senders,
+    store,
+    templates,
+    warehouse,
+)
+from smsops import config as settings
+from smsops.policy import HOLDOUT, REMAINDER, FrequencyCaps, QuietHours
+
+__all__ = [
+    "AWAITING_WINNER",
+    "DEFAULT_ZONE",
+    "MAX_VARIANTS",
+    "STATUSES",
+    "TRANSIENT_FAILURES",
+    "Campaign",
+    "CampaignError",
+    "CampaignNotFound",
+    "CampaignStateError",
+    "PlanResult",
+    "Step",
+    "Variant",
+    "cancel",
+    "check_before_send",
+    "create",
+    "defer",
+    "drafts",
+    "get",
+    "launched",
+    "list_all",
+    "outcome",
+    "pause",
+    "plan",
+    "release_remainder",
+    "resume",
+    "retry_failed",
+    "waterfall",
+]
+
+Kind = Literal["promo", "service"]
+
+STATUSES = ("draft", "scheduled", "running", "paused", "finished", "cancelled")
+MAX_VARIANTS = 5
+MAX_NAME_LENGTH = 200
+DEFAULT_ZONE = "Europe/Moscow"
+"""Where quiet hours are judged for a contact whose time zone nothing tells."""
+AWAITING_WINNER = "9999-12-31 00:00:00"
+"""``not_before`` of remainder rows until a winner is chosen: never due."""
+TRANSIENT_FAILURES = frozenset({"gave_up_after_retries"})
+"""``skip_reason`` of rejected rows that :func:`retry_failed` re-queues (set by ``smsops.dispatch``)."""
+
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,31}")
+_RESERVED = frozenset({HOLDOUT, REMAINDER})
+_SENT_STATES = ("planned", "sending", "submitted", "unknown")
+"""Outbox states of messages that went or will go: what the caps count."""
+_LAUNCHABLE = ("draft", "scheduled")
+_QUIET_REASONS = ("quiet_hours", "quiet_hours_candidate_zones")
+_UNIT_SCALE = 4503599627370496.0  # 16**13, see policy.split_unit
+
+
+class CampaignError(ValueError):
+    """A campaign that cannot be created or planned as asked; the message names the input."""
+
+
+class CampaignNotFound(LookupError):
+    """No campaign has that id."""
+
+
+class CampaignStateError(CampaignError):
+    """The campaign's status does not allow the action (e.g. resuming a cancelled one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One version of the message: its template (without the opt-out footer, which
+    promotions get at planning) and its sender."""
+
+    name: str
+    template_source: str
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    campaign_id: int
+    name: str
+    kind: Kind
+    status: str
+    segment: segments.Segment | None
+    variants: tuple[Variant, ...]
+    test_fraction: float | None
+    holdout_fraction: float | None
+    created_at: datetime
+    launched_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One line of the audience waterfall: how many the step removed and how many remain."""
+
+    reason: str
+    """``audience`` for the first line, then a skip reason."""
+    removed: int
+    remaining: int
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlanResult:
+    """What a launch put in the outbox (or, with ``dry_run``, would put)."""
+
+    campaign_id: int
+    audience: int
+    """Outbox rows: the frozen audience."""
+    waterfall: tuple[Step, ...]
+    """The audience after each policy step, in :data:`smsops.policy.POLICY_ORDER`."""
+    states: dict[str, int]
+    skip_reasons: dict[str, int]
+    variants: dict[str, int]
+    """Messages per variant that go or will go (``remainder`` included)."""
+    to_send: int
+    """Rows that go or will go: planned (deferred and remainder included) or already sent."""
+    deferred: int
+    """Planned rows held by quiet hours."""
+    earliest_not_before: datetime | None
+    awaiting_winner: int
+    segments: int
+    """SMS segments of the rendered messages (the remainder is not rendered yet)."""
+    cost: dict[str, float]
+    """Their price by currency."""
+    remainder_cost: dict[str, dict[str, float]] = field(default_factory=dict)
+    """For each variant, what the remainder would cost if it won (by currency)."""
+    written: int = 0
+    """Rows this call inserted (0 when the campaign had been planned already)."""
+    already_planned: bool = False
+    dry_run: bool = False
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase of the plan (read, policy, render, assemble, ingest, insert, commit)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Creating and reading campaigns
+
+
+def create(
+    name: str,
+    kind: Kind,
+    segment: segments.Segment | segments.SavedSegment | tuple[str, int] | str,
+    variants: Sequence[Variant],
+    test_fraction: float | None = None,
+    holdout_fraction: float | None = None,
+    home: str | Path | None = None,
+) -> Campaign:
+    """A new draft campaign, checked against the published snapshot.
+
+    ``segment``: a :class:`~smsops.segments.Segment`, a saved one, ``(name, version)`` of a
+    saved one, or its name (the latest version); its definition is stored, not contact ids.
+    1–5 variants with distinct names; templates may use only :func:`segments.template_fields`;
+    senders must pass :func:`smsops.senders.validate` and be configured (``SMSOPS_SENDERS``).
+    ``holdout_fraction`` in (0, 0.5] (promotions only); ``test_fraction`` in (0, 1] needs two
+    or more variants, and holdout + test ≤ 1."""
+    name = _check_name(name)
+    if kind not in ("promo", "service"):
+        raise CampaignError(f"kind: expected 'promo' or 'service', got {kind!r}")
+    resolved = _resolve_segment(segment, home)
+    checked = _check_variants(variants, kind, home)
+    test_fraction, holdout_fraction = _check_fractions(test_fraction, holdout_fraction, kind, len(checked))
+    try:
+        segments.validate(resolved, segments.fields(home))
+    except segments.SegmentError as exc:
+        raise CampaignError(f"segment {resolved.name!r}: {exc}") from exc
+    created = _stamp(_now(None))
+    definition = json.dumps(segments.to_dict(resolved), ensure_ascii=False, sort_keys=True)
+    with _store(home) as conn, store.transaction(conn):
+        (campaign_id,) = conn.execute(
+            """
+            insert into campaigns (
+                name, kind, status, sender_id, segment, test_fraction, holdout_fraction, created_at
+            )
+            values (?, ?, 'draft', ?, ?, ?, ?, ?)
+            returning campaign_id
+            """,
+            (name, kind, checked[0].sender, definition, test_fraction, holdout_fraction, created),
+        ).fetchone()
+        conn.executemany(
+            "insert into campaign_variants (campaign_id, variant, template, sender_id) values (?, ?, ?, ?)",
+            [(campaign_id, v.name, v.template_source, v.sender) for v in checked],
+        )
+    return get(campaign_id, home)
+
+
+def get(campaign_id: int, home: str | Path | None = None) -> Campaign:
+    """The campaign with its variants."""
+    with _store(home) as conn:
+        return _load(conn, campaign_id)
+
+
+def _load(conn: sqlite3.Connection, campaign_id: int) -> Campaign:
+    if isinstance(campaign_id, bool) or not isinstance(campaign_id, int):
+        raise CampaignError(f"campaign_id: expected a whole number, got {campaign_id!r}")
+    row = conn.execute(
+        """
+        select name, kind, status, segment, test_fraction, holdout_fraction,
+               created_at, launched_at, finished_at
+        from campaigns where campaign_id = ?
+        """,
+        (campaign_id,),
+    ).fetchone()
+    if row is None:
+        raise CampaignNotFound(f"no campaign has id {campaign_id}")
+    name, kind, status, definition, test, holdout, created, launched, finished = row
+    variants = tuple(
+        Variant(v, template, sender or "")
+        for v, template, sender in conn.execute(
+            "select variant, template, sender_id from campaign_variants where campaign_id = ? order by variant",
+            (campaign_id,),
+        )
+    )
+    segment = None
+    if definition:
+        try:
+            segment = segments.from_dict(json.loads(definition))
+        except (ValueError, segments.SegmentError):
+            segment = None  # written by another tool (e.g. the demo): not a plannable segment
+    return Campaign(
+        campaign_id=campaign_id,
+        name=name,
+        kind=kind,
+        status=status,
+        segment=segment,
+        variants=variants,
+        test_fraction=test,
+        holdout_fraction=holdout,
+        created_at=_parse(created),
+        launched_at=_parse(launched) if launched else None,
+        finished_at=_parse(finished) if finished else None,
+    )
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise CampaignError("name: a campaign needs a name")
+    name = name.strip()
+    if len(name) > MAX_NAME_LENGTH or any(ch < " " for ch in name):
+        raise CampaignError(f"name: at most {MAX_NAME_LENGTH} characters, no control characters")
+    return name
+
+
+def _resolve_segment(segment: Any, home: str | Path | None) -> segments.Segment:
+    if isinstance(segment, segments.Segment):
+        return segment
+    if isinstance(segment, segments.SavedSegment):
+        return segment.segment
+    if isinstance(segment, str):
+        return segments.load(segment, home=home).segment
+    if isinstance(segment, tuple) and len(segment) == 2:
+        return segments.load(segment[0], segment[1], home=home).segment
+    raise CampaignError(
+        "segment: expected a Segment, a SavedSegment, a saved segment's name or (name, version),"
+        f" got {type(segment).__name__}"
+    )
+
+
+def _check_variants(variants: Sequence[Variant], kind: Kind, home: str | Path | None) -> list[Variant]:
+    if isinstance(variants, Variant):
+        variants = [variants]
+    variants = list(variants)
+    if not 1 <= len(variants) <= MAX_VARIANTS:
+        raise CampaignError(f"variants: a campaign has 1 to {MAX_VARIANTS} variants, got {len(variants)}")
+    known = segments.template_fields(home)
+    allowed = settings.senders()
+    checked: list[Variant] = []
+    for variant in variants:
+        if not isinstance(variant, Variant):
+            raise CampaignError(
+                f"variants: expected Variant(name, template_source, sender), got {variant!r:.60}"
+            )
+        label = f"variant {variant.name!r}"
+        if not isinstance(variant.name, str) or not _VARIANT_NAME.fullmatch(variant.name):
+            raise CampaignError(f"{label}: a name is 1-32 letters, digits, space, '_', '.' or '-'")
+        if variant.name.lower() in _RESERVED:
+            raise CampaignError(f"{label}: {', '.join(sorted(_RESERVED))} are reserved names")
+        if any(v.name == variant.name for v in checked):
+            raise CampaignError(f"{label}: two variants have this name")
+        try:
+            template = templates.compile(composer.message_source(variant.template_source, kind), known)
+        except templates.TemplateError as exc:
+            raise CampaignError(f"{label}: {exc}") from exc
+        if template.unknown_fields:
+            names = ", ".join(template.unknown_fields)
+            raise CampaignError(
+                f"{label}: {names} is not a field of your contacts (see segments.template_fields)"
+            )
+        try:
+            sender = senders.validate(variant.sender).value
+        except senders.SenderError as exc:
+            raise CampaignError(f"{label}: {exc}") from exc
+        if sender not in allowed:
+            raise CampaignError(
+                f"{label}: sender {sender!r} is not configured for this install"
+                f" (SMSOPS_SENDERS: {', '.join(allowed) or 'none'})"
+            )
+        checked.append(replace(variant, sender=sender))
+    return checked
+
+
+def _check_fractions(
+    test: float | None, holdout: float | None, kind: Kind, n_variants: int
+) -> tuple[float | None, float | None]:
+    for label, value, upper in (("test_fraction", test, 1.0), ("holdout_fraction", holdout, 0.5)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= upper:
+            raise CampaignError(f"{label}: expected a share above 0 and at most {upper:g}, got {value!r}")
+    if holdout is not None and kind == "service":
+        raise CampaignError("holdout_fraction: service messages are owed to every recipient; no holdout")
+    if test is not None and n_variants < 2:
+        raise CampaignError("test_fraction: a test needs 2 to 5 variants")
+    if test is not None and holdout is not None and test + holdout > 1:
+        raise CampaignError(
+            f"test_fraction + holdout_fraction: {test} + {holdout} exceeds the whole audience"
+        )
+    return (None if test is None else float(test)), (None if holdout is None else float(holdout))
+
+
+# ---------------------------------------------------------------------------------------
+# Planning
+
+
+def plan(
+    campaign_id: int,
+    *,
+    now: datetime | None = None,
+    home: str | Path | None = None,
+    caps: FrequencyCaps = FrequencyCaps(),  # noqa: B008 — frozen, immutable
+    quiet: QuietHours = QuietHours(),  # noqa: B008
+    opt_out_text: str | None = None,
+    default_zone: str = DEFAULT_ZONE,
+    dry_run: bool = False,
+) -> PlanResult:
+    """Launch: freeze the audience, apply the policy, split, render, price and write the
+    outbox in one transaction; the campaign becomes ``running`` (``finished`` when nobody
+    is left to send to). With ``dry_run`` nothing is written: the result is what a launch
+    now would do (for the confirmation dialog).
+
+    Calling it for a campaign that is already launched writes nothing and returns the
+    outbox's outcome with ``already_planned=True``."""
+    started = time.perf_counter()
+    moment = _now(now)
+    campaign = get(campaign_id, home)
+    if campaign.status not in _LAUNCHABLE:
+        if dry_run:
+            raise CampaignStateError(
+                f"campaign {campaign_id} is {campaign.status}: there is nothing to preview"
+            )
+        return replace(outcome(campaign_id, home), already_planned=True, seconds=_since(started))
+    if campaign.segment is None:
+        raise CampaignError(f"campaign {campaign_id} has no segment definition this version can read")
+    if not campaign.variants:
+        raise CampaignError(f"campaign {campaign_id} has no variants")
+    policy.deferral(moment, [default_zone], quiet)  # checks the zone and the quiet hours early
+    footer = settings.opt_out_text() if opt_out_text is None else opt_out_text
+    compiled = {
+        v.name: templates.compile(composer.message_source(v.template_source, campaign.kind, footer))
+        for v in campaign.variants
+    }
+    field_names = list(dict.fromkeys(name for t in compiled.values() for name in t.fields))
+    db_path = store.store_path(home)
+
+    clock = _Clock()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        audience = pool.submit(_audience, campaign.segment, field_names, moment, home)
+        contacts = pool.submit(_read_ops, db_path, _CONTACTS_SQL)
+        ledger = pool.submit(_read_ops, db_path, _LEDGER_SQL)
+        history = pool.submit(_cap_history, db_path, campaign, moment, caps)
+        audience_t, contacts_t, ledger_t = audience.result(), contacts.result(), ledger.result()
+        history_t, watermark = history.result()
+    clock.lap("read")
+
+    with _duckdb() as con:
+        con.register("aud", audience_t)
+        con.register("ct", contacts_t)
+        con.register("ledger", ledger_t)
+        con.register("hist", history_t)
+        con.register("erased_numbers", _erased(ledger_t, contacts_t, audience_t, home))
+        _decide(con, campaign, moment, caps, quiet, default_zone, len(field_names))
+        clock.lap("policy")
+        remainder_cost = _render(con, compiled, field_names)
+        clock.lap("render")
+        _assemble(con, campaign, moment)
+        clock.lap("assemble")
+        if dry_run:
+            return replace(
+                _result(con, campaign_id, remainder_cost, dry_run=True, started=started), timings=clock.laps
+            )
+        written = _write(con, db_path, campaign, moment, watermark, caps, clock)
+        if written is None:  # another call launched it first
+            return replace(outcome(campaign_id, home), already_planned=True, seconds=_since(started))
+        result = _result(con, campaign_id, remainder_cost, started=started)
+        return replace(result, written=written, timings=clock.laps)
+
+
+# Reads ----------------------------------------------------------------------------------
+
+# The zone a contact is judged in: its own (from its city), else its number's candidates.
+_CONTACTS_SQL = """
+    select
+        contact_id,
+        phone_e164,
+        phone_valid,
+        phone_reason,
+        phone_country as country,
+        coalesce(nullif(trim(time_zone), ''), nullif(trim(phone_time_zones), ''), '') as zone_key,
+        coalesce(nullif(trim(time_zone), ''), '') = '' and instr(coalesce(phone_time_zones, ''), ',') > 0
+            as zone_candidates
+    from contacts
+"""
+# smsops.consent's rule: the latest event wins, an opt-out wins a tie, a keyword STOP covers
+# every purpose.
+_LEDGER_SQL = """
+    select
+        event_id,
+        phone_e164,
+        occurred_at,
+        action = 'opt_out' as opt_out,
+        purpose = 'marketing' or (action = 'opt_out' and source = 'keyword_reply') as for_marketing,
+        purpose = 'service' or (action = 'opt_out' and source = 'keyword_reply') as for_service
+    from consent_events
+"""
+_HISTORY_SQL = """
+    select message_id, phone_e164, coalesce(submitted_at, nullif(not_before, ?), planned_at) as sent_at
+    from messages
+    where campaign_id in (
+            select campaign_id from campaigns
+            where kind = 'promo' and campaign_id <> ? and (finished_at is null or finished_at >= ?)
+        )
+        and state in ('planned', 'sending', 'submitted', 'unknown')
+        and phone_e164 is not null
+        and coalesce(submitted_at, nullif(not_before, ?), planned_at) >= ?
+        and message_id {bound} ?
+"""
+
+
+def _read_ops(db_path: Path, sql: str, params: Sequence[Any] = ()) -> pa.Table:
+    """A query's result from the operational store as Arrow, on a connection of its own."""
+    import adbc_driver_sqlite.dbapi as adbc
+
+    with adbc.connect(str(db_path)) as conn:
+        return _fetch(conn, sql, params)
+
+
+def _fetch(conn: Any, sql: str, params: Sequence[Any]) -> pa.Table:
+    """A query's result as Arrow, in one batch: the ADBC driver infers a column's type from
+    its first batch, so it must see every row (a column null at first would turn int64)."""
+    with conn.cursor() as cur:
+        cur.execute("pragma busy_timeout = 30000")
+        cur.fetchall()
+        cur.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(1 << 30)})
+        if params:
+            cur.execute(sql, list(params))
+        else:
+            cur.execute(sql)
+        return cur.fetch_arrow_table()
+
+
+def _cap_history(
+    db_path: Path, campaign: Campaign, moment: datetime, caps: FrequencyCaps
+) -> tuple[pa.Table, int]:
+    """Promotions of other campaigns that count toward this one's caps, and the highest
+    outbox id read (rows above it are read again under the write lock)."""
+    import adbc_driver_sqlite.dbapi as adbc
+
+    with adbc.connect(str(db_path)) as conn:
+        watermark = (
+            _fetch(conn, "select coalesce(max(message_id), 0) as m from messages", ()).column(0)[0].as_py()
+        )
+        if campaign.kind != "promo" or (caps.per_day is None and caps.per_week is None):
+            return _empty_history(), watermark
+        table = _fetch(conn, _HISTORY_SQL.format(bound="<="), _history_params(campaign, moment, watermark))
+    return table, watermark
+
+
+def _history_params(campaign: Campaign, moment: datetime, watermark: int) -> list[Any]:
+    cutoff = _stamp(moment - policy.WEEK)
+    return [AWAITING_WINNER, campaign.campaign_id, cutoff, AWAITING_WINNER, cutoff, watermark]
+
+
+def _empty_history() -> pa.Table:
+    return pa.table(
+        {"message_id": pa.array([], pa.int64()), "phone_e164": pa.array([], pa.string()),
+         "sent_at": pa.array([], pa.string())}
+    )  # fmt: skip
+
+
+def _audience(segment: segments.Segment, names: Sequence[str], moment: datetime, home: Any) -> pa.Table:
+    """The segment's contacts now, with the template fields as ``f0``, ``f1`` … ."""
+    known = segments.fields(home)
+    where, where_params = segments.compile(segment, known, now=moment)
+    select, params = ["contact_id"], []
+    for i, name in enumerate(names):
+        sql, extra = _field_sql(known, name)
+        select.append(f'{sql} as "f{i}"')
+        params.extend(extra)
+    with warehouse.connect(home) as conn:
+        try:
+            return conn.sql(
+                f"select {', '.join(select)} from {segments.TABLE} where {where}",
+                params=[*params, *where_params],
+            ).to_arrow_table()
+        except duckdb.Error as exc:
+            raise warehouse.WarehouseError(f"audience query failed: {exc}") from exc
+
+
+def _field_sql(known: Mapping[str, segments.Field], name: str) -> tuple[str, tuple[Any, ...]]:
+    """How a template field is read from the mart (as ``segments.template_fields`` offers it)."""
+    if name in segments.TEMPLATE_COLUMNS and name in known:
+        return known[name].sql, ()
+    spec = known.get(f"custom.{name}")
+    if spec is not None and name not in known:
+        return spec.sql, spec.params
+    return "null", ()  # not a field (any more): renders as its default
+
+
+def _erased(ledger: pa.Table, contacts: pa.Table, audience: pa.Table, home: Any) -> pa.Table:
+    """Numbers of the audience that were erased: the ledger holds an opt-out for their
+    pseudonym (see ``smsops.erasure``). Hashing is skipped when the ledger holds none."""
+    import pyarrow.compute as pc
+
+    phones = ledger.column("phone_e164")
+    opted_out = pc.equal(ledger.column("opt_out"), 1)
+    pseudo = pc.filter(phones, pc.and_(pc.starts_with(phones, erasure.PSEUDONYM_PREFIX), opted_out))
+    found: list[str] = []
+    if len(pseudo):
+        secret = erasure.load_secret(_home_dir(home), create=False)
+        if secret is None:
+            raise CampaignError(
+                "the store holds erased numbers but the erasure key is missing"
+                f" ({_home_dir(home) / erasure.KEY_FILE} or ${erasure.SECRET_ENV}): restore it from a backup"
+            )
+        pseudonyms = set(pseudo.to_pylist())
+        wanted = pc.is_in(contacts.column("contact_id"), value_set=audience.column("contact_id"))
+        numbers = pc.unique(pc.drop_null(pc.filter(contacts.column("phone_e164"), wanted))).to_pylist()
+        found = [
+            n for n in numbers if not erasure.is_pseudonym(n) and erasure.pseudonym(n, secret) in pseudonyms
+        ]
+    return pa.table({"phone_e164": pa.array(found, pa.string())})
+
+
+def _home_dir(home: Any) -> Path:
+    return settings.paths(home).home
+
+
+# Decisions ------------------------------------------------------------------------------
+
+
+def _decide(
+    con: duckdb.DuckDBPyConnection,
+    campaign: Campaign,
+    moment: datetime,
+    caps: FrequencyCaps,
+    quiet: QuietHours,
+    default_zone: str,
+    field_count: int,
+) -> None:
+    """Table ``decided``: every recipient with its exclusion reason (the first of the policy
+    order), its quiet-hours deferral, its cap counts, its group (holdout, a variant,
+    remainder) and ``combo``, which distinct combination of template fields it has
+    (table ``combos``)."""
+    zones = con.execute("select distinct zone_key, zone_candidates from ct").fetchall()
+    con.register("deferrals", _deferrals(zones, moment, quiet, default_zone))
+    if campaign.kind == "promo":
+        verdict = "case when cn.marketing_out is null then 'no_consent' when cn.marketing_out = 1 then 'opted_out' end"
+    else:
+        verdict = "case when cn.service_out = 1 then 'opted_out' end"
+    variants = [v.name for v in campaign.variants]
+    n = len(variants)
+    held = campaign.holdout_fraction or 0.0
+    test = campaign.test_fraction
+    share = (1.0 - held) if test is None else test
+    remainder_when = "false" if test is None else f"unit >= {held!r}::double + {test!r}::double"
+    per_day = "null" if caps.per_day is None else str(caps.per_day)
+    per_week = "null" if caps.per_week is None else str(caps.per_week)
+    capped = "null"
+    if campaign.kind == "promo":
+        capped = f"""case
+            when {per_day} is not null and coalesce(c.last_day, 0) >= {per_day} then 'capped_daily'
+            when {per_week} is not null and coalesce(c.last_week, 0) >= {per_week} then 'capped_weekly'
+        end"""
+    fields = ", ".join(f'"f{i}"' for i in range(field_count)) or "1"
+    latest = "struct_pack(o := occurred_at, x := opt_out, e := event_id)"
+    con.execute(
+        f"""
+        create temp table consent_now as
+        select
+            phone_e164,
+            max_by(opt_out, {latest}) filter (where for_marketing = 1) as marketing_out,
+            max_by(opt_out, {latest}) filter (where for_service = 1) as service_out
+        from ledger
+        group by phone_e164
+        """
+    )
+    # narrow: who is excluded by the number and the ledger, and when the message would go
+    con.execute(
+        f"""
+        create temp table checks as
+        select
+            aud.contact_id,
+            ct.phone_e164,
+            ct.country,
+            d.not_before as deferred_to,
+            d.reason as quiet_reason,
+            case
+                when coalesce(ct.phone_reason = 'erased', false)
+                    or starts_with(ct.phone_e164, '{erasure.PSEUDONYM_PREFIX}')
+                    or er.phone_e164 is not null then 'erased'
+                when ct.phone_e164 is null or coalesce(ct.phone_valid, 0) <> 1 then 'invalid_number'
+                else {verdict}
+            end as reason,
+            coalesce(d.not_before, $now) as send_at
+        from aud
+        left join ct on ct.contact_id = aud.contact_id
+        left join erased_numbers as er on er.phone_e164 = ct.phone_e164
+        left join consent_now as cn on cn.phone_e164 = ct.phone_e164
+        left join deferrals as d
+            on d.zone_key = coalesce(ct.zone_key, '') and d.zone_candidates = coalesce(ct.zone_candidates, 0)
+        """,
+        {"now": moment.replace(tzinfo=None)},
+    )
+    con.execute(
+        """
+        create temp table owners as
+        select phone_e164, min(contact_id) as owner from checks where reason is null group by phone_e164
+        """
+    )
+    con.execute(
+        """
+        create temp table counted as
+        select
+            x.contact_id,
+            count(*) filter (where h.sent_at > x.send_at - interval 1 day) as last_day,
+            count(*) as last_week
+        from checks as x
+        join owners as o on o.owner = x.contact_id
+        join (select phone_e164, cast(sent_at as timestamp) as sent_at from hist) as h
+            on h.phone_e164 = x.phone_e164 and h.sent_at > x.send_at - interval 7 day
+        group by x.contact_id
+        """
+    )
+    # each distinct combination of template fields once: messages are rendered per combination
+    con.execute(
+        f"""
+        create temp table combos as
+        select row_number() over () as combo, *
+        from (select distinct {fields} from aud)
+        """
+    )
+    same = (
+        " and ".join(f'aud."f{i}" is not distinct from combos."f{i}"' for i in range(field_count)) or "true"
+    )
+    con.execute(
+        f"""
+        create temp table decided as
+        with
+        checked as (
+            select
+                aud.contact_id,
+                combos.combo,
+                x.phone_e164,
+                x.country,
+                x.deferred_to,
+                x.quiet_reason,
+                x.send_at,
+                coalesce(c.last_day, 0) as last_day,
+                coalesce(c.last_week, 0) as last_week,
+                coalesce(
+                    x.reason,
+                    case when x.contact_id <> o.owner then 'duplicate' end,
+                    {capped}
+                ) as reason
+            from aud
+            join combos on {same}
+            join checks as x on x.contact_id = aud.contact_id
+            left join owners as o on o.phone_e164 = x.phone_e164
+            left join counted as c on c.contact_id = aud.contact_id
+        ),
+        split as (
+            select
+                *,
+                case when reason is null then
+                    ('0x' || left(sha256('{campaign.campaign_id}:' || cast(contact_id as varchar)), 13))::bigint::double
+                    / {_UNIT_SCALE}::double
+                end as unit
+            from checked
+        )
+        select
+            * exclude (unit),
+            $variants[contact_id % {n} + 1] as home_variant,
+            case
+                when reason is not null then null
+                when unit < {held!r}::double then '{HOLDOUT}'
+                when {remainder_when} then '{REMAINDER}'
+                else $variants[least(cast(floor((unit - {held!r}::double) / {share!r}::double * {n}) as bigint),
+                                     {n - 1}) + 1]
+            end as grp
+        from split
+        """,
+        {"variants": variants},
+    )
+
+
+def _deferrals(
+    zones: Iterable[tuple[str | None, Any]], moment: datetime, quiet: QuietHours, default_zone: str
+) -> pa.Table:
+    """When each distinct zone (or candidate set) may be sent to: few distinct, so in Python.
+    A contact without a usable zone is judged in ``default_zone``."""
+    keys, flags, times, reasons = [], [], [], []
+    for key, candidates in zones:
+        names = [z.strip() for z in (key or "").split(",") if z.strip() and z.strip() != "Etc/Unknown"]
+        found = None
+        try:
+            if names:
+                found = policy.deferral(moment, names, quiet, candidates=bool(candidates))
+        except policy.PolicyError:  # a zone name the system does not know
+            names = []
+        if not names:
+            found = policy.deferral(moment, [default_zone], quiet, candidates=False)
+        keys.append(key or "")
+        flags.append(int(bool(candidates)))
+        times.append(None if found is None else found.not_before.replace(tzinfo=None))
+        reasons.append(None if found is None else found.reason)
+    return pa.table({
+        "zone_key": pa.array(keys, pa.string()),
+        "zone_candidates": pa.array(flags, pa.int64()),
+        "not_before": pa.array(times, pa.timestamp("us")),
+        "reason": pa.array(reasons, pa.string()),
+    })  # fmt: skip
+
+
+# Rendering ------------------------------------------------------------------------------
+
+
+def _render(
+    con: duckdb.DuckDBPyConnection,
+    compiled: Mapping[str, templates.Template],
+    field_names: Sequence[str],
+) -> dict[str, dict[str, float]]:
+    """Table ``rendered`` (grp, combo, body, encoding, segments): each variant's text for
+    each distinct combination of template fields among its rows, analysed once per distinct
+    text; and what the remainder would cost under each variant. A combination that fails to
+    render gets no row (its recipients are suppressed as ``render_failed``)."""
+    picked = "".join(f', c."f{i}"' for i in range(len(field_names)))
+    rows = con.execute(
+        f"""
+        select distinct d.grp, d.combo{picked}
+        from decided as d
+        join combos as c on c.combo = d.combo
+        where d.reason is null and d.grp <> '{HOLDOUT}'
+        """
+    ).fetchall()
+    analysed: dict[str, tuple[str, int]] = {}
+
+    def render(template: templates.Template, values: Sequence[Any]) -> tuple[str, str, int] | None:
+        try:
+            text = template.render(dict(zip(field_names, values, strict=True)))
+        except templates.TemplateError:
+            return None
+        hit = analysed.get(text)
+        if hit is None:
+            a = encoding.analyze(text)
+            hit = analysed[text] = (a.encoding, a.segments)
+        return text, hit[0], hit[1]
+
+    out: dict[str, list[Any]] = {"grp": [], "combo": [], "body": [], "encoding": [], "segments": []}
+    remainder: dict[int, Sequence[Any]] = {}
+    for grp, combo, *values in rows:
+        if grp == REMAINDER:
+            remainder[combo] = values
+            continue
+        done = render(compiled[grp], values)
+        if done is not None:
+            for key, value in zip(out, (grp, combo, *done), strict=True):
+                out[key].append(value)
+    con.register(
+        "rendered",
+        pa.table({
+            "grp": pa.array(out["grp"], pa.string()), "combo": pa.array(out["combo"], pa.int64()),
+            "body": pa.array(out["body"], pa.string()), "encoding": pa.array(out["encoding"], pa.string()),
+            "segments": pa.array(out["segments"], pa.int64()),
+        }),
+    )  # fmt: skip
+    if not remainder:
+        return {}
+    counts = con.execute(
+        f"select combo, country, count(*) from decided where grp = '{REMAINDER}' group by all"
+    ).fetchall()
+    remainder_cost: dict[str, dict[str, float]] = {}
+    for name, template in compiled.items():
+        segs = {}
+        for combo, values in remainder.items():
+            done = render(template, values)
+            segs[combo] = 0 if done is None else done[2]
+        bill = pricing.estimate_totals((country, k, k * segs[combo]) for combo, country, k in counts)
+        remainder_cost[name] = dict(bill.totals)
+    return remainder_cost
+
+
+def _assemble(con: duckdb.DuckDBPyConnection, campaign: Campaign, moment: datetime) -> None:
+    """Table ``outbox``: the rows to write, in the outbox's columns, plus what the cap
+    re-check under the write lock needs (``send_at``, cap counts, ``home_variant``)."""
+    countries = [r[0] for r in con.execute("select distinct country from decided").fetchall()]
+    prices = [pricing.price(c) for c in countries]
+    con.register(
+        "prices",
+        pa.table({
+            "country": pa.array(countries, pa.string()),
+            "per_segment": pa.array([p.per_segment for p in prices], pa.float64()),
+            "currency": pa.array([p.currency for p in prices], pa.string()),
+        }),
+    )  # fmt: skip
+    cid = campaign.campaign_id
+    con.execute(
+        f"""
+        create temp table outbox as
+        with rows as (
+            select
+                d.*,
+                r.body,
+                r.encoding,
+                r.segments,
+                case
+                    when d.reason is not null then 'suppressed'
+                    when d.grp = '{HOLDOUT}' then 'holdout'
+                    when d.grp <> '{REMAINDER}' and r.body is null then 'suppressed'
+                    else 'planned'
+                end as state
+            from decided as d
+            left join rendered as r on r.grp = d.grp and r.combo = d.combo
+        )
+        select
+            '{cid}:' || cast(rows.contact_id as varchar) as idempotency_key,
+            cast({cid} as bigint) as campaign_id,
+            case when state = 'suppressed' then home_variant else grp end as variant,
+            rows.contact_id,
+            case when reason = 'erased' then null else rows.phone_e164 end as phone_e164,
+            case when state = 'planned' then body end as body,
+            case when state = 'planned' then encoding end as encoding,
+            case when state = 'planned' then segments end as segments,
+            case when state = 'planned' and body is not null then round(segments * p.per_segment, 4) end as price,
+            case when state = 'planned' and body is not null then p.currency end as currency,
+            state,
+            case
+                when reason is not null then reason
+                when state = 'suppressed' then 'render_failed'
+                when grp = '{HOLDOUT}' then 'holdout'
+                when grp = '{REMAINDER}' then 'awaiting_winner'
+                else quiet_reason
+            end as skip_reason,
+            $planned_at as planned_at,
+            case
+                when state <> 'planned' then null
+                when grp = '{REMAINDER}' then '{AWAITING_WINNER}'
+                else strftime(deferred_to, '%Y-%m-%d %H:%M:%S')
+            end as not_before,
+            send_at,
+            last_day,
+            last_week,
+            home_variant
+        from rows
+        left join prices as p on p.country is not distinct from rows.country
+        """,
+        {"planned_at": _stamp(moment)},
+    )
+
+
+# Writing --------------------------------------------------------------------------------
+
+_OUTBOX_COLUMNS = (
+    "idempotency_key", "campaign_id", "variant", "contact_id", "phone_e164", "body", "encoding",
+    "segments", "price", "currency", "state", "skip_reason", "planned_at", "not_before",
+)  # fmt: skip
+_OUTBOX_SCHEMA = pa.schema(
+    [
+        (name, pa.int64() if name in ("campaign_id", "contact_id", "segments") else
+         pa.float64() if name == "price" else pa.string())
+        for name in _OUTBOX_COLUMNS
+    ]
+)  # fmt: skip
+
+
+def _write(
+    con: duckdb.DuckDBPyConnection,
+    db_path: Path,
+    campaign: Campaign,
+    moment: datetime,
+    watermark: int,
+    caps: FrequencyCaps,
+    clock: _Clock,
+) -> int | None:
+    """Insert the outbox and launch the campaign in one transaction; None when the campaign
+    was no longer launchable once the write lock was held."""
+    import adbc_driver_sqlite.dbapi as adbc
+
+    with adbc.connect(str(db_path), autocommit=True) as conn:
+        cur = conn.cursor()
+        try:
+            for pragma in ("busy_timeout = 30000", "cache_size = -524288", "synchronous = normal"):
+                cur.execute(f"pragma {pragma}")
+                cur.fetchall()
+            cur.execute("begin immediate")
+            try:
+                cur.execute("select status from campaigns where campaign_id = ?", [campaign.campaign_id])
+                (status,) = cur.fetchone()
+                if status not in _LAUNCHABLE:
+                    cur.execute("rollback")
+                    return None
+                if campaign.kind == "promo" and (caps.per_day is not None or caps.per_week is not None):
+                    late = _fetch(
+                        conn, _HISTORY_SQL.format(bound=">"), _history_params(campaign, moment, watermark)
+                    )
+                    if late.num_rows:
+                        _recheck_caps(con, late, caps)
+                # in number order, so the outbox's index on numbers grows in order
+                rows = con.sql(
+                    f"select {', '.join(_OUTBOX_COLUMNS)} from outbox order by phone_e164, contact_id"
+                ).to_arrow_table()
+                cur.adbc_ingest("smsops_plan", rows.cast(_OUTBOX_SCHEMA), mode="create", temporary=True)
+                clock.lap("ingest")
+                columns = ", ".join(_OUTBOX_COLUMNS)
+                cur.execute(
+                    f"""
+                    insert into messages ({columns})
+                    select {columns} from temp.smsops_plan where true
+                    on conflict (idempotency_key) do nothing
+                    """
+                )
+                cur.execute("select changes()")
+                (written,) = cur.fetchone()
+                cur.execute("drop table temp.smsops_plan")
+                (planned,) = con.execute("select count(*) from outbox where state = 'planned'").fetchone()
+                stamp = _stamp(moment)
+                cur.execute(
+                    "update campaigns set status = ?, launched_at = ?, finished_at = ? where campaign_id = ?",
+                    [
+                        "running" if planned else "finished",
+                        stamp,
+                        None if planned else stamp,
+                        campaign.campaign_id,
+                    ],
+                )
+                clock.lap("insert")
+                cur.execute("commit")
+                clock.lap("commit")
+            except BaseException:
+                cur.execute("rollback")
+                raise
+        finally:
+            cur.close()
+    return written
+
+
+def _recheck_caps(con: duckdb.DuckDBPyConnection, late: pa.Table, caps: FrequencyCaps) -> None:
+    """Promotions another process planned after the cap history was read: recipients they
+    push over a cap become ``capped_*`` before anything is written."""
+    con.register("late", late)
+    per_day = "null" if caps.per_day is None else str(caps.per_day)
+    per_week = "null" if caps.per_week is None else str(caps.per_week)
+    con.execute(
+        f"""
+        create or replace temp table late_caps as
+        with counted as (
+            select
+                o.contact_id,
+                o.last_day + count(*) filter (where l.sent_at > o.send_at - interval 1 day) as last_day,
+                o.last_week + count(*) as last_week
+            from outbox as o
+            join (select phone_e164, cast(sent_at as timestamp) as sent_at from late) as l
+                on l.phone_e164 = o.phone_e164 and l.sent_at > o.send_at - interval 7 day
+            where o.state in ('planned', 'holdout')
+            group by o.contact_id, o.last_day, o.last_week
+        )
+        select contact_id, last_day, last_week,
+            case
+                when {per_day} is not null and last_day >= {per_day} then 'capped_daily'
+                when {per_week} is not null and last_week >= {per_week} then 'capped_weekly'
+            end as reason
+        from counted
+        """
+    )
+    con.execute(
+        """
+        update outbox set
+            state = 'suppressed', skip_reason = l.reason, variant = outbox.home_variant,
+            body = null, encoding = null, segments = null, price = null, currency = null, not_before = null,
+            last_day = l.last_day, last_week = l.last_week
+        from late_caps as l
+        where l.contact_id = outbox.contact_id and l.reason is not null
+        """
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Outcomes: from a plan, or from the outbox
+
+
+_SUMMARY_SQL = """
+    select state, skip_reason, variant, currency, count(*) as n,
+           coalesce(sum(segments), 0) as segments, coalesce(sum(price), 0) as cost, min(not_before) as first_due
+    from {table}
+    where campaign_id = ?
+    group by state, skip_reason, variant, currency
+"""
+
+
+def _result(
+    con: duckdb.DuckDBPyConnection,
+    campaign_id: int,
+    remainder_cost: dict[str, dict[str, float]],
+    *,
+    dry_run: bool = False,
+    started: float,
+) -> PlanResult:
+    rows = con.execute(_SUMMARY_SQL.format(table="outbox"), [campaign_id]).fetchall()
+    return replace(
+        _summarise(campaign_id, rows), remainder_cost=remainder_cost, dry_run=dry_run, seconds=_since(started)
+    )
+
+
+def outcome(campaign_id: int, home: str | Path | None = None) -> PlanResult:
+    """The campaign's outcome as its outbox holds it now (``written`` is 0)."""
+    with _store(home) as conn:
+        _load(conn, campaign_id)  # raises CampaignNotFound
+        rows = conn.execute(_SUMMARY_SQL.format(table="messages"), (campaign_id,)).fetchall()
+    return _summarise(campaign_id, rows)
+
+
+def waterfall(campaign_id: int, home: str | Path | None = None) -> tuple[Step, ...]:
+    """The audience after each policy step, from the outbox: the frozen audience, then what
+    each reason removed in :data:`~smsops.policy.POLICY_ORDER`, then later removals
+    (cancelled, provider rejections) largest first."""
+    return outcome(campaign_id, home).waterfall
+
+
+def _summarise(campaign_id: int, rows: Sequence[tuple[Any, ...]]) -> PlanResult:
+    states: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    variants: dict[str, int] = {}
+    removed: dict[str, int] = {}
+    cost: dict[str, float] = {}
+    total = to_send = deferred = awaiting = segment_total = 0
+    first_due: str | None = None
+    for state, reason, variant, currency, n, segs, price, due in rows:
+        total += n
+        states[state] = states.get(state, 0) + n
+        if reason is not None:
+            reasons[reason] = reasons.get(reason, 0) + n
+        if state in _SENT_STATES:
+            to_send += n
+            variants[variant] = variants.get(variant, 0) + n
+            segment_total += int(segs)
+            if currency is not None:
+                cost[currency] = cost.get(currency, 0.0) + float(price)
+            if state == "planned" and reason in _QUIET_REASONS:
+                deferred += n
+                if due is not None and (first_due is None or str(due) < first_due):
+                    first_due = str(due)
+            if state == "planned" and reason == "awaiting_winner":
+                awaiting += n
+        else:
+            key = reason or state
+            removed[key] = removed.get(key, 0) + n
+    steps = [Step("audience", 0, total, "аудитория сегмента / segment audience")]
+    remaining = total
+    order = [r for r in policy.POLICY_ORDER if r in removed]
+    order += sorted((r for r in removed if r not in policy.POLICY_ORDER), key=lambda r: (-removed[r], r))
+    for reason in order:
+        remaining -= removed[reason]
+        steps.append(Step(reason, removed[reason], remaining, policy.explain(reason)))
+    return PlanResult(
+        campaign_id=campaign_id,
+        audience=total,
+        waterfall=tuple(steps),
+        states=dict(sorted(states.items(), key=lambda kv: -kv[1])),
+        skip_reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        variants=dict(sorted(variants.items())),
+        to_send=to_send,
+        deferred=deferred,
+        earliest_not_before=_parse(first_due) if first_due else None,
+        awaiting_winner=awaiting,
+        segments=segment_total,
+        cost={c: round(v, 2) for c, v in sorted(cost.items())},
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The remainder of an A/B test
+
+
+def release_remainder(
+    campaign_id: int,
+    winner: str,
+    *,
+    now: datetime | None = None,
+    home: str | Path | None = None,
+    quiet: QuietHours = QuietHours(),  # noqa: B008
+    opt_out_text: str | None = None,
+    default_zone: str = DEFAULT_ZONE,
+) -> int:
+    """Give the remainder of an A/B test the ``winner`` variant: render its text for each
+    remainder row (fields read again from the published snapshot), price it, and make it
+    due now or, in quiet hours, at the next allowed minute. The number of rows released;
+    0 when there is nothing waiting (a second call changes nothing)."""
+    moment = _now(now)
+    campaign = get(campaign_id, home)
+    variant = next((v for v in campaign.variants if v.name == winner), None)
+    if variant is None:
+        raise CampaignError(f"winner: campaign {campaign_id} has no variant {winner!r}")
+    if campaign.status not in ("running", "paused"):
+        raise CampaignStateError(
+            f"campaign {campaign_id} is {campaign.status}: its remainder cannot be released"
+        )
+    footer = settings.opt_out_text() if opt_out_text is None else opt_out_text
+    template = templates.compile(composer.message_source(variant.template_source, campaign.kind, footer))
+    names = list(template.fields)
+    db_path = store.store_path(home)
+    waiting = _read_ops(
+        db_path,
+        "select message_id, contact_id from messages"
+        " where campaign_id = ? and state = 'planned' and skip_reason = 'awaiting_winner'",
+        [campaign_id],
+    )
+    if not waiting.num_rows:
+        return 0
+    known = segments.fields(home)
+    select, params = ["contact_id"], []
+    for i, name in enumerate(names):
+        sql, extra = _field_sql(known, name)
+        select.append(f'{sql} as "f{i}"')
+        params.extend(extra)
+    with warehouse.connect(home) as wh:
+        wh.register("waiting", waiting)
+        values = wh.sql(
+            f"select {', '.join(select)} from {segments.TABLE} where contact_id in (select contact_id from waiting)",
+            params=params,
+        ).to_arrow_table()
+    contacts = _read_ops(db_path, _CONTACTS_SQL)
+    with _duckdb() as con:
+        con.register("waiting", waiting)
+        con.register("fields", values)
+        con.register("ct", contacts)
+        joined = con.execute(
+            f"""
+            select w.message_id, ct.country, ct.zone_candidates, ct.zone_key
+                {"".join(f', f."f{i}"' for i in range(len(names)))}
+            from waiting as w
+            left join fields as f using (contact_id)
+            left join ct on ct.contact_id = w.contact_id
+            """
+        ).fetchall()
+    deferrals: dict[tuple[Any, Any], tuple[str | None, str | None]] = {}
+    texts: dict[tuple[Any, ...], tuple[str, str, int] | None] = {}
+    updates, failed = [], []
+    for message_id, country, candidates, zone_key, *vals in joined:
+        key = (zone_key or "", candidates or 0)
+        if key not in deferrals:
+            row = _deferrals([key], moment, quiet, default_zone).to_pylist()[0]
+            due = row["not_before"]
+            deferrals[key] = (None if due is None else _stamp(due), row["reason"])
+        due, reason = deferrals[key]
+        rendered = texts.get(tuple(vals), ())
+        if rendered == ():
+            rendered = texts[tuple(vals)] = _render_one(template, names, vals)
+        if rendered is None:
+            failed.append((message_id,))
+            continue
+        text, enc, segs = rendered
+        price = pricing.price(country)
+        updates.append(
+            (
+                winner,
+                text,
+                enc,
+                segs,
+                round(segs * price.per_segment, 4),
+                price.currency,
+                reason,
+                due,
+                message_id,
+            )
+        )
+    with _store(home) as conn, store.transaction(conn):
+        before = conn.total_changes
+        conn.executemany(
+            """
+            update messages set
+                variant = ?, body = ?, encoding = ?, segments = ?, price = ?, currency = ?,
+                skip_reason = ?, not_before = ?
+            where message_id = ? and state = 'planned' and skip_reason = 'awaiting_winner'
+            """,
+            updates,
+        )
+        released = conn.total_changes - before
+        conn.executemany(
+            "update messages set state = 'suppressed', skip_reason = 'render_failed', not_before = null"
+            " where message_id = ? and state = 'planned' and skip_reason = 'awaiting_winner'",
+            failed,
+        )
+        return released
+
+
+def _render_one(
+    template: templates.Template, names: Sequence[str], values: Sequence[Any]
+) -> tuple[str, str, int] | None:
+    """One message: its text, encoding and segments; None when it cannot be rendered."""
+    try:
+        text = template.render(dict(zip(names, values, strict=True)))
+    except templates.TemplateError:
+        return None
+    analysis = encoding.analyze(text)
+    return text, analysis.encoding, analysis.segments
+
+
+# ---------------------------------------------------------------------------------------
+# Status changes
+
+
+def pause(campaign_id: int, home: str | Path | None = None) -> Campaign:
+    """Stop sending: a running campaign becomes paused (its planned rows wait). Pausing a
+    paused campaign changes nothing."""
+    return _transition(campaign_id, "pause", {"running": "paused", "paused": "paused"}, home)
+
+
+def resume(campaign_id: int, home: str | Path | None = None) -> Campaign:
+    """Send again: a paused campaign becomes running; nothing is planned anew, so no
+    recipient is sent to twice. Resuming a running campaign changes nothing."""
+    return _transition(campaign_id, "resume", {"paused": "running", "running": "running"}, home)
+
+
+def cancel(campaign_id: int, home: str | Path | None = None) -> Campaign:
+    """Stop for good: the campaign becomes cancelled and every row still ``planned`` becomes
+    ``cancelled`` with the reason ``cancelled``; rows already handed to a provider keep
+    their fate. Cancelling a cancelled campaign changes nothing."""
+    moves = {s: "cancelled" for s in ("draft", "scheduled", "running", "paused", "cancelled")}
+    return _transition(campaign_id, "cancel", moves, home, cancel_rows=True)
+
+
+def _transition(
+    campaign_id: int,
+    action: str,
+    moves: Mapping[str, str],
+    home: str | Path | None,
+    *,
+    cancel_rows: bool = False,
+) -> Campaign:
+    with _store(home) as conn:
+        with store.transaction(conn):
+            status = _load(conn, campaign_id).status
+            if status not in moves:
+                raise CampaignStateError(f"campaign {campaign_id} is {status}: cannot {action} it")
+            target = moves[status]
+            if target != status:
+                finished = _stamp(_now(None)) if target == "cancelled" else None
+                conn.execute(
+                    "update campaigns set status = ?, finished_at = coalesce(?, finished_at) where campaign_id = ?",
+                    (target, finished, campaign_id),
+                )
+            if cancel_rows:
+                conn.execute(
+                    "update messages set state = 'cancelled', skip_reason = 'cancelled'"
+                    " where campaign_id = ? and state = 'planned'",
+                    (campaign_id,),
+                )
+        return _load(conn, campaign_id)
+
+
+def retry_failed(campaign_id: int, home: str | Path | None = None) -> int:
+    """Give messages that failed for a transient reason one more try; the number re-queued.
+
+    Re-queued: rows ``rejected`` as :data:`TRANSIENT_FAILURES` (the dispatcher gave up after
+    its retries: throttling, a provider outage). They go back to ``planned``, due now, with
+    the same idempotency key and attempt count (``send_attempts`` keeps each try), so the
+    dispatcher tries each once more. Nothing new is created, and permanent failures
+    (invalid number, STOP at the provider), fates still ``unknown`` (never re-sent blindly)
+    and undelivered messages are left alone. A finished campaign runs again."""
+    reasons = sorted(TRANSIENT_FAILURES)
+    marks = ", ".join("?" * len(reasons))
+    with _store(home) as conn, store.transaction(conn):
+        campaign = _load(conn, campaign_id)
+        if campaign.status not in ("running", "paused", "finished"):
+            raise CampaignStateError(
+                f"campaign {campaign_id} is {campaign.status}: nothing was sent to retry"
+            )
+        count = conn.execute(
+            "update messages set state = 'planned', skip_reason = null, error_code = null, not_before = null"
+            f" where campaign_id = ? and state = 'rejected' and skip_reason in ({marks})",
+            (campaign_id, *reasons),
+        ).rowcount
+        if count and campaign.status == "finished":
+            conn.execute(
+                "update campaigns set status = 'running', finished_at = null where campaign_id = ?",
+                (campaign_id,),
+            )
+    return count
+
+
+# ---------------------------------------------------------------------------------------
+# Listing
+
+
+def list_all(home: str | Path | None = None) -> pd.DataFrame:
+    """Every campaign, newest first, with its outbox as it stands: ``audience`` (rows),
+    ``waiting`` (planned or being sent), ``sent`` (accepted by the provider), ``delivered``
+    (receipts so far), ``not_sent`` (suppressed, holdout, rejected, cancelled, unknown) and
+    ``cost`` of what was sent, from the operational store (fresh, no build needed)."""
+    with _store(home) as conn:
+        frame = pd.read_sql_query(
+            """
+            with
+            outbox as (
+                select
+                    campaign_id,
+                    count(*) as audience,
+                    sum(state in ('planned', 'sending')) as waiting,
+                    sum(state = 'submitted') as sent,
+                    sum(state not in ('planned', 'sending', 'submitted')) as not_sent
+                from messages
+                group by campaign_id
+            ),
+            costs as (
+                select campaign_id, round(sum(price), 2) as cost, min(currency) as currency
+                from messages
+                where state = 'submitted'
+                group by campaign_id
+            ),
+            delivered as (
+                select m.campaign_id, count(*) as delivered
+                from message_status_events as e
+                join messages as m on m.message_id = e.message_id
+                where e.status = 'delivered'
+                group by m.campaign_id
+            )
+            select
+                c.campaign_id,
+                c.name,
+                c.kind,
+                c.status,
+                c.launched_at,
+                coalesce(o.audience, 0) as audience,
+                coalesce(o.waiting, 0) as waiting,
+                coalesce(o.sent, 0) as sent,
+                coalesce(d.delivered, 0) as delivered,
+                coalesce(o.not_sent, 0) as not_sent,
+                coalesce(k.cost, 0) as cost,
+                k.currency
+            from campaigns as c
+            left join outbox as o on o.campaign_id = c.campaign_id
+            left join costs as k on k.campaign_id = c.campaign_id
+            left join delivered as d on d.campaign_id = c.campaign_id
+            order by c.campaign_id desc
+            """,
+            conn,
+        )
+    frame["launched_at"] = pd.to_datetime(frame["launched_at"])
+    return frame
+
+
+def drafts(home: str | Path | None = None) -> list[Campaign]:
+    """Campaigns not launched yet (draft or scheduled), newest first."""
+    return _with_status(_LAUNCHABLE, home)
+
+
+def launched(home: str | Path | None = None) -> list[Campaign]:
+    """Campaigns launched (running, paused, finished or cancelled after launch), newest first."""
+    return [c for c in _with_status(("running", "paused", "finished", "cancelled"), home) if c.launched_at]
+
+
+def _with_status(statuses: Sequence[str], home: str | Path | None) -> list[Campaign]:
+    with _store(home) as conn:
+        ids = [
+            row[0]
+            for row in conn.execute(
+                f"select campaign_id from campaigns where status in ({', '.join('?' * len(statuses))})"
+                " order by campaign_id desc",
+                tuple(statuses),
+            )
+        ]
+        return [_load(conn, campaign_id) for campaign_id in ids]
+
+
+# ---------------------------------------------------------------------------------------
+# At the moment of dispatch
+
+
+def check_before_send(
+    conn: sqlite3.Connection,
+    message_rows: Iterable[int | Mapping[str, Any]],
+    *,
+    now: datetime | None = None,
+    quiet: QuietHours | None = None,
+    default_zone: str = DEFAULT_ZONE,
+) -> list[tuple[int, bool, str | None]]:
+    """``(message_id, ok, reason)`` for each row, decided at ``now`` (default: the current
+    time) from the operational store, for the dispatcher to call just before sending:
+
+    - an erased number gets nothing (``erased``), a row without a usable number neither
+      (``invalid_number``);
+    - a promotion needs a current marketing opt-in and any message stops on an opt-out
+      that covers it (``no_consent``, ``opted_out``) — so an opt-out recorded after planning
+      stops the rest of a running campaign (invariant 2);
+    - with ``quiet`` given, a message that would now arrive in the recipient's quiet hours
+      waits (``quiet_hours`` or ``quiet_hours_candidate_zones``: held reasons, so leave the
+      row planned and call :func:`defer`; never suppress it), e.g. after a late resume.
+
+    Every other reason is final for this message: mark the row suppressed with it.
+
+    A row is an outbox ``message_id``, or a mapping with ``message_id`` and, to override
+    what the outbox holds, ``phone_e164`` and ``kind`` (or ``campaign_id``). Set-based: a
+    few queries per batch, whatever its size."""
+    rows = list(message_rows)
+    ids = [int(r["message_id"]) if isinstance(r, Mapping) else int(r) for r in rows]
+    stored = _outbox_facts(conn, ids)
+    wanted = {
+        r["campaign_id"]
+        for r in rows
+        if isinstance(r, Mapping) and r.get("kind") is None and "campaign_id" in r
+    }
+    kinds = _campaign_kinds(conn, wanted)
+    facts: list[tuple[int, str | None, str | None]] = []
+    for message_id, r in zip(ids, rows, strict=True):
+        phone, kind, _, _ = stored.get(message_id, (None, None, None, None))
+        if isinstance(r, Mapping):
+            phone = r.get("phone_e164", phone)
+            kind = r.get("kind") or kinds.get(r.get("campaign_id")) or kind
+        facts.append((message_id, phone, kind))
+    numbers = sorted({p for _, p, _ in facts if _is_e164(p)})
+    marketing = consent.states(conn, numbers, "marketing") if numbers else {}
+    service = consent.states(conn, numbers, "service") if numbers else {}
+    erased = erasure.erased_numbers(conn, numbers) if numbers else set()
+    moment = _now(now)
+    deferrals: dict[tuple[str, int], tuple[Any, str | None]] = {}
+    out: list[tuple[int, bool, str | None]] = []
+    for message_id, phone, kind in facts:
+        if kind not in ("promo", "service"):
+            raise CampaignError(f"message {message_id}: unknown message or campaign kind {kind!r}")
+        if phone is not None and erasure.is_pseudonym(phone):
+            reason: str | None = "erased"
+        elif not _is_e164(phone):
+            reason = "invalid_number"
+        elif phone in erased:
+            reason = "erased"
+        else:
+            reason = policy.consent_verdict(kind, marketing[phone].last_action, service[phone].last_action)
+        if reason is None and quiet is not None:
+            _, _, zone_key, candidates = stored.get(message_id, (None, None, "", 0))
+            reason = _quiet_now(deferrals, (zone_key or "", candidates or 0), moment, quiet, default_zone)[1]
+        out.append((message_id, reason is None, reason))
+    return out
+
+
+def defer(
+    conn: sqlite3.Connection,
+    message_ids: Iterable[int],
+    *,
+    now: datetime | None = None,
+    quiet: QuietHours = QuietHours(),  # noqa: B008
+    default_zone: str = DEFAULT_ZONE,
+) -> dict[int, datetime]:
+    """Move ``planned`` rows whose recipient is in quiet hours at ``now`` to the next allowed
+    minute (``not_before`` and the held reason set); the new times by message id. Rows in
+    another state, or whose recipient may be messaged now, are left as they are."""
+    ids = list(message_ids)
+    moment = _now(now)
+    stored = _outbox_facts(conn, ids)
+    deferrals: dict[tuple[str, int], tuple[Any, str | None]] = {}
+    moved: dict[int, datetime] = {}
+    updates = []
+    for message_id in ids:
+        if message_id not in stored:
+            continue
+        _, _, zone_key, candidates = stored[message_id]
+        due, reason = _quiet_now(deferrals, (zone_key or "", candidates or 0), moment, quiet, default_zone)
+        if due is not None:
+            updates.append((_stamp(due), reason, message_id))
+            moved[message_id] = due.replace(tzinfo=UTC)
+    with _atomic(conn):
+        before = conn.total_changes
+        conn.executemany(
+            "update messages set not_before = ?, skip_reason = ? where message_id = ? and state = 'planned'",
+            updates,
+        )
+        changed = conn.total_changes - before
+    if changed != len(updates):  # some were no longer planned: report only the rows moved
+        planned = {
+            m
+            for (m,) in _chunked(
+                conn, "select message_id from messages where state = 'planned' and message_id in", ids
+            )
+        }
+        moved = {m: t for m, t in moved.items() if m in planned}
+    return moved
+
+
+def _quiet_now(
+    cache: dict[tuple[str, int], tuple[Any, str | None]],
+    key: tuple[str, int],
+    moment: datetime,
+    quiet: QuietHours,
+    default_zone: str,
+) -> tuple[Any, str | None]:
+    """``(not_before, reason)`` for a zone key at ``moment``; ``(None, None)`` when allowed."""
+    if key not in cache:
+        row = _deferrals([key], moment, quiet, default_zone).to_pylist()[0]
+        cache[key] = (row["not_before"], row["reason"])
+    return cache[key]
+
+
+def _outbox_facts(conn: sqlite3.Connection, ids: Sequence[int]) -> dict[int, tuple[Any, Any, Any, Any]]:
+    """message_id -> (number, campaign kind, zone key, candidates) from the outbox and contacts."""
+    sql = """
+        select
+            m.message_id,
+            m.phone_e164,
+            c.kind,
+            coalesce(nullif(trim(ct.time_zone), ''), nullif(trim(ct.phone_time_zones), ''), ''),
+            coalesce(nullif(trim(ct.time_zone), ''), '') = '' and instr(coalesce(ct.phone_time_zones, ''), ',') > 0
+        from messages as m
+        left join campaigns as c on c.campaign_id = m.campaign_id
+        left join contacts as ct on ct.contact_id = m.contact_id
+        where m.message_id in
+    """
+    return {row[0]: tuple(row[1:]) for row in _chunked(conn, sql, ids)}
+
+
+def _chunked(conn: sqlite3.Connection, sql: str, values: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
+    """``sql`` ending in ``in`` run over ``values`` 900 at a time."""
+    for start in range(0, len(values), 900):
+        chunk = list(values[start : start + 900])
+        yield from conn.execute(f"{sql} ({', '.join('?' * len(chunk))})", chunk)
+
+
+def _campaign_kinds(conn: sqlite3.Connection, campaign_ids: Iterable[int]) -> dict[int, str]:
+    return dict(
+        _chunked(conn, "select campaign_id, kind from campaigns where campaign_id in", list(campaign_ids))
+    )
+
+
+@contextmanager
+def _atomic(conn: sqlite3.Connection) -> Iterator[None]:
+    """A transaction of its own, or a savepoint inside the caller's."""
+    if not conn.in_transaction:
+        with store.transaction(conn):
+            yield
+        return
+    conn.execute("savepoint campaigns")
+    try:
+        yield
+    except BaseException:
+        conn.execute("rollback to campaigns")
+        conn.execute("release campaigns")
+        raise
+    conn.execute("release campaigns")
+
+
+_E164 = re.compile(r"\+[1-9]\d{7,14}")
+
+
+def _is_e164(value: Any) -> bool:
+    return isinstance(value, str) and _E164.fullmatch(value) is not None
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+@contextmanager
+def _store(home: str | Path | None) -> Iterator[sqlite3.Connection]:
+    conn = store.open_store(home)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _duckdb() -> Iterator[duckdb.DuckDBPyConnection]:
+    con = duckdb.connect(":memory:", config=settings.duckdb_settings())
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _now(value: datetime | None) -> datetime:
+    """An aware UTC datetime (naive means UTC)."""
+    if value is None:
+        return datetime.now(UTC)
+    if not isinstance(value, datetime):
+        raise CampaignError(f"now: expected a datetime, got {type(value).__name__}")
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _stamp(value: datetime) -> str:
+    """The store's UTC text, to the second."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.replace(microsecond=0).isoformat(sep=" ")
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(str(text)).replace(tzinfo=UTC)
+
+
+class _Clock:
+    """Seconds spent per phase."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(self.laps.get(name, 0.0) + now - self._last, 3)
+        self._last = now
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 3)

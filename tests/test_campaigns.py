@@ -1,0 +1,688 @@
+"""Launching a campaign: the outbox it writes, and the invariants it keeps (DESIGN.md 1-5).
+
+Each test works on its own copy of the session's demo store; the warehouse snapshot it
+reads is the session's, read-only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from smsops import campaigns, consent, erasure, policy, segments, store, warehouse
+from smsops.campaigns import CampaignError, CampaignStateError, Variant
+from smsops.policy import FrequencyCaps
+
+NOW = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+"""Noon UTC: 15:00 in Moscow, 22:00 in Vladivostok, 14:00 in Kaliningrad."""
+EVERYONE = segments.Segment("everyone")
+TEXT_A = "{{ first_name | default('клиент') }}, скидка 20% до воскресенья: {{ link('https://shop.example.ru/sale') }}"
+TEXT_B = "{{ first_name | default('клиент') }}, только до воскресенья −20%: {{ link('https://shop.example.ru/sale') }}"
+SENDER = "SHOPMARKET"
+
+
+@pytest.fixture
+def home(built_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the demo store, reading the session's published snapshot."""
+    target = tmp_path / "home"
+    (target / "warehouse").mkdir(parents=True)
+    source = sqlite3.connect(built_home / "ops.sqlite")
+    copy = sqlite3.connect(target / "ops.sqlite")
+    source.backup(copy)
+    source.close()
+    copy.close()
+    (target / "warehouse" / "current.json").write_text(
+        (built_home / "warehouse" / "current.json").read_text()
+    )
+    monkeypatch.setenv("SMSOPS_HOME", str(target))
+    monkeypatch.delenv(erasure.SECRET_ENV, raising=False)
+    monkeypatch.delenv("SMSOPS_SENDERS", raising=False)
+    return target
+
+
+def create(home: Path, kind="promo", variants=(("A", TEXT_A),), **kwargs) -> campaigns.Campaign:
+    return campaigns.create(
+        "Тест",
+        kind,
+        kwargs.pop("segment", EVERYONE),
+        [Variant(n, t, SENDER) for n, t in variants],
+        home=home,
+        **kwargs,
+    )
+
+
+def outbox(home: Path, campaign_id: int) -> list[dict]:
+    conn = store.open_store(home)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("select * from messages where campaign_id = ?", (campaign_id,))]
+    finally:
+        conn.close()
+
+
+def audience_size(home: Path) -> int:
+    return segments.count(EVERYONE, home)
+
+
+def opt_in(home: Path, contact_ids: list[int]) -> list[str]:
+    """Give contacts with a number of their own a fresh marketing opt-in; their numbers."""
+    conn = store.open_store(home)
+    try:
+        numbers = []
+        for cid in contact_ids:
+            (phone,) = conn.execute("select phone_e164 from contacts where contact_id = ?", (cid,)).fetchone()
+            consent.record(
+                conn, phone_e164=phone, purpose="marketing", action="opt_in", source="web_form",
+                occurred_at=datetime.now(UTC) - timedelta(minutes=5), contact_id=cid,
+            )  # fmt: skip
+            numbers.append(phone)
+        return numbers
+    finally:
+        conn.close()
+
+
+def own_numbers(home: Path, n: int) -> list[int]:
+    """Contacts with a valid mobile number no other contact holds."""
+    conn = store.open_store(home)
+    try:
+        return [
+            r[0]
+            for r in conn.execute(
+                """
+                select min(contact_id) from contacts where phone_valid = 1
+                group by phone_e164 having count(*) = 1 order by 1 limit ?
+                """,
+                (n,),
+            )
+        ]
+    finally:
+        conn.close()
+
+
+def set_zone(home: Path, contact_id: int, time_zone: str | None, candidates: str | None = None) -> None:
+    conn = store.open_store(home)
+    try:
+        conn.execute(
+            "update contacts set time_zone = ?, phone_time_zones = ? where contact_id = ?",
+            (time_zone, candidates, contact_id),
+        )
+    finally:
+        conn.close()
+
+
+# -- the outbox is the frozen audience --------------------------------------------------------
+
+
+def test_every_recipient_gets_one_row_and_every_unsent_row_a_reason(home: Path) -> None:
+    campaign = create(home, holdout_fraction=0.05)
+    result = campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    rows = outbox(home, campaign.campaign_id)
+
+    assert len(rows) == result.audience == result.written == audience_size(home)
+    assert len({r["contact_id"] for r in rows}) == len(rows)
+    assert all(r["idempotency_key"] == f"{campaign.campaign_id}:{r['contact_id']}" for r in rows)
+    unsent = [r for r in rows if r["state"] != "planned"]
+    assert unsent and all(r["skip_reason"] in policy.SKIP_REASONS for r in unsent)
+    assert {r["state"] for r in unsent} == {"suppressed", "holdout"}
+    for r in rows:
+        if r["state"] == "planned":
+            assert r["body"] and r["encoding"] and r["segments"] >= 1 and r["price"] > 0
+            assert (r["not_before"] is None) == (r["skip_reason"] is None)
+        else:
+            assert r["body"] is None and r["price"] is None and r["not_before"] is None
+    assert campaigns.get(campaign.campaign_id, home).status == "running"
+
+
+def test_the_waterfall_counts_each_step_in_policy_order(home: Path) -> None:
+    campaign = create(home, holdout_fraction=0.05)
+    result = campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    steps = result.waterfall
+    assert steps[0].reason == "audience" and steps[0].remaining == result.audience
+    reasons = [s.reason for s in steps[1:]]
+    assert reasons == [r for r in policy.POLICY_ORDER if r in reasons]
+    assert {"invalid_number", "no_consent", "duplicate", "holdout"} <= set(reasons)
+    for before, step in itertools.pairwise(steps):
+        assert step.remaining == before.remaining - step.removed
+        assert step.removed == result.skip_reasons[step.reason]
+    assert steps[-1].remaining == result.to_send == result.states["planned"]
+    assert campaigns.waterfall(campaign.campaign_id, home) == steps
+    assert result.cost["RUB"] > 0 and result.segments >= result.to_send
+
+
+def test_a_dry_run_writes_nothing_and_predicts_the_launch(home: Path) -> None:
+    campaign = create(home, variants=(("A", TEXT_A), ("B", TEXT_B)), test_fraction=0.2, holdout_fraction=0.05)
+    preview = campaigns.plan(campaign.campaign_id, home=home, now=NOW, dry_run=True)
+    assert outbox(home, campaign.campaign_id) == []
+    assert campaigns.get(campaign.campaign_id, home).status == "draft"
+    launched = campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    assert preview.waterfall == launched.waterfall
+    assert preview.variants == launched.variants
+    assert preview.cost == launched.cost
+    assert set(preview.remainder_cost) == {"A", "B"}
+
+
+# -- invariant 1: never twice -------------------------------------------------------------------
+
+
+def test_a_second_launch_writes_nothing(home: Path) -> None:
+    campaign = create(home)
+    first = campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    again = campaigns.plan(campaign.campaign_id, home=home, now=NOW + timedelta(hours=1))
+    assert first.written == first.audience > 0
+    assert again.already_planned and again.written == 0
+    assert again.waterfall == first.waterfall
+    assert len(outbox(home, campaign.campaign_id)) == first.audience
+
+
+LAUNCH = """
+import sys, time
+from datetime import datetime
+from smsops import campaigns
+home, campaign_id, start, now = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+while time.time() < start:
+    time.sleep(0.002)
+result = campaigns.plan(campaign_id, home=home, now=datetime.fromisoformat(now))
+print(result.written, result.already_planned)
+"""
+
+
+def test_two_processes_launching_at_once_write_each_recipient_once(home: Path) -> None:
+    campaign = create(home, variants=(("A", TEXT_A), ("B", TEXT_B)), holdout_fraction=0.1)
+    start = time.time() + 3.0
+    env = {**os.environ, "SMSOPS_HOME": str(home)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LAUNCH, str(home), str(campaign.campaign_id), str(start), NOW.isoformat()],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    written = sorted(int(out.split()[0]) for out, _ in outputs)
+    rows = outbox(home, campaign.campaign_id)
+    assert written == [0, len(rows)]
+    assert len(rows) == audience_size(home)
+    assert len({r["contact_id"] for r in rows}) == len(rows)
+
+
+# -- invariant 2: consent, at planning and at sending -------------------------------------------
+
+
+def test_no_promotion_is_planned_without_a_current_opt_in(home: Path) -> None:
+    campaign = create(home, holdout_fraction=0.05)
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    rows = outbox(home, campaign.campaign_id)
+    conn = store.open_store(home)
+    try:
+        kept = [r for r in rows if r["state"] in ("planned", "holdout")]
+        states = consent.states(conn, [r["phone_e164"] for r in kept], "marketing")
+        assert kept and all(states[r["phone_e164"]].opted_in for r in kept)
+        # and every consent exclusion is what the consent module itself says
+        for r in rows:
+            if r["skip_reason"] in ("opted_out", "no_consent"):
+                assert consent.may_send(conn, r["phone_e164"], "promo") == (False, r["skip_reason"])
+    finally:
+        conn.close()
+
+
+def test_the_plan_agrees_with_the_pure_policy_for_every_recipient(home: Path) -> None:
+    campaign = create(home)
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW, caps=FrequencyCaps(None, None))
+    rows = outbox(home, campaign.campaign_id)
+    conn = store.open_store(home)
+    try:
+        contacts = {
+            cid: (phone, valid)
+            for cid, phone, valid in conn.execute("select contact_id, phone_e164, phone_valid from contacts")
+        }
+        numbers = sorted({p for p, v in contacts.values() if v == 1 and p})
+        marketing = consent.states(conn, numbers, "marketing")
+        service = consent.states(conn, numbers, "service")
+    finally:
+        conn.close()
+    seen: set[str] = set()
+    for r in sorted(rows, key=lambda r: r["contact_id"]):
+        phone, valid = contacts[r["contact_id"]]
+        ok = valid == 1 and phone is not None
+        expected = policy.exclusion(
+            "promo",
+            valid_number=ok,
+            erased=False,
+            marketing_last_action=marketing[phone].last_action if ok else None,
+            service_last_action=service[phone].last_action if ok else None,
+            duplicate=ok and phone in seen,
+        )
+        if expected is None:
+            seen.add(phone)
+        assert (r["skip_reason"] if r["state"] == "suppressed" else None) == expected, r
+
+
+def test_an_opt_out_after_planning_is_caught_before_sending(home: Path) -> None:
+    campaign = create(home)
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    planned = [
+        r for r in outbox(home, campaign.campaign_id) if r["state"] == "planned" and not r["not_before"]
+    ][:3]
+    conn = store.open_store(home)
+    try:
+        ids = [r["message_id"] for r in planned]
+        assert campaigns.check_before_send(conn, ids, now=NOW) == [(i, True, None) for i in ids]
+        consent.handle_inbound(
+            conn, provider="sandbox", provider_message_id="in-1", from_e164=planned[0]["phone_e164"],
+            body="СТОП", received_at=datetime.now(UTC),
+        )  # fmt: skip
+        consent.record(
+            conn, phone_e164=planned[1]["phone_e164"], purpose="marketing", action="opt_out", source="link",
+            occurred_at=datetime.now(UTC),
+        )  # fmt: skip
+        assert campaigns.check_before_send(conn, ids, now=NOW) == [
+            (ids[0], False, "opted_out"),
+            (ids[1], False, "opted_out"),
+            (ids[2], True, None),
+        ]
+        as_mappings = [
+            {"message_id": r["message_id"], "phone_e164": r["phone_e164"], "kind": "promo"} for r in planned
+        ]
+        assert [ok for _, ok, _ in campaigns.check_before_send(conn, as_mappings, now=NOW)] == [
+            False,
+            False,
+            True,
+        ]
+    finally:
+        conn.close()
+
+
+def test_service_messages_need_no_opt_in_but_stop_on_keyword_stop(home: Path) -> None:
+    campaign = create(home, kind="service", variants=(("A", "Заказ передан в доставку."),))
+    result = campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    assert "no_consent" not in result.skip_reasons
+    planned = [
+        r for r in outbox(home, campaign.campaign_id) if r["state"] == "planned" and not r["not_before"]
+    ]
+    assert "Отказ" not in planned[0]["body"]  # no opt-out footer on service messages
+    conn = store.open_store(home)
+    try:
+        consent.handle_inbound(
+            conn, provider="sandbox", provider_message_id="in-2", from_e164=planned[0]["phone_e164"],
+            body="stop", received_at=datetime.now(UTC),
+        )  # fmt: skip
+        rows = [{"message_id": r["message_id"], "phone_e164": r["phone_e164"], "campaign_id": campaign.campaign_id}
+                for r in planned[:2]]  # fmt: skip
+        assert [ok for _, ok, _ in campaigns.check_before_send(conn, rows, now=NOW)] == [False, True]
+    finally:
+        conn.close()
+
+
+def test_erased_people_are_never_planned_and_their_number_is_not_written(home: Path) -> None:
+    erased_contact, reused, other = own_numbers(home, 3)
+    opt_in(home, [erased_contact, reused, other])
+    conn = store.open_store(home)
+    try:
+        (old_number,) = conn.execute(
+            "select phone_e164 from contacts where contact_id = ?", (erased_contact,)
+        ).fetchone()
+        erasure.erase(conn, contact_id=erased_contact, requested_by="ticket 42")
+        # the erased number comes back on another contact (a later CRM import)
+        conn.execute("update contacts set phone_e164 = ? where contact_id = ?", (old_number, reused))
+    finally:
+        conn.close()
+    campaign = create(home)
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    rows = {r["contact_id"]: r for r in outbox(home, campaign.campaign_id)}
+    assert rows[erased_contact]["skip_reason"] == "erased"
+    assert rows[reused]["skip_reason"] == "erased"
+    assert rows[reused]["phone_e164"] is None and rows[erased_contact]["phone_e164"] is None
+    assert rows[other]["state"] == "planned"
+    conn = store.open_store(home)
+    try:
+        check = campaigns.check_before_send(
+            conn, [{"message_id": 1, "phone_e164": old_number, "kind": "service"}], now=NOW
+        )
+        assert check == [(1, False, "erased")]
+    finally:
+        conn.close()
+
+
+# -- invariant 3: quiet hours in the recipient's own zone ---------------------------------------
+
+
+def test_quiet_hours_are_judged_in_each_recipients_zone(home: Path) -> None:
+    east, west, unknown = own_numbers(home, 3)
+    opt_in(home, [east, west, unknown])
+    set_zone(home, east, "Asia/Vladivostok")
+    set_zone(home, west, "Europe/Kaliningrad")
+    set_zone(home, unknown, None, "Asia/Vladivostok,Europe/Kaliningrad")
+    campaign = create(home)
+    result = campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    rows = {r["contact_id"]: r for r in outbox(home, campaign.campaign_id)}
+    day = NOW.date()
+
+    # 22:00 in Vladivostok: deferred to 09:00 there, 23:00 UTC
+    assert rows[east]["state"] == "planned"
+    assert rows[east]["not_before"] == f"{day} 23:00:00"
+    assert rows[east]["skip_reason"] == "quiet_hours"
+    # 14:00 in Kaliningrad: goes now
+    assert rows[west]["state"] == "planned"
+    assert rows[west]["not_before"] is None and rows[west]["skip_reason"] is None
+    # only candidates known: the next minute allowed in both, 07:00 UTC, and labelled so
+    assert rows[unknown]["not_before"] == f"{day + timedelta(days=1)} 07:00:00"
+    assert rows[unknown]["skip_reason"] == "quiet_hours_candidate_zones"
+    assert result.deferred >= 2
+    assert result.earliest_not_before is not None and result.earliest_not_before <= datetime.combine(
+        day, datetime.min.time(), UTC
+    ) + timedelta(hours=23)
+
+
+def test_a_message_due_at_night_is_held_at_dispatch_and_deferred(home: Path) -> None:
+    """Planned by day, paused, resumed at night: the dispatcher's check holds it."""
+    (east,) = own_numbers(home, 1)
+    opt_in(home, [east])
+    set_zone(home, east, "Asia/Vladivostok")
+    campaign = create(home)
+    morning = NOW - timedelta(hours=10)  # 12:00 in Vladivostok
+    campaigns.plan(campaign.campaign_id, home=home, now=morning)
+    (row,) = [r for r in outbox(home, campaign.campaign_id) if r["contact_id"] == east]
+    assert row["state"] == "planned" and row["not_before"] is None
+    conn = store.open_store(home)
+    try:
+        quiet = policy.QuietHours()
+        ok = campaigns.check_before_send(conn, [row["message_id"]], now=morning, quiet=quiet)
+        assert ok == [(row["message_id"], True, None)]
+        night = campaigns.check_before_send(conn, [row["message_id"]], now=NOW, quiet=quiet)  # 22:00 there
+        assert night == [(row["message_id"], False, "quiet_hours")]
+        assert campaigns.check_before_send(conn, [row["message_id"]], now=NOW) == ok  # consent only
+        moved = campaigns.defer(conn, [row["message_id"]], now=NOW)
+        nine_there = datetime.combine(NOW.date(), datetime.min.time(), UTC) + timedelta(hours=23)
+        assert moved == {row["message_id"]: nine_there}
+        (after,) = [r for r in outbox(home, campaign.campaign_id) if r["contact_id"] == east]
+        assert after["state"] == "planned" and after["skip_reason"] == "quiet_hours"
+        assert after["not_before"] == f"{NOW.date()} 23:00:00"
+    finally:
+        conn.close()
+
+
+# -- invariant 4: caps across campaigns -------------------------------------------------------
+
+
+def test_caps_hold_across_two_campaigns(home: Path) -> None:
+    first = create(home)
+    campaigns.plan(first.campaign_id, home=home, now=NOW)
+    second = create(home)
+    result = campaigns.plan(second.campaign_id, home=home, now=NOW + timedelta(hours=3))
+    planned_first = [r for r in outbox(home, first.campaign_id) if r["state"] == "planned"]
+    got_first = {r["phone_e164"] for r in planned_first}
+    rows = outbox(home, second.campaign_id)
+    assert not got_first & {r["phone_e164"] for r in rows if r["state"] == "planned"}
+    first_ids = {r["contact_id"] for r in planned_first}
+    assert {r["skip_reason"] for r in rows if r["contact_id"] in first_ids} == {"capped_daily"}
+    assert result.skip_reasons["capped_daily"] == len(got_first)
+    # a day later the daily cap is free again, the weekly one still counts both
+    third = create(home)
+    later = campaigns.plan(third.campaign_id, home=home, now=NOW + timedelta(days=1, hours=1),
+                           caps=FrequencyCaps(per_day=1, per_week=1))  # fmt: skip
+    assert "capped_daily" not in later.skip_reasons
+    assert later.skip_reasons["capped_weekly"] >= len(got_first)
+
+
+def test_caps_hold_when_another_process_plans_in_between(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap history is read before the write lock; promotions planned by someone else in
+    the meantime are read again under the lock."""
+    first, second = create(home), create(home)
+    read_history = campaigns._cap_history
+
+    def stale_history(*args, **kwargs):
+        history = read_history(*args, **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(campaigns, "_cap_history", read_history)
+            campaigns.plan(first.campaign_id, home=home, now=NOW)  # lands after the read
+        return history
+
+    monkeypatch.setattr(campaigns, "_cap_history", stale_history)
+    result = campaigns.plan(second.campaign_id, home=home, now=NOW)
+    got_first = {r["phone_e164"] for r in outbox(home, first.campaign_id) if r["state"] == "planned"}
+    got_second = {r["phone_e164"] for r in outbox(home, second.campaign_id) if r["state"] == "planned"}
+    assert got_first and not got_first & got_second
+    assert result.skip_reasons["capped_daily"] == len(got_first)
+
+
+# -- A/B split, holdout, remainder --------------------------------------------------------------
+
+
+def test_the_split_is_reproducible_and_proportionate(home: Path, tmp_path: Path, built_home: Path) -> None:
+    campaign = create(home, variants=(("A", TEXT_A), ("B", TEXT_B)), test_fraction=0.4, holdout_fraction=0.1)
+    result = campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    rows = outbox(home, campaign.campaign_id)
+    eligible = [r for r in rows if r["state"] in ("planned", "holdout")]
+    for r in eligible:
+        unit = policy.split_unit(campaign.campaign_id, r["contact_id"])
+        assert r["variant"] == policy.assign(unit, ["A", "B"], holdout_fraction=0.1, test_fraction=0.4)
+    n = len(eligible)
+    share = {v: sum(r["variant"] == v for r in eligible) / n for v in ("holdout", "A", "B", "remainder")}
+    assert share["holdout"] == pytest.approx(0.1, abs=0.03)
+    assert share["A"] == pytest.approx(0.2, abs=0.04)
+    assert share["B"] == pytest.approx(0.2, abs=0.04)
+    assert share["remainder"] == pytest.approx(0.5, abs=0.05)
+    assert result.variants["remainder"] == result.awaiting_winner
+    # suppressed rows sit in a real variant; the holdout variant holds the control group only
+    assert {r["variant"] for r in rows if r["state"] == "suppressed"} <= {"A", "B"}
+
+
+def test_the_same_campaign_splits_the_same_way_on_another_launch(
+    home: Path, built_home: Path, tmp_path: Path
+) -> None:
+    def launch(target: Path) -> dict[int, str]:
+        campaign = create(
+            target, variants=(("A", TEXT_A), ("B", TEXT_B)), test_fraction=0.5, holdout_fraction=0.1
+        )
+        campaigns.plan(campaign.campaign_id, home=target, now=NOW)
+        return {r["contact_id"]: r["variant"] for r in outbox(target, campaign.campaign_id)}
+
+    twin = tmp_path / "twin"
+    (twin / "warehouse").mkdir(parents=True)
+    src, dst = sqlite3.connect(built_home / "ops.sqlite"), sqlite3.connect(twin / "ops.sqlite")
+    src.backup(dst)
+    src.close()
+    dst.close()
+    (twin / "warehouse" / "current.json").write_text((built_home / "warehouse" / "current.json").read_text())
+    assert launch(home) == launch(twin)
+
+
+def test_the_holdout_is_recorded_and_never_sendable(home: Path) -> None:
+    campaign = create(home, holdout_fraction=0.2)
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    held = [r for r in outbox(home, campaign.campaign_id) if r["variant"] == "holdout"]
+    assert held
+    assert all(r["state"] == "holdout" and r["skip_reason"] == "holdout" and r["body"] is None for r in held)
+    campaigns.cancel(campaign.campaign_id, home)
+    assert all(
+        r["state"] == "holdout" for r in outbox(home, campaign.campaign_id) if r["variant"] == "holdout"
+    )
+
+
+def test_the_remainder_waits_for_the_winner_then_gets_its_text(home: Path) -> None:
+    campaign = create(home, variants=(("A", TEXT_A), ("B", TEXT_B)), test_fraction=0.2)
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    waiting = [r for r in outbox(home, campaign.campaign_id) if r["variant"] == "remainder"]
+    assert waiting
+    assert all(
+        r["state"] == "planned" and r["body"] is None and r["not_before"] == campaigns.AWAITING_WINNER
+        and r["skip_reason"] == "awaiting_winner"
+        for r in waiting
+    )  # fmt: skip
+    released = campaigns.release_remainder(campaign.campaign_id, "B", home=home, now=NOW)
+    assert released == len(waiting)
+    after = {r["message_id"]: r for r in outbox(home, campaign.campaign_id)}
+    for r in waiting:
+        row = after[r["message_id"]]
+        assert row["variant"] == "B" and "до воскресенья −20%" in row["body"] and row["price"] > 0
+        assert row["skip_reason"] in (None, "quiet_hours", "quiet_hours_candidate_zones")
+        assert (row["not_before"] is None) == (row["skip_reason"] is None)
+    assert campaigns.release_remainder(campaign.campaign_id, "B", home=home, now=NOW) == 0
+    with pytest.raises(CampaignError, match="no variant"):
+        campaigns.release_remainder(campaign.campaign_id, "C", home=home)
+
+
+# -- status changes -------------------------------------------------------------------------------
+
+
+def test_pause_resume_and_cancel(home: Path) -> None:
+    campaign = create(home)
+    with pytest.raises(CampaignStateError):
+        campaigns.pause(campaign.campaign_id, home)
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    assert campaigns.pause(campaign.campaign_id, home).status == "paused"
+    assert campaigns.pause(campaign.campaign_id, home).status == "paused"
+    assert campaigns.resume(campaign.campaign_id, home).status == "running"
+    planned = sum(r["state"] == "planned" for r in outbox(home, campaign.campaign_id))
+    cancelled = campaigns.cancel(campaign.campaign_id, home)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    rows = outbox(home, campaign.campaign_id)
+    assert not any(r["state"] == "planned" for r in rows)
+    assert sum(r["state"] == "cancelled" and r["skip_reason"] == "cancelled" for r in rows) == planned
+    assert campaigns.waterfall(campaign.campaign_id, home)[-1].remaining == 0
+    with pytest.raises(CampaignStateError):
+        campaigns.resume(campaign.campaign_id, home)
+    assert campaigns.plan(campaign.campaign_id, home=home).already_planned
+
+
+def test_retry_failed_requeues_transient_failures_only(home: Path) -> None:
+    campaign = create(home)
+    with pytest.raises(CampaignStateError):
+        campaigns.retry_failed(campaign.campaign_id, home)
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    first, second, third = [
+        r["message_id"] for r in outbox(home, campaign.campaign_id) if r["state"] == "planned"
+    ][:3]
+    conn = store.open_store(home)
+    try:  # what the dispatcher leaves behind
+        conn.execute(
+            "update messages set state = 'rejected', skip_reason = 'gave_up_after_retries', error_code = '20429',"
+            " attempts = 5 where message_id = ?",
+            (first,),
+        )
+        conn.execute(
+            "update messages set state = 'rejected', skip_reason = 'provider_rejected', error_code = '21211',"
+            " attempts = 1 where message_id = ?",
+            (second,),
+        )
+        conn.execute(
+            "update messages set state = 'unknown', skip_reason = 'fate_unknown', attempts = 1 where message_id = ?",
+            (third,),
+        )
+        conn.execute(
+            "update campaigns set status = 'finished' where campaign_id = ?", (campaign.campaign_id,)
+        )
+    finally:
+        conn.close()
+    assert campaigns.retry_failed(campaign.campaign_id, home) == 1
+    rows = {r["message_id"]: r for r in outbox(home, campaign.campaign_id)}
+    assert (rows[first]["state"], rows[first]["skip_reason"], rows[first]["attempts"]) == ("planned", None, 5)
+    assert rows[second]["state"] == "rejected" and rows[third]["state"] == "unknown"
+    assert campaigns.get(campaign.campaign_id, home).status == "running"
+    assert campaigns.retry_failed(campaign.campaign_id, home) == 0
+    assert len(rows) == audience_size(home)  # nothing new
+
+
+def test_listing_shows_drafts_and_launched_campaigns(home: Path) -> None:
+    draft = create(home)
+    running = create(home, holdout_fraction=0.1)
+    result = campaigns.plan(running.campaign_id, home=home, now=NOW)
+    assert [c.campaign_id for c in campaigns.drafts(home)] == [draft.campaign_id]
+    assert running.campaign_id in [c.campaign_id for c in campaigns.launched(home)]
+    listing = campaigns.list_all(home).set_index("campaign_id")
+    row = listing.loc[running.campaign_id]
+    assert (row["status"], row["audience"], row["waiting"]) == ("running", result.audience, result.to_send)
+    assert row["not_sent"] == result.audience - result.to_send
+    assert listing.loc[draft.campaign_id, "audience"] == 0
+    assert listing.loc[1, "sent"] > 0 and listing.loc[1, "delivered"] > 0 and listing.loc[1, "cost"] > 0
+
+
+# -- creating -------------------------------------------------------------------------------------
+
+
+def test_a_campaign_keeps_its_segment_definition_and_variants(home: Path) -> None:
+    saved = segments.save("Москва", segments.Segment("x", segments.all_of(segments.Rule("city", "eq", "Москва"))),
+                          home=home)  # fmt: skip
+    campaign = create(home, segment=("Москва", saved.version), variants=(("A", TEXT_A), ("B", TEXT_B)))
+    assert campaign.status == "draft" and campaign.segment == saved.segment
+    assert [v.name for v in campaign.variants] == ["A", "B"]
+    conn = store.open_store(home)
+    try:
+        (definition,) = conn.execute(
+            "select segment from campaigns where campaign_id = ?", (campaign.campaign_id,)
+        ).fetchone()
+    finally:
+        conn.close()
+    assert json.loads(definition)["rules"] == [{"field": "city", "op": "eq", "value": "Москва"}]
+    result = campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    assert result.audience == segments.count(saved.segment, home)
+
+
+@pytest.mark.parametrize(
+    ("variants", "kwargs", "message"),
+    [
+        ((("A", "{{ shoe_size }}"),), {}, "shoe_size is not a field"),
+        ((("A", "{{ first_name"),), {}, "variant 'A'"),
+        ((("A", TEXT_A), ("A", TEXT_B)), {}, "two variants"),
+        ((("holdout", TEXT_A),), {}, "reserved"),
+        (tuple((str(i), TEXT_A) for i in range(6)), {}, "1 to 5"),
+        ((("A", TEXT_A),), {"test_fraction": 0.2}, "2 to 5 variants"),
+        ((("A", TEXT_A), ("B", TEXT_B)), {"test_fraction": 1.5}, "test_fraction"),
+        ((("A", TEXT_A),), {"holdout_fraction": 0.7}, "holdout_fraction"),
+        ((("A", TEXT_A), ("B", TEXT_B)), {"test_fraction": 0.8, "holdout_fraction": 0.3}, "exceeds"),
+    ],
+)
+def test_create_refuses_what_cannot_be_sent(home: Path, variants, kwargs, message: str) -> None:
+    with pytest.raises(CampaignError, match=message):
+        create(home, variants=variants, **kwargs)
+
+
+def test_create_checks_senders_and_service_holdouts(home: Path) -> None:
+    with pytest.raises(CampaignError, match="not configured"):
+        campaigns.create("x", "promo", EVERYONE, [Variant("A", TEXT_A, "OTHERSHOP")], home=home)
+    with pytest.raises(CampaignError, match="11 are allowed"):
+        campaigns.create("x", "promo", EVERYONE, [Variant("A", TEXT_A, "A VERY LONG SENDER")], home=home)
+    with pytest.raises(CampaignError, match="service messages"):
+        create(home, kind="service", holdout_fraction=0.1)
+
+
+# -- the marts read what the plan wrote ---------------------------------------------------------
+
+
+def test_the_outbox_flows_through_smsops_build_into_fct_messages(home: Path) -> None:
+    campaign = create(home, variants=(("A", TEXT_A), ("B", TEXT_B)), test_fraction=0.5, holdout_fraction=0.1)
+    result = campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    warehouse.build(home)
+    marts = warehouse.query(
+        """
+        select status, outbox_state, is_holdout, skip_reason, variant, count(*) as n
+        from fct_messages where campaign_id = ? group by all
+        """,
+        [campaign.campaign_id],
+        home=home,
+    )
+    assert int(marts["n"].sum()) == result.audience
+    by_status = marts.groupby("status")["n"].sum().to_dict()
+    assert by_status == result.states
+    assert set(marts.loc[marts["is_holdout"], "variant"]) == {"holdout"}
+    assert marts.loc[marts["status"] == "suppressed", "skip_reason"].notna().all()
+    performance = warehouse.query(
+        "select variant, audience, holdout, suppressed, pending from fct_campaign_performance where campaign_id = ?",
+        [campaign.campaign_id],
+        home=home,
+    )
+    assert set(performance["variant"]) == {"A", "B", "holdout", "remainder"}
+    assert int(performance["pending"].sum()) == result.to_send
