@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from smsops import campaigns, config, dispatch, policy, segments, warehouse
+from smsops import abtest, campaigns, config, dispatch, metrics, policy, segments, warehouse
 
 st.title("Campaigns")
 
@@ -132,6 +132,28 @@ with follow_tab:
         f4.metric("Not sent", f"{progress.total - progress.submitted - progress.due - progress.waiting:,}")
         if progress.reasons:
             st.table({policy.explain(r): n for r, n in progress.reasons.items()})
+        results = metrics.variant_results(cid, st.session_state.get("ab_metric", "ctr"))
+        if len(results) >= 2:
+            st.markdown("**A/B test**")
+            st.segmented_control("Judge by", ["ctr", "conversion"], default="ctr", key="ab_metric",
+                                 format_func={"ctr": "clicks (CTR)", "conversion": "conversions"}.get)  # fmt: skip
+            verdict = abtest.compare(
+                results, metric="CTR" if st.session_state.get("ab_metric", "ctr") == "ctr" else "conversion"
+            )
+            st.table([{"variant": a.name, "delivered": a.trials, "rate": f"{a.rate:.2%}",
+                       "95% interval": f"{a.low:.2%} – {a.high:.2%}"} for a in verdict.arms])  # fmt: skip
+            (st.success if verdict.winner else st.info)(verdict.message)
+            st.caption(
+                f"Figures from warehouse build {warehouse.current().build_id}: refresh the build for newer ones."
+            )
+            waiting = progress.reasons.get("awaiting_winner", 0)
+            if (
+                verdict.winner
+                and waiting
+                and st.button(f"Send {verdict.winner} to the other {waiting:,}", key="release_winner")
+            ):
+                released = campaigns.release_remainder(cid, verdict.winner)
+                st.success(f"{released:,} messages of {verdict.winner} planned.")
         b1, b2, b3, b4 = st.columns(4)
         if progress.status == "running" and b1.button("Pause", key="follow_pause"):
             campaigns.pause(cid)

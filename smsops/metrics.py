@@ -162,3 +162,28 @@ def consent_mix(home: Home = None) -> pd.DataFrame:
     return pd.DataFrame(
         {"consent_state": list(CONSENT_ORDER), "contacts": [int(counts.get(s, 0)) for s in CONSENT_ORDER]}
     )
+
+
+VARIANTS_SQL = """
+select
+    variant,
+    delivered,
+    clicks,
+    converted_recipients
+from fct_campaign_performance
+where campaign_id = ?
+    and variant not in ('holdout', 'remainder')
+order by variant
+"""
+
+
+def variant_results(campaign_id: int, metric: str = "ctr", home: Home = None) -> dict[str, tuple[int, int]]:
+    """``{variant: (successes, delivered)}`` for an A/B verdict: clicks (``ctr``) or converted
+    recipients (``conversion``) per delivered message, from the published build."""
+    if metric not in ("ctr", "conversion"):
+        raise ValueError(f"metric must be 'ctr' or 'conversion', got {metric!r}")
+    frame = warehouse.query(VARIANTS_SQL, [int(campaign_id)], home=home)
+    column = "clicks" if metric == "ctr" else "converted_recipients"
+    return {
+        row.variant: (int(getattr(row, column)), int(row.delivered)) for row in frame.itertuples(index=False)
+    }

@@ -63,3 +63,16 @@ def test_create_check_and_launch_a_campaign_once(own_home):
                         (draft.campaign_id,)).fetchone()  # fmt: skip
     assert rows[0] == rows[1] > 0  # one row per contact, however many clicks
     assert campaigns.get(draft.campaign_id).status in ("running", "finished")
+
+
+def test_follow_shows_the_ab_verdict_of_a_test_campaign(own_home):
+    from smsops import abtest, metrics
+
+    results = metrics.variant_results(1)  # the demo's first campaign tested A against B
+    assert set(results) == {"A", "B"} and all(trials > 0 for _, trials in results.values())
+    verdict = abtest.compare(results)
+    at = campaigns_page()
+    label = next(c for c in at.selectbox(key="follow_pick").options if "(id 1," in c)
+    at.selectbox(key="follow_pick").set_value(label).run()
+    assert not at.exception
+    assert any(verdict.message == m.value for m in [*at.success, *at.info])
