@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from datetime import date
 
 from smsops import store, warehouse
@@ -173,6 +174,171 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressBar:
+    """A one-line progress bar on stderr (a line per tenth when stderr is not a terminal)."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+        self.first_done: int | None = None
+        self.tenth = -1
+
+    def __call__(self, p) -> None:
+        if self.first_done is None:
+            self.first_done = p.done
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        speed = (p.done - self.first_done) / elapsed
+        width = 30
+        filled = int(width * p.fraction)
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {p.fraction:6.1%}  {p.done:,}/{p.total:,}"
+            f"  submitted {p.submitted:,}  {speed:,.0f}/s"
+        )
+        if self.tty:
+            self.stream.write("\r" + line)
+            self.stream.flush()
+        elif int(p.fraction * 10) != self.tenth:
+            self.tenth = int(p.fraction * 10)
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{key} {n:,}" for key, n in counts.items()) or "none"
+
+
+def _campaign_send(args: argparse.Namespace) -> int:
+    """Send one running campaign's due messages in the foreground, with a progress bar."""
+    import asyncio
+    import contextlib
+    import dataclasses
+    import signal
+
+    from smsops import dispatch, serve
+    from smsops.campaigns import CampaignNotFound
+    from smsops.providers import ProviderError
+
+    try:
+        provider = serve.load_provider(args.provider)
+        settings = dispatch.DispatchSettings(
+            rate_per_second=args.rate,
+            concurrency=args.concurrency,
+            clients=max(1, args.concurrency),
+            processes=args.processes,
+        )
+    except (ProviderError, dispatch.DispatchError) as exc:
+        print(f"smsops campaign send: {exc}", file=sys.stderr)
+        return 2
+    webhook_url = (
+        args.webhook_url
+        or os.environ.get("SMSOPS_WEBHOOK_URL")
+        or f"http://127.0.0.1:{serve.DEFAULT_WEBHOOK_PORT}"
+    )
+    with contextlib.ExitStack() as stack:
+        if provider.is_sandbox and not serve.sandbox_reachable(provider):
+            sandbox = stack.enter_context(serve.start_sandbox(provider, None))
+            print(f"no sandbox was running: started one at {sandbox.url} for this run", file=sys.stderr)
+        if serve.webhook_reachable(webhook_url):
+            callback = f"{webhook_url.rstrip('/')}/webhooks/{provider.name}/status"
+            settings = dataclasses.replace(settings, status_callback_url=callback)
+        else:
+            print(
+                f"no webhook app at {webhook_url}: delivery receipts will not be recorded"
+                " (start `smsops serve` to collect them)",
+                file=sys.stderr,
+            )
+        bar = _ProgressBar()
+
+        async def send() -> dispatch.DispatchReport:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            return await dispatch.run(None, provider, settings, campaign_id=args.id, stop=stop, progress=bar)
+
+        try:
+            report = asyncio.run(send())
+        except CampaignNotFound as exc:
+            print(f"smsops campaign send: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            bar.close()
+    if report.error and report.requests == 0 and report.stopped not in ("done", "stopped"):
+        print(f"smsops campaign send: {report.error}", file=sys.stderr)
+        return 3 if report.stopped == "credentials" else 2
+    p = dispatch.progress(args.id)
+    rejected = {
+        k: n
+        for k, n in p.reasons.items()
+        if k in ("provider_rejected", "provider_opted_out", "gave_up_after_retries")
+    }
+    suppressed = {
+        k: v for k, v in p.reasons.items() if k not in rejected and k not in ("fate_unknown", "cancelled")
+    }
+    print(
+        f"campaign {args.id}: {report.stopped} after {report.seconds:.1f} s, {report.requests:,} requests ({report.rate:,.0f}/s)"
+    )
+    print(f"  submitted   {p.submitted:,} of {p.total:,}")
+    print(
+        f"  rejected    {p.states.get('rejected', 0):,}: {_counts(rejected)}; codes {_counts(p.error_codes)}"
+    )
+    print(
+        f"  not sent    {p.states.get('suppressed', 0) + p.states.get('holdout', 0):,}: {_counts(suppressed)}"
+    )
+    print(
+        f"  unknown     {p.states.get('unknown', 0):,} (fate_unknown: check them with the provider, never re-sent)"
+    )
+    print(f"  deferred    {p.waiting:,} planned, not due yet (quiet hours, retries, an A/B remainder)")
+    if p.states.get("cancelled"):
+        print(f"  cancelled   {p.states['cancelled']:,}")
+    print(f"  status      {p.status}")
+    if report.error:
+        print(f"smsops campaign send: {report.error}", file=sys.stderr)
+        return 3 if report.stopped == "credentials" else 1
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Webhooks, the sandbox and the dispatcher in one process, until Ctrl-C."""
+    import asyncio
+    import logging
+
+    from smsops import dispatch, serve
+    from smsops.providers import ProviderError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request drowns what matters
+    try:
+        settings = serve.ServeSettings(
+            host=args.host,
+            port=args.port,
+            provider=args.provider,
+            public_url=args.public_url,
+            dispatch=dispatch.DispatchSettings(
+                rate_per_second=args.rate,
+                concurrency=args.concurrency,
+                clients=max(1, args.concurrency),
+                processes=args.processes,
+            ),
+        )
+
+        def ready(services: serve.Services) -> None:
+            print("smsops serve (Ctrl-C to stop)")
+            print("\n".join(serve.describe(services)), flush=True)
+
+        asyncio.run(serve.run(None, settings, ready=ready))
+    except (ProviderError, dispatch.DispatchError, RuntimeError) as exc:
+        print(f"smsops serve: {exc}", file=sys.stderr)
+        return 2
+    print("stopped")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     """Set up everything a first-time user needs, then start the app (replaces this process)."""
     if store.is_empty():
@@ -277,6 +443,27 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="show the store's row counts and the published warehouse build")
     s.set_defaults(func=_status)
+
+    cp = sub.add_parser("campaign", help="send a launched campaign")
+    cp_sub = cp.add_subparsers(dest="action", required=True)
+    cs = cp_sub.add_parser("send", help="send a running campaign's due messages now, with a progress bar")
+    cs.add_argument("id", type=int, help="the campaign's id")
+    cs.add_argument("--rate", type=float, default=100.0, help="messages per second at most (default 100)")
+    cs.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default 32)")
+    cs.add_argument("--processes", type=int, default=1, help="dispatcher processes (a core each; default 1)")
+    cs.add_argument("--provider", help="sandbox, twilio or smsru (default: $SMSOPS_PROVIDER, else sandbox)")
+    cs.add_argument("--webhook-url", help="the webhook app receipts go to (default http://127.0.0.1:8600)")
+    cs.set_defaults(func=_campaign_send)
+
+    sv = sub.add_parser("serve", help="webhooks, the sandbox and the dispatcher in one process")
+    sv.add_argument("--host", default="127.0.0.1", help="address of the webhook app (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8600, help="port of the webhook app (default 8600)")
+    sv.add_argument("--provider", help="sandbox, twilio or smsru (default: $SMSOPS_PROVIDER, else sandbox)")
+    sv.add_argument("--public-url", help="the address providers reach the webhook app at, behind a proxy")
+    sv.add_argument("--rate", type=float, default=100.0, help="messages per second at most (default 100)")
+    sv.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default 32)")
+    sv.add_argument("--processes", type=int, default=1, help="dispatcher processes (a core each; default 1)")
+    sv.set_defaults(func=_serve)
 
     r = sub.add_parser("run", help="demo data if the store is empty, build if needed, start the app")
     r.add_argument("--address", default="127.0.0.1")

@@ -86,6 +86,9 @@ SKIP_REASONS: dict[str, str] = {
     "capped": "лимит частоты / frequency cap reached",
     "provider_rejected": "оператор отклонил сообщение / the provider rejected the message",
     "provider_opted_out": "получатель отписан у оператора / the recipient opted out at the provider",
+    "gave_up_after_retries": "оператор не принял сообщение после всех попыток / the provider kept refusing: gave up after the last retry",
+    "fate_unknown": "неизвестно, отправлено ли: оператор не ответил / unknown whether it was sent: the provider did not answer; not re-sent",
+    "no_sender": "не выбран отправитель / no sender for this message",
 }
 """Every ``skip_reason`` the outbox may hold, with what a user reads. ``capped`` is the
 demo history's undivided cap reason; ``provider_*`` are written by the dispatcher."""

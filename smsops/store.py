@@ -168,6 +168,32 @@ TABLES: dict[str, str] = {
             received_at          text not null,
             unique (provider, provider_message_id, status)
         ) strict""",
+    # Every hand-over of an outbox row to a provider (smsops.dispatch). Written when the row is
+    # claimed, before the provider is called, so a row a dead process left in 'sending' shows
+    # when and by whom it was claimed; ``finished_at`` and ``outcome`` come with the answer.
+    # ``interrupted``: the process died before an answer was recorded; ``reconciled`` says what
+    # the provider's records showed afterwards. Claims that never reached the provider (the
+    # consent re-check stopped them, a pause) are removed, so every row here was a request.
+    "send_attempts": """
+        create table if not exists send_attempts (
+            attempt_id           integer primary key,
+            message_id           integer not null,
+            attempt              integer not null,
+            provider             text not null,
+            dispatcher           text not null,
+            started_at           text not null,
+            finished_at          text,
+            outcome              text check (
+                outcome in ('accepted', 'transient', 'permanent', 'unknown', 'auth_refused',
+                            'interrupted')
+            ),
+            http_status          integer,
+            error_code           text,
+            retry_after          real,
+            provider_message_id  text,
+            reconciled           text check (reconciled in ('found', 'absent', 'unsearchable')),
+            unique (message_id, attempt)
+        ) strict""",
     "links": """
         create table if not exists links (
             token        text primary key,
@@ -235,6 +261,7 @@ INDEXES: tuple[str, ...] = (
     "create index if not exists ix_orders_contact on orders (contact_id, ordered_at)",
     "create index if not exists ix_events_contact on customer_events (contact_id, occurred_at)",
     "create index if not exists ix_messages_campaign on messages (campaign_id, state)",
+    "create index if not exists ix_messages_due on messages (state, not_before)",
     "create index if not exists ix_messages_phone on messages (phone_e164, planned_at)",
     "create index if not exists ix_status_message on message_status_events (message_id)",
     "create index if not exists ix_clicks_message on clicks (message_id)",
@@ -295,8 +322,10 @@ def create_schema(conn: sqlite3.Connection, *, indexes: bool = True) -> None:
 
 
 def _missing_tables(conn: sqlite3.Connection) -> set[str]:
-    present = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}
-    return set(TABLES) - present
+    """Tables, and indexes added by later versions, that this store does not have yet."""
+    present = {r[0] for r in conn.execute("select name from sqlite_master where type in ('table', 'index')")}
+    wanted = set(TABLES) | {ddl.split(" if not exists ")[1].split(" ")[0] for ddl in INDEXES}
+    return wanted - present
 
 
 def open_store(home: str | os.PathLike[str] | None = None) -> sqlite3.Connection:

@@ -1,0 +1,222 @@
+"""`smsops serve`: one process for everything that listens and sends.
+
+- the webhook app (:func:`smsops.webhooks.create_app`: receipts, replies, link clicks) on a
+  loopback port, 127.0.0.1:8600 by default;
+- with the ``sandbox`` provider, the sandbox itself where ``SANDBOX_URL`` points
+  (127.0.0.1:8765 by default), posting receipts and replies to the webhook app;
+- the dispatcher (:mod:`smsops.dispatch`) as a service: the due rows of every running campaign,
+  receipts requested at the webhook app's status route.
+
+Ctrl-C (or SIGTERM) stops the dispatcher first (sends in flight finish and are recorded; claimed
+rows not yet sent go back to the outbox), then the servers.
+
+The provider is chosen by ``SMSOPS_PROVIDER`` (``sandbox`` by default) with its credentials from
+the environment or ``.streamlit/secrets.toml`` (environment first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from smsops import dispatch, webhooks
+from smsops.config import REPO_ROOT
+from smsops.providers import Provider, from_config
+from smsops.providers.sandbox import SandboxSettings, ServerThread, run_in_thread, serve_in_thread
+
+__all__ = [
+    "DEFAULT_WEBHOOK_PORT",
+    "ServeSettings",
+    "Services",
+    "describe",
+    "load_provider",
+    "provider_env",
+    "run",
+    "sandbox_reachable",
+    "start_sandbox",
+    "start_services",
+    "webhook_reachable",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEBHOOK_PORT = 8600
+_RESTART_AFTER = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    """Where to listen and how to send."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_WEBHOOK_PORT
+    provider: str | None = None
+    """``sandbox``, ``twilio`` or ``smsru``; None: ``$SMSOPS_PROVIDER``, else ``sandbox``."""
+    public_url: str | None = None
+    """The address providers call the webhook app at, when it is behind a proxy."""
+    dispatch: dispatch.DispatchSettings = field(default_factory=dispatch.DispatchSettings)
+
+
+def provider_env(root: Path | None = None) -> dict[str, object]:
+    """Provider settings: ``.streamlit/secrets.toml`` (its top-level values), overridden by the
+    environment."""
+    values: dict[str, object] = {}
+    for folder in (root or Path.cwd(), REPO_ROOT):
+        secrets_file = folder / ".streamlit" / "secrets.toml"
+        if secrets_file.is_file():
+            with secrets_file.open("rb") as fh:
+                values = {k: v for k, v in tomllib.load(fh).items() if not isinstance(v, dict)}
+            break
+    values.update(os.environ)
+    return values
+
+
+def load_provider(name: str | None = None, env: Mapping[str, object] | None = None) -> Provider:
+    """The configured provider (``name``, else ``$SMSOPS_PROVIDER``, else the sandbox)."""
+    settings = provider_env() if env is None else env
+    chosen = name or str(settings.get("SMSOPS_PROVIDER") or "sandbox")
+    return from_config(chosen, settings)
+
+
+def sandbox_reachable(provider: Provider, timeout: float = 1.0) -> bool:
+    """Whether the sandbox the provider points at answers its health check."""
+    base = getattr(provider, "base_url", "")
+    try:
+        return httpx.get(f"{base.rstrip('/')}/sandbox/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def webhook_reachable(url: str, timeout: float = 1.0) -> bool:
+    try:
+        return httpx.get(f"{url.rstrip('/')}/healthz", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass(slots=True)
+class Services:
+    """What :func:`start_services` started, and their addresses."""
+
+    provider: Provider
+    webhook_url: str | None = None
+    sandbox_url: str | None = None
+    servers: list[ServerThread] = field(default_factory=list)
+
+    @property
+    def status_callback_url(self) -> str | None:
+        if self.webhook_url is None:
+            return None
+        return f"{self.webhook_url}/webhooks/{self.provider.name}/status"
+
+    def close(self) -> None:
+        for server in reversed(self.servers):
+            server.close()
+
+
+def start_sandbox(provider: Provider, inbound_url: str | None) -> ServerThread:
+    """The sandbox at the address ``provider`` points at, with the provider's credentials."""
+    parts = urlsplit(getattr(provider, "base_url", ""))
+    settings = SandboxSettings(
+        account_sid=getattr(provider, "account_sid", SandboxSettings.account_sid),
+        auth_token=getattr(provider, "auth_token", SandboxSettings().auth_token),
+        inbound_url=inbound_url,
+    )
+    return run_in_thread(settings, parts.hostname or "127.0.0.1", parts.port or 80)
+
+
+@contextlib.contextmanager
+def start_services(
+    home: str | os.PathLike[str] | None,
+    provider: Provider,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_WEBHOOK_PORT,
+    public_url: str | None = None,
+    webhooks_app: bool = True,
+) -> Iterator[Services]:
+    """Start the webhook app and, for the sandbox provider, the sandbox; stop them on exit."""
+    services = Services(provider)
+    try:
+        if webhooks_app:
+            app = webhooks.create_app({provider.name: provider}, home=home, public_url=public_url)
+            hooks = serve_in_thread(app, host, port)
+            services.servers.append(hooks)
+            services.webhook_url = public_url.rstrip("/") if public_url else hooks.url
+        if provider.is_sandbox:
+            inbound = (
+                f"{services.webhook_url}/webhooks/{provider.name}/inbound" if services.webhook_url else None
+            )
+            sandbox = start_sandbox(provider, inbound)
+            services.servers.append(sandbox)
+            services.sandbox_url = sandbox.url
+        yield services
+    finally:
+        services.close()
+
+
+async def run(
+    home: str | os.PathLike[str] | None = None,
+    settings: ServeSettings | None = None,
+    *,
+    stop: asyncio.Event | None = None,
+    ready: Callable[[Services], None] | None = None,
+) -> None:
+    """Serve until ``stop`` is set (or SIGINT / SIGTERM when run from the main thread)."""
+    settings = settings or ServeSettings()
+    stop = stop or asyncio.Event()
+    provider = load_provider(settings.provider)
+    loop = asyncio.get_running_loop()
+    handled: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+            handled.append(signum)
+    try:
+        with start_services(
+            home, provider, host=settings.host, port=settings.port, public_url=settings.public_url
+        ) as services:
+            if ready is not None:
+                ready(services)
+            options = replace(settings.dispatch, status_callback_url=services.status_callback_url)
+            while not stop.is_set():
+                try:
+                    report = await dispatch.run(home, provider, options, stop=stop)
+                except Exception:
+                    log.exception("the dispatcher stopped unexpectedly; restarting in %.0f s", _RESTART_AFTER)
+                else:
+                    if report.error:
+                        log.error("%s", report.error)
+                    if stop.is_set():
+                        break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), _RESTART_AFTER)
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+
+
+def describe(services: Services) -> list[str]:
+    """Lines for the terminal: what runs where."""
+    lines = []
+    if services.webhook_url:
+        lines.append(
+            f"webhooks   {services.webhook_url}/webhooks/{services.provider.name}/status  (receipts)"
+        )
+        lines.append(f"           {services.webhook_url}/webhooks/{services.provider.name}/inbound (replies)")
+        lines.append(f"           {services.webhook_url}/l/<token>                         (link clicks)")
+    if services.sandbox_url:
+        lines.append(f"sandbox    {services.sandbox_url}  (simulated provider: no real SMS is sent)")
+        lines.append(f"           {services.sandbox_url}/sandbox/messages  (what it accepted)")
+    lines.append(f"dispatcher sending the due messages of running campaigns through {services.provider.name}")
+    return lines
