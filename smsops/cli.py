@@ -351,10 +351,34 @@ def _run(args: argparse.Namespace) -> int:
         rc = _build(argparse.Namespace(full_refresh=False, no_wait=False, verbose=False))
         if rc:
             return rc
+    if not args.no_serve:
+        _start_serve_beside_the_app()
     url = f"http://{args.address}:{args.port}"
     print(f"smsops is starting on {url}", flush=True)
     os.execv(sys.executable, streamlit_argv(args.address, args.port))
     return 0  # not reached
+
+
+def _start_serve_beside_the_app() -> None:
+    """`smsops serve` (webhooks, sandbox, dispatcher) as a child that ends with the app: the
+    kernel stops it when this process (Streamlit, after exec) exits."""
+    import ctypes
+    import signal
+    import subprocess
+
+    def die_with_parent() -> None:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    log = paths().home / "serve.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        subprocess.Popen(
+            [sys.executable, "-m", "smsops.cli", "serve"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+    print(f"webhooks, sandbox and dispatcher are starting (log: {log})", flush=True)
 
 
 # Streamlit treats a `pages/` folder beside the entry script as "multipage v1" until the
@@ -470,6 +494,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--port", type=int, default=8501)
     r.add_argument("--demo-contacts", type=int, default=50_000)
     r.add_argument("--skip-build", action="store_true", help="serve the last published build as it is")
+    r.add_argument("--no-serve", action="store_true", help="the app only: no webhooks, sandbox or dispatcher")
     r.set_defaults(func=_run)
     return ap
 
