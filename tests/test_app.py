@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import streamlit as st
-from streamlit.testing.v1 import AppTest
+from apptest import clear_caches, metric_values, open_page
 
 from smsops import charts, metrics, warehouse
-
-APP = Path(__file__).resolve().parent.parent / "app.py"
 
 
 @pytest.fixture(autouse=True)
 def fresh_caches():
-    st.cache_data.clear()
-    st.cache_resource.clear()
+    clear_caches()
     yield
-    st.cache_data.clear()
-
-
-def run_app(timeout: float = 60) -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=timeout)
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-def metric_values(at: AppTest) -> dict[str, str]:
-    return {m.label: m.value for m in at.metric}
+    clear_caches()
 
 
 def test_overview_shows_the_base_and_messaging_figures(built_env):
-    at = run_app()
+    at = open_page()
     values = metric_values(at)
     ov = metrics.overview(30)
     assert values["Contacts"] == f"{ov.contacts:,}"
@@ -45,7 +28,7 @@ def test_overview_shows_the_base_and_messaging_figures(built_env):
 
 
 def test_overview_period_changes_the_window(built_env):
-    at = run_app()
+    at = open_page()
     thirty = metric_values(at)["Messages sent"]
     at.button_group(key="days").set_value(90).run()
     ninety = metric_values(at)["Messages sent"]
@@ -54,7 +37,7 @@ def test_overview_period_changes_the_window(built_env):
 
 
 def test_overview_before_the_first_build_says_what_to_do(home):
-    at = run_app()
+    at = open_page()
     assert not at.metric
     assert any("smsops build" in i.value for i in at.info)
 
@@ -70,6 +53,6 @@ def test_chart_builders_title_and_label_their_axes(built_env):
 
 
 def test_overview_reads_the_newest_published_build(built_env):
-    at = run_app()
+    at = open_page()
     caption = " ".join(c.value for c in at.caption)
     assert warehouse.current().build_id in caption

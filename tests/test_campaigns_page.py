@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import streamlit as st
-from streamlit.testing.v1 import AppTest
+from apptest import open_page
 
 from smsops import campaigns, segments, store
-
-APP = Path(__file__).resolve().parent.parent / "app.py"
 
 
 @pytest.fixture
@@ -26,23 +23,15 @@ def own_home(built_home, tmp_path, monkeypatch):
     segments.close_connections()
 
 
-def campaigns_page() -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.switch_page("pages/campaigns.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
 def test_the_page_lists_campaigns_and_says_it_is_a_sandbox(own_home):
-    at = campaigns_page()
+    at = open_page("campaigns", timeout=120)
     assert any("sandbox" in c.value for c in at.caption)
     listing = at.dataframe[0].value
     assert len(listing) == len(campaigns.list_all())
 
 
 def test_create_check_and_launch_a_campaign_once(own_home):
-    at = campaigns_page()
+    at = open_page("campaigns", timeout=120)
     at.text_input(key="new_name").input("Page test promo")
     at.selectbox(key="new_audience").set_value("Ready-made: champions")
     at.text_area(key="new_text_A").input("{{ first_name | default('Здравствуйте') }}, скидка 15% для вас")
@@ -71,7 +60,7 @@ def test_follow_shows_the_ab_verdict_of_a_test_campaign(own_home):
     results = metrics.variant_results(1)  # the demo's first campaign tested A against B
     assert set(results) == {"A", "B"} and all(trials > 0 for _, trials in results.values())
     verdict = abtest.compare(results)
-    at = campaigns_page()
+    at = open_page("campaigns", timeout=120)
     label = next(c for c in at.selectbox(key="follow_pick").options if "(id 1," in c)
     at.selectbox(key="follow_pick").set_value(label).run()
     assert not at.exception

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
-import streamlit as st
-from streamlit.testing.v1 import AppTest
+from apptest import clear_caches, open_page
 
 from smsops import consent, contacts, importer, store
-
-APP = Path(__file__).resolve().parent.parent / "app.py"
 
 
 @pytest.fixture(autouse=True)
 def fresh_caches():
-    st.cache_data.clear()
+    clear_caches()
     yield
-    st.cache_data.clear()
+    clear_caches()
 
 
 @pytest.fixture
@@ -32,14 +28,6 @@ def base(home, tmp_path):
         writer.writerow(["K-3", "нет", "Вера", "Сидорова", ""])
     importer.run(path, importer.Options(consent_source="signup form"), home=home)
     return home
-
-
-def contacts_page() -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.switch_page("pages/contacts.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
 
 
 def test_search_finds_by_name_number_and_id(base):
@@ -85,7 +73,7 @@ def test_export_neutralises_formulas():
 
 
 def test_contacts_page_lists_masked_contacts_and_opens_a_card(base):
-    at = contacts_page()
+    at = open_page("contacts")
     table = at.dataframe[0].value
     assert set(table["name"]) == {"Анна Иванова", "Борис Петров"}
     assert all("***" in phone for phone in table["phone"])
@@ -98,7 +86,7 @@ def test_contacts_page_lists_masked_contacts_and_opens_a_card(base):
 
 
 def test_contacts_page_records_an_opt_out(base):
-    at = contacts_page()
+    at = open_page("contacts")
     at.text_input(key="contact_search").input("Анна").run()
     at.text_input(key="opt_out_reason").input("asked in the shop")
     at.text_input(key="opt_out_by").input("Олег")

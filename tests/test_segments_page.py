@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import streamlit as st
+from apptest import clear_caches, open_page
 from streamlit.testing.v1 import AppTest
 
 from smsops import segments
 
-APP = Path(__file__).resolve().parent.parent / "app.py"
-
 
 @pytest.fixture(autouse=True)
 def fresh_caches():
-    st.cache_data.clear()
-    segments.close_connections()
+    clear_caches()
     yield
-    st.cache_data.clear()
-    segments.close_connections()
-
-
-def segments_page() -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.switch_page("pages/segments.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    clear_caches()
 
 
 def count(at: AppTest) -> int:
@@ -35,7 +21,7 @@ def count(at: AppTest) -> int:
 
 
 def test_the_page_opens_on_champions_with_live_figures(built_env):
-    at = segments_page()
+    at = open_page("segments")
     assert count(at) == segments.count(segments.champions()) > 0
     figures = {m.label: int(m.value.replace(",", "")) for m in at.metric}
     assert figures["Reachable for promotions"] + figures["Service messages only"] + figures[
@@ -46,7 +32,7 @@ def test_the_page_opens_on_champions_with_live_figures(built_env):
 
 
 def test_adding_a_rule_narrows_the_count_and_saving_versions_it(built_env):
-    at = segments_page()
+    at = open_page("segments")
     before = count(at)
     at.button(key="seg_add_rule").click().run()
     rule_id = at.session_state["seg_items"][-1]["id"]
@@ -76,7 +62,7 @@ def test_adding_a_rule_narrows_the_count_and_saving_versions_it(built_env):
 
 
 def test_switching_match_to_any_widens_the_count(built_env):
-    at = segments_page()
+    at = open_page("segments")
     at.button(key="seg_add_rule").click().run()
     rule_id = at.session_state["seg_items"][-1]["id"]
     at.selectbox(key=f"{rule_id}_value_city_eq").set_value("Москва").run()
