@@ -1560,7 +1560,7 @@ def defer(
         if due is not None:
             updates.append((_stamp(due), reason, message_id))
             moved[message_id] = due.replace(tzinfo=UTC)
-    with _atomic(conn):
+    with store.transaction(conn):
         before = conn.total_changes
         conn.executemany(
             "update messages set not_before = ?, skip_reason = ? where message_id = ? and state = 'planned'",
@@ -1620,23 +1620,6 @@ def _campaign_kinds(conn: sqlite3.Connection, campaign_ids: Iterable[int]) -> di
     return dict(
         _chunked(conn, "select campaign_id, kind from campaigns where campaign_id in", list(campaign_ids))
     )
-
-
-@contextmanager
-def _atomic(conn: sqlite3.Connection) -> Iterator[None]:
-    """A transaction of its own, or a savepoint inside the caller's."""
-    if not conn.in_transaction:
-        with store.transaction(conn):
-            yield
-        return
-    conn.execute("savepoint campaigns")
-    try:
-        yield
-    except BaseException:
-        conn.execute("rollback to campaigns")
-        conn.execute("release campaigns")
-        raise
-    conn.execute("release campaigns")
 
 
 _E164 = re.compile(r"\+[1-9]\d{7,14}")

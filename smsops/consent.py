@@ -18,8 +18,7 @@ import json
 import re
 import sqlite3
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -394,23 +393,6 @@ def _row(event: ConsentEvent, now: datetime) -> tuple[object, ...]:
     return (key, phone, contact_id, purpose, action, source, consent_text, proof, occurred_at, recorded_at)
 
 
-@contextmanager
-def _atomic(conn: sqlite3.Connection) -> Iterator[None]:
-    """All or nothing: a transaction of its own, or a savepoint inside the caller's."""
-    if not conn.in_transaction:
-        with store.transaction(conn):
-            yield
-        return
-    conn.execute("savepoint consent")
-    try:
-        yield
-    except BaseException:
-        conn.execute("rollback to consent")
-        conn.execute("release consent")
-        raise
-    conn.execute("release consent")
-
-
 def record(
     conn: sqlite3.Connection,
     *,
@@ -436,7 +418,7 @@ def record_many(conn: sqlite3.Connection, events: Iterable[ConsentEvent]) -> int
     now = _now()
     rows = [_row(event, now) for event in events]
     before = conn.total_changes
-    with _atomic(conn):
+    with store.transaction(conn):
         conn.executemany(_INSERT_EVENT, rows)
     return conn.total_changes - before
 
@@ -662,7 +644,7 @@ def handle_inbound(
     to_number = _optional_text(to_number, "to_number")
     in_reply_to = _optional_id(in_reply_to, "in_reply_to")
 
-    with _atomic(conn):
+    with store.transaction(conn):
         match = _match(body)
         keyword = match[0] if match is not None else None
         (contact_id,) = conn.execute(

@@ -81,7 +81,7 @@ from urllib.parse import quote
 
 import phonenumbers
 
-from smsops import consent, phones
+from smsops import consent, phones, store
 from smsops.config import paths
 
 __all__ = [
@@ -723,31 +723,6 @@ def _earlier_key(conn: sqlite3.Connection, plan: _Plan) -> str | None:
 
 
 @contextmanager
-def _unit(conn: sqlite3.Connection, *, keep: bool) -> Iterator[None]:
-    """All or nothing: a transaction of its own, or a savepoint inside the caller's; with
-    ``keep=False`` the work is rolled back at the end (a dry run)."""
-    if conn.in_transaction:
-        conn.execute("savepoint erasure")
-        try:
-            yield
-        except BaseException:
-            conn.execute("rollback to erasure")
-            conn.execute("release erasure")
-            raise
-        if not keep:
-            conn.execute("rollback to erasure")
-        conn.execute("release erasure")
-        return
-    conn.execute("begin immediate")
-    try:
-        yield
-    except BaseException:
-        conn.execute("rollback")
-        raise
-    conn.execute("commit" if keep else "rollback")
-
-
-@contextmanager
 def _secure_delete(conn: sqlite3.Connection) -> Iterator[None]:
     """Freed space is overwritten with zeros while erasing, so old values do not linger."""
     (before,) = conn.execute("pragma secure_delete").fetchone()
@@ -789,7 +764,7 @@ def erase(
     assert secret is not None
     nested = conn.in_transaction
     with _secure_delete(conn):
-        with _unit(conn, keep=not dry_run):
+        with store.transaction(conn, keep=not dry_run):
             plan = _plan(conn, secret, number, contact_id)
             counts = {
                 "contacts_erased": _scrub_contacts(conn, plan, stamp),

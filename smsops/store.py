@@ -10,6 +10,7 @@ Conventions: timestamps are UTC text ``YYYY-MM-DD HH:MM:SS[.ffffff]``; booleans 
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -289,17 +290,34 @@ def connect(path: str | os.PathLike[str] | None = None, *, timeout: float = 30.0
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def transaction(conn: sqlite3.Connection, *, keep: bool = True) -> Iterator[sqlite3.Connection]:
     """All-or-nothing: ``begin immediate`` takes the write lock up front, so two
-    processes never interleave half a unit of work."""
+    processes never interleave half a unit of work. Inside a transaction the caller already
+    holds, the unit is a savepoint that rolls back alone on error. ``keep=False`` rolls the
+    work back at the end even when it succeeded (a dry run)."""
+    if conn.in_transaction:
+        name = f"unit_{next(_savepoints)}"
+        conn.execute(f"savepoint {name}")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute(f"rollback to {name}")
+            conn.execute(f"release {name}")
+            raise
+        if not keep:
+            conn.execute(f"rollback to {name}")
+        conn.execute(f"release {name}")
+        return
     conn.execute("begin immediate")
     try:
         yield conn
     except BaseException:
         conn.execute("rollback")
         raise
-    else:
-        conn.execute("commit")
+    conn.execute("commit" if keep else "rollback")
+
+
+_savepoints = itertools.count(1)
 
 
 def create_schema(conn: sqlite3.Connection, *, indexes: bool = True) -> None:

@@ -174,15 +174,23 @@ def create_app(
         )
         return PlainTextResponse("forbidden" if forged else "bad request", status_code=403 if forged else 400)
 
-    async def status(request: Request) -> Response:
+    async def parsed(request: Request, kind: str) -> tuple[Provider, Any] | Response:
+        """The provider named in the path and its authenticated, parsed ``kind`` of webhook,
+        or the response that refuses the request."""
         provider = provider_of(request)
         if provider is None:
             return PlainTextResponse("unknown provider", status_code=404)
+        parse = provider.parse_callback if kind == "status" else provider.parse_inbound
         try:
-            form = await form_of(request)
-            updates = provider.parse_callback(request_url(request), form, dict(request.headers))
+            return provider, parse(request_url(request), await form_of(request), dict(request.headers))
         except CallbackError as exc:
             return refuse(request, exc)
+
+    async def status(request: Request) -> Response:
+        got = await parsed(request, "status")
+        if isinstance(got, Response):
+            return got
+        provider, updates = got
         conn = connection()
         try:
             record_status(conn, updates)
@@ -192,14 +200,10 @@ def create_app(
         return Response(body, status_code=code, media_type=content_type)
 
     async def inbound(request: Request) -> Response:
-        provider = provider_of(request)
-        if provider is None:
-            return PlainTextResponse("unknown provider", status_code=404)
-        try:
-            form = await form_of(request)
-            message = provider.parse_inbound(request_url(request), form, dict(request.headers))
-        except CallbackError as exc:
-            return refuse(request, exc)
+        got = await parsed(request, "inbound")
+        if isinstance(got, Response):
+            return got
+        _, message = got
         number = phones.normalize(message.from_)
         sender = number.e164 if number.e164 else message.from_
         conn = connection()

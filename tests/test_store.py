@@ -100,3 +100,21 @@ def test_two_processes_write_concurrently_without_losing_rows(home):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     conn = store.connect(store.store_path(home))
     assert conn.execute("select count(*) from customer_events").fetchone()[0] == 600
+
+
+def test_a_transaction_inside_another_is_a_savepoint_that_rolls_back_alone(home):
+    conn = store.open_store(home)
+    insert = (
+        "insert into campaigns (name, kind, status, created_at) values (?, 'promo', 'draft', '2025-01-01')"
+    )
+    with store.transaction(conn):
+        conn.execute(insert, ("outer",))
+        with pytest.raises(RuntimeError), store.transaction(conn):
+            conn.execute(insert, ("inner",))
+            raise RuntimeError("inner unit fails")
+        with store.transaction(conn, keep=False):  # a dry run inside
+            conn.execute(insert, ("dry",))
+    assert [r[0] for r in conn.execute("select name from campaigns")] == ["outer"]
+    with store.transaction(conn, keep=False):
+        conn.execute(insert, ("dry at the top",))
+    assert conn.execute("select count(*) from campaigns").fetchone()[0] == 1

@@ -55,6 +55,8 @@ __all__ = [
     "form_items",
     "from_config",
     "header",
+    "parse_amount",
+    "parse_int",
     "retry_after_seconds",
     "scrub",
 ]
@@ -260,6 +262,22 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
         return value
     lowered = name.lower()
     return next((v for k, v in headers.items() if k.lower() == lowered), None)
+
+
+def parse_int(value: object) -> int | None:
+    """A whole number from a provider's JSON or form value (``"2"``, ``2``), else None."""
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_amount(value: object) -> float | None:
+    """A charged amount as a positive number (Twilio writes prices negative, ``"-0.0395"``)."""
+    try:
+        return abs(float(str(value))) if value is not None else None
+    except ValueError:
+        return None
 
 
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:

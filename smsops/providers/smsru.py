@@ -58,6 +58,8 @@ from smsops.providers import (
     SendResult,
     StatusUpdate,
     form_items,
+    parse_amount,
+    parse_int,
     scrub,
 )
 
@@ -131,20 +133,6 @@ _DATA_KEY = re.compile(r"data(\[\d*\])?")
 _SMS_ID = re.compile(r"[0-9A-Za-z\-]{1,64}")
 
 log = logging.getLogger(__name__)
-
-
-def _int(value: object) -> int | None:
-    try:
-        return int(str(value))
-    except (TypeError, ValueError):
-        return None
-
-
-def _float(value: object) -> float | None:
-    try:
-        return abs(float(str(value))) if value is not None else None
-    except ValueError:
-        return None
 
 
 def classify_code(code: int | None, text: str | None = None, http_status: int | None = 200) -> SendResult:
@@ -253,7 +241,9 @@ class SmsRuProvider:
                 "unknown", error_message="SMS.ru answered something that is not JSON", http_status=http_status
             )
         if payload.get("status") != "OK":
-            return classify_code(_int(payload.get("status_code")), payload.get("status_text"), http_status)
+            return classify_code(
+                parse_int(payload.get("status_code")), payload.get("status_text"), http_status
+            )
         results = payload.get("sms") if isinstance(payload.get("sms"), dict) else {}
         entry = results.get(number)
         if entry is None and len(results) == 1:
@@ -262,15 +252,15 @@ class SmsRuProvider:
             return SendResult(
                 "unknown", error_message="SMS.ru gave no result for the number", http_status=http_status
             )
-        code = _int(entry.get("status_code"))
+        code = parse_int(entry.get("status_code"))
         sms_id = entry.get("sms_id")
         if code == ACCEPTED and entry.get("status", "OK") == "OK" and isinstance(sms_id, str) and sms_id:
             return SendResult(
                 "accepted",
                 provider_message_id=sms_id,
                 status="queued",
-                segments=_int(entry.get("sms")),
-                price=_float(entry.get("cost")),
+                segments=parse_int(entry.get("sms")),
+                price=parse_amount(entry.get("cost")),
                 price_unit="RUB" if entry.get("cost") is not None else None,
                 http_status=http_status,
             )
@@ -289,11 +279,13 @@ class SmsRuProvider:
         if response.status_code != 200 or not isinstance(payload, dict):
             raise ProviderUnavailable(f"SMS.ru answered HTTP {response.status_code} to a status lookup")
         if payload.get("status") != "OK":
-            code = _int(payload.get("status_code"))
+            code = parse_int(payload.get("status_code"))
             classify_code(code)  # raises for refused credentials
             raise ProviderUnavailable(f"SMS.ru refused a status lookup: code {code}")
         entry = (payload.get("sms") or {}).get(provider_message_id)
-        status = DELIVERY_STATUS.get(_int(entry.get("status_code")) or 0) if isinstance(entry, dict) else None
+        status = (
+            DELIVERY_STATUS.get(parse_int(entry.get("status_code")) or 0) if isinstance(entry, dict) else None
+        )
         if status is None:
             return None
         code = str(entry["status_code"])
@@ -350,7 +342,7 @@ class SmsRuProvider:
             lines = [line.strip() for line in entry.replace("\r\n", "\n").split("\n")]
             if lines[0] != "sms_status":
                 continue
-            if len(lines) < 3 or not _SMS_ID.fullmatch(lines[1]) or _int(lines[2]) is None:
+            if len(lines) < 3 or not _SMS_ID.fullmatch(lines[1]) or parse_int(lines[2]) is None:
                 raise MalformedCallback(
                     f"SMS.ru callback entry {index} is not 'sms_status\\n<sms_id>\\n<code>'"
                 )

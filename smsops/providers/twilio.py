@@ -54,6 +54,8 @@ from smsops.providers import (
     StatusUpdate,
     form_items,
     header,
+    parse_amount,
+    parse_int,
     retry_after_seconds,
     scrub,
 )
@@ -177,20 +179,6 @@ def _code(value: object) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-def _int(value: object) -> int | None:
-    try:
-        return int(str(value))
-    except (TypeError, ValueError):
-        return None
-
-
-def _price(value: object) -> float | None:
-    try:
-        return abs(float(str(value))) if value is not None else None
-    except ValueError:
-        return None
-
-
 def _rfc2822(value: object) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
@@ -219,8 +207,8 @@ def classify_response(http_status: int, payload: object, retry_after: str | None
             "accepted",
             provider_message_id=sid,
             status=str(body.get("status") or "queued"),
-            segments=_int(body.get("num_segments")),
-            price=_price(body.get("price")),
+            segments=parse_int(body.get("num_segments")),
+            price=parse_amount(body.get("price")),
             price_unit=_code(body.get("price_unit")),
             http_status=http_status,
         )
