@@ -101,7 +101,12 @@ TABLES: dict[str, str] = {
             holdout_fraction  real,
             created_at        text not null,
             launched_at       text,
-            finished_at       text
+            finished_at       text,
+            policy            text,
+            scheduled_at      text,
+            test_of           integer,
+            ab_window_hours   real,
+            auto_release      integer check (auto_release in (0, 1))
         ) strict""",
     "campaign_variants": """
         create table if not exists campaign_variants (
@@ -255,6 +260,23 @@ TABLES: dict[str, str] = {
         ) strict""",
 }
 
+# Columns added after a table first shipped: ``create_schema`` adds them to older stores
+# (``alter table … add column``), so a store written by an earlier smsops keeps working.
+# ``campaigns.policy``: the campaign's quiet hours and frequency caps as JSON (null: the
+# install's defaults); ``scheduled_at``: when a scheduled campaign starts (UTC);
+# ``test_of``: the campaign a test send belongs to (hidden from lists and never counted);
+# ``ab_window_hours`` / ``auto_release``: when an A/B test is judged, and whether the
+# remainder then gets the winner without a click.
+ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "campaigns": (
+        ("policy", "text"),
+        ("scheduled_at", "text"),
+        ("test_of", "integer"),
+        ("ab_window_hours", "real"),
+        ("auto_release", "integer check (auto_release in (0, 1))"),
+    ),
+}
+
 INDEXES: tuple[str, ...] = (
     "create index if not exists ix_contacts_phone on contacts (phone_e164)",
     "create index if not exists ix_contacts_names on contacts (last_name, first_name)",
@@ -267,6 +289,7 @@ INDEXES: tuple[str, ...] = (
     "create index if not exists ix_status_message on message_status_events (message_id)",
     "create index if not exists ix_clicks_message on clicks (message_id)",
     "create index if not exists ix_inbound_from on inbound_messages (from_e164, received_at)",
+    "create index if not exists ix_campaigns_status on campaigns (status, scheduled_at)",
 )
 
 
@@ -323,7 +346,7 @@ _savepoints = itertools.count(1)
 def create_schema(conn: sqlite3.Connection, *, indexes: bool = True) -> None:
     """Create every table (and index); safe to run any number of times."""
     version = conn.execute("pragma user_version").fetchone()[0]
-    if version == SCHEMA_VERSION and not _missing_tables(conn):
+    if version == SCHEMA_VERSION and not _missing_tables(conn) and not _missing_columns(conn):
         return  # the common case: no write lock taken
     if version not in (0, SCHEMA_VERSION):
         raise StoreError(
@@ -333,6 +356,8 @@ def create_schema(conn: sqlite3.Connection, *, indexes: bool = True) -> None:
     with transaction(conn):
         for ddl in TABLES.values():
             conn.execute(ddl)
+        for table, column, declared in _missing_columns(conn):
+            conn.execute(f"alter table {table} add column {column} {declared}")
         if indexes:
             for ddl in INDEXES:
                 conn.execute(ddl)
@@ -344,6 +369,16 @@ def _missing_tables(conn: sqlite3.Connection) -> set[str]:
     present = {r[0] for r in conn.execute("select name from sqlite_master where type in ('table', 'index')")}
     wanted = set(TABLES) | {ddl.split(" if not exists ")[1].split(" ")[0] for ddl in INDEXES}
     return wanted - present
+
+
+def _missing_columns(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    """``(table, column, declaration)`` of :data:`ADDED_COLUMNS` an older store lacks."""
+    missing = []
+    for table, columns in ADDED_COLUMNS.items():
+        present = {row[1] for row in conn.execute(f"pragma table_info({table})")}
+        if present:  # a table not created yet gets them from its DDL
+            missing += [(table, name, declared) for name, declared in columns if name not in present]
+    return missing
 
 
 def open_store(home: str | os.PathLike[str] | None = None) -> sqlite3.Connection:

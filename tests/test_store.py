@@ -118,3 +118,25 @@ def test_a_transaction_inside_another_is_a_savepoint_that_rolls_back_alone(home)
     with store.transaction(conn, keep=False):
         conn.execute(insert, ("dry at the top",))
     assert conn.execute("select count(*) from campaigns").fetchone()[0] == 1
+
+
+def test_an_older_store_gets_the_new_campaign_columns_once_and_keeps_its_rows(home):
+    path = store.store_path(home)
+    old = sqlite3.connect(path)
+    old_ddl = store.TABLES["campaigns"].split(",\n            policy ")[0] + "\n        ) strict"
+    old.execute(old_ddl)
+    old.execute(
+        "insert into campaigns (name, kind, status, created_at) values ('old', 'promo', 'draft', '2025-01-01')"
+    )
+    old.execute(f"pragma user_version = {store.SCHEMA_VERSION}")
+    old.commit()
+    old.close()
+    conn = store.open_store(home)
+    store.create_schema(conn)  # a second run finds nothing to add
+    columns = {row[1] for row in conn.execute("pragma table_info(campaigns)")}
+    assert {name for name, _ in store.ADDED_COLUMNS["campaigns"]} <= columns
+    assert conn.execute("select name, policy, scheduled_at from campaigns").fetchall() == [
+        ("old", None, None)
+    ]
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+        conn.execute("update campaigns set auto_release = 2")
