@@ -8,7 +8,10 @@ operational store so that the next build turns it into metrics:
   Receipts are stored once per message and status (a repeat is a no-op); the marts take the
   furthest status, so a late ``sent`` never undoes ``delivered``. A receipt that arrives
   before the dispatcher has recorded the provider's message id is kept as an orphan and
-  attached when the id is recorded: nothing is lost.
+  attached when the id is recorded: nothing is lost. Receipts are written by one
+  :class:`StatusWriter` per app: a long-lived connection in its own thread that commits the
+  receipts of requests arriving together in one transaction (each request in a savepoint of its
+  own), and a request is answered only once its receipts are committed: a 200 means stored.
 - ``POST /webhooks/{provider}/inbound``: a reply. Stored, read for STOP/START/HELP with
   ``smsops.consent.record_inbound`` (an opt-out takes effect for every send after it), and
   answered with the provider's auto-reply when there is one.
@@ -19,11 +22,15 @@ operational store so that the next build turns it into metrics:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import queue
 import re
 import sqlite3
-from collections.abc import Mapping
+import threading
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
@@ -81,6 +88,99 @@ def record_status(conn: sqlite3.Connection, updates: list[StatusUpdate]) -> tupl
             )  # fmt: skip
             stored += cur.rowcount
     return stored, orphaned
+
+
+class StatusWriter:
+    """Receipts written by one connection in a dedicated thread, with group commit.
+
+    :meth:`write` hands a request's updates to the thread and waits until they are committed.
+    The thread takes everything queued at that moment (up to ``max_batch`` requests), writes each
+    request's updates in a savepoint of its own (a request that fails rolls back alone and gets
+    its error; the others are kept) and commits them all at once: under load one commit (the
+    costly part of a small SQLite transaction) serves many requests, and no request is answered
+    before its receipts are in the store.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 512) -> None:
+        self.path = path
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.commits = 0
+
+    def _ensure_started(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="smsops-status-writer", daemon=True)
+                self._thread.start()
+
+    async def write(self, updates: list[StatusUpdate]) -> tuple[int, int]:
+        """Store ``updates`` (as :func:`record_status`) and return once they are committed."""
+        self._ensure_started()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, int]] = loop.create_future()
+        self._queue.put((updates, future, loop))
+        return await future
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish what is queued, then stop the thread and close its connection."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(timeout)
+        self._thread = None
+
+    def _run(self) -> None:
+        conn = store.connect(self.path)
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < self.max_batch:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._write_batch(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _write_batch(self, conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
+        results: list[tuple[int, int] | BaseException] = []
+        try:
+            with store.transaction(conn):
+                for updates, _, _ in batch:
+                    try:
+                        results.append(record_status(conn, updates))  # a savepoint of its own
+                    except Exception as exc:
+                        results.append(exc)
+            self.commits += 1
+        except Exception as exc:  # the commit itself failed: nothing of the batch is stored
+            log.exception("could not store %d status callbacks", len(batch))
+            results = [exc] * len(batch)
+        for (_, future, loop), result in zip(batch, results, strict=True):
+            loop.call_soon_threadsafe(_settle, future, result)
+
+
+def _settle(future: asyncio.Future[Any], result: object) -> None:
+    if future.done():  # the client went away and its request was cancelled
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def adopt_orphans(conn: sqlite3.Connection) -> int:
@@ -145,6 +245,7 @@ def create_app(
     """
     path = store.store_path(home)
     store.open_store(home).close()
+    writer = StatusWriter(path)
 
     def connection() -> sqlite3.Connection:
         return store.connect(path)
@@ -191,11 +292,11 @@ def create_app(
         if isinstance(got, Response):
             return got
         provider, updates = got
-        conn = connection()
         try:
-            record_status(conn, updates)
-        finally:
-            conn.close()
+            await writer.write(updates)
+        except Exception as exc:
+            log.error("%s %s: the receipts could not be stored: %s", request.method, request.url.path, exc)
+            return PlainTextResponse("could not store the receipt", status_code=503)
         code, content_type, body = provider.callback_reply()
         return Response(body, status_code=code, media_type=content_type)
 
@@ -242,7 +343,17 @@ def create_app(
         Route("/l/{token}", click, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(writer.close)
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.status_writer = writer
+    return app
 
 
 def describe(providers: Mapping[str, Any]) -> list[str]:
