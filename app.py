@@ -11,6 +11,7 @@ navigation = st.navigation(
         st.Page("pages/segments.py", title="Segments", icon=":material/filter_alt:"),
         st.Page("pages/compose.py", title="Compose", icon=":material/edit_note:"),
         st.Page("pages/campaigns.py", title="Campaigns", icon=":material/campaign:"),
+        st.Page("pages/results.py", title="Results", icon=":material/insights:"),
     ]
 )
 navigation.run()

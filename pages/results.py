@@ -1,0 +1,249 @@
+"""Results: what a launched campaign achieved, from the published warehouse build."""
+
+import time
+
+import streamlit as st
+
+from smsops import charts, config, results, warehouse
+
+
+@st.cache_data(show_spinner=False)
+def cached(build_id: str, section: str, *args):
+    """``results.<section>(*args)``, cached per published build (a new build refreshes it)."""
+    return getattr(results, section)(*args)
+
+
+def fmt_rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def build_is_running() -> bool:
+    """A build holds the lock, or the one this session started has not taken it yet."""
+    proc = st.session_state.get("refresh_proc")
+    return warehouse.build_running() or (proc is not None and proc.poll() is None)
+
+
+st.title("Results")
+
+snapshot = warehouse.current()
+if snapshot is None:
+    st.info("The warehouse has not been built yet. Run `smsops build` (or `make run`) and reload.")
+    st.stop()
+
+if config.provider_name() == "sandbox":
+    st.caption(
+        ":material/science: Results of sending to the **sandbox**: a local simulator, no real SMS left "
+        "this machine."
+    )
+
+# --- Which build, and refreshing it --------------------------------------------------------
+
+running = build_is_running()
+info_col, button_col = st.columns([4, 1], vertical_alignment="center")
+info_col.caption(
+    f"Figures from warehouse build {snapshot.build_id}, built {snapshot.built_at:%Y-%m-%d %H:%M} UTC "
+    f"(in {snapshot.seconds:.0f} s)."
+)
+if button_col.button("Refresh metrics", key="refresh_metrics", icon=":material/refresh:", disabled=running):
+    if build_is_running():
+        st.info("A build is already running: the figures switch to it when it finishes.")
+    else:
+        st.session_state["refresh_proc"] = warehouse.build_in_background()
+        st.session_state["refresh_started"] = time.monotonic()
+        st.session_state["refresh_from"] = snapshot.build_id
+        running = True
+
+
+@st.fragment(run_every=2 if running else None)
+def refresh_status(shown_build: str) -> None:
+    """While a build runs: its progress, re-checked every 2 s without rerunning the page
+    (other pages stay usable). When a new build is published: rerun the page onto it."""
+    latest = warehouse.current()
+    proc = st.session_state.get("refresh_proc")
+    if build_is_running():
+        started = st.session_state.get("refresh_started", time.monotonic())
+        elapsed = time.monotonic() - started
+        with st.status(f"Refreshing metrics: dbt is building a new snapshot ({elapsed:.0f} s)…"):
+            st.progress(min(elapsed / max(snapshot.seconds, 1.0), 0.95), text="Estimated from the last build")
+            st.write("Other pages stay usable; the figures here switch when the build is published.")
+    elif latest is not None and latest.build_id != shown_build:
+        st.session_state.pop("refresh_proc", None)
+        st.rerun(scope="app")
+    elif proc is not None and proc.poll() not in (None, 0):
+        log = config.paths().dbt_artifacts / "background-build.log"
+        st.error(f"The build failed (exit {proc.returncode}); the figures are unchanged. See {log}.")
+        st.session_state.pop("refresh_proc", None)
+
+
+refresh_status(snapshot.build_id)
+build = snapshot.build_id
+
+# --- Campaign -------------------------------------------------------------------------------
+
+listing = cached(build, "campaigns_with_results")
+if listing.empty:
+    st.info(
+        "No launched campaign in this build yet. Launch one on the Campaigns page, then refresh the metrics."
+    )
+    st.stop()
+
+choices = {
+    f"{row.campaign_name} (id {row.campaign_id}, {row.campaign_status}, "
+    f"launched {row.launched_at:%Y-%m-%d})": int(row.campaign_id)
+    for row in listing.itertuples(index=False)
+}
+campaign_id = choices[st.selectbox("Campaign", list(choices), key="results_pick")]
+funnel = cached(build, "funnel", campaign_id)
+
+if funnel.sent == 0:
+    st.info(
+        f"Nothing sent yet for «{funnel.campaign_name}» in this build ({funnel.pending:,} planned, "
+        f"{funnel.suppressed:,} suppressed, {funnel.holdout:,} in the holdout). Refresh the metrics once "
+        "sending has started."
+    )
+    st.stop()
+
+# --- Funnel ---------------------------------------------------------------------------------
+
+st.subheader("Funnel")
+m = st.columns(6)
+m[0].metric("Sent", f"{funnel.sent:,}")
+m[1].metric("Delivered", f"{funnel.delivered:,}", help=f"Delivery rate {fmt_rate(funnel.delivery_rate)}")
+m[2].metric(
+    "Clicked", f"{funnel.clicked:,}", help=f"Unique clickers; CTR {fmt_rate(funnel.click_through_rate)}"
+)
+m[3].metric("Converted", f"{funnel.converted:,}", help=f"Conversion rate {fmt_rate(funnel.conversion_rate)}")
+m[4].metric("Revenue attributed", f"{funnel.revenue:,.0f} ₽")
+m[5].metric("Cost", f"{funnel.cost:,.0f} ₽")
+st.altair_chart(charts.funnel_chart(funnel.stages()), width="stretch")
+st.caption(
+    "Converted: delivered recipients with an order attributed to this message (clicked or not). "
+    f"Not sent: {funnel.suppressed:,} suppressed by policy, {funnel.rejected:,} rejected by the provider, "
+    f"{funnel.pending:,} still planned; {funnel.holdout:,} held out on purpose."
+)
+
+# --- Variants -------------------------------------------------------------------------------
+
+st.subheader("Variants")
+metric = st.segmented_control(
+    "Judge by", list(results.METRICS), default="ctr", key="results_metric", format_func=results.METRICS.get
+)
+metric = metric or "ctr"
+verdict = cached(build, "verdict", campaign_id, metric)
+if verdict is None:
+    st.caption("A single variant: there is nothing to compare.")
+else:
+    (st.success if verdict.winner else st.info)(verdict.message)
+try:
+    by_variant = cached(build, "variants", campaign_id)
+except results.MartMissing as exc:
+    st.caption(str(exc))
+    if verdict is not None:
+        st.table([{"variant": a.name, "delivered": a.trials, "rate": f"{a.rate:.2%}",
+                   "95% interval": f"{a.low:.2%} – {a.high:.2%}"} for a in verdict.arms])  # fmt: skip
+else:
+    if len(by_variant) > 1:
+        rate = "click_through_rate" if metric == "ctr" else "conversion_rate"
+        st.altair_chart(charts.variants_chart(by_variant, rate), width="stretch")
+    percent = {c: st.column_config.NumberColumn(format="percent") for c in by_variant if c.endswith("rate")
+               or c.endswith("_low") or c.endswith("_high")}  # fmt: skip
+    st.dataframe(by_variant, hide_index=True, width="stretch", column_config=percent)
+
+# --- Uplift ---------------------------------------------------------------------------------
+
+st.subheader("Uplift over the holdout")
+try:
+    lift = cached(build, "uplift", campaign_id)
+except results.MartMissing as exc:
+    st.caption(str(exc))
+else:
+    if lift is None:
+        st.caption("This campaign kept no holdout, so its uplift cannot be measured.")
+    else:
+        u = st.columns(4)
+        u[0].metric("Messaged: conversion", fmt_rate(lift.treatment_conversion_rate),
+                    help=f"{lift.treatment_converted:,} of {lift.treatment_recipients:,}")  # fmt: skip
+        u[1].metric("Holdout: conversion", fmt_rate(lift.holdout_conversion_rate),
+                    help=f"{lift.holdout_converted:,} of {lift.holdout_recipients:,}")  # fmt: skip
+        u[2].metric("Incremental conversions", "—" if lift.incremental_conversions is None
+                    else f"{lift.incremental_conversions:,.1f}")  # fmt: skip
+        u[3].metric("Incremental revenue", "—" if lift.incremental_revenue is None
+                    else f"{lift.incremental_revenue:,.0f} ₽")  # fmt: skip
+        (st.success if lift.significant else st.info)(lift.message)
+
+# --- Breakdown ------------------------------------------------------------------------------
+
+st.subheader("By segment")
+attribute = st.segmented_control(
+    "Break down by", list(results.ATTRIBUTES), default="country", key="results_attribute",
+    format_func=results.ATTRIBUTES.get,
+)  # fmt: skip
+attribute = attribute or "country"
+try:
+    parts = cached(build, "breakdown", campaign_id, attribute)
+except results.MartMissing as exc:
+    st.caption(str(exc))
+else:
+    if parts.empty:
+        st.caption("No recipients to break down.")
+    else:
+        rate = "click_through_rate" if metric == "ctr" else "conversion_rate"
+        st.altair_chart(charts.breakdown_chart(parts, results.ATTRIBUTES[attribute], rate), width="stretch")
+        st.dataframe(parts, hide_index=True, width="stretch",
+                     column_config={c: st.column_config.NumberColumn(format="percent")
+                                    for c in parts if "_rate" in c})  # fmt: skip
+
+# --- Failures -------------------------------------------------------------------------------
+
+st.subheader("Delivery failures")
+try:
+    failed = cached(build, "failures", campaign_id)
+except results.MartMissing as exc:
+    st.caption(str(exc))
+else:
+    if failed.empty:
+        st.caption("Every message sent was delivered.")
+    else:
+        st.dataframe(failed, hide_index=True, width="stretch")
+
+# --- Opt-outs and replies -------------------------------------------------------------------
+
+st.subheader("Opt-outs and replies")
+r = st.columns(3)
+r[0].metric("Opt-outs", f"{funnel.opt_outs:,}", help=f"{fmt_rate(funnel.opt_out_rate)} of delivered")
+r[1].metric("Replies", f"{funnel.replies:,}")
+reveal = st.toggle("Show full phone numbers", key="results_reveal")
+try:
+    answers = cached(build, "replies", campaign_id, reveal)
+except results.MartMissing as exc:
+    st.caption(str(exc))
+else:
+    r[2].metric("Complaints", f"{int(answers['is_complaint'].fillna(False).sum()):,}")
+    if answers.empty:
+        st.caption("No replies.")
+    else:
+        st.dataframe(answers, hide_index=True, width="stretch")
+
+# --- Time to click --------------------------------------------------------------------------
+
+st.subheader("Time to click")
+clicks = cached(build, "time_to_click", campaign_id)
+if clicks.empty:
+    st.caption("Nobody clicked a link in this campaign.")
+else:
+    st.altair_chart(charts.time_to_click_chart(clicks), width="stretch")
+    half, most = results.minutes_until(clicks, 0.5), results.minutes_until(clicks, 0.9)
+    st.caption(f"Half of the clickers clicked within {half:,} minutes of sending; 90% within {most:,}.")
+
+# --- Export ---------------------------------------------------------------------------------
+
+st.subheader("Export")
+full = st.toggle("Full phone numbers in the export", key="export_reveal")
+st.download_button(
+    "Per-message results (CSV)",
+    cached(build, "export_csv", campaign_id, full),
+    f"campaign_{campaign_id}_{build}.csv",
+    "text/csv",
+    key="export_csv",
+    icon=":material/download:",
+)
