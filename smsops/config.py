@@ -73,3 +73,17 @@ def opt_out_text() -> str:
 def provider_name() -> str:
     """Which provider sends: ``$SMSOPS_PROVIDER`` (``sandbox`` by default, ``twilio``, ``smsru``)."""
     return os.environ.get("SMSOPS_PROVIDER", "sandbox").strip().lower() or "sandbox"
+
+
+LINK_TOKEN_LENGTH = 8
+"""Characters of a tracked link's token: 62**8 (about 2**47.6) possible values per link."""
+
+
+def link_base() -> str:
+    """Where tracked links point: ``$SMSOPS_LINK_BASE`` (default ``https://s.example/l/``).
+
+    The host must route ``/l/<token>`` to ``smsops serve``'s webhook port (a short domain of
+    your own behind a reverse proxy). Each message's link is this base plus an 8-character token.
+    """
+    base = os.environ.get("SMSOPS_LINK_BASE", "https://s.example/l/").strip()
+    return base if base.endswith("/") else base + "/"

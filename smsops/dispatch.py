@@ -91,7 +91,7 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 
-from smsops import campaigns, consent, store, webhooks
+from smsops import campaigns, consent, links, store, webhooks
 from smsops.config import paths
 from smsops.policy import QuietHours
 from smsops.providers import (
@@ -545,6 +545,7 @@ class _Db:
         self.senders: dict[tuple[int, str], str | None] = {}
         self.campaign_senders: dict[int, str | None] = {}
         self.deferred_count = 0
+        self.links = links.Tracker()
 
     def close(self) -> None:
         self.conn.close()
@@ -581,9 +582,12 @@ class _Db:
             # the same transaction holds the write lock: the rows just read are still 'planned'
             taken = [r for r in claimed if r[0] not in deferred]
             conn.execute(_CLAIM_SQL, (self.provider, json.dumps([r[0] for r in taken])))
+            # each recipient's tracked links, stored with the claim: the text sent is the text kept
+            tracked = self.links.track(conn, [links.Pending(r[0], r[1], r[2], r[5]) for r in taken], now)
             rows: list[_Row] = []
             self._load_senders({r[1] for r in taken})
             for message_id, cid, variant, contact_id, phone, body, attempts in taken:
+                body = tracked.get(message_id, body)
                 sender = self.senders.get((cid, variant), self.campaign_senders.get(cid))
                 rows.append(_Row(message_id, cid, contact_id, phone, body, sender, attempts, now))
             conn.execute(

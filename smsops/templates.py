@@ -10,7 +10,9 @@ What a marketer expects, rather than what Jinja does by default:
   ``d``) replaces a missing field, ``None`` and blank text alike, not only a missing field;
 - control characters other than ``\\n`` are removed from every substituted value;
 - ``link(url)`` renders a placeholder exactly as long as the tracked short link that later
-  replaces it, so length and segment counts are already final;
+  replaces it, so length and segment counts are already final; each distinct address has a
+  placeholder of its own (``…/xxxxxxxx``, ``…/xxxxxxx1``, …) so that :mod:`smsops.links` can
+  tell them apart when it swaps in each recipient's tokens;
 - reaching into Python internals (``''.__class__``, ``.mro()`` …) raises
   :class:`TemplateSecurityError`: at compile time when the template spells it out, at render
   time when a value leads there.
@@ -36,6 +38,7 @@ from jinja2 import meta, nodes
 from jinja2.runtime import ChainableUndefined, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from smsops import config
 from smsops.encoding import analyze
 
 __all__ = [
@@ -58,6 +61,10 @@ MAX_SOURCE_CHARS = 10_000
 """Longest template accepted: far beyond any SMS (a 10-part UCS-2 message is 670 characters)."""
 
 DEFAULT_LINK_BASE = "https://s.example/"
+MAX_LINKS = 36
+"""Distinct ``link()`` addresses one template may use (each needs a placeholder of its own)."""
+LINK_MARKS = "x123456789abcdefghijklmnopqrstuvwxyz"
+"""The last character of each distinct link's placeholder, in order of first use."""
 NBSP = "\u00a0"
 
 
@@ -78,7 +85,7 @@ class TemplateTooLongError(TemplateError, ValueError):
 
 
 class LinkSettingsError(TemplateError, ValueError):
-    """A link base or length that cannot hold a short link."""
+    """A link base that is not an https:// address ending in /."""
 
 
 class TemplateSyntaxError(TemplateError, ValueError):
@@ -348,7 +355,9 @@ class Template:
     links: tuple[str, ...]
     """Literal addresses passed to ``link()``, in order, without repeats."""
     link_placeholder: str
-    """What each ``link()`` renders: as long as the short link that replaces it."""
+    """What the first address renders: as long as the short link that replaces it."""
+    link_placeholders: Mapping[str, str]
+    """Each address in :attr:`links` and the placeholder it renders (all of the same length)."""
     fast: bool
     """True when rendered by the generated function, False when by Jinja."""
     _render: Callable[[Mapping[str, Any]], str] = field(repr=False, compare=False)
@@ -389,13 +398,13 @@ def compile(  # shadows the builtin on purpose: callers write templates.compile(
     source: str,
     fields: Iterable[str] | Mapping[str, str] | None = None,
     *,
-    link_length: int = 23,
-    link_base: str = DEFAULT_LINK_BASE,
+    link_base: str | None = None,
     fast: bool = True,
 ) -> Template:
     """Compile ``source``, checking it against the known ``fields`` (None: don't check).
 
-    ``link()`` renders ``link_base`` padded with "x" to ``link_length`` characters.
+    ``link()`` renders ``link_base`` (by default the configured one, :func:`smsops.config.link_base`)
+    followed by a token's length of "x": the length of the short link that replaces it.
     ``fast=False`` forces the Jinja renderer even for a simple template (to compare or measure).
     """
     if not isinstance(source, str):
@@ -409,7 +418,9 @@ def compile(  # shadows the builtin on purpose: callers write templates.compile(
             " (a 10-part message holds at most 1,530): shorten it"
         )
     known = _known_fields(fields)
-    placeholder = _placeholder(link_base, link_length)
+    if link_base is None:
+        link_base = config.link_base()
+    placeholder = _placeholder(link_base)
 
     try:
         tree = _ENV.parse(source)
@@ -430,11 +441,16 @@ def compile(  # shadows the builtin on purpose: callers write templates.compile(
         )
     )
     bare = _bare_fields(tree, set(used))
+    if len(links) > MAX_LINKS:
+        raise TemplateSyntaxError(
+            f"the template links to {len(links)} different addresses; at most {MAX_LINKS} can be tracked"
+        )
+    placeholders = {url: placeholder[:-1] + LINK_MARKS[i] for i, url in enumerate(links)}
 
-    renderer = _fast_renderer(tree, placeholder) if fast else None
+    renderer = _fast_renderer(tree, placeholders) if fast else None
     is_fast = renderer is not None
     if renderer is None:
-        jinja_template = _ENV.from_string(tree, globals={"link": lambda url=None: placeholder})
+        jinja_template = _ENV.from_string(tree, globals={"link": placeholders.get})
         renderer = _jinja_renderer(jinja_template, used)
 
     return Template(
@@ -444,6 +460,7 @@ def compile(  # shadows the builtin on purpose: callers write templates.compile(
         missing_default=tuple(name for name in used if name in bare),
         links=links,
         link_placeholder=placeholder,
+        link_placeholders=placeholders,
         fast=is_fast,
         _render=renderer,
     )
@@ -512,15 +529,12 @@ def _known_fields(fields: Iterable[str] | Mapping[str, str] | None) -> frozenset
     return names
 
 
-def _placeholder(base: str, length: int) -> str:
-    if not isinstance(base, str) or not base.isascii() or not base.startswith(("https://", "http://")):
-        raise LinkSettingsError(f"link_base must be an ASCII address starting with https://, got {base!r}")
-    if not isinstance(length, int) or isinstance(length, bool) or length < len(base) + 4:
+def _placeholder(base: str) -> str:
+    if not isinstance(base, str) or not base.isascii() or not re.fullmatch(r"https?://[^\s/]+/\S*", base):
         raise LinkSettingsError(
-            f"link_length={length!r} leaves no room for a link code after {base!r}:"
-            f" give at least {len(base) + 4}, or a shorter link_base"
+            f"link_base must be an ASCII address starting with https:// and ending in /, got {base!r}"
         )
-    return base + "x" * (length - len(base))
+    return base + "x" * config.LINK_TOKEN_LENGTH
 
 
 def _is_link_call(node: nodes.Call) -> bool:
@@ -543,9 +557,13 @@ def _check(tree: nodes.Template, source: str) -> None:
         if len(call.args) != 1 or call.kwargs or call.dyn_args or call.dyn_kwargs:
             raise _error_at(call.lineno, source, f"link() takes one address, as in {example}", "link(")
         url = call.args[0]
-        if isinstance(url, nodes.Const) and not (
-            isinstance(url.value, str) and re.fullmatch(r"https?://[^\s/]+\S*", url.value)
-        ):
+        if not isinstance(url, nodes.Const):
+            raise _error_at(
+                call.lineno, source,
+                f"link() needs the address written out, as in {example}: an address taken from a"
+                " contact field cannot be tracked", "link(",
+            )  # fmt: skip
+        if not (isinstance(url.value, str) and re.fullmatch(r"https?://[^\s/]+\S*", url.value)):
             raise _error_at(
                 call.lineno, source, f"link({url.value!r}): give the full address, as in {example}", "link("
             )
@@ -672,7 +690,9 @@ _Part = str | tuple[str, str | None] | tuple[str, Callable[[Any], str]]
 """Literal text; (field, default text or None); or (field, function of the raw value)."""
 
 
-def _fast_renderer(tree: nodes.Template, placeholder: str) -> Callable[[Mapping[str, Any]], str] | None:
+def _fast_renderer(
+    tree: nodes.Template, placeholders: Mapping[str, str]
+) -> Callable[[Mapping[str, Any]], str] | None:
     """A generated function for a template of text, fields, literal links, and fields through this
     module's filters with literal arguments; None for any other template."""
     parts: list[_Part] = []
@@ -680,7 +700,7 @@ def _fast_renderer(tree: nodes.Template, placeholder: str) -> Callable[[Mapping[
         if not isinstance(output, nodes.Output):
             return None
         for node in output.nodes:
-            part = _simple_part(node, placeholder)
+            part = _simple_part(node, placeholders)
             if part is None:
                 return None
             if isinstance(part, str) and parts and isinstance(parts[-1], str):
@@ -721,7 +741,7 @@ def _fast_renderer(tree: nodes.Template, placeholder: str) -> Callable[[Mapping[
     return namespace["render_fast"]
 
 
-def _simple_part(node: nodes.Node, placeholder: str) -> _Part | None:
+def _simple_part(node: nodes.Node, placeholders: Mapping[str, str]) -> _Part | None:
     """One piece of a simple template, or None when the node needs Jinja."""
     if isinstance(node, nodes.TemplateData):
         return node.data
@@ -729,7 +749,7 @@ def _simple_part(node: nodes.Node, placeholder: str) -> _Part | None:
         return _text(node.value)
     if isinstance(node, nodes.Call):
         simple_link = _is_link_call(node) and len(node.args) == 1 and isinstance(node.args[0], nodes.Const)
-        return placeholder if simple_link else None
+        return placeholders[node.args[0].value] if simple_link else None
     chain: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
     while isinstance(node, nodes.Filter):
         literal = all(isinstance(arg, nodes.Const) for arg in [*node.args, *(kw.value for kw in node.kwargs)])

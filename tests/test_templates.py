@@ -198,20 +198,51 @@ def test_link_renders_a_placeholder_of_exactly_the_link_length():
     template = templates.compile("Скидка: {{ link('https://shop.example.ru/sale') }}")
     text = template.render({})
     placeholder = text.removeprefix("Скидка: ")
-    assert len(placeholder) == 23
+    assert len(placeholder) == len("https://s.example/l/") + 8  # the configured base and a token
     assert placeholder == template.link_placeholder
-    assert placeholder.startswith("https://s.example/")
+    assert placeholder.startswith("https://s.example/l/")
 
 
-def test_link_length_and_base_are_configurable_and_counted_by_analyze():
+def test_each_distinct_link_renders_a_placeholder_of_its_own_on_both_renderers():
+    source = "{{ link('https://a.example/1') }} {{ link('https://b.example/2') }} {{ link('https://a.example/1') }}"
+    for fast in (True, False):
+        template = templates.compile(source, fast=fast)
+        a, b = (
+            template.link_placeholders["https://a.example/1"],
+            template.link_placeholders["https://b.example/2"],
+        )
+        assert a != b and len(a) == len(b)
+        assert template.render({}) == f"{a} {b} {a}"
+
+
+def test_a_link_inside_a_condition_keeps_its_own_placeholder():
     template = templates.compile(
-        "Sale: {{ link('https://shop.example.com/a') }}", link_length=40, link_base="https://go.shop.example/"
+        "{% if vip %}{{ link('https://a.example/vip') }} {% endif %}{{ link('https://a.example/all') }}"
+    )
+    assert not template.fast
+    assert template.render({"vip": False}) == template.link_placeholders["https://a.example/all"]
+
+
+def test_a_link_to_an_address_from_a_field_is_refused():
+    with pytest.raises(TemplateSyntaxError, match="written out"):
+        templates.compile("{{ link(site) }}")
+
+
+def test_the_link_base_comes_from_the_configuration(monkeypatch):
+    monkeypatch.setenv("SMSOPS_LINK_BASE", "https://go.shop.example")
+    template = templates.compile("{{ link('https://shop.example/a') }}")
+    assert template.render({}) == "https://go.shop.example/xxxxxxxx"
+
+
+def test_link_base_is_configurable_and_counted_by_analyze():
+    template = templates.compile(
+        "Sale: {{ link('https://shop.example.com/a') }}", link_base="https://go.shop.example/"
     )
     text = template.render({})
-    assert text == "Sale: " + "https://go.shop.example/".ljust(40, "x")
+    assert text == "Sale: https://go.shop.example/xxxxxxxx"
     analysis = analyze(text)
     assert analysis.encoding == GSM7
-    assert analysis.units == 6 + 40
+    assert analysis.units == 6 + len("https://go.shop.example/") + 8
 
 
 def test_links_lists_the_literal_addresses_in_order():
@@ -221,11 +252,10 @@ def test_links_lists_the_literal_addresses_in_order():
     assert template.links == ("https://a.example/1", "https://b.example/2")
 
 
-def test_link_length_too_short_for_the_base_is_rejected():
-    with pytest.raises(LinkSettingsError, match="at least 22"):
-        templates.compile("{{ link('https://a.example/') }}", link_length=21)
-    with pytest.raises(LinkSettingsError, match="https://"):
-        templates.compile("x", link_base="s.example/")
+def test_a_link_base_that_is_not_an_address_is_rejected():
+    for base in ("s.example/", "https://s.example", "https://ы.example/", 5):
+        with pytest.raises(LinkSettingsError, match="link_base"):
+            templates.compile("x", link_base=base)
 
 
 @pytest.mark.parametrize(
@@ -385,7 +415,9 @@ def test_sandbox_does_not_let_a_template_change_a_contact():
 def test_typical_template_takes_the_fast_path():
     template = templates.compile(TYPICAL, ["first_name"])
     assert template.fast
-    assert template.render({"first_name": "Анна"}) == "Анна, скидка 15% до пятницы: https://s.example/xxxxx"
+    assert (
+        template.render({"first_name": "Анна"}) == "Анна, скидка 15% до пятницы: https://s.example/l/xxxxxxxx"
+    )
     assert not templates.compile(TYPICAL, fast=False).fast
 
 
@@ -503,9 +535,9 @@ def test_length_profile_finds_the_worst_case_and_empty_fields():
     ]
     profile = length_profile(template, contacts)
     assert profile.count == 6
-    assert profile.worst_text == "Hi Bartholomew-Alexander, https://s.example/xxxxx"
+    assert profile.worst_text == "Hi Bartholomew-Alexander, https://s.example/l/xxxxxxxx"
     assert profile.worst == len(profile.worst_text)
-    assert profile.typical == len("Hi Ann, https://s.example/xxxxx")
+    assert profile.typical == len("Hi Ann, https://s.example/l/xxxxxxxx")
     assert profile.encodings == {GSM7: 5, UCS2: 1}
     assert profile.segments_typical == 1
     assert profile.segments_worst == 1
