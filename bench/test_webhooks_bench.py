@@ -148,6 +148,7 @@ def test_webhook_ingest_throughput_with_none_lost(tmp_path):
     outbox(tmp_path, MESSAGES)
     app = webhooks.create_app({"sandbox": from_config("sandbox", {})}, home=tmp_path)
     with serve_in_thread(app) as server:
+        cpu = time.process_time()
         run = subprocess.run(
             [sys.executable, __file__, server.host, str(server.port), str(MESSAGES), str(CONNECTIONS)],
             capture_output=True,
@@ -155,6 +156,7 @@ def test_webhook_ingest_throughput_with_none_lost(tmp_path):
             check=True,
             timeout=600,
         )
+        cpu = time.process_time() - cpu
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     conn = store.connect(store.store_path(tmp_path))
     try:
@@ -166,6 +168,7 @@ def test_webhook_ingest_throughput_with_none_lost(tmp_path):
     finally:
         conn.close()
     figures.update(
+        server_cpu_us_per_callback=round(cpu / figures["answered"] * 1e6),
         messages=MESSAGES,
         connections=CONNECTIONS,
         rows_expected=2 * MESSAGES,

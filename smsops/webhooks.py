@@ -30,16 +30,18 @@ import queue
 import re
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 from xml.sax.saxutils import escape
 
 from starlette.applications import Starlette
+from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from smsops import consent, phones, store
 from smsops.providers import CallbackError, InvalidSignature, Provider, StatusUpdate
@@ -170,17 +172,21 @@ class StatusWriter:
         except Exception as exc:  # the commit itself failed: nothing of the batch is stored
             log.exception("could not store %d status callbacks", len(batch))
             results = [exc] * len(batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], object]]] = {}
         for (_, future, loop), result in zip(batch, results, strict=True):
-            loop.call_soon_threadsafe(_settle, future, result)
+            by_loop.setdefault(loop, []).append((future, result))
+        for loop, settled in by_loop.items():  # one wake-up of each event loop per batch
+            loop.call_soon_threadsafe(_settle, settled)
 
 
-def _settle(future: asyncio.Future[Any], result: object) -> None:
-    if future.done():  # the client went away and its request was cancelled
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _settle(settled: list[tuple[asyncio.Future[Any], object]]) -> None:
+    for future, result in settled:
+        if future.done():  # the client went away and its request was cancelled
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 def adopt_orphans(conn: sqlite3.Connection) -> int:
@@ -232,6 +238,61 @@ def _twiml(text: str | None) -> str:
     return f'<?xml version="1.0" encoding="UTF-8"?><Response><Message>{escape(text)}</Message></Response>'
 
 
+_STATUS_PATH = re.compile(r"/webhooks/([^/]+)/status")
+
+
+def _form(body: bytes) -> list[tuple[str, str]]:
+    if len(body) > MAX_BODY_BYTES:
+        raise CallbackError(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} limit")
+    try:
+        return parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CallbackError(f"the body is not a form: {exc}") from None
+
+
+async def _body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise CallbackError("the client went away before the body was complete")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise CallbackError(f"body of more than {MAX_BODY_BYTES} bytes is over the limit")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _answer(send: Send, status: int, content_type: str, text: str) -> None:
+    body = text.encode("utf-8")
+    headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _WebhookApp(Starlette):
+    """Starlette, with status callbacks answered before routing (see ``create_app``)."""
+
+    def __init__(self, status: Callable[[Scope, Receive, Send, str], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._status = status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            match = _STATUS_PATH.fullmatch(path)
+            if match:
+                await self._status(scope, receive, send, match.group(1))
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     providers: Mapping[str, Provider],
     *,
@@ -257,13 +318,7 @@ def create_app(
         return str(request.url)
 
     async def form_of(request: Request) -> list[tuple[str, str]]:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise CallbackError(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} limit")
-        try:
-            return parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CallbackError(f"the body is not a form: {exc}") from None
+        return _form(await request.body())
 
     def provider_of(request: Request) -> Provider | None:
         return providers.get(request.path_params["provider"])
@@ -287,18 +342,40 @@ def create_app(
         except CallbackError as exc:
             return refuse(request, exc)
 
-    async def status(request: Request) -> Response:
-        got = await parsed(request, "status")
-        if isinstance(got, Response):
-            return got
-        provider, updates = got
+    async def status(scope: Scope, receive: Receive, send: Send, name: str) -> None:
+        """``POST /webhooks/{provider}/status`` as plain ASGI: the busiest route (thousands of
+        receipts a second during a campaign) skips Starlette's request and response objects."""
+        provider = providers.get(name)
+        if provider is None:
+            await _answer(send, 404, "text/plain; charset=utf-8", "unknown provider")
+            return
+        try:
+            body = await _body(receive)
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            url = URL(scope=scope)
+            if public_url:
+                url = URL(public_url.rstrip("/") + url.path + (f"?{url.query}" if url.query else ""))
+            updates = provider.parse_callback(str(url), _form(body), headers)
+        except CallbackError as exc:
+            forged = isinstance(exc, InvalidSignature)
+            log.warning("POST %s refused (%s): %s", scope["path"], "403" if forged else "400", exc)
+            await _answer(
+                send,
+                403 if forged else 400,
+                "text/plain; charset=utf-8",
+                "forbidden" if forged else "bad request",
+            )
+            return
         try:
             await writer.write(updates)
         except Exception as exc:
-            log.error("%s %s: the receipts could not be stored: %s", request.method, request.url.path, exc)
-            return PlainTextResponse("could not store the receipt", status_code=503)
-        code, content_type, body = provider.callback_reply()
-        return Response(body, status_code=code, media_type=content_type)
+            log.error("POST %s: the receipts could not be stored: %s", scope["path"], exc)
+            await _answer(send, 503, "text/plain; charset=utf-8", "could not store the receipt")
+            return
+        code, content_type, text = provider.callback_reply()
+        if content_type.startswith("text/") and "charset" not in content_type:
+            content_type += "; charset=utf-8"
+        await _answer(send, code, content_type, text)
 
     async def inbound(request: Request) -> Response:
         got = await parsed(request, "inbound")
@@ -337,8 +414,7 @@ def create_app(
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")
 
-    routes = [
-        Route("/webhooks/{provider}/status", status, methods=["POST"]),
+    routes = [  # POST /webhooks/{provider}/status: _WebhookApp, before routing
         Route("/webhooks/{provider}/inbound", inbound, methods=["POST"]),
         Route("/l/{token}", click, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
@@ -351,7 +427,7 @@ def create_app(
         finally:
             await asyncio.to_thread(writer.close)
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = _WebhookApp(status, routes=routes, lifespan=lifespan)
     app.state.status_writer = writer
     return app
 
