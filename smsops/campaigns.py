@@ -53,6 +53,7 @@ hours again when asked and :func:`defer` moves a row that would now arrive at ni
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -60,7 +61,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,10 +70,12 @@ import pandas as pd
 import pyarrow as pa
 
 from smsops import (
+    abtest,
     composer,
     consent,
     encoding,
     erasure,
+    phones,
     policy,
     pricing,
     segments,
@@ -82,7 +85,9 @@ from smsops import (
     warehouse,
 )
 from smsops import config as settings
-from smsops.policy import HOLDOUT, REMAINDER, FrequencyCaps, QuietHours
+from smsops.policy import HOLDOUT, NO_QUIET_HOURS, REMAINDER, FrequencyCaps, QuietHours
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AWAITING_WINNER",
@@ -96,6 +101,7 @@ __all__ = [
     "CampaignStateError",
     "PlanResult",
     "Step",
+    "TestSend",
     "Variant",
     "cancel",
     "check_before_send",
@@ -108,9 +114,16 @@ __all__ = [
     "outcome",
     "pause",
     "plan",
+    "release_due_winners",
     "release_remainder",
     "resume",
     "retry_failed",
+    "schedule",
+    "start_due",
+    "test_results",
+    "test_send",
+    "unschedule",
+    "variant_counts",
     "waterfall",
 ]
 
@@ -170,6 +183,35 @@ class Campaign:
     created_at: datetime
     launched_at: datetime | None
     finished_at: datetime | None
+    quiet: QuietHours | None = None
+    """The campaign's own quiet hours (None: written before campaigns kept their own; the
+    install's ``SMSOPS_QUIET_HOURS`` then apply)."""
+    caps: FrequencyCaps | None = None
+    """Its frequency caps (None: the install's ``SMSOPS_DAILY_CAP`` / ``SMSOPS_WEEKLY_CAP``)."""
+    scheduled_at: datetime | None = None
+    """When it starts by itself (UTC); a ``scheduled`` campaign is planned then."""
+    test_of: int | None = None
+    """For a test send: the campaign it tests (such rows are hidden from the lists)."""
+    ab_window_hours: float | None = None
+    """An A/B test is judged this long after launch."""
+    auto_release: bool = False
+    """Whether the remainder then gets the winner without a click (:func:`release_due_winners`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TestSend:
+    """A test send to the team's own numbers: a hidden campaign of its own (``test_of``), so
+    it never counts in the tested campaign's audience, results or anyone's caps."""
+
+    test_campaign_id: int
+    campaign_id: int
+    sample_contact_id: int
+    """The audience member whose data personalised the messages."""
+    sample_phone: str
+    """Their number, masked."""
+    numbers: tuple[str, ...]
+    """The seed numbers (E.164)."""
+    messages: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +271,21 @@ def create(
     test_fraction: float | None = None,
     holdout_fraction: float | None = None,
     home: str | Path | None = None,
+    *,
+    quiet: QuietHours | str | None = None,
+    caps: FrequencyCaps | None = None,
+    scheduled_at: datetime | None = None,
+    ab_window_hours: float | None = None,
+    auto_release: bool = False,
 ) -> Campaign:
     """A new draft campaign, checked against the published snapshot.
+
+    ``quiet`` (a :class:`QuietHours` or ``"21:00-09:00"``) and ``caps`` are kept with the
+    campaign and used when it is planned and sent; None takes the install's defaults
+    (``SMSOPS_QUIET_HOURS``, ``SMSOPS_DAILY_CAP``, ``SMSOPS_WEEKLY_CAP``) as they are now.
+    ``scheduled_at``: when it should start (see :func:`schedule`). ``ab_window_hours``: how
+    long after launch an A/B test is judged; with ``auto_release`` the remainder then gets
+    the winner by itself.
 
     ``segment``: a :class:`~smsops.segments.Segment`, a saved one, ``(name, version)`` of a
     saved one, or its name (the latest version); its definition is stored, not contact ids.
@@ -244,6 +299,9 @@ def create(
     resolved = _resolve_segment(segment, home)
     checked = _check_variants(variants, kind, home)
     test_fraction, holdout_fraction = _check_fractions(test_fraction, holdout_fraction, kind, len(checked))
+    rules = _check_policy(quiet, caps)
+    when = None if scheduled_at is None else _stamp(_check_time(scheduled_at, "scheduled_at"))
+    window = _check_window(ab_window_hours, auto_release, test_fraction)
     try:
         segments.validate(resolved, segments.fields(home))
     except segments.SegmentError as exc:
@@ -254,13 +312,17 @@ def create(
         (campaign_id,) = conn.execute(
             """
             insert into campaigns (
-                name, kind, status, sender_id, segment, test_fraction, holdout_fraction, created_at
+                name, kind, status, sender_id, segment, test_fraction, holdout_fraction, created_at,
+                policy, scheduled_at, ab_window_hours, auto_release
             )
-            values (?, ?, 'draft', ?, ?, ?, ?, ?)
+            values (?, ?, 'draft', ?, ?, ?, ?, ?, ?, ?, ?, ?)
             returning campaign_id
             """,
-            (name, kind, checked[0].sender, definition, test_fraction, holdout_fraction, created),
-        ).fetchone()
+            (
+                name, kind, checked[0].sender, definition, test_fraction, holdout_fraction, created,
+                rules, when, window, int(bool(auto_release)),
+            ),
+        ).fetchone()  # fmt: skip
         conn.executemany(
             "insert into campaign_variants (campaign_id, variant, template, sender_id) values (?, ?, ?, ?)",
             [(campaign_id, v.name, v.template_source, v.sender) for v in checked],
@@ -280,14 +342,17 @@ def _load(conn: sqlite3.Connection, campaign_id: int) -> Campaign:
     row = conn.execute(
         """
         select name, kind, status, segment, test_fraction, holdout_fraction,
-               created_at, launched_at, finished_at
+               created_at, launched_at, finished_at,
+               policy, scheduled_at, test_of, ab_window_hours, auto_release
         from campaigns where campaign_id = ?
         """,
         (campaign_id,),
     ).fetchone()
     if row is None:
         raise CampaignNotFound(f"no campaign has id {campaign_id}")
-    name, kind, status, definition, test, holdout, created, launched, finished = row
+    name, kind, status, definition, test, holdout, created, launched, finished, *extra = row
+    rules, scheduled, test_of, window, auto = extra
+    quiet, caps = _read_policy(rules)
     variants = tuple(
         Variant(v, template, sender or "")
         for v, template, sender in conn.execute(
@@ -313,7 +378,69 @@ def _load(conn: sqlite3.Connection, campaign_id: int) -> Campaign:
         created_at=_parse(created),
         launched_at=_parse(launched) if launched else None,
         finished_at=_parse(finished) if finished else None,
+        quiet=quiet,
+        caps=caps,
+        scheduled_at=_parse(scheduled) if scheduled else None,
+        test_of=test_of,
+        ab_window_hours=window,
+        auto_release=bool(auto),
     )
+
+
+def _check_policy(quiet: Any, caps: Any) -> str:
+    """The campaign's quiet hours and caps as stored (JSON), defaults filled in from settings."""
+    if quiet is None:
+        quiet = settings.quiet_hours()
+    elif isinstance(quiet, str):
+        try:
+            quiet = policy.parse_quiet_hours(quiet)
+        except policy.PolicyError as exc:
+            raise CampaignError(str(exc)) from exc
+    elif not isinstance(quiet, QuietHours):
+        raise CampaignError(f"quiet: expected QuietHours or text such as '21:00-09:00', got {quiet!r}")
+    if caps is None:
+        caps = settings.frequency_caps()
+    elif not isinstance(caps, FrequencyCaps):
+        raise CampaignError(f"caps: expected FrequencyCaps(per_day, per_week), got {caps!r}")
+    return json.dumps({"quiet": str(quiet), "per_day": caps.per_day, "per_week": caps.per_week})
+
+
+def _read_policy(text: str | None) -> tuple[QuietHours | None, FrequencyCaps | None]:
+    if not text:
+        return None, None
+    rules = json.loads(text)
+    return policy.parse_quiet_hours(rules["quiet"]), FrequencyCaps(
+        rules.get("per_day"), rules.get("per_week")
+    )
+
+
+def _check_time(value: Any, label: str) -> datetime:
+    if not isinstance(value, datetime):
+        raise CampaignError(f"{label}: expected a datetime (aware, or naive meaning UTC), got {value!r}")
+    return _now(value)
+
+
+MAX_AB_WINDOW_HOURS = 24 * 14
+
+
+def _check_window(hours: Any, auto_release: Any, test_fraction: float | None) -> float | None:
+    if not isinstance(auto_release, bool):
+        raise CampaignError(f"auto_release: expected True or False, got {auto_release!r}")
+    if hours is None:
+        if auto_release:
+            raise CampaignError(
+                "auto_release: needs ab_window_hours, how long after launch to judge the test"
+            )
+        return None
+    if isinstance(hours, bool) or not isinstance(hours, int | float) or not 0 < hours <= MAX_AB_WINDOW_HOURS:
+        raise CampaignError(
+            f"ab_window_hours: expected hours above 0 and at most {MAX_AB_WINDOW_HOURS}, got {hours!r}"
+        )
+    if test_fraction is None:
+        raise CampaignError(
+            "ab_window_hours: only an A/B test with a test share below 1 has a remainder to judge for"
+        )
+    return float(hours)
 
 
 def _check_name(name: Any) -> str:
@@ -411,8 +538,8 @@ def plan(
     *,
     now: datetime | None = None,
     home: str | Path | None = None,
-    caps: FrequencyCaps = FrequencyCaps(),  # noqa: B008 — frozen, immutable
-    quiet: QuietHours = QuietHours(),  # noqa: B008
+    caps: FrequencyCaps | None = None,
+    quiet: QuietHours | None = None,
     opt_out_text: str | None = None,
     default_zone: str = DEFAULT_ZONE,
     dry_run: bool = False,
@@ -421,6 +548,9 @@ def plan(
     outbox in one transaction; the campaign becomes ``running`` (``finished`` when nobody
     is left to send to). With ``dry_run`` nothing is written: the result is what a launch
     now would do (for the confirmation dialog).
+
+    ``caps`` and ``quiet`` default to the campaign's own (see :func:`create`); given, they
+    override them for this plan.
 
     Calling it for a campaign that is already launched writes nothing and returns the
     outbox's outcome with ``already_planned=True``."""
@@ -437,6 +567,8 @@ def plan(
         raise CampaignError(f"campaign {campaign_id} has no segment definition this version can read")
     if not campaign.variants:
         raise CampaignError(f"campaign {campaign_id} has no variants")
+    caps = caps or campaign.caps or settings.frequency_caps()
+    quiet = quiet or campaign.quiet or settings.quiet_hours()
     policy.deferral(moment, [default_zone], quiet)  # checks the zone and the quiet hours early
     footer = settings.opt_out_text() if opt_out_text is None else opt_out_text
     compiled = {
@@ -571,8 +703,11 @@ def _empty_history() -> pa.Table:
     )  # fmt: skip
 
 
-def _audience(segment: segments.Segment, names: Sequence[str], moment: datetime, home: Any) -> pa.Table:
-    """The segment's contacts now, with the template fields as ``f0``, ``f1`` … ."""
+def _audience(
+    segment: segments.Segment, names: Sequence[str], moment: datetime, home: Any, limit: int | None = None
+) -> pa.Table:
+    """The segment's contacts now, with the template fields as ``f0``, ``f1`` … (with
+    ``limit``: the first contacts by id)."""
     known = segments.fields(home)
     where, where_params = segments.compile(segment, known, now=moment)
     select, params = ["contact_id"], []
@@ -583,7 +718,8 @@ def _audience(segment: segments.Segment, names: Sequence[str], moment: datetime,
     with warehouse.connect(home) as conn:
         try:
             return conn.sql(
-                f"select {', '.join(select)} from {segments.TABLE} where {where}",
+                f"select {', '.join(select)} from {segments.TABLE} where {where}"
+                + ("" if limit is None else f" order by contact_id limit {int(limit)}"),
                 params=[*params, *where_params],
             ).to_arrow_table()
         except duckdb.Error as exc:
@@ -1180,7 +1316,7 @@ def release_remainder(
     *,
     now: datetime | None = None,
     home: str | Path | None = None,
-    quiet: QuietHours = QuietHours(),  # noqa: B008
+    quiet: QuietHours | None = None,
     opt_out_text: str | None = None,
     default_zone: str = DEFAULT_ZONE,
 ) -> int:
@@ -1197,6 +1333,7 @@ def release_remainder(
         raise CampaignStateError(
             f"campaign {campaign_id} is {campaign.status}: its remainder cannot be released"
         )
+    quiet = quiet or campaign.quiet or settings.quiet_hours()
     footer = settings.opt_out_text() if opt_out_text is None else opt_out_text
     template = templates.compile(composer.message_source(variant.template_source, campaign.kind, footer))
     names = list(template.fields)
@@ -1382,11 +1519,331 @@ def retry_failed(campaign_id: int, home: str | Path | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# Scheduled campaigns
+
+
+def schedule(
+    campaign_id: int,
+    at: datetime | None = None,
+    *,
+    now: datetime | None = None,
+    home: str | Path | None = None,
+) -> Campaign:
+    """Start the campaign by itself at ``at`` (default: the time it was created with): a draft
+    becomes ``scheduled``. Its audience is not frozen yet; :func:`start_due` plans it when
+    the time comes, exactly as a launch would. Scheduling again moves the time."""
+    moment = _now(now)
+    with _store(home) as conn, store.transaction(conn):
+        campaign = _load(conn, campaign_id)
+        if campaign.status not in _LAUNCHABLE:
+            raise CampaignStateError(f"campaign {campaign_id} is {campaign.status}: it cannot be scheduled")
+        when = campaign.scheduled_at if at is None else _check_time(at, "at")
+        if when is None:
+            raise CampaignError(f"campaign {campaign_id}: no start time given")
+        if when <= moment:
+            raise CampaignError(
+                f"at: {when:%Y-%m-%d %H:%M} UTC has passed (now {moment:%Y-%m-%d %H:%M} UTC): launch it now instead"
+            )
+        conn.execute(
+            "update campaigns set status = 'scheduled', scheduled_at = ? where campaign_id = ?",
+            (_stamp(when), campaign_id),
+        )
+        return _load(conn, campaign_id)
+
+
+def unschedule(campaign_id: int, home: str | Path | None = None) -> Campaign:
+    """A scheduled campaign back to a draft (it keeps its time, to schedule again)."""
+    return _transition(campaign_id, "unschedule", {"scheduled": "draft", "draft": "draft"}, home)
+
+
+def start_due(now: datetime | None = None, home: str | Path | None = None) -> dict[int, PlanResult | str]:
+    """Plan every ``scheduled`` campaign whose time has come; what happened by campaign id:
+    the plan, or why it could not start (it then stays scheduled and is tried again).
+
+    Safe to call from several processes at once: :func:`plan` writes a campaign's outbox and
+    moves it out of ``scheduled`` in one transaction under the store's write lock, so one
+    caller starts it and the others find it started (and leave it out of their answer)."""
+    moment = _now(now)
+    with _store(home) as conn:
+        due = [
+            cid
+            for (cid,) in conn.execute(
+                "select campaign_id from campaigns where status = 'scheduled' and scheduled_at <= ?"
+                " and test_of is null order by scheduled_at, campaign_id",
+                (_stamp(moment),),
+            )
+        ]
+    started: dict[int, PlanResult | str] = {}
+    for cid in due:
+        try:
+            result = plan(cid, now=moment, home=home)
+        except (CampaignError, warehouse.WarehouseError, segments.SegmentError, policy.PolicyError) as exc:
+            log.error("scheduled campaign %s could not start: %s", cid, exc)
+            started[cid] = str(exc)
+            continue
+        if not result.already_planned:
+            started[cid] = result
+    return started
+
+
+# ---------------------------------------------------------------------------------------
+# Test sends to the team's own numbers
+
+
+def test_send(
+    campaign_id: int,
+    numbers: Sequence[str] | str,
+    *,
+    home: str | Path | None = None,
+    now: datetime | None = None,
+    opt_out_text: str | None = None,
+) -> TestSend:
+    """Send each variant, as one audience member would get it, to each of ``numbers`` (the
+    team's own; a list or comma-separated text, any usual format). The messages go through
+    the outbox and the dispatcher like any other (so they reach the real provider), in a
+    hidden service campaign of their own (``test_of``): not the tested campaign's audience,
+    results or caps, and no consent or quiet hours apply (the numbers are internal).
+
+    The audience member is the segment's lowest contact id now, so the texts show real
+    personalisation; :attr:`TestSend.sample_phone` says whose (masked)."""
+    moment = _now(now)
+    seeds = _check_seed_numbers(numbers)
+    campaign = get(campaign_id, home)
+    if campaign.test_of is not None:
+        raise CampaignError(f"campaign {campaign_id} is itself a test send")
+    if campaign.segment is None:
+        raise CampaignError(f"campaign {campaign_id} has no segment definition this version can read")
+    footer = settings.opt_out_text() if opt_out_text is None else opt_out_text
+    compiled = {
+        v.name: templates.compile(composer.message_source(v.template_source, campaign.kind, footer))
+        for v in campaign.variants
+    }
+    names = list(dict.fromkeys(name for t in compiled.values() for name in t.fields))
+    sample = _audience(campaign.segment, names, moment, home, limit=1).to_pylist()
+    if not sample:
+        raise CampaignError(
+            f"campaign {campaign_id}: its segment is empty now, so there is nobody to test with"
+        )
+    contact_id = int(sample[0]["contact_id"])
+    values = [sample[0][f"f{i}"] for i in range(len(names))]
+    rendered = {}
+    for name, template in compiled.items():
+        done = _render_one(template, names, values)
+        if done is None:
+            raise CampaignError(f"variant {name!r} cannot be personalised for contact {contact_id}")
+        rendered[name] = done
+    stamp = _stamp(moment)
+    rules = json.dumps({"quiet": str(NO_QUIET_HOURS), "per_day": None, "per_week": None})
+    with _store(home) as conn, store.transaction(conn):
+        (sample_phone,) = conn.execute(
+            "select phone_e164 from contacts where contact_id = ?", (contact_id,)
+        ).fetchone() or (None,)
+        (test_id,) = conn.execute(
+            """
+            insert into campaigns (name, kind, status, sender_id, created_at, launched_at, policy, test_of)
+            values (?, 'service', 'running', ?, ?, ?, ?, ?)
+            returning campaign_id
+            """,
+            (f"Test of {campaign.name}"[:MAX_NAME_LENGTH], campaign.variants[0].sender, stamp, stamp, rules,
+             campaign_id),
+        ).fetchone()  # fmt: skip
+        conn.executemany(
+            "insert into campaign_variants (campaign_id, variant, template, sender_id) values (?, ?, ?, ?)",
+            [(test_id, v.name, v.template_source, v.sender) for v in campaign.variants],
+        )
+        rows = []
+        for number in seeds:
+            price = pricing.price(phones.normalize(number).country)
+            for name, (text, enc, segs) in rendered.items():
+                rows.append(
+                    (f"{test_id}:{name}:{number}", test_id, name, contact_id, number, text, enc, segs,
+                     round(segs * price.per_segment, 4), price.currency, stamp)
+                )  # fmt: skip
+        conn.executemany(
+            """
+            insert into messages (
+                idempotency_key, campaign_id, variant, contact_id, phone_e164, body, encoding, segments,
+                price, currency, state, planned_at
+            )
+            values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'planned', ?)
+            """,
+            rows,
+        )
+    return TestSend(test_id, campaign_id, contact_id, phones.mask(sample_phone), seeds, len(rows))
+
+
+test_send.__test__ = False  # type: ignore[attr-defined] — not a pytest test when imported
+
+
+def _check_seed_numbers(numbers: Sequence[str] | str) -> tuple[str, ...]:
+    if isinstance(numbers, str):
+        numbers = [n for n in numbers.split(",")]
+    raw = [n.strip() for n in numbers if isinstance(n, str) and n.strip()]
+    if len(raw) != len([n for n in numbers if not isinstance(n, str) or n.strip()]):
+        raise CampaignError(f"numbers: expected phone numbers as text, got {list(numbers)!r:.80}")
+    if not raw:
+        raise CampaignError("numbers: give at least one seed number (SMSOPS_SEED_NUMBERS or the page)")
+    if len(raw) > 20:
+        raise CampaignError(f"numbers: at most 20 seed numbers, got {len(raw)}")
+    out: list[str] = []
+    for value in raw:
+        parsed = phones.normalize(value)
+        if not parsed.valid or parsed.e164 is None:
+            raise CampaignError(f"seed number {value!r}: {parsed.reason or 'not a valid mobile number'}")
+        if parsed.e164 not in out:
+            out.append(parsed.e164)
+    return tuple(out)
+
+
+def test_results(campaign_id: int, home: str | Path | None = None) -> pd.DataFrame:
+    """The latest test send of ``campaign_id``, one row per message: ``number`` (masked),
+    ``variant``, ``state`` in the outbox, the provider's latest ``status`` (``delivered`` …),
+    ``reason`` and ``sent_at`` (UTC). Empty when it was never test-sent."""
+    with _store(home) as conn:
+        frame = pd.read_sql_query(
+            """
+            with latest as (select max(campaign_id) as cid from campaigns where test_of = ?),
+            statuses as (
+                select
+                    e.message_id,
+                    e.status,
+                    row_number() over (
+                        partition by e.message_id
+                        order by case e.status when 'accepted' then 0 when 'queued' then 1 when 'sending' then 2
+                                 when 'sent' then 3 else 4 end desc, e.occurred_at desc
+                    ) as pick
+                from message_status_events as e
+                where e.message_id in (select message_id from messages where campaign_id = (select cid from latest))
+            )
+            select
+                m.campaign_id as test_campaign_id,
+                m.phone_e164 as number,
+                m.variant,
+                m.state,
+                s.status,
+                m.skip_reason as reason,
+                m.submitted_at as sent_at
+            from messages as m
+            left join statuses as s on s.message_id = m.message_id and s.pick = 1
+            where m.campaign_id = (select cid from latest)
+            order by m.phone_e164, m.variant
+            """,
+            conn,
+            params=(campaign_id,),
+        )
+    frame["number"] = frame["number"].map(phones.mask)
+    frame["sent_at"] = pd.to_datetime(frame["sent_at"]).dt.tz_localize("UTC")
+    return frame
+
+
+test_results.__test__ = False  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------
+# A/B verdicts from the operational store
+
+
+def variant_counts(
+    campaign_id: int, metric: str = "ctr", home: str | Path | None = None
+) -> dict[str, tuple[int, int]]:
+    """``{variant: (successes, delivered)}`` of an A/B test's variants, holdout and remainder
+    aside. ``ctr`` reads the operational store, fresh: a message counts as delivered when its
+    latest receipt says so and as a success when it was clicked. ``conversion`` needs orders
+    attributed by the dbt models, so it comes from the published build
+    (:func:`smsops.metrics.variant_results`)."""
+    if metric == "conversion":
+        from smsops import metrics
+
+        return metrics.variant_results(campaign_id, "conversion", home=home)
+    if metric != "ctr":
+        raise CampaignError(f"metric: expected 'ctr' or 'conversion', got {metric!r}")
+    with _store(home) as conn:
+        campaign = _load(conn, campaign_id)
+        rows = conn.execute(
+            f"""
+            with
+            mine as (
+                select message_id, variant from messages
+                where campaign_id = ? and variant not in ('{HOLDOUT}', '{REMAINDER}')
+            ),
+            final as (
+                select
+                    e.message_id,
+                    max_by_status.status
+                from mine as e
+                join (
+                    select message_id, status,
+                        row_number() over (
+                            partition by message_id
+                            order by case status when 'accepted' then 0 when 'queued' then 1 when 'sending' then 2
+                                     when 'sent' then 3 else 4 end desc, occurred_at desc
+                        ) as pick
+                    from message_status_events
+                    where message_id in (select message_id from mine)
+                ) as max_by_status on max_by_status.message_id = e.message_id and max_by_status.pick = 1
+            ),
+            clicked as (select distinct message_id from clicks where message_id in (select message_id from mine))
+            select
+                m.variant,
+                count(k.message_id) as clicked,
+                count(*) as delivered
+            from mine as m
+            join final as f on f.message_id = m.message_id and f.status = 'delivered'
+            left join clicked as k on k.message_id = m.message_id
+            group by m.variant
+            """,
+            (campaign_id,),
+        ).fetchall()
+    found = {variant: (int(clicked), int(delivered)) for variant, clicked, delivered in rows}
+    return {v.name: found.get(v.name, (0, 0)) for v in campaign.variants}
+
+
+def release_due_winners(
+    now: datetime | None = None, home: str | Path | None = None
+) -> dict[int, tuple[str, int]]:
+    """For each running A/B test created with ``auto_release`` whose window has passed and
+    whose remainder still waits: judge it by CTR (:func:`variant_counts`, fresh from the
+    store) and, when :func:`smsops.abtest.compare` names a winner, release the remainder to
+    it. ``{campaign_id: (winner, rows released)}`` of what was released; a test without a
+    clear winner keeps waiting (the page offers the choice). Safe to repeat: a released
+    remainder is not waiting any more."""
+    moment = _now(now)
+    with _store(home) as conn:
+        candidates = conn.execute(
+            """
+            select campaign_id, launched_at, ab_window_hours from campaigns as c
+            where status = 'running' and auto_release = 1 and ab_window_hours is not null
+              and launched_at is not null and test_of is null
+              and exists (
+                  select 1 from messages as m
+                  where m.campaign_id = c.campaign_id and m.state = 'planned' and m.skip_reason = 'awaiting_winner'
+              )
+            """
+        ).fetchall()
+    released: dict[int, tuple[str, int]] = {}
+    for cid, launched, hours in candidates:
+        if _parse(launched) + timedelta(hours=hours) > moment:
+            continue
+        counts = variant_counts(cid, "ctr", home)
+        if len(counts) < 2:
+            continue
+        verdict = abtest.compare(counts)
+        if verdict.winner is None:
+            continue
+        try:
+            released[cid] = (verdict.winner, release_remainder(cid, verdict.winner, now=moment, home=home))
+        except (CampaignError, warehouse.WarehouseError) as exc:
+            log.error("campaign %s: the winner %s could not be released: %s", cid, verdict.winner, exc)
+    return released
+
+
+# ---------------------------------------------------------------------------------------
 # Listing
 
 
 def list_all(home: str | Path | None = None) -> pd.DataFrame:
-    """Every campaign, newest first, with its outbox as it stands: ``audience`` (rows),
+    """Every campaign (test sends aside), newest first, with ``scheduled_at`` and
+    ``launched_at`` (UTC) and its outbox as it stands: ``audience`` (rows),
     ``waiting`` (planned or being sent), ``sent`` (accepted by the provider), ``delivered``
     (receipts so far), ``not_sent`` (suppressed, holdout, rejected, cancelled, unknown) and
     ``cost`` of what was sent, from the operational store (fresh, no build needed)."""
@@ -1422,6 +1879,7 @@ def list_all(home: str | Path | None = None) -> pd.DataFrame:
                 c.name,
                 c.kind,
                 c.status,
+                c.scheduled_at,
                 c.launched_at,
                 coalesce(o.audience, 0) as audience,
                 coalesce(o.waiting, 0) as waiting,
@@ -1434,11 +1892,13 @@ def list_all(home: str | Path | None = None) -> pd.DataFrame:
             left join outbox as o on o.campaign_id = c.campaign_id
             left join costs as k on k.campaign_id = c.campaign_id
             left join delivered as d on d.campaign_id = c.campaign_id
+            where c.test_of is null
             order by c.campaign_id desc
             """,
             conn,
         )
-    frame["launched_at"] = pd.to_datetime(frame["launched_at"])
+    for column in ("scheduled_at", "launched_at"):
+        frame[column] = pd.to_datetime(frame[column]).dt.tz_localize("UTC")
     return frame
 
 
@@ -1458,7 +1918,7 @@ def _with_status(statuses: Sequence[str], home: str | Path | None) -> list[Campa
             row[0]
             for row in conn.execute(
                 f"select campaign_id from campaigns where status in ({', '.join('?' * len(statuses))})"
-                " order by campaign_id desc",
+                " and test_of is null order by campaign_id desc",
                 tuple(statuses),
             )
         ]
@@ -1488,6 +1948,7 @@ def check_before_send(
     - with ``quiet`` given, a message that would now arrive in the recipient's quiet hours
       waits (``quiet_hours`` or ``quiet_hours_candidate_zones``: held reasons, so leave the
       row planned and call :func:`defer`; never suppress it), e.g. after a late resume.
+      A campaign that keeps its own quiet hours is judged by them instead of ``quiet``.
 
     Every other reason is final for this message: mark the row suppressed with it.
 
@@ -1505,7 +1966,7 @@ def check_before_send(
     kinds = _campaign_kinds(conn, wanted)
     facts: list[tuple[int, str | None, str | None]] = []
     for message_id, r in zip(ids, rows, strict=True):
-        phone, kind, _, _ = stored.get(message_id, (None, None, None, None))
+        phone, kind, _, _, _ = stored.get(message_id, (None, None, None, None, None))
         if isinstance(r, Mapping):
             phone = r.get("phone_e164", phone)
             kind = r.get("kind") or kinds.get(r.get("campaign_id")) or kind
@@ -1529,8 +1990,9 @@ def check_before_send(
         else:
             reason = policy.consent_verdict(kind, marketing[phone].last_action, service[phone].last_action)
         if reason is None and quiet is not None:
-            _, _, zone_key, candidates = stored.get(message_id, (None, None, "", 0))
-            reason = _quiet_now(deferrals, (zone_key or "", candidates or 0), moment, quiet, default_zone)[1]
+            _, _, zone_key, candidates, own = stored.get(message_id, (None, None, "", 0, None))
+            window = _own_quiet(own, quiet)
+            reason = _quiet_now(deferrals, (zone_key or "", candidates or 0), moment, window, default_zone)[1]
         out.append((message_id, reason is None, reason))
     return out
 
@@ -1545,7 +2007,10 @@ def defer(
 ) -> dict[int, datetime]:
     """Move ``planned`` rows whose recipient is in quiet hours at ``now`` to the next allowed
     minute (``not_before`` and the held reason set); the new times by message id. Rows in
-    another state, or whose recipient may be messaged now, are left as they are."""
+    another state, or whose recipient may be messaged now, are left as they are.
+
+    Each row is judged by its campaign's own quiet hours (kept with the campaign, see
+    :func:`create`); ``quiet`` applies to campaigns that keep none."""
     ids = list(message_ids)
     moment = _now(now)
     stored = _outbox_facts(conn, ids)
@@ -1555,8 +2020,9 @@ def defer(
     for message_id in ids:
         if message_id not in stored:
             continue
-        _, _, zone_key, candidates = stored[message_id]
-        due, reason = _quiet_now(deferrals, (zone_key or "", candidates or 0), moment, quiet, default_zone)
+        _, _, zone_key, candidates, own = stored[message_id]
+        window = _own_quiet(own, quiet)
+        due, reason = _quiet_now(deferrals, (zone_key or "", candidates or 0), moment, window, default_zone)
         if due is not None:
             updates.append((_stamp(due), reason, message_id))
             moved[message_id] = due.replace(tzinfo=UTC)
@@ -1578,29 +2044,40 @@ def defer(
     return moved
 
 
+def _own_quiet(rules: str | None, fallback: QuietHours) -> QuietHours:
+    """A campaign's own quiet hours from its stored policy, else ``fallback``."""
+    if not rules:
+        return fallback
+    return _read_policy(rules)[0] or fallback
+
+
 def _quiet_now(
-    cache: dict[tuple[str, int], tuple[Any, str | None]],
+    cache: dict[Any, tuple[Any, str | None]],
     key: tuple[str, int],
     moment: datetime,
     quiet: QuietHours,
     default_zone: str,
 ) -> tuple[Any, str | None]:
     """``(not_before, reason)`` for a zone key at ``moment``; ``(None, None)`` when allowed."""
-    if key not in cache:
+    if quiet == NO_QUIET_HOURS:
+        return None, None
+    if (key, quiet) not in cache:
         row = _deferrals([key], moment, quiet, default_zone).to_pylist()[0]
-        cache[key] = (row["not_before"], row["reason"])
-    return cache[key]
+        cache[(key, quiet)] = (row["not_before"], row["reason"])
+    return cache[(key, quiet)]
 
 
-def _outbox_facts(conn: sqlite3.Connection, ids: Sequence[int]) -> dict[int, tuple[Any, Any, Any, Any]]:
-    """message_id -> (number, campaign kind, zone key, candidates) from the outbox and contacts."""
+def _outbox_facts(conn: sqlite3.Connection, ids: Sequence[int]) -> dict[int, tuple[Any, ...]]:
+    """message_id -> (number, campaign kind, zone key, candidates, campaign policy) from the
+    outbox, its campaign and contacts."""
     sql = """
         select
             m.message_id,
             m.phone_e164,
             c.kind,
             coalesce(nullif(trim(ct.time_zone), ''), nullif(trim(ct.phone_time_zones), ''), ''),
-            coalesce(nullif(trim(ct.time_zone), ''), '') = '' and instr(coalesce(ct.phone_time_zones, ''), ',') > 0
+            coalesce(nullif(trim(ct.time_zone), ''), '') = '' and instr(coalesce(ct.phone_time_zones, ''), ',') > 0,
+            c.policy
         from messages as m
         left join campaigns as c on c.campaign_id = m.campaign_id
         left join contacts as ct on ct.contact_id = m.contact_id

@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from smsops.policy import FrequencyCaps, QuietHours
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,3 +91,46 @@ def link_base() -> str:
     """
     base = os.environ.get("SMSOPS_LINK_BASE", "https://s.example/l/").strip()
     return base if base.endswith("/") else base + "/"
+
+
+def quiet_hours() -> QuietHours:
+    """Install-wide quiet hours, in each recipient's own zone: ``$SMSOPS_QUIET_HOURS``
+    (``21:00-09:00`` by default; ``off`` for none). A campaign may set its own."""
+    from smsops import policy
+
+    return policy.parse_quiet_hours(os.environ.get("SMSOPS_QUIET_HOURS", "21:00-09:00"))
+
+
+def frequency_caps() -> FrequencyCaps:
+    """Install-wide frequency caps per number: ``$SMSOPS_DAILY_CAP`` (1) promotions a day and
+    ``$SMSOPS_WEEKLY_CAP`` (3) a week; ``off`` for no such cap. A campaign may set its own."""
+    from smsops import policy
+
+    return policy.FrequencyCaps(
+        policy.parse_cap(os.environ.get("SMSOPS_DAILY_CAP", "1"), "SMSOPS_DAILY_CAP"),
+        policy.parse_cap(os.environ.get("SMSOPS_WEEKLY_CAP", "3"), "SMSOPS_WEEKLY_CAP"),
+    )
+
+
+def time_zone() -> str:
+    """The marketing team's zone, in which schedule times are entered and shown:
+    ``$SMSOPS_TIME_ZONE`` (``Europe/Moscow``). Times are stored in UTC."""
+    return os.environ.get("SMSOPS_TIME_ZONE", "Europe/Moscow").strip() or "Europe/Moscow"
+
+
+def seed_numbers() -> tuple[str, ...]:
+    """The team's own numbers a test send goes to: ``$SMSOPS_SEED_NUMBERS``, comma-separated."""
+    return tuple(n.strip() for n in os.environ.get("SMSOPS_SEED_NUMBERS", "").split(",") if n.strip())
+
+
+def refresh_minutes() -> float:
+    """How often ``smsops serve`` rebuilds the warehouse: ``$SMSOPS_REFRESH_MINUTES`` (0 or
+    unset: never; the build is then started by hand or from the pages)."""
+    text = os.environ.get("SMSOPS_REFRESH_MINUTES", "").strip()
+    try:
+        value = float(text) if text else 0.0
+    except ValueError:
+        raise ValueError(f"SMSOPS_REFRESH_MINUTES: expected a number of minutes, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"SMSOPS_REFRESH_MINUTES: expected 0 (off) or more minutes, got {text!r}")
+    return value

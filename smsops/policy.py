@@ -45,6 +45,7 @@ __all__ = [
     "EXCLUSION_REASONS",
     "HELD_REASONS",
     "HOLDOUT",
+    "NO_QUIET_HOURS",
     "POLICY_ORDER",
     "REMAINDER",
     "SKIP_REASONS",
@@ -58,6 +59,8 @@ __all__ = [
     "exclusion",
     "explain",
     "next_allowed",
+    "parse_cap",
+    "parse_quiet_hours",
     "split_unit",
 ]
 
@@ -158,6 +161,48 @@ class QuietHours:
         if start < end:
             return start <= local < end
         return local >= start or local < end
+
+    def __str__(self) -> str:
+        """``21:00-09:00``, as :func:`parse_quiet_hours` reads it."""
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+
+NO_QUIET_HOURS = QuietHours(time(0, 0), time(0, 0))
+"""Quiet hours that never apply (e.g. a test send to the team's own numbers)."""
+
+
+def parse_quiet_hours(text: str) -> QuietHours:
+    """``"21:00-09:00"`` (local start-end, 24-hour clock) as :class:`QuietHours`; ``"off"``
+    or ``"none"`` for none."""
+    if not isinstance(text, str):
+        raise PolicyError(f"quiet hours: expected text such as '21:00-09:00', got {text!r}")
+    cleaned = text.strip().replace("–", "-").replace("—", "-")
+    if cleaned.lower() in ("off", "none", ""):
+        return NO_QUIET_HOURS
+    parts = [p.strip() for p in cleaned.split("-")]
+    if len(parts) != 2:
+        raise PolicyError(f"quiet hours {text!r}: expected start-end such as '21:00-09:00'")
+    bounds = []
+    for part in parts:
+        try:
+            hours, minutes = (int(x) for x in part.split(":"))
+            bounds.append(time(hours, minutes))
+        except ValueError:
+            raise PolicyError(f"quiet hours {text!r}: {part!r} is not a time of day such as 21:00") from None
+    return QuietHours(bounds[0], bounds[1])
+
+
+def parse_cap(text: str | int | None, name: str = "cap") -> int | None:
+    """A frequency cap from settings: a whole number ≥ 1, or None for ``""``/``"off"``/``"none"``."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "off", "none")):
+        return None
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise PolicyError(f"{name}: expected a whole number ≥ 1 or 'off', got {text!r}") from None
+    if value < 1:
+        raise PolicyError(f"{name}: expected a whole number ≥ 1 or 'off', got {text!r}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
