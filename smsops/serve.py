@@ -5,7 +5,11 @@
 - with the ``sandbox`` provider, the sandbox itself where ``SANDBOX_URL`` points
   (127.0.0.1:8765 by default), posting receipts and replies to the webhook app;
 - the dispatcher (:mod:`smsops.dispatch`) as a service: the due rows of every running campaign,
-  receipts requested at the webhook app's status route.
+  receipts requested at the webhook app's status route;
+- a scheduler (:func:`scheduler`): every few seconds it starts the scheduled campaigns whose
+  time has come (:func:`smsops.campaigns.start_due`), gives A/B remainders their winner when
+  their window has passed (:func:`smsops.campaigns.release_due_winners`), and every
+  ``SMSOPS_REFRESH_MINUTES`` starts a warehouse build unless one is running.
 
 Ctrl-C (or SIGTERM) stops the dispatcher first (sends in flight finish and are recorded; claimed
 rows not yet sent go back to the outbox), then the servers.
@@ -29,13 +33,15 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from smsops import dispatch, webhooks
+from smsops import campaigns, dispatch, warehouse, webhooks
+from smsops import config as smsops_config
 from smsops.config import REPO_ROOT
 from smsops.providers import Provider, from_config
 from smsops.providers.sandbox import SandboxSettings, ServerThread, run_in_thread, serve_in_thread
 
 __all__ = [
     "DEFAULT_WEBHOOK_PORT",
+    "SchedulerState",
     "ServeSettings",
     "Services",
     "describe",
@@ -43,6 +49,8 @@ __all__ = [
     "provider_env",
     "run",
     "sandbox_reachable",
+    "scheduler",
+    "scheduler_tick",
     "start_sandbox",
     "start_services",
     "webhook_reachable",
@@ -52,6 +60,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WEBHOOK_PORT = 8600
 _RESTART_AFTER = 5.0
+SCHEDULER_INTERVAL = 5.0
+"""Seconds between two looks for scheduled campaigns and A/B tests to release."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +75,10 @@ class ServeSettings:
     public_url: str | None = None
     """The address providers call the webhook app at, when it is behind a proxy."""
     dispatch: dispatch.DispatchSettings = field(default_factory=dispatch.DispatchSettings)
+    scheduler_interval: float = SCHEDULER_INTERVAL
+    """Seconds between scheduler ticks (0: no scheduler)."""
+    refresh_minutes: float | None = None
+    """Rebuild the warehouse this often (0: never); None: ``$SMSOPS_REFRESH_MINUTES``."""
 
 
 def provider_env(root: Path | None = None) -> dict[str, object]:
@@ -165,6 +179,70 @@ def start_services(
         services.close()
 
 
+@dataclass(slots=True)
+class SchedulerState:
+    """What the scheduler remembers between ticks."""
+
+    last_build: float | None = None
+    """``time.monotonic()`` when it last started a build (None: never)."""
+    builds: list[object] = field(default_factory=list)
+    """The build processes it started (a ``subprocess.Popen`` each)."""
+
+
+def scheduler_tick(
+    home: str | os.PathLike[str] | None,
+    state: SchedulerState,
+    *,
+    refresh_minutes: float = 0.0,
+    now: float | None = None,
+) -> dict[str, object]:
+    """One look: start due campaigns, release due A/B winners, and start a warehouse build when
+    ``refresh_minutes`` have passed since the last one this scheduler started (none while a build
+    is running). What it did, for the log."""
+    import time
+
+    done: dict[str, object] = {}
+    started = campaigns.start_due(home=home)
+    if started:
+        done["started"] = started
+    released = campaigns.release_due_winners(home=home)
+    if released:
+        done["released"] = released
+    clock = time.monotonic() if now is None else now
+    if refresh_minutes > 0 and (state.last_build is None or clock - state.last_build >= refresh_minutes * 60):
+        for proc in [p for p in state.builds if p.poll() is not None]:  # type: ignore[attr-defined]
+            state.builds.remove(proc)
+        if warehouse.build_running(home) or state.builds:
+            done["build"] = "already running"
+        else:
+            state.builds.append(warehouse.build_in_background(home))
+            state.last_build = clock
+            done["build"] = "started"
+    return done
+
+
+async def scheduler(
+    home: str | os.PathLike[str] | None,
+    stop: asyncio.Event,
+    *,
+    interval: float = SCHEDULER_INTERVAL,
+    refresh_minutes: float = 0.0,
+) -> None:
+    """:func:`scheduler_tick` every ``interval`` seconds until ``stop`` is set; a failing tick is
+    logged and the next one tries again."""
+    state = SchedulerState()
+    while not stop.is_set():
+        try:
+            done = await asyncio.to_thread(scheduler_tick, home, state, refresh_minutes=refresh_minutes)
+        except Exception:
+            log.exception("scheduler tick failed; trying again in %.0f s", interval)
+        else:
+            for key, value in done.items():
+                log.info("scheduler: %s %s", key, value)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
 async def run(
     home: str | os.PathLike[str] | None = None,
     settings: ServeSettings | None = None,
@@ -178,6 +256,7 @@ async def run(
     provider = load_provider(settings.provider)
     loop = asyncio.get_running_loop()
     handled: list[int] = []
+    tasks: list[asyncio.Task[None]] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
@@ -189,6 +268,17 @@ async def run(
             if ready is not None:
                 ready(services)
             options = replace(settings.dispatch, status_callback_url=services.status_callback_url)
+            if settings.scheduler_interval > 0:
+                refresh = (
+                    smsops_config.refresh_minutes()
+                    if settings.refresh_minutes is None
+                    else settings.refresh_minutes
+                )
+                tasks.append(
+                    asyncio.create_task(
+                        scheduler(home, stop, interval=settings.scheduler_interval, refresh_minutes=refresh)
+                    )
+                )
             while not stop.is_set():
                 try:
                     report = await dispatch.run(home, provider, options, stop=stop)
@@ -202,6 +292,10 @@ async def run(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), _RESTART_AFTER)
     finally:
+        stop.set()
+        for task in tasks:
+            with contextlib.suppress(Exception):
+                await task
         for signum in handled:
             loop.remove_signal_handler(signum)
 
@@ -219,4 +313,5 @@ def describe(services: Services) -> list[str]:
         lines.append(f"sandbox    {services.sandbox_url}  (simulated provider: no real SMS is sent)")
         lines.append(f"           {services.sandbox_url}/sandbox/messages  (what it accepted)")
     lines.append(f"dispatcher sending the due messages of running campaigns through {services.provider.name}")
+    lines.append("scheduler  starting scheduled campaigns, releasing A/B winners, refreshing the warehouse")
     return lines
