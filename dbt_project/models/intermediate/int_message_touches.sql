@@ -1,5 +1,6 @@
--- The moment each promotional message "touched" its recipient, for attribution: when it
--- was delivered or, for the holdout, when it would have been sent. Service messages
+-- The moments a promotional message "touched" its recipient, for attribution: its delivery
+-- (for the holdout: the moment it would have been sent) and every click on its links
+-- (int_message_conversions gives each kind its own window). Service messages
 -- (codes, order status) are answers to what the customer did, so they attract no
 -- conversions; suppressed, failed and pending messages touch nobody.
 
@@ -24,24 +25,69 @@ final_status as (
 
 ),
 
-final as (
+clicks as (
+
+    select * from {{ ref('stg_ops__clicks') }}
+
+),
+
+promo_messages as (
 
     select
         messages.message_id,
         messages.campaign_id,
         messages.contact_id,
         messages.outbox_state = 'holdout' as is_holdout,
-        case
-            when messages.outbox_state = 'holdout' then messages.planned_at
-            else final_status.delivered_at
-        end as touched_at
+        messages.planned_at
     from messages
     inner join campaigns
         on messages.campaign_id = campaigns.campaign_id
+
+),
+
+deliveries as (
+
+    select
+        promo_messages.message_id,
+        promo_messages.campaign_id,
+        promo_messages.contact_id,
+        promo_messages.is_holdout,
+        'delivery' as touch_type,
+        case
+            when promo_messages.is_holdout then promo_messages.planned_at
+            else final_status.delivered_at
+        end as touched_at
+    from promo_messages
     left join final_status
-        on messages.message_id = final_status.message_id
-    where messages.outbox_state = 'holdout'
+        on promo_messages.message_id = final_status.message_id
+    where promo_messages.is_holdout
         or final_status.delivered_at is not null
+
+),
+
+link_clicks as (
+
+    select
+        promo_messages.message_id,
+        promo_messages.campaign_id,
+        promo_messages.contact_id,
+        promo_messages.is_holdout,
+        'click' as touch_type,
+        clicks.clicked_at as touched_at
+    from promo_messages
+    inner join clicks
+        on promo_messages.message_id = clicks.message_id
+    where not promo_messages.is_holdout
+
+),
+
+final as (
+
+    select * from deliveries
+
+    union all
+
+    select * from link_clicks
 
 )
 

@@ -1,5 +1,7 @@
 -- One row per campaign x variant (the holdout is a variant of its own): the audience
--- waterfall, delivery, engagement, conversions and cost.
+-- waterfall, delivery, engagement, complaints, conversions and cost, with Wilson 95%
+-- intervals for every rate. Rates are over delivered messages, except the holdout's
+-- conversion rate, which is over its audience (nobody in it was sent anything).
 
 with
 
@@ -12,6 +14,25 @@ messages as (
 campaigns as (
 
     select * from {{ ref('stg_ops__campaigns') }}
+
+),
+
+replies as (
+
+    select * from {{ ref('fct_replies') }}
+
+),
+
+complaints as (
+
+    select
+        campaign_id,
+        variant,
+        count(distinct message_id) as complaints
+    from replies
+    where is_complaint
+        and message_id is not null
+    group by 1, 2
 
 ),
 
@@ -43,48 +64,83 @@ variant_totals as (
 
 ),
 
+rates as (
+
+    select
+        variant_totals.*,
+        cast(coalesce(complaints.complaints, 0) as bigint) as complaints,
+        -- the holdout was sent nothing: its conversions are counted over the whole audience
+        case when variant_totals.holdout > 0 then variant_totals.audience else variant_totals.delivered end
+            as conversion_trials
+    from variant_totals
+    left join complaints
+        on variant_totals.campaign_id = complaints.campaign_id
+        and variant_totals.variant = complaints.variant
+
+),
+
 final as (
 
     select
-        variant_totals.campaign_id,
+        rates.campaign_id,
         campaigns.campaign_name,
         campaigns.campaign_kind,
         campaigns.campaign_status,
         campaigns.launched_at,
-        variant_totals.variant,
-        variant_totals.audience,
-        variant_totals.holdout,
-        variant_totals.suppressed,
-        variant_totals.rejected,
-        variant_totals.pending,
-        variant_totals.sent,
-        variant_totals.delivered,
-        variant_totals.undelivered,
-        variant_totals.failed,
-        variant_totals.clicks,
-        variant_totals.total_clicks,
-        variant_totals.replies,
-        variant_totals.opt_outs,
-        variant_totals.conversions,
-        variant_totals.converted_recipients,
-        variant_totals.revenue,
-        variant_totals.segments,
-        variant_totals.cost,
-        case when variant_totals.sent > 0
-            then cast(variant_totals.delivered as double precision) / variant_totals.sent
+        rates.variant,
+        rates.audience,
+        rates.holdout,
+        rates.suppressed,
+        rates.rejected,
+        rates.pending,
+        rates.sent,
+        rates.delivered,
+        rates.undelivered,
+        rates.failed,
+        rates.clicks,
+        rates.total_clicks,
+        rates.replies,
+        rates.opt_outs,
+        rates.conversions,
+        rates.converted_recipients,
+        rates.revenue,
+        rates.segments,
+        rates.cost,
+        case when rates.sent > 0
+            then cast(rates.delivered as double precision) / rates.sent
         end as delivery_rate,
-        case when variant_totals.delivered > 0
-            then cast(variant_totals.clicks as double precision) / variant_totals.delivered
+        case when rates.delivered > 0
+            then cast(rates.clicks as double precision) / rates.delivered
         end as click_through_rate,
-        case
-            when variant_totals.variant = 'holdout' and variant_totals.audience > 0
-                then cast(variant_totals.converted_recipients as double precision) / variant_totals.audience
-            when variant_totals.delivered > 0
-                then cast(variant_totals.converted_recipients as double precision) / variant_totals.delivered
-        end as conversion_rate
-    from variant_totals
+        case when rates.conversion_trials > 0
+            then cast(rates.converted_recipients as double precision) / rates.conversion_trials
+        end as conversion_rate,
+        {{ wilson_low('rates.delivered', 'rates.sent') }} as delivery_rate_low,
+        {{ wilson_high('rates.delivered', 'rates.sent') }} as delivery_rate_high,
+        {{ wilson_low('rates.clicks', 'rates.delivered') }} as click_through_rate_low,
+        {{ wilson_high('rates.clicks', 'rates.delivered') }} as click_through_rate_high,
+        {{ wilson_low('rates.converted_recipients', 'rates.conversion_trials') }} as conversion_rate_low,
+        {{ wilson_high('rates.converted_recipients', 'rates.conversion_trials') }} as conversion_rate_high,
+        case when rates.delivered > 0
+            then cast(rates.opt_outs as double precision) / rates.delivered
+        end as opt_out_rate,
+        {{ wilson_low('rates.opt_outs', 'rates.delivered') }} as opt_out_rate_low,
+        {{ wilson_high('rates.opt_outs', 'rates.delivered') }} as opt_out_rate_high,
+        rates.complaints,
+        case when rates.delivered > 0
+            then cast(rates.complaints as double precision) / rates.delivered
+        end as complaint_rate,
+        {{ wilson_low('rates.complaints', 'rates.delivered') }} as complaint_rate_low,
+        {{ wilson_high('rates.complaints', 'rates.delivered') }} as complaint_rate_high,
+        case when rates.conversions > 0
+            then rates.cost / rates.conversions
+        end as cost_per_conversion,
+        case when rates.cost > 0
+            then (rates.revenue - rates.cost) / rates.cost
+        end as roi
+    from rates
     inner join campaigns
-        on variant_totals.campaign_id = campaigns.campaign_id
+        on rates.campaign_id = campaigns.campaign_id
 
 )
 
