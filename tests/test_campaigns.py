@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from datetime import time as local_time
 from pathlib import Path
 
 import pytest
@@ -686,3 +687,247 @@ def test_the_outbox_flows_through_smsops_build_into_fct_messages(home: Path) -> 
     )
     assert set(performance["variant"]) == {"A", "B", "holdout", "remainder"}
     assert int(performance["pending"].sum()) == result.to_send
+
+
+# -- a campaign's own settings -------------------------------------------------------------------
+
+
+def test_a_campaign_keeps_its_quiet_hours_and_caps_and_planning_uses_them(home: Path) -> None:
+    (east,) = own_numbers(home, 1)
+    opt_in(home, [east])
+    set_zone(home, east, "Asia/Vladivostok")  # 22:00 there at NOW
+    campaign = create(home, quiet="23:00-07:00", caps=FrequencyCaps(2, None))
+    stored = campaigns.get(campaign.campaign_id, home)
+    assert stored.quiet == policy.QuietHours(local_time(23, 0), local_time(7, 0))
+    assert stored.caps == FrequencyCaps(2, None)
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    (row,) = [r for r in outbox(home, campaign.campaign_id) if r["contact_id"] == east]
+    assert row["state"] == "planned" and row["not_before"] is None  # the default 21:00 would defer it
+
+
+def test_a_campaign_without_settings_takes_the_installs_defaults(home: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SMSOPS_QUIET_HOURS", "22:00-08:00")
+    monkeypatch.setenv("SMSOPS_DAILY_CAP", "2")
+    monkeypatch.setenv("SMSOPS_WEEKLY_CAP", "off")
+    stored = create(home)
+    assert stored.quiet == policy.QuietHours(local_time(22, 0), local_time(8, 0))
+    assert stored.caps == FrequencyCaps(2, None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"quiet": "25:00-09:00"}, "'25:00' is not a time of day"),
+        ({"quiet": "21:00"}, "expected start-end"),
+        ({"caps": (1, 3)}, "caps: expected FrequencyCaps"),
+        ({"auto_release": True}, "auto_release: needs ab_window_hours"),
+        ({"ab_window_hours": 4}, "only an A/B test"),
+        ({"scheduled_at": "tomorrow"}, "scheduled_at: expected a datetime"),
+    ],
+)
+def test_bad_campaign_settings_are_refused_naming_the_setting(home: Path, kwargs, message) -> None:
+    with pytest.raises(CampaignError, match=message):
+        create(home, **kwargs)
+
+
+def test_the_send_time_check_honours_the_campaigns_own_quiet_hours(home: Path) -> None:
+    east, west = own_numbers(home, 2)
+    opt_in(home, [east, west])
+    set_zone(home, east, "Asia/Vladivostok")  # 22:00 at NOW
+    set_zone(home, west, "Europe/Moscow")  # 15:00 at NOW
+    campaign = create(home, quiet="14:00-16:00")
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW, quiet=policy.NO_QUIET_HOURS)  # all due now
+    rows = {r["contact_id"]: r["message_id"] for r in outbox(home, campaign.campaign_id)}
+    conn = store.open_store(home)
+    try:
+        # the dispatcher passes its own default window; the campaign's 14:00-16:00 wins
+        moved = campaigns.defer(conn, [rows[east], rows[west]], now=NOW, quiet=policy.QuietHours())
+        checked = campaigns.check_before_send(conn, [rows[east]], now=NOW, quiet=policy.QuietHours())
+    finally:
+        conn.close()
+    assert moved == {rows[west]: NOW + timedelta(hours=1)}  # 16:00 in Moscow
+    assert checked == [(rows[east], True, None)]  # 22:00 in Vladivostok is allowed by this campaign
+
+
+# -- schedules ----------------------------------------------------------------------------------
+
+START_DUE = """
+import sys, time
+from datetime import datetime
+from smsops import campaigns
+home, start, now = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+while time.time() < start:
+    time.sleep(0.002)
+print(" ".join(str(c) for c in campaigns.start_due(datetime.fromisoformat(now), home=home)))
+"""
+
+
+def test_a_scheduled_campaign_starts_on_time_once_even_with_two_schedulers(home: Path) -> None:
+    campaign = create(home, variants=(("A", TEXT_A), ("B", TEXT_B)))
+    at = NOW + timedelta(hours=1)
+    scheduled = campaigns.schedule(campaign.campaign_id, at, now=NOW, home=home)
+    assert scheduled.status == "scheduled" and scheduled.scheduled_at == at
+    assert campaigns.start_due(at - timedelta(minutes=1), home=home) == {}  # not yet
+    assert outbox(home, campaign.campaign_id) == []  # the audience is not frozen before it starts
+
+    start = time.time() + 3.0
+    env = {**os.environ, "SMSOPS_HOME": str(home)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", START_DUE, str(home), str(start), (at + timedelta(seconds=5)).isoformat()],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    assert sorted(out.strip() for out, _ in outputs) == ["", str(campaign.campaign_id)]
+    rows = outbox(home, campaign.campaign_id)
+    assert len(rows) == audience_size(home) == len({r["contact_id"] for r in rows})
+    started = campaigns.get(campaign.campaign_id, home)
+    assert started.status in ("running", "finished")
+    assert started.launched_at == at + timedelta(seconds=5)
+    assert campaigns.start_due(at + timedelta(hours=1), home=home) == {}
+
+
+def test_a_past_start_time_is_refused_and_a_scheduled_campaign_can_be_cancelled(home: Path) -> None:
+    campaign = create(home)
+    with pytest.raises(CampaignError, match="has passed"):
+        campaigns.schedule(campaign.campaign_id, NOW - timedelta(minutes=1), now=NOW, home=home)
+    campaigns.schedule(campaign.campaign_id, NOW + timedelta(hours=2), now=NOW, home=home)
+    assert campaigns.unschedule(campaign.campaign_id, home).status == "draft"
+    campaigns.schedule(campaign.campaign_id, NOW + timedelta(hours=2), now=NOW, home=home)
+    assert campaigns.cancel(campaign.campaign_id, home).status == "cancelled"
+    assert campaigns.start_due(NOW + timedelta(hours=3), home=home) == {}
+    assert outbox(home, campaign.campaign_id) == []
+
+
+# -- test sends ---------------------------------------------------------------------------------
+
+
+def test_a_test_send_reaches_the_seed_numbers_and_counts_nowhere(home: Path) -> None:
+    campaign = create(home, variants=(("A", TEXT_A), ("B", TEXT_B)), caps=FrequencyCaps(1, None))
+    sample = campaigns.test_send(
+        campaign.campaign_id, "8 999 000-00-01, +7 (999) 000 00 02", home=home, now=NOW
+    )
+    assert sample.numbers == ("+79990000001", "+79990000002") and sample.messages == 4
+    assert "***" in sample.sample_phone
+    rows = outbox(home, sample.test_campaign_id)
+    assert {(r["variant"], r["phone_e164"]) for r in rows} == {
+        (v, n) for v in ("A", "B") for n in sample.numbers
+    }
+    assert all(r["state"] == "planned" and r["not_before"] is None and "Отказ" in r["body"] for r in rows)
+    assert all(r["contact_id"] == sample.sample_contact_id for r in rows)
+    # hidden from the lists, and the tested campaign is still an untouched draft
+    assert sample.test_campaign_id not in set(campaigns.list_all(home)["campaign_id"])
+    assert sample.test_campaign_id not in {c.campaign_id for c in campaigns.drafts(home)}
+    assert campaigns.get(campaign.campaign_id, home).status == "draft"
+    assert outbox(home, campaign.campaign_id) == []
+    # no consent is needed and no quiet hours apply at night (internal numbers)
+    conn = store.open_store(home)
+    try:
+        ids = [r["message_id"] for r in rows]
+        night = NOW.replace(hour=21)  # midnight in Moscow
+        assert all(
+            ok for _, ok, _ in campaigns.check_before_send(conn, ids, now=night, quiet=policy.QuietHours())
+        )
+        assert campaigns.defer(conn, ids, now=night) == {}
+        # a seed number that is also in the audience is not capped by the test
+        (contact,) = own_numbers(home, 1)
+        (phone,) = opt_in(home, [contact])
+    finally:
+        conn.close()
+    campaigns.test_send(campaign.campaign_id, [phone], home=home, now=NOW)
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW + timedelta(minutes=1))
+    (row,) = [r for r in outbox(home, campaign.campaign_id) if r["contact_id"] == contact]
+    assert row["state"] == "planned" and row["skip_reason"] is None
+
+
+@pytest.mark.parametrize(
+    ("numbers", "message"),
+    [("", "at least one seed number"), ("+7 495 123-45-67", "landline|mobile"), ("12", "'12'")],
+)
+def test_a_test_send_refuses_bad_seed_numbers_naming_them(home: Path, numbers, message) -> None:
+    campaign = create(home)
+    with pytest.raises(CampaignError, match=message):
+        campaigns.test_send(campaign.campaign_id, numbers, home=home)
+
+
+def test_test_results_show_each_seed_numbers_delivery(home: Path) -> None:
+    campaign = create(home)
+    sample = campaigns.test_send(campaign.campaign_id, ["+79990000001"], home=home, now=NOW)
+    (row,) = outbox(home, sample.test_campaign_id)
+    conn = store.open_store(home)
+    try:
+        conn.execute("update messages set state = 'submitted', submitted_at = ? where message_id = ?",
+                     ("2030-01-01 00:00:00", row["message_id"]))  # fmt: skip
+        for status in ("delivered", "sent"):  # out of order: delivered stays
+            conn.execute(
+                "insert into message_status_events (message_id, provider, status, occurred_at, received_at)"
+                " values (?, 'sandbox', ?, '2030-01-01 00:00:01', '2030-01-01 00:00:02')",
+                (row["message_id"], status),
+            )
+    finally:
+        conn.close()
+    frame = campaigns.test_results(campaign.campaign_id, home)
+    assert frame[["number", "variant", "state", "status"]].values.tolist() == [
+        ["+7 999 ***-**-01", "A", "submitted", "delivered"]
+    ]
+
+
+# -- A/B: fresh counts, automatic release --------------------------------------------------------
+
+
+def deliver(home: Path, campaign_id: int, clicked_variant: str) -> None:
+    """Every sent test message delivered; every message of ``clicked_variant`` clicked."""
+    conn = store.open_store(home)
+    try:
+        with store.transaction(conn):
+            rows = conn.execute(
+                "select message_id, variant from messages where campaign_id = ? and state = 'planned'"
+                " and variant not in ('holdout', 'remainder')",
+                (campaign_id,),
+            ).fetchall()
+            for message_id, variant in rows:
+                conn.execute("update messages set state = 'submitted' where message_id = ?", (message_id,))
+                conn.execute(
+                    "insert into message_status_events (message_id, provider, status, occurred_at, received_at)"
+                    " values (?, 'sandbox', 'delivered', '2030-01-01 00:00:00', '2030-01-01 00:00:00')",
+                    (message_id,),
+                )
+                if variant == clicked_variant:
+                    conn.execute(
+                        "insert into clicks (token, message_id, clicked_at) values (?, ?, '2030-01-01 00:01:00')",
+                        (f"t{message_id}", message_id),
+                    )
+    finally:
+        conn.close()
+
+
+def test_the_remainder_gets_the_clear_winner_by_itself_once_the_window_has_passed(home: Path) -> None:
+    campaign = create(
+        home, variants=(("A", TEXT_A), ("B", TEXT_B)), test_fraction=0.5, ab_window_hours=2, auto_release=True,
+        caps=FrequencyCaps(None, None),
+    )  # fmt: skip
+    result = campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    assert result.awaiting_winner > 0
+    deliver(home, campaign.campaign_id, "B")
+    counts = campaigns.variant_counts(campaign.campaign_id, home=home)
+    assert counts["A"][0] == 0 and counts["B"][0] == counts["B"][1] > 0
+    assert campaigns.release_due_winners(NOW + timedelta(hours=1), home=home) == {}  # the window is open
+    released = campaigns.release_due_winners(NOW + timedelta(hours=2, minutes=1), home=home)
+    assert released == {campaign.campaign_id: ("B", result.awaiting_winner)}
+    assert campaigns.release_due_winners(NOW + timedelta(hours=3), home=home) == {}  # nothing left waiting
+    assert not [r for r in outbox(home, campaign.campaign_id) if r["variant"] == "remainder"]
+
+
+def test_without_auto_release_the_remainder_waits_for_a_click(home: Path) -> None:
+    campaign = create(home, variants=(("A", TEXT_A), ("B", TEXT_B)), test_fraction=0.5, ab_window_hours=1,
+                      caps=FrequencyCaps(None, None))  # fmt: skip
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    deliver(home, campaign.campaign_id, "A")
+    assert campaigns.release_due_winners(NOW + timedelta(days=1), home=home) == {}
+    assert campaigns.outcome(campaign.campaign_id, home).awaiting_winner > 0
