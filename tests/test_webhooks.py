@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from smsops import consent, store, webhooks
-from smsops.providers import SANDBOX_AUTH_TOKEN, from_config
+from smsops.providers import SANDBOX_AUTH_TOKEN, StatusUpdate, from_config
 from smsops.providers.sandbox import serve_in_thread
 from smsops.providers.twilio import request_signature
 
@@ -37,7 +42,26 @@ def receiver(home):
     )
     app = webhooks.create_app({"sandbox": from_config("sandbox", {})}, home=home)
     with serve_in_thread(app) as server:
-        yield server.url, conn
+        yield server.url, conn, app
+    conn.close()
+
+
+def add_messages(conn: sqlite3.Connection, n: int, provider: str = "sandbox") -> list[str]:
+    """``n`` more submitted messages; their provider ids."""
+    ids = [f"SM{i:032x}" for i in range(1000, 1000 + n)]
+    conn.executemany(
+        "insert into messages (idempotency_key, campaign_id, variant, contact_id, state, provider,"
+        " provider_message_id, planned_at) values (?, 1, 'A', ?, 'submitted', ?, ?, '2026-01-01')",
+        [(f"1:x{i}", 100 + i, provider, sid) for i, sid in enumerate(ids)],
+    )
+    return ids
+
+
+def holding_the_write_lock(home) -> sqlite3.Connection:
+    """Another process's writer, as SQLite sees it: a transaction holding the store's write lock."""
+    other = sqlite3.connect(store.store_path(home), isolation_level=None, check_same_thread=False)
+    other.execute("begin immediate")
+    return other
 
 
 def post_signed(
@@ -53,7 +77,7 @@ def statuses(conn: sqlite3.Connection) -> list[tuple]:
 
 
 def test_signed_receipts_are_stored_once_and_out_of_order_is_harmless(receiver):
-    url, conn = receiver
+    url, conn, _ = receiver
     delivered = {"MessageSid": SID, "MessageStatus": "delivered"}
     assert post_signed(url, "/webhooks/sandbox/status", delivered).status_code == 200
     assert post_signed(url, "/webhooks/sandbox/status", delivered).status_code == 200  # twice
@@ -65,7 +89,7 @@ def test_signed_receipts_are_stored_once_and_out_of_order_is_harmless(receiver):
 
 
 def test_a_forged_or_unsigned_receipt_is_refused_and_nothing_is_stored(receiver, caplog):
-    url, conn = receiver
+    url, conn, _ = receiver
     form = {"MessageSid": SID, "MessageStatus": "failed", "ErrorCode": "30003"}
     assert post_signed(url, "/webhooks/sandbox/status", form, token="not-the-token").status_code == 403
     assert httpx.post(url + "/webhooks/sandbox/status", data=form).status_code == 403
@@ -74,13 +98,13 @@ def test_a_forged_or_unsigned_receipt_is_refused_and_nothing_is_stored(receiver,
 
 
 def test_a_malformed_receipt_gets_400(receiver):
-    url, conn = receiver
+    url, conn, _ = receiver
     assert post_signed(url, "/webhooks/sandbox/status", {"MessageStatus": "delivered"}).status_code == 400
     assert statuses(conn) == []
 
 
 def test_a_receipt_before_its_message_id_is_recorded_is_kept_and_adopted_later(receiver):
-    url, conn = receiver
+    url, conn, _ = receiver
     early = "SM" + "cd" * 16
     form = {"MessageSid": early, "MessageStatus": "undelivered", "ErrorCode": "30003"}
     assert post_signed(url, "/webhooks/sandbox/status", form).status_code == 200
@@ -96,7 +120,7 @@ def test_a_receipt_before_its_message_id_is_recorded_is_kept_and_adopted_later(r
 
 
 def test_a_stop_reply_opts_the_number_out_and_gets_the_auto_reply(receiver):
-    url, conn = receiver
+    url, conn, _ = receiver
     form = {"MessageSid": "SM" + "ef" * 16, "From": "+79123456789", "To": "SHOPMARKET", "Body": " Стоп! "}
     reply = post_signed(url, "/webhooks/sandbox/inbound", form)
     assert reply.status_code == 200 and "<Message>" in reply.text
@@ -107,7 +131,7 @@ def test_a_stop_reply_opts_the_number_out_and_gets_the_auto_reply(receiver):
 
 
 def test_a_tracked_link_records_the_click_and_redirects_to_the_stored_address(receiver):
-    url, conn = receiver
+    url, conn, _ = receiver
     answer = httpx.get(
         url + "/l/Tok3nAbc", headers={"User-Agent": "Mozilla/5.0 (iPhone)"}, follow_redirects=False
     )
@@ -118,3 +142,91 @@ def test_a_tracked_link_records_the_click_and_redirects_to_the_stored_address(re
     ]
     for bad in ("/l/unknown-token", "/l/Tok3nAbc%2F..%2Fx", "/l/https:%2F%2Fevil.example"):
         assert httpx.get(url + bad, follow_redirects=False).status_code == 404
+
+
+def test_a_receipt_is_answered_only_once_it_is_committed(home, receiver):
+    url, conn, _ = receiver
+    blocker = holding_the_write_lock(home)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            post_signed, url, "/webhooks/sandbox/status", {"MessageSid": SID, "MessageStatus": "delivered"}
+        )
+        time.sleep(0.5)
+        assert not answer.done()  # the store is busy: no 200 before the row is stored
+        blocker.rollback()
+        assert answer.result(timeout=10).status_code == 200
+    assert statuses(conn) == [("delivered", None)]
+
+
+def test_receipts_arriving_together_share_a_commit_and_none_is_lost(home, receiver):
+    url, conn, app = receiver
+    sids = add_messages(conn, 20)
+    forms = [{"MessageSid": sid, "MessageStatus": s} for sid in sids for s in ("sent", "delivered")]
+    blocker = holding_the_write_lock(home)
+    with ThreadPoolExecutor(len(forms)) as pool:
+        answers = [pool.submit(post_signed, url, "/webhooks/sandbox/status", form) for form in forms]
+        time.sleep(1.0)
+        assert not any(a.done() for a in answers)
+        blocker.rollback()
+        assert [a.result(timeout=10).status_code for a in answers] == [200] * len(forms)
+    assert conn.execute("select count(*) from message_status_events").fetchone()[0] == len(forms)
+    # one commit for the receipt that was waiting on the lock, then the rest together
+    assert app.state.status_writer.commits <= 3, app.state.status_writer.commits
+
+
+def test_a_failing_receipt_rolls_back_alone_and_the_rest_of_its_commit_is_kept(home, receiver):
+    _, conn, _ = receiver
+    sids = add_messages(conn, 2)
+    writer = webhooks.StatusWriter(store.store_path(home))
+    now = datetime.now(UTC)
+
+    def update(sid: str, status: str) -> list[StatusUpdate]:
+        return [StatusUpdate("sandbox", sid, status, None, now)]
+
+    async def together() -> list[object]:
+        blocker = holding_the_write_lock(home)
+        threading.Timer(0.3, blocker.rollback).start()  # so that all three queue up behind it
+        return await asyncio.gather(
+            writer.write(update(sids[0], "delivered")),
+            writer.write(update(sids[0], "sent") + update(sids[1], "not-a-status")),
+            writer.write(update(sids[1], "delivered")),
+            return_exceptions=True,
+        )
+
+    try:
+        first, bad, last = asyncio.run(together())
+    finally:
+        writer.close()
+    assert first == (1, 0) and last == (1, 0)
+    assert isinstance(bad, sqlite3.IntegrityError)
+    stored = conn.execute("select provider_message_id, status from message_status_events order by 1, 2")
+    assert stored.fetchall() == [(sids[0], "delivered"), (sids[1], "delivered")]  # no half of `bad`
+
+
+@pytest.mark.parametrize("body", [b"%zz=\xff\xfe", b"MessageSid=" + b"x" * (webhooks.MAX_BODY_BYTES + 1)])
+def test_a_body_that_is_not_a_form_or_too_big_gets_400_and_nothing_is_stored(receiver, body):
+    url, conn, _ = receiver
+    answer = httpx.post(
+        url + "/webhooks/sandbox/status",
+        content=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": "x"},
+    )
+    assert answer.status_code == 400
+    assert statuses(conn) == []
+
+
+def test_an_sms_ru_status_callback_is_stored_and_answered_100(home, receiver):
+    _, conn, _ = receiver
+    conn.execute(
+        "insert into messages (idempotency_key, campaign_id, variant, contact_id, state, provider,"
+        " provider_message_id, planned_at) values ('1:ru', 1, 'A', 9, 'submitted', 'smsru', '000-100', '2026-01-01')"
+    )
+    smsru = from_config("smsru", {"SMSRU_API_ID": "api", "SMSRU_CALLBACK_TOKEN": "s3cret-token"})
+    app = webhooks.create_app({"smsru": smsru}, home=home)
+    form = {"data[0]": "sms_status\n000-100\n103", "data[1]": "sms_status\n000-100\n102"}
+    with serve_in_thread(app) as server:
+        refused = httpx.post(server.url + "/webhooks/smsru/status?token=wrong", data=form)
+        answer = httpx.post(server.url + "/webhooks/smsru/status?token=s3cret-token", data=form)
+    assert refused.status_code == 403
+    assert answer.status_code == 200 and answer.text == "100"
+    assert statuses(conn) == [("delivered", None), ("sent", None)]
