@@ -32,6 +32,12 @@ from smsops.config import Paths, dbt_project_dir, duckdb_settings, paths
 
 KEEP_SNAPSHOTS = 3
 
+# What a campaign refresh rebuilds (dbt selection syntax): the message-side marts, what they
+# read from the operational store and what reads them, but not the contact models
+# (dim_contacts and its consent and RFM intermediates), the slowest part of a full build on
+# a large base. Their engagement columns catch up at the next full build.
+REFRESH_SELECT = ("+fct_messages+", "+fct_replies")
+
 
 class WarehouseError(RuntimeError):
     """The warehouse has not been built yet, or a query against it failed."""
@@ -112,6 +118,7 @@ def build(
     home: str | os.PathLike[str] | None = None,
     *,
     full_refresh: bool = False,
+    select: Sequence[str] | None = None,
     wait: bool = True,
     echo: bool = False,
 ) -> Snapshot:
@@ -119,8 +126,16 @@ def build(
 
     One build at a time (a lock file); with ``wait=False`` a concurrent call raises
     BuildBusy instead of queueing. On failure the published snapshot stays as it was.
+    ``select`` (dbt selection syntax, e.g. ``REFRESH_SELECT``) rebuilds only those nodes;
+    the others keep what the previous snapshot holds, so it needs one (and no
+    ``full_refresh``).
     """
     p = paths(home)
+    if select is not None:
+        if not select or not all(isinstance(item, str) and item.strip() for item in select):
+            raise ValueError(f"select must name at least one dbt node or selector, got {select!r}")
+        if full_refresh:
+            raise ValueError("select and full_refresh do not mix: a full refresh rebuilds every model")
     with _build_lock(p, wait):
         previous = current(p.home)
         # the file name becomes the DuckDB catalog name in compiled SQL: no dashes
@@ -128,7 +143,15 @@ def build(
         target = p.warehouse_dir / f"wh_{build_id}.duckdb"
         if previous is not None and previous.path.exists() and not full_refresh:
             shutil.copyfile(previous.path, target)
-        args = ["build", *(["--full-refresh"] if full_refresh else [])]
+        elif select is not None:
+            raise WarehouseError(
+                "a selective build needs a published snapshot to start from: run `smsops build`"
+            )
+        args = [
+            "build",
+            *(["--full-refresh"] if full_refresh else []),
+            *(["--select", *select] if select else []),
+        ]
         argv, env = dbt_command(args, p, target)
         started = time.perf_counter()
         proc = subprocess.run(
@@ -148,6 +171,13 @@ def build(
         _publish(p, snapshot)
         _prune(p, keep=snapshot.path)
         return snapshot
+
+
+def refresh(home: str | os.PathLike[str] | None = None, *, wait: bool = True, echo: bool = False) -> Snapshot:
+    """Bring campaign results up to date quickly: rebuild the message-side marts
+    (``REFRESH_SELECT``) on top of the published snapshot. ``fct_messages`` is incremental,
+    so only messages that something new could have changed are recomputed."""
+    return build(home, select=REFRESH_SELECT, wait=wait, echo=echo)
 
 
 def _publish(p: Paths, snapshot: Snapshot) -> None:

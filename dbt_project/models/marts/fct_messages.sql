@@ -18,6 +18,13 @@
     )
 }}
 
+-- refs inside the incremental branch, declared for the DAG:
+-- depends_on: {{ ref('stg_ops__message_status_events') }}
+-- depends_on: {{ ref('stg_ops__clicks') }}
+-- depends_on: {{ ref('stg_ops__inbound_messages') }}
+-- depends_on: {{ ref('stg_ops__orders') }}
+-- depends_on: {{ ref('stg_ops__consent_events') }}
+
 {#- A table from before a column was added is recomputed whole, so no row keeps a gap. -#}
 {%- set refresh_all = true -%}
 {%- if is_incremental() -%}
