@@ -931,3 +931,45 @@ def test_without_auto_release_the_remainder_waits_for_a_click(home: Path) -> Non
     deliver(home, campaign.campaign_id, "A")
     assert campaigns.release_due_winners(NOW + timedelta(days=1), home=home) == {}
     assert campaigns.outcome(campaign.campaign_id, home).awaiting_winner > 0
+
+
+# -- smsops serve's scheduler ---------------------------------------------------------------------
+
+
+def test_the_serve_scheduler_starts_a_due_campaign(home: Path) -> None:
+    import asyncio
+
+    from smsops import serve
+
+    campaign = create(home)
+    due = datetime.now(UTC) + timedelta(seconds=2)
+    campaigns.schedule(campaign.campaign_id, due, home=home)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve.scheduler(home, stop, interval=0.5))
+        deadline = time.monotonic() + 60
+        while campaigns.get(campaign.campaign_id, home).status == "scheduled" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    started = campaigns.get(campaign.campaign_id, home)
+    assert started.status in ("running", "finished") and started.launched_at >= due.replace(microsecond=0)
+    assert len(outbox(home, campaign.campaign_id)) == audience_size(home)
+
+
+def test_the_scheduled_refresh_builds_every_interval_but_never_two_at_once(home: Path) -> None:
+    from smsops import serve
+
+    before = warehouse.current(home).build_id
+    state = serve.SchedulerState()
+    assert serve.scheduler_tick(home, state, refresh_minutes=0) == {}  # off
+    assert serve.scheduler_tick(home, state, refresh_minutes=0.001, now=100.0) == {"build": "started"}
+    (build,) = state.builds
+    again = serve.scheduler_tick(home, state, refresh_minutes=0.001, now=200.0)
+    assert again == {"build": "already running"} and state.builds == [build]
+    assert build.wait(timeout=300) == 0
+    assert warehouse.current(home).build_id != before
+    assert serve.scheduler_tick(home, state, refresh_minutes=10, now=300.0) == {}  # not due yet

@@ -266,3 +266,39 @@ def test_without_a_test_fraction_everyone_but_the_holdout_gets_a_variant() -> No
     assert policy.assign(0.04, ["A"], holdout_fraction=0.05) == policy.HOLDOUT
     assert policy.assign(0.05, ["A"], holdout_fraction=0.05) == "A"
     assert policy.assign(0.26, ["A", "B"], holdout_fraction=0.05, test_fraction=0.2) == policy.REMAINDER
+
+
+def test_quiet_hours_read_from_settings_text_and_print_back() -> None:
+    assert policy.parse_quiet_hours("21:00-09:00") == policy.QuietHours()
+    assert policy.parse_quiet_hours(" 22:30 – 08:15 ") == policy.QuietHours(time(22, 30), time(8, 15))
+    assert policy.parse_quiet_hours("off") == policy.NO_QUIET_HOURS
+    assert not policy.NO_QUIET_HOURS.is_quiet(time(3, 0))
+    assert str(policy.QuietHours(time(22, 30), time(8, 0))) == "22:30-08:00"
+
+
+@pytest.mark.parametrize("text", ["21-09", "21:00", "21:00-9:60", "nine to five"])
+def test_unreadable_quiet_hours_are_refused_with_the_text(text: str) -> None:
+    with pytest.raises(policy.PolicyError, match="quiet hours"):
+        policy.parse_quiet_hours(text)
+
+
+def test_caps_read_from_settings() -> None:
+    assert policy.parse_cap("2") == 2
+    assert policy.parse_cap("off") is None and policy.parse_cap("") is None
+    with pytest.raises(policy.PolicyError, match="SMSOPS_DAILY_CAP"):
+        policy.parse_cap("0", "SMSOPS_DAILY_CAP")
+
+
+def test_install_wide_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from smsops import config
+
+    monkeypatch.setenv("SMSOPS_QUIET_HOURS", "20:00-10:00")
+    monkeypatch.setenv("SMSOPS_DAILY_CAP", "off")
+    monkeypatch.setenv("SMSOPS_WEEKLY_CAP", "5")
+    monkeypatch.setenv("SMSOPS_SEED_NUMBERS", "+79990000001, 8 999 000 00 02,")
+    assert config.quiet_hours() == policy.QuietHours(time(20, 0), time(10, 0))
+    assert config.frequency_caps() == policy.FrequencyCaps(None, 5)
+    assert config.seed_numbers() == ("+79990000001", "8 999 000 00 02")
+    monkeypatch.setenv("SMSOPS_REFRESH_MINUTES", "-1")
+    with pytest.raises(ValueError, match="SMSOPS_REFRESH_MINUTES"):
+        config.refresh_minutes()
