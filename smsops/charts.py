@@ -53,7 +53,7 @@ def funnel_chart(stages: pd.DataFrame) -> alt.Chart:
     """Recipients at each funnel stage (``results.Funnel.stages()``), labelled with the share
     of those sent."""
     order = list(stages["stage"])
-    base = alt.Chart(stages, title="Funnel: sent → delivered → clicked → converted").encode(
+    base = alt.Chart(stages).encode(
         y=alt.Y("stage:N", title=None, sort=order),
         x=alt.X("recipients:Q", title="Recipients"),
     )
@@ -67,7 +67,7 @@ def funnel_chart(stages: pd.DataFrame) -> alt.Chart:
         ],
     )
     labels = base.mark_text(align="left", dx=4).encode(text=alt.Text("share_of_sent:Q", format=".1%"))
-    return bars + labels
+    return (bars + labels).properties(title="Funnel: sent → delivered → clicked → converted")
 
 
 VARIANT_RATES = {
@@ -87,9 +87,7 @@ def variants_chart(frame: pd.DataFrame, rate: str = "click_through_rate") -> alt
     data = frame[["variant", rate, f"{rate}_low", f"{rate}_high"]].rename(
         columns={rate: "rate", f"{rate}_low": "low", f"{rate}_high": "high"}
     )
-    base = alt.Chart(data, title=f"{title.split(' (')[0]} by variant, with 95% intervals").encode(
-        y=alt.Y("variant:N", title="Variant")
-    )
+    base = alt.Chart(data).encode(y=alt.Y("variant:N", title="Variant"))
     bars = base.mark_errorbar(ticks=True).encode(
         x=alt.X("low:Q", title=title, axis=alt.Axis(format="%")), x2="high:Q"
     )
@@ -103,7 +101,7 @@ def variants_chart(frame: pd.DataFrame, rate: str = "click_through_rate") -> alt
             _percent("high", "95% high"),
         ],
     )
-    return bars + points
+    return (bars + points).properties(title=f"{title.split(' (')[0]} by variant, with 95% intervals")
 
 
 def time_to_click_chart(frame: pd.DataFrame) -> alt.Chart:
@@ -145,7 +143,7 @@ def breakdown_chart(frame: pd.DataFrame, attribute_title: str, rate: str = "clic
         columns={rate: "rate", f"{rate}_low": "low", f"{rate}_high": "high"}
     )
     order = list(data["value"])
-    base = alt.Chart(data, title=f"{title.split(' (')[0]} by {attribute_title.lower()}").encode(
+    base = alt.Chart(data).encode(
         y=alt.Y("value:N", title=attribute_title, sort=order, axis=alt.Axis(labelLimit=200))
     )
     bars = base.mark_bar(opacity=0.7).encode(
@@ -159,4 +157,4 @@ def breakdown_chart(frame: pd.DataFrame, attribute_title: str, rate: str = "clic
         ],
     )
     errors = base.mark_errorbar(ticks=True).encode(x="low:Q", x2="high:Q")
-    return bars + errors
+    return (bars + errors).properties(title=f"{title.split(' (')[0]} by {attribute_title.lower()}")
