@@ -1,8 +1,11 @@
-"""Campaigns: create one, check its audience and bill, launch it, and follow it."""
+"""Campaigns: create one, test it on the team's numbers, check its audience and bill, launch or
+schedule it, and follow it."""
+
+from datetime import UTC, datetime, timedelta
 
 import streamlit as st
 
-from smsops import abtest, campaigns, config, dispatch, metrics, policy, segments, warehouse
+from smsops import abtest, campaigns, config, dispatch, policy, segments, warehouse
 
 st.title("Campaigns")
 
@@ -11,6 +14,7 @@ if snapshot is None:
     st.info("The warehouse has not been built yet. Run `smsops build` (or `make run`) and reload.")
     st.stop()
 
+zone = config.time_zone()
 provider = config.provider_name()
 if provider == "sandbox":
     st.caption(
@@ -18,14 +22,20 @@ if provider == "sandbox":
     )
 
 listing = campaigns.list_all()
+for column in ("scheduled_at", "launched_at"):
+    listing[column] = listing[column].dt.tz_convert(zone).dt.tz_localize(None)
 st.dataframe(
     listing,
     hide_index=True,
     width="stretch",
-    column_config={"campaign_id": st.column_config.NumberColumn("id", format="%d")},
+    column_config={
+        "campaign_id": st.column_config.NumberColumn("id", format="%d"),
+        "scheduled_at": st.column_config.DatetimeColumn(f"starts ({zone})", format="YYYY-MM-DD HH:mm"),
+        "launched_at": st.column_config.DatetimeColumn(f"launched ({zone})", format="YYYY-MM-DD HH:mm"),
+    },
 )
 
-new_tab, launch_tab, follow_tab = st.tabs(["New campaign", "Check and launch", "Follow"])
+new_tab, launch_tab, follow_tab = st.tabs(["New campaign", "Test and launch", "Follow"])
 
 # --- New ----------------------------------------------------------------------------------
 
@@ -36,7 +46,8 @@ with new_tab, st.form("campaign_new"):
     audiences = {f"{s.name} (v{s.version})": (s.name, s.version) for s in segments.list_saved()}
     audiences.update({f"Ready-made: {n}": seg for n, seg in segments.ready_made().items()})
     audience = st.selectbox("Audience", list(audiences), key="new_audience")
-    variant_count = st.number_input("Variants (A/B test)", 1, 5, 1, key="new_variants")
+    variant_count = st.number_input("Variants (A/B test)", 1, 5, 1, key="new_variants",
+                                    help="Press Enter to show a text box per variant")  # fmt: skip
     sender_choices = config.senders()
     variants = []
     for i in range(int(variant_count)):
@@ -46,32 +57,65 @@ with new_tab, st.form("campaign_new"):
                                  value="{{ first_name | default('Здравствуйте') }}, ")  # fmt: skip
         sender = cols[1].selectbox("Sender", sender_choices, key=f"new_sender_{label}")
         variants.append(campaigns.Variant(label, text, sender))
-    c1, c2 = st.columns(2)
-    test = c1.slider("Test share (A/B)", 0.05, 1.0, 1.0, 0.05, key="new_test",
-                     help="The rest gets the winner once the test is decided")  # fmt: skip
-    holdout = c2.slider("Holdout (control group)", 0.0, 0.5, 0.0, 0.01, key="new_holdout")
+    c1, c2, c3 = st.columns(3)
+    test = c1.number_input("Test share, %", 5, 100, 100, 5, key="new_test",
+                           help="With 2+ variants: the rest gets the winner once the test is decided")  # fmt: skip
+    holdout = c2.number_input("Holdout (control group), %", 0, 50, 0, 1, key="new_holdout")
+    window = c3.number_input("Judge the test after, hours", 1, 336, 4, key="new_window")
+    auto_release = st.checkbox("Send the winner to the rest automatically when the test is decided",
+                               key="new_auto_release")  # fmt: skip
+    st.markdown("**When and how often**")
+    w1, w2, w3 = st.columns(3)
+    start = w1.radio("Start", ["now", "at a time"], horizontal=True, key="new_start",
+                     help="Launching sends at once; a scheduled campaign starts by itself")  # fmt: skip
+    day = w2.date_input(f"Day ({zone})", key="new_day")
+    clock = w3.time_input(f"Time ({zone})", key="new_time", step=timedelta(minutes=15))
+    q1, q2, q3 = st.columns(3)
+    quiet = q1.text_input("Quiet hours (recipient's local time)", str(config.quiet_hours()), key="new_quiet",
+                          help="start-end, e.g. 21:00-09:00; off for none")  # fmt: skip
+    defaults = config.frequency_caps()
+    per_day = q2.number_input("Promotions per number a day (0: no cap)", 0, 50, defaults.per_day or 0,
+                              key="new_daily")  # fmt: skip
+    per_week = q3.number_input("… a week (0: no cap)", 0, 100, defaults.per_week or 0, key="new_weekly")
     if st.form_submit_button("Create draft"):
+        testing = len(variants) > 1 and test < 100
         try:
             created = campaigns.create(
                 name,
                 kind,
                 audiences[audience],
                 variants,
-                test_fraction=test if len(variants) > 1 and test < 1 else None,
-                holdout_fraction=holdout or None,
+                test_fraction=test / 100 if testing else None,
+                holdout_fraction=holdout / 100 or None,
+                quiet=quiet,
+                caps=policy.FrequencyCaps(int(per_day) or None, int(per_week) or None),
+                scheduled_at=campaigns.local_time(day, clock, zone) if start == "at a time" else None,
+                ab_window_hours=float(window) if testing else None,
+                auto_release=bool(auto_release and testing),
             )
-        except (campaigns.CampaignError, segments.SegmentError) as exc:
+        except (campaigns.CampaignError, segments.SegmentError, policy.PolicyError) as exc:
             st.error(str(exc))
         else:
-            st.success(
-                f"Draft «{created.name}» created (id {created.campaign_id}). Check and launch it next."
-            )
+            st.success(f"Draft «{created.name}» created (id {created.campaign_id}). Test and launch it next.")
 
-# --- Check and launch ---------------------------------------------------------------------
+# --- Test and launch ----------------------------------------------------------------------
 
 
 @st.dialog("Launch campaign")
-def confirm_launch(campaign_id: int, to_send: int, cost: str) -> None:
+def confirm_launch(campaign_id: int, to_send: int, cost: str, starts: datetime | None) -> None:
+    if starts is not None:
+        st.write(f"Schedule **{to_send:,}** messages (as of now) for **{cost}**, starting "
+                 f"**{starts:%Y-%m-%d %H:%M}** ({zone})? The audience is frozen when it starts.")  # fmt: skip
+        if st.button("Schedule", type="primary", key="launch_confirmed"):
+            try:
+                campaigns.schedule(campaign_id)  # idempotent: a second click only sets the same time
+            except campaigns.CampaignError as exc:
+                st.error(str(exc))
+                return
+            st.session_state["scheduled"] = campaign_id
+            st.session_state.pop("confirming", None)
+            st.rerun()
+        return
     st.write(f"Plan **{to_send:,}** messages for **{cost}**? The audience is frozen now; sending starts at once "
              "(within each recipient's allowed hours) and can be paused.")  # fmt: skip
     if st.button("Launch", type="primary", key="launch_confirmed"):
@@ -82,13 +126,58 @@ def confirm_launch(campaign_id: int, to_send: int, cost: str) -> None:
 
 
 with launch_tab:
-    drafts = {f"{c.name} (id {c.campaign_id})": c.campaign_id for c in campaigns.drafts()}
+    drafts = {
+        f"{c.name} (id {c.campaign_id}{', scheduled' if c.status == 'scheduled' else ''})": c
+        for c in campaigns.drafts()
+    }
     if not drafts:
         st.info("No draft campaigns. Create one in the first tab.")
     else:
-        chosen = st.selectbox("Draft", list(drafts), key="launch_pick")
+        chosen = drafts[st.selectbox("Draft", list(drafts), key="launch_pick")]
+        cid = chosen.campaign_id
+        settings_line = f"Quiet hours {chosen.quiet or config.quiet_hours()}"
+        caps = chosen.caps or config.frequency_caps()
+        settings_line += f" · at most {caps.per_day or '∞'} a day, {caps.per_week or '∞'} a week per number"
+        if chosen.ab_window_hours:
+            settings_line += f" · test judged after {chosen.ab_window_hours:g} h"
+            settings_line += (
+                ", winner sent automatically" if chosen.auto_release else ", winner sent on your click"
+            )
+        st.caption(settings_line)
+        starts = None
+        if chosen.scheduled_at is not None:
+            starts = chosen.scheduled_at.astimezone(campaigns.zone_info(zone))
+        if chosen.status == "scheduled":
+            st.info(
+                f"Scheduled: starts by itself at {starts:%Y-%m-%d %H:%M} ({zone}) while `smsops serve` runs."
+            )
+            if st.button("Cancel the schedule", key="unschedule"):
+                campaigns.unschedule(cid)
+                st.rerun()
+
+        st.markdown("**Test send to your own numbers**")
+        t1, t2 = st.columns([4, 1])
+        seeds = t1.text_input("Seed numbers, comma-separated", ", ".join(config.seed_numbers()), key="seed_numbers",
+                              help="Internal numbers; every variant goes to each, through the real provider")  # fmt: skip
+        if t2.button("Send test", key="test_send"):
+            try:
+                sent = campaigns.test_send(cid, seeds)
+            except campaigns.CampaignError as exc:
+                st.error(str(exc))
+            else:
+                st.session_state.setdefault("test_sends", {})[cid] = sent
+        sent = st.session_state.get("test_sends", {}).get(cid)
+        if sent is not None:
+            st.caption(f"{sent.messages} test message(s) personalised with the data of contact "
+                       f"{sent.sample_contact_id} ({sent.sample_phone}).")  # fmt: skip
+        tests = campaigns.test_results(cid)
+        if len(tests):
+            st.dataframe(tests[["number", "variant", "state", "status", "reason"]], hide_index=True,
+                         key="test_table")  # fmt: skip
+            st.button("Refresh the test's status", key="test_refresh")
+
         try:
-            preview = campaigns.plan(drafts[chosen], dry_run=True)
+            preview = campaigns.plan(cid, dry_run=True)
         except campaigns.CampaignError as exc:
             st.error(str(exc))
         else:
@@ -104,23 +193,26 @@ with launch_tab:
             m4.metric("Cost", cost)
             if preview.awaiting_winner:
                 st.caption(f"{preview.awaiting_winner:,} more will get the winning variant after the test.")
-            if st.button("Launch…", type="primary", key="launch_start"):
-                st.session_state["confirming"] = drafts[chosen]
-            if st.session_state.get("confirming") == drafts[chosen]:
-                confirm_launch(drafts[chosen], preview.to_send, cost)
+            future = starts if starts is not None and chosen.scheduled_at > datetime.now(UTC) else None
+            if st.button("Schedule…" if future else "Launch…", type="primary", key="launch_start"):
+                st.session_state["confirming"] = cid
+            if st.session_state.get("confirming") == cid:
+                confirm_launch(cid, preview.to_send, cost, future)
     launched = st.session_state.get("launched")
     if launched is not None:
         st.success(f"Campaign {launched.campaign_id} launched: {launched.to_send:,} messages planned.")
+    if st.session_state.get("scheduled") is not None:
+        st.success(f"Campaign {st.session_state['scheduled']} scheduled.")
 
 # --- Follow -------------------------------------------------------------------------------
 
 with follow_tab:
-    live = {f"{c.name} (id {c.campaign_id}, {c.status})": c.campaign_id for c in campaigns.launched()}
+    live = {f"{c.name} (id {c.campaign_id}, {c.status})": c for c in campaigns.launched()}
     if not live:
         st.info("No launched campaigns yet.")
     else:
-        picked = st.selectbox("Campaign", list(live), key="follow_pick")
-        cid = live[picked]
+        followed = live[st.selectbox("Campaign", list(live), key="follow_pick")]
+        cid = followed.campaign_id
         progress = dispatch.progress(cid)
         st.progress(
             progress.fraction, text=f"{progress.done:,} of {progress.total:,} done · {progress.status}"
@@ -132,21 +224,28 @@ with follow_tab:
         f4.metric("Not sent", f"{progress.total - progress.submitted - progress.due - progress.waiting:,}")
         if progress.reasons:
             st.table({policy.explain(r): n for r, n in progress.reasons.items()})
-        results = metrics.variant_results(cid, st.session_state.get("ab_metric", "ctr"))
+        metric = st.session_state.get("ab_metric") or "ctr"
+        results = campaigns.variant_counts(cid, metric)
         if len(results) >= 2:
             st.markdown("**A/B test**")
             st.segmented_control("Judge by", ["ctr", "conversion"], default="ctr", key="ab_metric",
                                  format_func={"ctr": "clicks (CTR)", "conversion": "conversions"}.get)  # fmt: skip
-            verdict = abtest.compare(
-                results, metric="CTR" if st.session_state.get("ab_metric", "ctr") == "ctr" else "conversion"
-            )
+            verdict = abtest.compare(results, metric="CTR" if metric == "ctr" else "conversion")
             st.table([{"variant": a.name, "delivered": a.trials, "rate": f"{a.rate:.2%}",
                        "95% interval": f"{a.low:.2%} – {a.high:.2%}"} for a in verdict.arms])  # fmt: skip
             (st.success if verdict.winner else st.info)(verdict.message)
-            st.caption(
-                f"Figures from warehouse build {warehouse.current().build_id}: refresh the build for newer ones."
-            )
+            if metric == "ctr":
+                st.caption("Deliveries and clicks as they arrive (the operational store).")
+            else:
+                st.caption(
+                    f"Conversions from warehouse build {snapshot.build_id}: refresh the build for newer ones."
+                )
             waiting = progress.reasons.get("awaiting_winner", 0)
+            if waiting and followed.ab_window_hours and followed.launched_at:
+                judged = followed.launched_at + timedelta(hours=followed.ab_window_hours)
+                how = "automatically" if followed.auto_release else "when you click"
+                st.caption(f"The test is judged at {judged.astimezone(campaigns.zone_info(zone)):%Y-%m-%d %H:%M} "
+                           f"({zone}); the other {waiting:,} get the winner {how}.")  # fmt: skip
             if (
                 verdict.winner
                 and waiting

@@ -61,9 +61,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import duckdb
 import pandas as pd
@@ -111,6 +113,7 @@ __all__ = [
     "get",
     "launched",
     "list_all",
+    "local_time",
     "outcome",
     "pause",
     "plan",
@@ -125,6 +128,7 @@ __all__ = [
     "unschedule",
     "variant_counts",
     "waterfall",
+    "zone_info",
 ]
 
 Kind = Literal["promo", "service"]
@@ -1549,6 +1553,23 @@ def schedule(
             (_stamp(when), campaign_id),
         )
         return _load(conn, campaign_id)
+
+
+def local_time(day: date, clock: dtime, zone: str) -> datetime:
+    """The UTC moment of wall-clock ``day`` ``clock`` in ``zone`` (how a marketer enters a
+    start time; ``SMSOPS_TIME_ZONE``). A time skipped by a DST change reads as the later
+    offset's."""
+    if not isinstance(day, date) or not isinstance(clock, dtime):
+        raise CampaignError(f"start time: expected a day and a time of day, got {day!r} {clock!r}")
+    return datetime.combine(day, clock.replace(tzinfo=None), tzinfo=zone_info(zone)).astimezone(UTC)
+
+
+def zone_info(name: str) -> ZoneInfo:
+    """The IANA zone ``name``; a clear error for an unknown one."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise CampaignError(f"time zone {name!r} is not an IANA zone name such as 'Europe/Moscow'") from None
 
 
 def unschedule(campaign_id: int, home: str | Path | None = None) -> Campaign:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 import streamlit as st
 from apptest import open_page
 
-from smsops import campaigns, segments, store
+from smsops import campaigns, config, segments, store
 
 
 @pytest.fixture
@@ -54,10 +56,10 @@ def test_create_check_and_launch_a_campaign_once(own_home):
     assert campaigns.get(draft.campaign_id).status in ("running", "finished")
 
 
-def test_follow_shows_the_ab_verdict_of_a_test_campaign(own_home):
-    from smsops import abtest, metrics
+def test_follow_shows_the_ab_verdict_of_a_test_campaign_from_fresh_counts(own_home):
+    from smsops import abtest
 
-    results = metrics.variant_results(1)  # the demo's first campaign tested A against B
+    results = campaigns.variant_counts(1)  # the demo's first campaign tested A against B
     assert set(results) == {"A", "B"} and all(trials > 0 for _, trials in results.values())
     verdict = abtest.compare(results)
     at = open_page("campaigns", timeout=120)
@@ -65,3 +67,60 @@ def test_follow_shows_the_ab_verdict_of_a_test_campaign(own_home):
     at.selectbox(key="follow_pick").set_value(label).run()
     assert not at.exception
     assert any(verdict.message == m.value for m in [*at.success, *at.info])
+
+
+def create_draft(at, name: str, **inputs) -> campaigns.Campaign:
+    at.text_input(key="new_name").input(name)
+    at.selectbox(key="new_audience").set_value("Ready-made: champions")
+    at.text_area(key="new_text_A").input("{{ first_name | default('Здравствуйте') }}, скидка 15% для вас")
+    for key, value in inputs.items():
+        widget = next(w for w in at.main if getattr(w, "key", None) == key)
+        widget.set_value(value)
+    next(b for b in at.button if b.label == "Create draft").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    draft = next(c for c in campaigns.drafts() if c.name == name)
+    at.selectbox(key="launch_pick").set_value(
+        next(o for o in at.selectbox(key="launch_pick").options if f"(id {draft.campaign_id}" in o)
+    ).run()
+    return draft
+
+
+def test_a_test_send_from_the_page_goes_to_the_seed_numbers_and_shows_their_status(own_home, monkeypatch):
+    monkeypatch.setenv("SMSOPS_SEED_NUMBERS", "+79990000001")
+    at = open_page("campaigns", timeout=120)
+    draft = create_draft(at, "Seed test promo")
+    at.text_input(key="seed_numbers").input("+79990000001, 8 999 000-00-02").run()
+    at.button(key="test_send").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert any("personalised with the data of contact" in c.value for c in at.caption)
+    table = next(
+        d.value for d in at.dataframe if "variant" in d.value.columns and "number" in d.value.columns
+    )
+    assert sorted(table["number"]) == ["+7 999 ***-**-01", "+7 999 ***-**-02"]
+    assert set(table["state"]) == {"planned"}
+    assert campaigns.get(draft.campaign_id).status == "draft"  # still a draft: the test counts nowhere
+    at.text_input(key="seed_numbers").input("12345").run()
+    at.button(key="test_send").click().run()
+    assert any("'12345'" in e.value for e in at.error)
+
+
+def test_a_campaign_set_to_start_later_is_scheduled_listed_and_can_be_unscheduled(own_home):
+    later = datetime.now(UTC) + timedelta(days=2)
+    zone = ZoneInfo(config.time_zone())
+    local = later.astimezone(zone)
+    at = open_page("campaigns", timeout=120)
+    draft = create_draft(
+        at, "Scheduled promo", new_start="at a time", new_day=local.date(), new_time=local.time().replace(
+            second=0, microsecond=0)
+    )  # fmt: skip
+    at.button(key="launch_start").click().run()
+    at.button(key="launch_confirmed").click().run()
+    assert any(f"Campaign {draft.campaign_id} scheduled" in s.value for s in at.success)
+    stored = campaigns.get(draft.campaign_id)
+    assert stored.status == "scheduled" and abs(stored.scheduled_at - later) < timedelta(minutes=1)
+    listing = at.dataframe[0].value
+    row = listing[listing["campaign_id"] == draft.campaign_id].iloc[0]
+    assert str(row["scheduled_at"])[:16] == f"{local:%Y-%m-%d %H:%M}"  # shown in the team's zone
+    assert not len(campaigns.outcome(draft.campaign_id).waterfall) > 1  # audience not frozen yet
+    at.button(key="unschedule").click().run()
+    assert campaigns.get(draft.campaign_id).status == "draft"
