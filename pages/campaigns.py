@@ -39,15 +39,18 @@ new_tab, launch_tab, follow_tab = st.tabs(["New campaign", "Test and launch", "F
 
 # --- New ----------------------------------------------------------------------------------
 
-with new_tab, st.form("campaign_new"):
+with new_tab:
+    variant_count = st.number_input("Variants (A/B test)", 1, 5, 1, key="new_variants",
+                                    help="One text box per variant below")  # fmt: skip
+    form = st.form("campaign_new")
+
+with form:
     name = st.text_input("Name", key="new_name", placeholder="Black Friday early access")
     kind = st.radio("Kind", ["promo", "service"], horizontal=True, key="new_kind",
                     format_func={"promo": "Promotion", "service": "Service"}.get)  # fmt: skip
     audiences = {f"{s.name} (v{s.version})": (s.name, s.version) for s in segments.list_saved()}
     audiences.update({f"Ready-made: {n}": seg for n, seg in segments.ready_made().items()})
     audience = st.selectbox("Audience", list(audiences), key="new_audience")
-    variant_count = st.number_input("Variants (A/B test)", 1, 5, 1, key="new_variants",
-                                    help="Press Enter to show a text box per variant")  # fmt: skip
     sender_choices = config.senders()
     variants = []
     for i in range(int(variant_count)):

@@ -139,13 +139,20 @@ class Services:
 
 
 def start_sandbox(provider: Provider, inbound_url: str | None) -> ServerThread:
-    """The sandbox at the address ``provider`` points at, with the provider's credentials."""
+    """The sandbox at the address ``provider`` points at, with the provider's credentials
+    (``SMSOPS_SANDBOX_FAULTS=off``: no simulated outages or late receipts)."""
     parts = urlsplit(getattr(provider, "base_url", ""))
     settings = SandboxSettings(
         account_sid=getattr(provider, "account_sid", SandboxSettings.account_sid),
         auth_token=getattr(provider, "auth_token", SandboxSettings().auth_token),
         inbound_url=inbound_url,
     )
+    if os.environ.get("SMSOPS_SANDBOX_FAULTS", "").strip().lower() in ("off", "0", "no"):
+        # a calm sandbox for demos and browser tests: no simulated outages, receipts at once
+        settings = replace(
+            settings, transient_error_rate=0.0, duplicate_rate=0.0, out_of_order_rate=0.0,
+            receipt_delay=(0.05, 0.2),
+        )  # fmt: skip
     return run_in_thread(settings, parts.hostname or "127.0.0.1", parts.port or 80)
 
 
