@@ -1,0 +1,105 @@
+"""The Results page (AppTest): pick a campaign, see its funnel and verdict; refresh the metrics in
+the background, once however often the button is clicked."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+from apptest import clear_caches, metric_values, open_page
+
+from smsops import campaigns, config, results, segments, warehouse
+
+TEXT = "{{ first_name | default('Здравствуйте') }}, новая коллекция уже в магазине"
+
+
+def label_of(at, campaign_id: int) -> str:
+    return next(o for o in at.selectbox(key="results_pick").options if f"(id {campaign_id}," in o)
+
+
+def messages_shown(at) -> list[str]:
+    return [e.value for e in [*at.success, *at.info]]
+
+
+@pytest.fixture
+def shown_env(built_env):
+    clear_caches()
+    yield built_env
+    clear_caches()
+
+
+@pytest.fixture
+def own_home(built_home, tmp_path, monkeypatch):
+    """A copy of the session's built home: this test plans a campaign and builds."""
+    home = tmp_path / "home"
+    shutil.copytree(built_home, home)
+    monkeypatch.setenv("SMSOPS_HOME", str(home))
+    clear_caches()
+    yield home
+    clear_caches()
+
+
+def test_without_a_build_the_page_says_how_to_make_one(home):
+    clear_caches()
+    at = open_page("results")
+    assert any("has not been built yet" in i.value for i in at.info)
+
+
+def test_the_page_shows_the_funnel_and_verdict_of_the_picked_campaign(shown_env):
+    cid = next(
+        int(c)
+        for c in results.campaigns_with_results()["campaign_id"]
+        if results.verdict(int(c), "ctr") is not None
+    )
+    funnel = results.funnel(cid)
+    at = open_page("results", timeout=120)
+    assert any(warehouse.current().build_id in c.value for c in at.caption)
+    assert any("sandbox" in c.value for c in at.caption)
+    at.selectbox(key="results_pick").set_value(label_of(at, cid)).run()
+    assert not at.exception, at.exception
+    shown = metric_values(at)
+    assert shown["Sent"] == f"{funnel.sent:,}"
+    assert shown["Delivered"] == f"{funnel.delivered:,}"
+    assert shown["Clicked"] == f"{funnel.clicked:,}"
+    assert shown["Converted"] == f"{funnel.converted:,}"
+    assert results.verdict(cid, "ctr").message in messages_shown(at)
+    at.segmented_control(key="results_metric").set_value("conversion").run()
+    assert results.verdict(cid, "conversion").message in messages_shown(at)
+    assert at.get("download_button"), "the CSV export is offered"
+
+
+def test_refresh_builds_in_the_background_once_and_shows_a_campaign_with_nothing_sent(own_home):
+    created = campaigns.create(
+        "Only planned",
+        "promo",
+        segments.ready_made()["champions"],
+        [campaigns.Variant("A", TEXT, config.senders()[0])],
+    )
+    campaigns.plan(created.campaign_id)  # no dispatcher runs here: nothing is sent
+    before = warehouse.current().build_id
+    at = open_page("results", timeout=120)
+    assert not any(f"(id {created.campaign_id}," in o for o in at.selectbox(key="results_pick").options)
+
+    at.button(key="refresh_metrics").click().run()
+    assert not at.exception, at.exception
+    at.button(key="refresh_metrics").click().run()  # a second click while it runs starts nothing
+    assert not at.exception, at.exception
+    assert at.button(key="refresh_metrics").disabled
+
+    deadline = time.monotonic() + 240
+    while (
+        warehouse.current().build_id == before or warehouse.build_running()
+    ) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert warehouse.current().build_id != before, "the refresh published a new build"
+    log = (config.paths().dbt_artifacts / "background-build.log").read_text()
+    assert log.count("building the warehouse") == 1, log
+    assert "already running" not in log
+
+    at.run()
+    assert not at.button(key="refresh_metrics").disabled
+    assert any(warehouse.current().build_id in c.value for c in at.caption)
+    at.selectbox(key="results_pick").set_value(label_of(at, created.campaign_id)).run()
+    assert not at.exception, at.exception
+    assert any("Nothing sent yet for «Only planned»" in i.value for i in at.info)
