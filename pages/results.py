@@ -17,6 +17,51 @@ def fmt_rate(value: float | None) -> str:
     return "—" if value is None else f"{value:.1%}"
 
 
+def percent(label: str) -> st.column_config.NumberColumn:
+    return st.column_config.NumberColumn(label, format="percent")
+
+
+def money(label: str) -> st.column_config.NumberColumn:
+    return st.column_config.NumberColumn(label, format="%.0f")
+
+
+VARIANT_COLUMNS = {
+    "variant": "Variant", "audience": "Audience", "sent": "Sent", "delivered": "Delivered",
+    "clicks": "Clickers", "converted_recipients": "Converted", "conversions": "Orders",
+    "revenue": money("Revenue, ₽"), "cost": money("Cost, ₽"),
+    "replies": "Replies", "opt_outs": "Opt-outs", "complaints": "Complaints",
+    "delivery_rate": percent("Delivery rate"), "delivery_rate_low": percent("Delivery 95% low"),
+    "delivery_rate_high": percent("Delivery 95% high"),
+    "click_through_rate": percent("CTR"), "click_through_rate_low": percent("CTR 95% low"),
+    "click_through_rate_high": percent("CTR 95% high"),
+    "conversion_rate": percent("Conversion rate"), "conversion_rate_low": percent("Conv. 95% low"),
+    "conversion_rate_high": percent("Conv. 95% high"),
+    "opt_out_rate": percent("Opt-out rate"), "opt_out_rate_low": percent("Opt-out 95% low"),
+    "opt_out_rate_high": percent("Opt-out 95% high"),
+    "complaint_rate": percent("Complaint rate"), "complaint_rate_low": percent("Complaint 95% low"),
+    "complaint_rate_high": percent("Complaint 95% high"),
+    "cost_per_conversion": money("Cost per order, ₽"),
+    "roi": st.column_config.NumberColumn("ROI", format="%.2f", help="(revenue − cost) / cost"),
+}  # fmt: skip
+BREAKDOWN_COLUMNS = {
+    "value": "Value", "sent": "Sent", "delivered": "Delivered", "clicks": "Clickers", "conversions": "Orders",
+    "revenue": money("Revenue, ₽"), "cost": money("Cost, ₽"),
+    "click_through_rate": percent("CTR"), "click_through_rate_low": percent("CTR 95% low"),
+    "click_through_rate_high": percent("CTR 95% high"), "conversion_rate": percent("Conversion rate"),
+    "conversion_rate_low": percent("Conv. 95% low"), "conversion_rate_high": percent("Conv. 95% high"),
+}  # fmt: skip
+FAILURE_COLUMNS = {
+    "error_code": "Code", "meaning": st.column_config.TextColumn("What it means", width="large"),
+    "messages": "Messages", "what_to_do": st.column_config.TextColumn("What to do", width="large"),
+    "is_permanent": "Permanent", "rejected": "Rejected", "undelivered": "Undelivered", "failed": "Failed",
+    "provider": "Provider",
+}  # fmt: skip
+REPLY_COLUMNS = {
+    "received_at": st.column_config.DatetimeColumn("Received (UTC)", format="YYYY-MM-DD HH:mm"),
+    "variant": "Variant", "phone": "Phone", "body": "Reply", "keyword": "Keyword", "is_complaint": "Complaint",
+}  # fmt: skip
+
+
 def build_is_running() -> bool:
     """A build holds the lock, or the one this session started has not taken it yet."""
     proc = st.session_state.get("refresh_proc")
@@ -106,15 +151,19 @@ if funnel.sent == 0:
 # --- Funnel ---------------------------------------------------------------------------------
 
 st.subheader("Funnel")
-m = st.columns(6)
+m = st.columns(4)
 m[0].metric("Sent", f"{funnel.sent:,}")
 m[1].metric("Delivered", f"{funnel.delivered:,}", help=f"Delivery rate {fmt_rate(funnel.delivery_rate)}")
 m[2].metric(
     "Clicked", f"{funnel.clicked:,}", help=f"Unique clickers; CTR {fmt_rate(funnel.click_through_rate)}"
 )
 m[3].metric("Converted", f"{funnel.converted:,}", help=f"Conversion rate {fmt_rate(funnel.conversion_rate)}")
-m[4].metric("Revenue attributed", f"{funnel.revenue:,.0f} ₽")
-m[5].metric("Cost", f"{funnel.cost:,.0f} ₽")
+m = st.columns(4)
+m[0].metric("Revenue attributed", f"{funnel.revenue:,.0f} ₽", help=f"{funnel.conversions:,} orders")
+m[1].metric("Cost", f"{funnel.cost:,.0f} ₽")
+per_order = funnel.cost_per_conversion
+m[2].metric("Cost per order", "—" if per_order is None else f"{per_order:,.0f} ₽")
+m[3].metric("CTR", fmt_rate(funnel.click_through_rate), help="Unique clickers / delivered")
 st.altair_chart(charts.funnel_chart(funnel.stages()), width="stretch")
 st.caption(
     "Converted: delivered recipients with an order attributed to this message (clicked or not). "
@@ -145,9 +194,7 @@ else:
     if len(by_variant) > 1:
         rate = "click_through_rate" if metric == "ctr" else "conversion_rate"
         st.altair_chart(charts.variants_chart(by_variant, rate), width="stretch")
-    percent = {c: st.column_config.NumberColumn(format="percent") for c in by_variant if c.endswith("rate")
-               or c.endswith("_low") or c.endswith("_high")}  # fmt: skip
-    st.dataframe(by_variant, hide_index=True, width="stretch", column_config=percent)
+    st.dataframe(by_variant, hide_index=True, width="stretch", column_config=VARIANT_COLUMNS)
 
 # --- Uplift ---------------------------------------------------------------------------------
 
@@ -189,9 +236,7 @@ else:
     else:
         rate = "click_through_rate" if metric == "ctr" else "conversion_rate"
         st.altair_chart(charts.breakdown_chart(parts, results.ATTRIBUTES[attribute], rate), width="stretch")
-        st.dataframe(parts, hide_index=True, width="stretch",
-                     column_config={c: st.column_config.NumberColumn(format="percent")
-                                    for c in parts if "_rate" in c})  # fmt: skip
+        st.dataframe(parts, hide_index=True, width="stretch", column_config=BREAKDOWN_COLUMNS)
 
 # --- Failures -------------------------------------------------------------------------------
 
@@ -204,7 +249,8 @@ else:
     if failed.empty:
         st.caption("Every message sent was delivered.")
     else:
-        st.dataframe(failed, hide_index=True, width="stretch")
+        st.dataframe(failed, hide_index=True, width="stretch", column_order=list(FAILURE_COLUMNS),
+                     column_config=FAILURE_COLUMNS)  # fmt: skip
 
 # --- Opt-outs and replies -------------------------------------------------------------------
 
@@ -222,7 +268,7 @@ else:
     if answers.empty:
         st.caption("No replies.")
     else:
-        st.dataframe(answers, hide_index=True, width="stretch")
+        st.dataframe(answers, hide_index=True, width="stretch", column_config=REPLY_COLUMNS)
 
 # --- Time to click --------------------------------------------------------------------------
 

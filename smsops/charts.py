@@ -92,7 +92,7 @@ def variants_chart(frame: pd.DataFrame, rate: str = "click_through_rate") -> alt
         x=alt.X("low:Q", title=title, axis=alt.Axis(format="%")), x2="high:Q"
     )
     points = base.mark_point(filled=True, size=80).encode(
-        x="rate:Q",
+        x=alt.X("rate:Q", title=title, axis=alt.Axis(format="%")),
         color=alt.Color("variant:N", legend=None),
         tooltip=[
             alt.Tooltip("variant:N", title="Variant"),
@@ -104,6 +104,10 @@ def variants_chart(frame: pd.DataFrame, rate: str = "click_through_rate") -> alt
     return (bars + points).properties(title=f"{title.split(' (')[0]} by variant, with 95% intervals")
 
 
+CLICK_TICKS = (0, 1, 5, 15, 30, 60, 120, 240, 480, 720, 1440, 2880, 4320, 10080)
+"""Minutes marked on the time-to-click axis: a minute, a quarter, an hour … a day … a week."""
+
+
 def time_to_click_chart(frame: pd.DataFrame) -> alt.Chart:
     """The cumulative share of clickers by minutes since sending (``results.time_to_click()``),
     on a log-like time axis: most clicks come in the first hour."""
@@ -111,7 +115,12 @@ def time_to_click_chart(frame: pd.DataFrame) -> alt.Chart:
         alt.Chart(frame, title="Time to first click")
         .mark_line(interpolate="step-after", point=True)
         .encode(
-            x=alt.X("minutes:Q", title="Minutes after sending", scale=alt.Scale(type="symlog")),
+            x=alt.X(
+                "minutes:Q",
+                title="Minutes after sending",
+                scale=alt.Scale(type="symlog"),
+                axis=alt.Axis(values=[t for t in CLICK_TICKS if t <= max(frame["minutes"].max(), 60)]),
+            ),
             y=alt.Y(
                 "cumulative_share:Q",
                 title="Share of clickers (cumulative)",
@@ -142,6 +151,7 @@ def breakdown_chart(frame: pd.DataFrame, attribute_title: str, rate: str = "clic
     data = frame[["value", "delivered", rate, f"{rate}_low", f"{rate}_high"]].rename(
         columns={rate: "rate", f"{rate}_low": "low", f"{rate}_high": "high"}
     )
+    data = data[data["delivered"] > 0]  # no rate without a delivered message
     order = list(data["value"])
     base = alt.Chart(data).encode(
         y=alt.Y("value:N", title=attribute_title, sort=order, axis=alt.Axis(labelLimit=200))
@@ -156,5 +166,7 @@ def breakdown_chart(frame: pd.DataFrame, attribute_title: str, rate: str = "clic
             _percent("high", "95% high"),
         ],
     )
-    errors = base.mark_errorbar(ticks=True).encode(x="low:Q", x2="high:Q")
+    errors = base.mark_errorbar(ticks=True).encode(
+        x=alt.X("low:Q", title=title, axis=alt.Axis(format="%")), x2="high:Q"
+    )
     return (bars + errors).properties(title=f"{title.split(' (')[0]} by {attribute_title.lower()}")

@@ -170,6 +170,11 @@ class Funnel:
     def opt_out_rate(self) -> float | None:
         return _rate(self.opt_outs, self.delivered)
 
+    @property
+    def cost_per_conversion(self) -> float | None:
+        """Cost of the whole send per attributed order."""
+        return _rate(self.cost, self.conversions)
+
     def stages(self) -> pd.DataFrame:
         """The funnel as rows: stage, recipients, share of sent, share of the stage before."""
         names = ("Sent", "Delivered", "Clicked", "Converted")

@@ -9,7 +9,7 @@ import time
 import pytest
 from apptest import clear_caches, metric_values, open_page
 
-from smsops import campaigns, config, results, segments, warehouse
+from smsops import campaigns, config, results, segments, store, warehouse
 
 TEXT = "{{ first_name | default('Здравствуйте') }}, новая коллекция уже в магазине"
 
@@ -44,6 +44,15 @@ def test_without_a_build_the_page_says_how_to_make_one(home):
     clear_caches()
     at = open_page("results")
     assert any("has not been built yet" in i.value for i in at.info)
+
+
+def test_a_build_without_launched_campaigns_says_where_to_launch_one(home):
+    store.open_store(home).close()
+    warehouse.build(home)
+    clear_caches()
+    at = open_page("results")
+    assert any("No launched campaign in this build yet" in i.value for i in at.info)
+    assert not at.get("selectbox")
 
 
 def test_the_page_shows_the_funnel_and_verdict_of_the_picked_campaign(shown_env):
