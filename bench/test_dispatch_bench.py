@@ -85,11 +85,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SANDBOX_PIDS: dict[str, int] = {}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Cpu:
+    """CPU seconds spent by this process (all threads), its reaped children (helper dispatcher
+    processes) and the sandbox, between ``start()`` and ``stop()``."""
+
+    def __init__(self, url: str) -> None:
+        self.pid = SANDBOX_PIDS[url]
+
+    def _now(self) -> tuple[float, float]:
+        own = time.process_time()
+        children = os.times()
+        return own + children.children_user + children.children_system, cpu_seconds(self.pid)
+
+    def start(self) -> None:
+        self.started = self._now()
+
+    def per_message_us(self, n: int) -> dict[str, int]:
+        here, sandbox = self._now()
+        return {
+            "client_cpu_us_per_msg": round((here - self.started[0]) / n * 1e6),
+            "sandbox_cpu_us_per_msg": round((sandbox - self.started[1]) / n * 1e6),
+        }
+
+
 @pytest.fixture(scope="module")
 def sandbox_url() -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-c", SANDBOX, str(port), str(RATE)])
     url = f"http://127.0.0.1:{port}"
+    SANDBOX_PIDS[url] = process.pid
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -212,7 +246,10 @@ def run_dispatcher(home: Path, url: str, processes: int) -> dict:
     )
     arrivals(url)
     time.sleep(1.1)  # a fresh rate window at the sandbox
+    cpu = Cpu(url)
+    cpu.start()
     report = dispatch.run_sync(home, provider, settings, campaign_id=cid)
+    used = cpu.per_message_us(MESSAGES)
     seen = arrivals(url)
     conn = store.open_store(home)
     try:
@@ -228,6 +265,7 @@ def run_dispatcher(home: Path, url: str, processes: int) -> dict:
         "seconds": report.seconds,
         "busiest_second_at_sandbox": max_in_any_window(seen),
         "throttled_by_sandbox": throttled,
+        **used,
     }
 
 
@@ -247,9 +285,14 @@ def test_dispatch_throughput_against_a_sandbox_in_another_process(sandbox_url, t
         assert result.outcome == "accepted", result
 
     time.sleep(1.1)
+    cpu = Cpu(sandbox_url)
+    cpu.start()
     raw = MESSAGES / asyncio.run(_sharded(MESSAGES, raw_post))
+    raw_cpu = cpu.per_message_us(MESSAGES)
     time.sleep(1.1)
+    cpu.start()
     adapter = MESSAGES / asyncio.run(_sharded(MESSAGES, adapter_send))
+    adapter_cpu = cpu.per_message_us(MESSAGES)
     one = run_dispatcher(tmp_path, sandbox_url, processes=1)
     two = run_dispatcher(tmp_path, sandbox_url, processes=2)
     summary = {
@@ -259,7 +302,10 @@ def test_dispatch_throughput_against_a_sandbox_in_another_process(sandbox_url, t
         "clients": CLIENTS,
         "cpu_cores": os.cpu_count(),
         "raw_httpx_per_s": round(raw),
+        "raw_httpx_cpu": raw_cpu,
         "twilio_adapter_per_s": round(adapter),
+        "twilio_adapter_cpu": adapter_cpu,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "dispatcher_1_process": one,
         "dispatcher_2_processes": two,
     }
