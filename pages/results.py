@@ -1,5 +1,6 @@
 """Results: what a launched campaign achieved, from the published warehouse build."""
 
+import functools
 import time
 
 import streamlit as st
@@ -287,8 +288,8 @@ st.subheader("Export")
 full = st.toggle("Full phone numbers in the export", key="export_reveal")
 st.download_button(
     "Per-message results (CSV)",
-    cached(build, "export_csv", campaign_id, full),
-    f"campaign_{campaign_id}_{build}.csv",
+    functools.partial(results.export_csv, campaign_id, full),  # written only when clicked
+    f"campaign_{campaign_id}_results.csv",
     "text/csv",
     key="export_csv",
     icon=":material/download:",
