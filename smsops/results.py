@@ -77,7 +77,9 @@ def missing_columns(needed: dict[str, Iterable[str]], home: Home = None) -> list
     return missing
 
 
-def _require(needed: dict[str, Iterable[str]], section: str, home: Home) -> None:
+def require_columns(needed: dict[str, Iterable[str]], section: str, home: Home = None) -> None:
+    """Raise :class:`MartMissing`, naming what is missing and what to do, unless the published
+    build has every table and column in ``needed``."""
     missing = missing_columns(needed, home)
     if missing:
         snap = warehouse.current(home)
@@ -265,7 +267,7 @@ order by variant
 def variants(campaign_id: int, home: Home = None) -> pd.DataFrame:
     """One row per variant (holdout and the not-yet-sent remainder left out): counts, each rate
     with its 95% interval (``_low``/``_high``), cost per conversion and ROI."""
-    _require({"fct_campaign_performance": VARIANT_COLUMNS}, "Comparing variants", home)
+    require_columns({"fct_campaign_performance": VARIANT_COLUMNS}, "Comparing variants", home)
     return warehouse.query(VARIANTS_SQL, [int(campaign_id), HOLDOUT, REMAINDER], home=home)
 
 
@@ -393,7 +395,7 @@ def _opt(value, cast):
 
 def uplift(campaign_id: int, home: Home = None) -> Uplift | None:
     """Uplift over the holdout, or None when the campaign kept no holdout."""
-    _require({"fct_campaign_uplift": UPLIFT_COLUMNS}, "Uplift over the holdout", home)
+    require_columns({"fct_campaign_uplift": UPLIFT_COLUMNS}, "Uplift over the holdout", home)
     frame = warehouse.query(UPLIFT_SQL, [int(campaign_id)], home=home)
     if frame.empty:
         return None
@@ -429,7 +431,7 @@ def breakdown(campaign_id: int, attribute: str = "country", home: Home = None) -
     largest groups first, with CTR and conversion intervals."""
     if attribute not in ATTRIBUTES:
         raise ValueError(f"attribute must be one of {', '.join(ATTRIBUTES)}; got {attribute!r}")
-    _require(
+    require_columns(
         {"fct_campaign_segment_performance": ("campaign_id", "attribute", *BREAKDOWN_COLUMNS)},
         "The breakdown by segment",
         home,
@@ -506,7 +508,7 @@ order by failed.messages desc, failed.error_code
 def failures(campaign_id: int, home: Home = None) -> pd.DataFrame:
     """Messages that were not delivered, by provider and error code, with what the code means,
     whether it is permanent and what to do; codes the reference table lacks say so."""
-    _require(
+    require_columns(
         {"sms_error_codes": ("provider", "error_code", "meaning", "is_permanent", "what_to_do")},
         "Explaining delivery failures",
         home,
@@ -530,7 +532,7 @@ order by received_at desc, inbound_id desc
 def replies(campaign_id: int, reveal: bool = False, home: Home = None) -> pd.DataFrame:
     """Replies to the campaign, newest first, with the keyword they matched (STOP…) and
     whether they read as a complaint. Phone numbers masked unless ``reveal``."""
-    _require({"fct_replies": ("inbound_id", "campaign_id", *REPLY_COLUMNS)}, "Replies", home)
+    require_columns({"fct_replies": ("inbound_id", "campaign_id", *REPLY_COLUMNS)}, "Replies", home)
     frame = warehouse.query(REPLIES_SQL, [int(campaign_id)], home=home)
     phone = frame.pop("phone_e164")
     frame.insert(2, "phone", phone if reveal else _masked(phone))
@@ -615,7 +617,7 @@ def export_frame(campaign_id: int, reveal: bool = False, home: Home = None) -> p
     optional = {f"fct_messages.{c}" for c in OPTIONAL_EXPORT_COLUMNS}
     missing = missing_columns({"fct_messages": (*EXPORT_COLUMNS, *OPTIONAL_EXPORT_COLUMNS)}, home)
     if set(missing) - optional:
-        _require({"fct_messages": EXPORT_COLUMNS}, "The export", home)
+        require_columns({"fct_messages": EXPORT_COLUMNS}, "The export", home)
     columns = [c for c in (*EXPORT_COLUMNS, *OPTIONAL_EXPORT_COLUMNS) if f"fct_messages.{c}" not in missing]
     frame = warehouse.query(
         f"select {', '.join(columns)} from fct_messages where campaign_id = ? order by message_id",

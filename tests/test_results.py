@@ -298,7 +298,7 @@ def test_a_section_whose_mart_is_missing_says_which_and_what_to_do(built_home):
     with pytest.raises(
         results.MartMissing, match=r"needs fct_no_such_mart, which warehouse build \S+ does not"
     ):
-        results._require({"fct_no_such_mart": ("x",)}, "Testing", built_home)
+        results.require_columns({"fct_no_such_mart": ("x",)}, "Testing", built_home)
 
 
 # --- charts ---------------------------------------------------------------------------------
