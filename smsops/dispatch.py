@@ -82,7 +82,7 @@ import sqlite3
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -964,7 +964,7 @@ def _helper_main(
         )
         return await engine.run()
 
-    link.report.send(asyncio.run(main()))
+    link.report.send(run_loop(main()))
     link.report.close()
 
 
@@ -1530,8 +1530,24 @@ def run_sync(
     settings: DispatchSettings | None = None,
     **kwargs: Any,
 ) -> DispatchReport:
-    """:func:`run` from synchronous code (its own event loop)."""
-    return asyncio.run(run(home, provider, settings, **kwargs))
+    """:func:`run` from synchronous code (its own event loop, uvloop's when installed)."""
+    return run_loop(run(home, provider, settings, **kwargs))
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed, else asyncio's. A send's socket and scheduling
+    work is cheaper on it (see docs/performance.md, "Dispatch"); httpx runs on either."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_loop(main: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run(main)`` on :func:`new_event_loop`."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
 
 
 def lock_path(home: str | os.PathLike[str] | None, provider: str) -> Path:
