@@ -171,12 +171,14 @@ with launch_tab:
                 st.session_state.setdefault("test_sends", {})[cid] = sent
         sent = st.session_state.get("test_sends", {}).get(cid)
         if sent is not None:
+            masked = sent.sample_phone.replace("*", r"\*")  # masked digits, not markdown emphasis
             st.caption(f"{sent.messages} test message(s) personalised with the data of contact "
-                       f"{sent.sample_contact_id} ({sent.sample_phone}).")  # fmt: skip
+                       f"{sent.sample_contact_id} ({masked}).")  # fmt: skip
         tests = campaigns.test_results(cid)
         if len(tests):
-            st.dataframe(tests[["number", "variant", "state", "status", "reason"]], hide_index=True,
-                         key="test_table")  # fmt: skip
+            shown = tests[["number", "variant", "state", "status", "reason"]].fillna("")
+            shown["number"] = shown["number"].str.replace("*", r"\*")  # masked, not markdown emphasis
+            st.table(shown.set_index("number"))
             st.button("Refresh the test's status", key="test_refresh")
 
         try:
