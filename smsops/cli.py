@@ -303,6 +303,59 @@ def _campaign_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _campaign_schedule(args: argparse.Namespace) -> int:
+    """Schedule a draft: the time is read in the team's zone and stored in UTC."""
+    from datetime import datetime
+
+    from smsops import campaigns, config
+
+    zone = config.time_zone()
+    try:
+        moment = datetime.strptime(args.at.strip(), "%Y-%m-%d %H:%M")
+    except ValueError:
+        print(f"smsops campaign schedule: --at {args.at!r}: expected 'YYYY-MM-DD HH:MM'", file=sys.stderr)
+        return 2
+    try:
+        at = campaigns.local_time(moment.date(), moment.time(), zone)
+        scheduled = campaigns.schedule(args.id, at)
+    except (campaigns.CampaignError, campaigns.CampaignNotFound) as exc:
+        print(f"smsops campaign schedule: {exc}", file=sys.stderr)
+        return 2
+    print(f"campaign {scheduled.campaign_id} starts {moment:%Y-%m-%d %H:%M} {zone} ({at:%Y-%m-%d %H:%M} UTC)")
+    return 0
+
+
+def _campaign_start_due(args: argparse.Namespace) -> int:
+    from smsops import campaigns
+
+    started = campaigns.start_due()
+    for cid, result in started.items():
+        if isinstance(result, str):
+            print(f"campaign {cid}: could not start: {result}", file=sys.stderr)
+        else:
+            print(f"campaign {cid}: started, {result.to_send:,} messages planned")
+    if not started:
+        print("no scheduled campaign is due")
+    return 1 if any(isinstance(r, str) for r in started.values()) else 0
+
+
+def _campaign_test_send(args: argparse.Namespace) -> int:
+    from smsops import campaigns, config
+
+    numbers = args.to if args.to is not None else ",".join(config.seed_numbers())
+    try:
+        sent = campaigns.test_send(args.id, numbers)
+    except (campaigns.CampaignError, campaigns.CampaignNotFound, warehouse.WarehouseError) as exc:
+        print(f"smsops campaign test-send: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"test send {sent.test_campaign_id}: {sent.messages} message(s) to {len(sent.numbers)} number(s),"
+        f" personalised for contact {sent.sample_contact_id} ({sent.sample_phone});"
+        " smsops serve sends them"
+    )
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Webhooks, the sandbox and the dispatcher in one process, until Ctrl-C."""
     import asyncio
@@ -468,7 +521,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show the store's row counts and the published warehouse build")
     s.set_defaults(func=_status)
 
-    cp = sub.add_parser("campaign", help="send a launched campaign")
+    cp = sub.add_parser("campaign", help="send, schedule or test-send a campaign")
     cp_sub = cp.add_subparsers(dest="action", required=True)
     cs = cp_sub.add_parser("send", help="send a running campaign's due messages now, with a progress bar")
     cs.add_argument("id", type=int, help="the campaign's id")
@@ -478,6 +531,19 @@ def parser() -> argparse.ArgumentParser:
     cs.add_argument("--provider", help="sandbox, twilio or smsru (default: $SMSOPS_PROVIDER, else sandbox)")
     cs.add_argument("--webhook-url", help="the webhook app receipts go to (default http://127.0.0.1:8600)")
     cs.set_defaults(func=_campaign_send)
+    csc = cp_sub.add_parser(
+        "schedule", help="start a draft campaign by itself at a time (smsops serve starts it)"
+    )
+    csc.add_argument("id", type=int, help="the campaign's id")
+    csc.add_argument("--at", required=True, metavar="'YYYY-MM-DD HH:MM'",
+                     help="when, in $SMSOPS_TIME_ZONE (default Europe/Moscow)")  # fmt: skip
+    csc.set_defaults(func=_campaign_schedule)
+    cdue = cp_sub.add_parser("start-due", help="start the scheduled campaigns whose time has come, now")
+    cdue.set_defaults(func=_campaign_start_due)
+    ct = cp_sub.add_parser("test-send", help="send each variant to the team's own numbers, counted nowhere")
+    ct.add_argument("id", type=int, help="the campaign's id")
+    ct.add_argument("--to", help="seed numbers, comma-separated (default $SMSOPS_SEED_NUMBERS)")
+    ct.set_defaults(func=_campaign_test_send)
 
     sv = sub.add_parser("serve", help="webhooks, the sandbox and the dispatcher in one process")
     sv.add_argument("--host", default="127.0.0.1", help="address of the webhook app (default 127.0.0.1)")

@@ -47,3 +47,34 @@ def test_demo_if_empty_leaves_an_existing_base_alone(home):
 def test_query_before_any_build_fails_with_a_hint(home):
     out = smsops("query", "select 1")
     assert out.returncode == 1 and "smsops build" in out.stderr
+
+
+def test_campaign_schedule_test_send_and_start_due_from_a_terminal(built_home, tmp_path):
+    import os
+    import shutil
+    from datetime import UTC, datetime, timedelta
+
+    from smsops import campaigns, segments
+
+    home = tmp_path / "home"
+    shutil.copytree(built_home, home)
+    env = {**os.environ, "SMSOPS_HOME": str(home), "SMSOPS_TIME_ZONE": "Asia/Vladivostok"}
+    draft = campaigns.create(
+        "CLI promo", "promo", segments.Segment("everyone"),
+        [campaigns.Variant("A", "Скидка 10% до воскресенья", "SHOPMARKET")], home=home,
+    )  # fmt: skip
+    cid = str(draft.campaign_id)
+    past = smsops("campaign", "schedule", cid, "--at", "2020-01-01 10:00", env=env)
+    assert past.returncode == 2 and "has passed" in past.stderr
+    later = datetime.now(UTC) + timedelta(days=1)
+    local = later.astimezone(campaigns.zone_info("Asia/Vladivostok"))
+    ok = smsops("campaign", "schedule", cid, "--at", f"{local:%Y-%m-%d %H:%M}", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert f"{later:%Y-%m-%d %H:%M} UTC" in ok.stdout  # entered in the team's zone, stored in UTC
+    assert campaigns.get(draft.campaign_id, home).status == "scheduled"
+    due = smsops("campaign", "start-due", env=env)
+    assert due.returncode == 0 and "no scheduled campaign is due" in due.stdout
+    bad = smsops("campaign", "test-send", cid, "--to", "12", env=env)
+    assert bad.returncode == 2 and "seed number '12'" in bad.stderr
+    sent = smsops("campaign", "test-send", cid, "--to", "+79990000001", env=env)
+    assert sent.returncode == 0 and "1 message(s) to 1 number(s)" in sent.stdout, sent.stderr
