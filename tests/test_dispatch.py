@@ -215,6 +215,20 @@ def test_sliding_window_never_admits_more_than_the_limit_in_any_second():
     assert 3.0 <= time.monotonic() - started < 4.0  # 22 = 7 + 7 + 7 + 1: three full waits
 
 
+@pytest.mark.parametrize("statement", ["_CLAIM_SQL", "_SUBMITTED_SQL"])
+def test_claim_and_submit_find_their_rows_by_message_id_not_by_scanning_a_state(home, statement):
+    # driven by the state index, each statement visited every row in that state (the whole
+    # campaign) and scanned the batch for each: quadratic, most of the dispatcher's CPU
+    conn = store.open_store(home)
+    params = ("sandbox", "[]") if statement == "_CLAIM_SQL" else ("[]",)
+    plan = " / ".join(
+        r[3] for r in conn.execute("explain query plan " + getattr(dispatch, statement), params)
+    )
+    conn.close()
+    assert "SEARCH messages USING INTEGER PRIMARY KEY" in plan, plan
+    assert "ix_messages_due" not in plan, plan
+
+
 def test_backoff_grows_jitters_and_honours_retry_after():
     import random
 

@@ -256,6 +256,26 @@ def test_wrong_credentials_get_a_twilio_style_401():
     )
 
 
+def test_sends_are_answered_with_twilios_headers_however_the_body_arrives():
+    settings = SandboxSettings(latency=(0.0, 0.0), transient_error_rate=0.0, rate_per_second=1)
+    with run_in_thread(settings) as sandbox:
+        url = f"{sandbox.url}/2010-04-01/Accounts/{settings.account_sid}/Messages.json"
+        auth = (settings.account_sid, settings.auth_token)
+        refused = httpx.post(url, data={"To": "+79123456701", "From": "S", "Body": "hi"})
+        chunks = [b"To=%2B7912345", b"6701&From=S", b"&Body=%D0%BF%D1%80%D0%B8%D0%B2%D0%B5%D1%82"]
+        chunked = httpx.post(url, content=iter(chunks), auth=auth)  # Transfer-Encoding: chunked
+        throttled = httpx.post(url, data={"To": "+79123456702", "From": "S", "Body": "hi"}, auth=auth)
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == 'Basic realm="Twilio API"'
+    assert chunked.status_code == 201 and chunked.headers["content-type"] == "application/json"
+    assert (chunked.json()["to"], chunked.json()["body"]) == ("+79123456701", "привет")
+    assert (throttled.status_code, throttled.json()["code"], throttled.headers["retry-after"]) == (
+        429,
+        20429,
+        "1",
+    )
+
+
 @pytest.mark.parametrize(
     ("form", "code"),
     [
