@@ -85,7 +85,7 @@ if config.provider_name() == "sandbox":
 # --- Which build, and refreshing it --------------------------------------------------------
 
 running = build_is_running()
-info_col, button_col = st.columns([4, 1], vertical_alignment="center")
+info_col, button_col = st.columns([3, 1], vertical_alignment="center")
 info_col.caption(
     f"Figures from warehouse build {snapshot.build_id}, built {snapshot.built_at:%Y-%m-%d %H:%M} UTC "
     f"(in {snapshot.seconds:.0f} s)."
@@ -96,7 +96,6 @@ if button_col.button("Refresh metrics", key="refresh_metrics", icon=":material/r
     else:
         st.session_state["refresh_proc"] = warehouse.build_in_background()
         st.session_state["refresh_started"] = time.monotonic()
-        st.session_state["refresh_from"] = snapshot.build_id
         running = True
 
 
@@ -106,19 +105,23 @@ def refresh_status(shown_build: str) -> None:
     (other pages stay usable). When a new build is published: rerun the page onto it."""
     latest = warehouse.current()
     proc = st.session_state.get("refresh_proc")
+    started = st.session_state.get("refresh_started")
     if build_is_running():
-        started = st.session_state.get("refresh_started", time.monotonic())
-        elapsed = time.monotonic() - started
-        with st.status(f"Refreshing metrics: dbt is building a new snapshot ({elapsed:.0f} s)…"):
-            st.progress(min(elapsed / max(snapshot.seconds, 1.0), 0.95), text="Estimated from the last build")
+        with st.status("Refreshing metrics: dbt is building a new snapshot…"):
+            if started is not None:  # this session started it: show how far along it should be
+                elapsed = time.monotonic() - started
+                st.progress(min(elapsed / max(snapshot.seconds, 1.0), 0.95),
+                            text=f"{elapsed:.0f} s so far; the last build took {snapshot.seconds:.0f} s")  # fmt: skip
             st.write("Other pages stay usable; the figures here switch when the build is published.")
     elif latest is not None and latest.build_id != shown_build:
         st.session_state.pop("refresh_proc", None)
+        st.session_state.pop("refresh_started", None)
         st.rerun(scope="app")
     elif proc is not None and proc.poll() not in (None, 0):
         log = config.paths().dbt_artifacts / "background-build.log"
         st.error(f"The build failed (exit {proc.returncode}); the figures are unchanged. See {log}.")
         st.session_state.pop("refresh_proc", None)
+        st.session_state.pop("refresh_started", None)
 
 
 refresh_status(snapshot.build_id)

@@ -107,6 +107,10 @@ def test_refresh_builds_in_the_background_once_and_shows_a_campaign_with_nothing
     assert "already running" not in log
 
     at.run()
+    idle_by = time.monotonic() + 30  # the build process exits moments after it publishes
+    while at.button(key="refresh_metrics").disabled and time.monotonic() < idle_by:
+        time.sleep(0.5)
+        at.run()
     assert not at.button(key="refresh_metrics").disabled
     assert any(warehouse.current().build_id in c.value for c in at.caption)
     at.selectbox(key="results_pick").set_value(label_of(at, created.campaign_id)).run()
