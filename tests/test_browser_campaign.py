@@ -5,9 +5,11 @@ the winner picked and sent to the rest."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +22,6 @@ import pytest
 from browser import (
     CHROMIUM,
     REPO,
-    _die_with_parent,
     chromium_page,
     free_port,
     streamlit_server,
@@ -48,6 +49,11 @@ def own_home(built_home: Path, tmp_path: Path) -> Path:
     return home
 
 
+def _die_with_the_test() -> None:
+    """Runs in the child: `smsops serve` gets SIGTERM when the test process goes away."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @pytest.fixture
 def served(own_home: Path) -> Iterator[str]:
     """`smsops serve` over ``own_home`` on free loopback ports, with a calm sandbox; the
@@ -64,7 +70,7 @@ def served(own_home: Path) -> Iterator[str]:
     log = open(own_home / "serve.log", "wb")  # noqa: SIM115 — closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "smsops.cli", "serve", "--port", str(port)],
-        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_the_test,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
