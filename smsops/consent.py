@@ -632,7 +632,8 @@ def handle_inbound(
 ) -> InboundResult:
     """Store an inbound message and apply it, in one transaction: STOP opts the number out of
     everything (with the message as proof); START gives back what a STOP took (a marketing
-    opt-in that was given before, service messages). Delivering the same message again writes
+    opt-in that was given before, service messages). Without ``in_reply_to`` the reply is tied
+    to the latest message sent to the number within :data:`REPLY_WINDOW`, if any. Delivering the same message again writes
     nothing and returns the first result with ``duplicate=True``."""
     now = _now()
     provider = _required_text(provider, "provider")
@@ -650,6 +651,8 @@ def handle_inbound(
         (contact_id,) = conn.execute(
             "select min(contact_id) from contacts where phone_e164 = ?", (phone,)
         ).fetchone()
+        if in_reply_to is None:
+            in_reply_to = _replied_message(conn, phone, received)
         inserted = conn.execute(
             _INSERT_INBOUND,
             (
@@ -704,6 +707,25 @@ def handle_inbound(
         duplicate=False,
         reply_text=_reply_text(match, opted_in),
     )
+
+
+REPLY_WINDOW = timedelta(hours=72)
+"""A reply belongs to the latest message sent to its number at most this long before it
+(providers do not say which message an SMS answers); the marts attribute opt-outs the same way."""
+
+
+def _replied_message(conn: sqlite3.Connection, phone: str, received: str) -> int | None:
+    since = (datetime.fromisoformat(received) - REPLY_WINDOW).isoformat(sep=" ")
+    row = conn.execute(
+        """
+        select message_id from messages
+        where phone_e164 = ? and submitted_at is not null and submitted_at <= ? and submitted_at >= ?
+        order by submitted_at desc, message_id desc
+        limit 1
+        """,
+        (phone, received, since),
+    ).fetchone()
+    return None if row is None else row[0]
 
 
 _INSERT_INBOUND = """

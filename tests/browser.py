@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,3 +87,45 @@ def chromium_page() -> Iterator[object]:
 
 def wait_for_script(page, timeout: float = 60_000) -> None:
     page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]", timeout=timeout)
+
+
+@contextmanager
+def smsops_serve(home: Path, port: int | None = None, **env: str) -> Iterator[str]:
+    """`smsops serve` over ``home`` on free loopback ports (the webhook app on ``port`` when
+    given), with a calm sandbox (no simulated outages or late receipts) and no scheduled
+    refresh; yields the webhook app's URL. ``env`` adds to or overrides the server's environment."""
+    port, sandbox_port = port or free_port(), free_port()
+    full_env = {
+        **os.environ,
+        "SMSOPS_HOME": str(home),
+        "SMSOPS_PROVIDER": "sandbox",
+        "SANDBOX_URL": f"http://127.0.0.1:{sandbox_port}",
+        "SMSOPS_SANDBOX_FAULTS": "off",
+        "SMSOPS_REFRESH_MINUTES": "0",
+        **env,
+    }
+    log_path = home / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "smsops.cli", "serve", "--port", str(port)],
+            env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "smsops serve did not answer /healthz"
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()

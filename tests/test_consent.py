@@ -648,6 +648,25 @@ def test_a_stop_reply_opts_the_number_out_of_everything(conn):
     assert event["occurred_at"] == "2025-03-01 12:10:00"
 
 
+def test_a_reply_is_tied_to_the_latest_message_sent_to_the_number_within_the_window(conn):
+    def sent(message_id: int, minutes: int, phone: str = PHONE) -> None:
+        conn.execute(
+            "insert into messages (message_id, idempotency_key, campaign_id, variant, contact_id, phone_e164,"
+            " state, planned_at, submitted_at) values (?, ?, 1, 'A', 1, ?, 'submitted', 'a', ?)",
+            (message_id, f"k{message_id}", phone, at(minutes)),
+        )
+
+    sent(1, -5 * 24 * 60)  # five days before: too old
+    sent(2, -60)
+    sent(3, -30)  # the latest before the reply
+    sent(4, 30)  # after the reply
+    sent(5, -10, phone="+79990000000")  # another number
+    first = reply(conn, "Спасибо, а до какого числа?", pmid="r1", minutes=0)
+    late = reply(conn, "STOP", pmid="r2", minutes=4 * 24 * 60 + 60)  # 4 days after message 4
+    linked = dict(conn.execute("select inbound_id, in_reply_to from inbound_messages").fetchall())
+    assert linked == {first.inbound_id: 3, late.inbound_id: None}
+
+
 def test_a_latin_keyword_gets_the_english_auto_reply(conn):
     assert reply(conn, "STOP", pmid="a").reply_text == consent.STOP_REPLY_EN
     assert reply(conn, "help", pmid="b").reply_text == consent.HELP_REPLY_EN
