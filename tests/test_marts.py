@@ -1,0 +1,471 @@
+"""The campaign marts: attribution, incremental refresh, interval maths, uplift, segments,
+replies and the error-code seed, checked against the raw data and against Python."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+
+from smsops import store, warehouse
+
+Z = 1.959964
+FMT = "%Y-%m-%d %H:%M:%S"
+
+
+def wilson(successes: int, trials: int) -> tuple[float, float] | tuple[None, None]:
+    """The Wilson score interval, written out independently of the macro."""
+    if trials == 0:
+        return None, None
+    p = successes / trials
+    centre = (p + Z * Z / (2 * trials)) / (1 + Z * Z / trials)
+    half = Z / (1 + Z * Z / trials) * math.sqrt(p * (1 - p) / trials + Z * Z / (4 * trials * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def read(home: Path, sql: str) -> pd.DataFrame:
+    return warehouse.query(sql, home=home)
+
+
+def copy_home(source: Path, target: Path, *, with_snapshot: bool) -> Path:
+    """A home of its own with a copy of ``source``'s operational store and, optionally,
+    of its published snapshot (so the next build there is incremental)."""
+    (target / "warehouse").mkdir(parents=True)
+    src, dst = sqlite3.connect(store.store_path(source)), sqlite3.connect(target / "ops.sqlite")
+    src.backup(dst)
+    src.close()
+    dst.close()
+    if with_snapshot:
+        snapshot = warehouse.current(source)
+        copy = target / "warehouse" / snapshot.path.name
+        shutil.copyfile(snapshot.path, copy)
+        (target / "warehouse" / "current.json").write_text(
+            (source / "warehouse" / "current.json").read_text().replace(str(snapshot.path), str(copy))
+        )
+    return target
+
+
+def add_old_delivery(db: Path, now: datetime) -> None:
+    """A promotional message delivered 10 days ago to a contact nothing else happened to for
+    three weeks: older than the refresh's lookback by the time the next build runs."""
+    at = (now - timedelta(days=10)).strftime(FMT)
+    quiet = (now - timedelta(days=21)).strftime(FMT)
+    conn = sqlite3.connect(db)
+    with conn:
+        contact_id, phone = conn.execute(
+            "select contact_id, phone_e164 from contacts where phone_valid = 1 and contact_id not in"
+            " (select contact_id from messages where planned_at >= ?1) and contact_id not in"
+            " (select contact_id from orders where ordered_at >= ?1) order by contact_id limit 1",
+            (quiet,),
+        ).fetchone()
+        campaign_id = conn.execute(
+            "insert into campaigns (name, kind, status, created_at, launched_at, finished_at)"
+            " values ('Old promo', 'promo', 'finished', ?1, ?1, ?1) returning campaign_id",
+            (at,),
+        ).fetchone()[0]
+        message_id = conn.execute(
+            "insert into messages (idempotency_key, campaign_id, variant, contact_id, phone_e164, state,"
+            " planned_at, submitted_at, price, currency, segments, provider, attempts)"
+            " values ('test:old', ?, 'A', ?, ?, 'submitted', ?4, ?4, 4.2, 'RUB', 1, 'sandbox', 1)"
+            " returning message_id",
+            (campaign_id, contact_id, phone, at),
+        ).fetchone()[0]
+        conn.execute(
+            "insert into message_status_events (message_id, provider, status, occurred_at, received_at)"
+            " values (?, 'sandbox', 'delivered', ?2, ?2)",
+            (message_id, at),
+        )
+    conn.close()
+
+
+def add_activity(db: Path, now: datetime) -> dict[str, int]:
+    """What comes back between two builds: receipts, clicks, replies, orders, an opt-out,
+    an outbox row that changes state and a new campaign with a holdout. Returns the ids
+    the assertions look at."""
+    ts = lambda t: t.strftime(FMT)  # noqa: E731
+    conn = sqlite3.connect(db)
+    with conn:
+        q = conn.execute
+        # receipts for messages still waiting for one: half delivered, half undelivered
+        waiting = [r[0] for r in q(
+            "select message_id from messages where state = 'submitted' and message_id not in"
+            " (select message_id from message_status_events where status in ('delivered', 'undelivered', 'failed'))"
+            " order by message_id limit 20"
+        )]  # fmt: skip
+        for i, message_id in enumerate(waiting):
+            status, code = ("delivered", None) if i % 2 == 0 else ("undelivered", "30003")
+            q(
+                "insert into message_status_events (message_id, provider, status, error_code, occurred_at,"
+                " received_at) values (?, 'sandbox', ?, ?, ?, ?)",
+                (message_id, status, code, ts(now - timedelta(minutes=5)), ts(now - timedelta(minutes=4))),
+            )
+        # clicks on delivered promotional messages, each followed by an order an hour later
+        clicked = q(
+            "select m.message_id, m.contact_id from messages m join campaigns c using (campaign_id)"
+            " where c.kind = 'promo' and m.state = 'submitted' and exists (select 1 from"
+            " message_status_events e where e.message_id = m.message_id and e.status = 'delivered')"
+            " and m.idempotency_key <> 'test:old' order by m.message_id desc limit 15"
+        ).fetchall()
+        for n, (message_id, contact_id) in enumerate(clicked):
+            q(
+                "insert into clicks (token, message_id, clicked_at, user_agent) values (?, ?, ?, 'test')",
+                (f"test{n}", message_id, ts(now - timedelta(hours=2))),
+            )
+            q(
+                "insert into orders (external_id, contact_id, ordered_at, amount, currency, category, status)"
+                " values (?, ?, ?, 1234.5, 'RUB', 'test', 'paid')",
+                (f"TEST-CLICK-{n}", contact_id, ts(now - timedelta(hours=1))),
+            )
+        # an order alone (nothing else happened to that contact) two days after a delivery
+        recent = q(
+            "select m.contact_id, max(e.occurred_at) from messages m join campaigns c using (campaign_id)"
+            " join message_status_events e on e.message_id = m.message_id and e.status = 'delivered'"
+            " where c.kind = 'promo' and m.idempotency_key <> 'test:old' group by 1 order by 2 desc limit 10"
+        ).fetchall()
+        for n, (contact_id, delivered_at) in enumerate(recent):
+            at = datetime.strptime(delivered_at, FMT) + timedelta(hours=48)
+            q(
+                "insert into orders (external_id, contact_id, ordered_at, amount, currency, category, status)"
+                " values (?, ?, ?, 777, 'RUB', 'test', 'paid')",
+                (f"TEST-LATE-{n}", contact_id, ts(min(at, now))),
+            )
+        # an order loaded late, 60 h after the old delivery (add_old_delivery): only the order
+        # itself can tell the refresh to look at that message again
+        old = q(
+            "select message_id, contact_id, submitted_at from messages where idempotency_key = 'test:old'"
+        ).fetchone()
+        q(
+            "insert into orders (external_id, contact_id, ordered_at, amount, currency, category, status)"
+            " values ('TEST-LOADED-LATE', ?, ?, 4321, 'RUB', 'test', 'paid')",
+            (old[1], ts(datetime.strptime(old[2], FMT) + timedelta(hours=60))),
+        )
+        # replies: a complaint, a free-text opt-out, a STOP, a neutral answer
+        replied = [r[0] for r in q(
+            "select message_id from messages where state = 'submitted' order by message_id limit 4"
+        )]  # fmt: skip
+        bodies = [("This is spam, who gave you my number?", None), ("не пишите мне больше", None),
+                  ("STOP", "stop"), ("Thanks, see you Saturday", None)]  # fmt: skip
+        for n, (message_id, (body, keyword)) in enumerate(zip(replied, bodies, strict=True)):
+            q(
+                "insert into inbound_messages (provider, provider_message_id, from_e164, body, keyword,"
+                " contact_id, in_reply_to, received_at) select 'sandbox', ?, phone_e164, ?, ?, contact_id,"
+                " message_id, ? from messages where message_id = ?",
+                (f"TEST-IN-{n}", body, keyword, ts(now - timedelta(minutes=30)), message_id),
+            )
+        phone = q("select phone_e164 from messages where message_id = ?", (replied[2],)).fetchone()[0]
+        q(
+            "insert into consent_events (event_key, phone_e164, purpose, action, source, occurred_at, recorded_at)"
+            " values ('test:stop', ?, 'marketing', 'opt_out', 'keyword_reply', ?, ?)",
+            (phone, ts(now - timedelta(minutes=30)), ts(now - timedelta(minutes=29))),
+        )
+        # an outbox row that was planned long ago goes out now and is delivered
+        late = q(
+            "select message_id from messages where state = 'planned' order by message_id limit 1"
+        ).fetchone()
+        if late:
+            q("update messages set state = 'submitted', submitted_at = ?, attempts = 1 where message_id = ?",
+              (ts(now - timedelta(hours=2)), late[0]))  # fmt: skip
+            q(
+                "insert into message_status_events (message_id, provider, status, occurred_at, received_at)"
+                " values (?, 'sandbox', 'delivered', ?, ?)",
+                (late[0], ts(now - timedelta(hours=2)), ts(now - timedelta(hours=2))),
+            )
+        # a new promotional campaign: 30 sent and delivered, 10 held out; orders on both sides
+        campaign_id = q(
+            "insert into campaigns (name, kind, status, created_at, launched_at) values"
+            " ('Refresh test', 'promo', 'running', ?, ?) returning campaign_id",
+            (ts(now - timedelta(hours=6)), ts(now - timedelta(hours=6))),
+        ).fetchone()[0]
+        # recipients nothing else happened to lately, so each order has one touch to go to
+        quiet = ts(now - timedelta(days=10))
+        contacts = [r[0] for r in q(
+            "select contact_id from contacts where contact_id not in (select contact_id from orders where"
+            " ordered_at >= ?1) and contact_id not in (select contact_id from messages where planned_at >= ?1)"
+            " order by contact_id desc limit 40", (quiet,),
+        )]  # fmt: skip
+        assert len(contacts) == 40
+        for n, contact_id in enumerate(contacts):
+            holdout = n >= 30
+            message_id = q(
+                "insert into messages (idempotency_key, campaign_id, variant, contact_id, phone_e164, state,"
+                " planned_at, submitted_at, price, currency, segments, provider) select ?, ?, ?, contact_id,"
+                " phone_e164, ?, ?, ?, ?, 'RUB', ?, ? from contacts where contact_id = ? returning message_id",
+                (f"{campaign_id}:{contact_id}", campaign_id, "holdout" if holdout else "A",
+                 "holdout" if holdout else "submitted", ts(now - timedelta(hours=5)),
+                 None if holdout else ts(now - timedelta(hours=5)), None if holdout else 4.2,
+                 None if holdout else 1, None if holdout else "sandbox", contact_id),
+            ).fetchone()[0]  # fmt: skip
+            if not holdout:
+                q(
+                    "insert into message_status_events (message_id, provider, status, occurred_at, received_at)"
+                    " values (?, 'sandbox', 'delivered', ?, ?)",
+                    (message_id, ts(now - timedelta(hours=5)), ts(now - timedelta(hours=5))),
+                )
+            if n % 3 == 0:
+                q(
+                    "insert into orders (external_id, contact_id, ordered_at, amount, currency, category, status)"
+                    " values (?, ?, ?, 500, 'RUB', 'test', 'paid')",
+                    (f"TEST-NEW-{n}", contact_id, ts(now - timedelta(hours=3))),
+                )
+    conn.close()
+    return {
+        "campaign_id": campaign_id,
+        "loaded_late": old[0],
+        "complaint": replied[0],
+        "opt_out_text": replied[1],
+        "stop": replied[2],
+    }
+
+
+def quiet_message(db: Path, since: datetime) -> int:
+    """A message whose contact and number have had nothing happen since ``since``."""
+    conn = sqlite3.connect(db)
+    cutoff = since.strftime(FMT)
+    row = conn.execute(
+        """
+        select m.message_id from messages m
+        where m.planned_at < ?1
+            and not exists (select 1 from messages o where o.contact_id = m.contact_id
+                and (o.planned_at >= ?1 or o.submitted_at >= ?1 or o.message_id in (
+                    select message_id from message_status_events where received_at >= ?1 or occurred_at >= ?1
+                    union select message_id from clicks where clicked_at >= ?1
+                    union select in_reply_to from inbound_messages where received_at >= ?1)))
+            and not exists (select 1 from orders where contact_id = m.contact_id and ordered_at >= ?1)
+            and not exists (select 1 from consent_events where phone_e164 = m.phone_e164
+                and (occurred_at >= ?1 or recorded_at >= ?1))
+        order by m.message_id limit 1
+        """,
+        (cutoff,),
+    ).fetchone()
+    conn.close()
+    assert row, f"the demo base has no message quiet since {cutoff}"
+    return row[0]
+
+
+@pytest.fixture(scope="module")
+def refreshed(built_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The same store built twice after new activity: incrementally on top of the session's
+    snapshot (a refresh, then a whole build), and from scratch (--full-refresh). A row nothing touched is tampered with in
+    the copied snapshot first: if it survives, the refresh did not recompute everything."""
+    now = datetime.now(UTC).replace(microsecond=0, tzinfo=None)  # the store keeps naive UTC
+    incremental = copy_home(built_home, tmp_path_factory.mktemp("incremental"), with_snapshot=True)
+    add_old_delivery(incremental / "ops.sqlite", now)
+    warehouse.refresh(incremental)  # the campaign-side refresh, on top of the session's snapshot
+    ids = add_activity(incremental / "ops.sqlite", now)
+    untouched = quiet_message(incremental / "ops.sqlite", now - timedelta(days=20))
+    with duckdb.connect(str(warehouse.current(incremental).path)) as conn:
+        conn.execute("update fct_messages set replies = -1 where message_id = ?", [untouched])
+    warehouse.build(incremental)
+    full = copy_home(incremental, tmp_path_factory.mktemp("full"), with_snapshot=False)
+    warehouse.build(full, full_refresh=True)
+    return incremental, full, untouched, ids
+
+
+def frame(home: Path, table: str, key: str) -> pd.DataFrame:
+    return read(home, f"select * from {table} order by {key}").reset_index(drop=True)
+
+
+def test_incremental_refresh_gives_the_same_messages_as_a_full_refresh(refreshed):
+    incremental, full, untouched, _ = refreshed
+    got, want = frame(incremental, "fct_messages", "message_id"), frame(full, "fct_messages", "message_id")
+    tampered = got["message_id"] == untouched
+    assert got.loc[tampered, "replies"].tolist() == [-1], "the refresh recomputed a message nothing touched"
+    pd.testing.assert_frame_equal(got[~tampered].reset_index(drop=True), want[want["message_id"] != untouched]
+                                  .reset_index(drop=True))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ("fct_campaign_performance", "campaign_id, variant"),
+        ("fct_campaign_uplift", "campaign_id"),
+        ("fct_replies", "inbound_id"),
+        ("fct_daily_kpis", "day"),
+    ],
+)
+def test_incremental_refresh_gives_the_same_campaign_marts_as_a_full_refresh(refreshed, table, key):
+    incremental, full, _, _ = refreshed
+    got, want = frame(incremental, table, key), frame(full, table, key)
+    if table == "fct_campaign_performance":  # the tampered row only counts replies
+        got, want = got.drop(columns="replies"), want.drop(columns="replies")
+    pd.testing.assert_frame_equal(got, want)
+
+
+def test_refresh_sees_the_new_campaign_its_holdout_and_their_orders(refreshed):
+    incremental, _, _, ids = refreshed
+    perf = read(
+        incremental, f"select * from fct_campaign_performance where campaign_id = {ids['campaign_id']}"
+    )
+    by_variant = perf.set_index("variant")
+    assert by_variant.loc["A", "delivered"] == 30 and by_variant.loc["holdout", "audience"] == 10
+    # every 3rd recipient ordered 2 h after the send: 10 of the 30 sent, 4 of the 10 held out
+    assert by_variant.loc["A", "converted_recipients"] == 10
+    assert by_variant.loc["holdout", "converted_recipients"] == 4
+    uplift = read(
+        incremental, f"select * from fct_campaign_uplift where campaign_id = {ids['campaign_id']}"
+    ).iloc[0]
+    assert uplift.uplift == pytest.approx(10 / 30 - 4 / 10)
+
+
+def test_a_click_wins_the_order_and_is_named_as_the_touch(refreshed):
+    incremental, _, _, _ = refreshed
+    clicked = read(
+        incremental,
+        "select attributed_touch, revenue from fct_messages where message_id in (select message_id from"
+        " stg_ops__clicks where link_token like 'test%')",
+    )
+    assert len(clicked) == 15
+    assert set(clicked["attributed_touch"]) == {"click"}
+    assert (clicked["revenue"] >= 1234.5).all()
+
+
+def test_an_order_loaded_late_is_attributed_to_an_older_delivery(refreshed):
+    """Nothing but the order itself marks this message for the refresh."""
+    incremental, _, _, ids = refreshed
+    row = read(incremental, f"select * from fct_messages where message_id = {ids['loaded_late']}").iloc[0]
+    assert (row.attributed_touch, row.revenue) == ("delivery", 4321)
+
+
+def test_replies_are_classified_as_complaints_or_not(refreshed):
+    incremental, _, _, ids = refreshed
+    replies = read(
+        incremental, "select message_id, keyword, is_complaint, complaint_kind from fct_replies"
+        " where message_id is not null and inbound_id in (select inbound_id from stg_ops__inbound_messages"
+        " where provider_message_id like 'TEST-IN-%')",
+    ).set_index("message_id")  # fmt: skip
+    assert replies.loc[ids["complaint"], "complaint_kind"] == "abuse"
+    assert replies.loc[ids["opt_out_text"], "complaint_kind"] == "opt_out_text"
+    assert not replies.loc[ids["stop"], "is_complaint"]  # a keyword is an opt-out, not a complaint
+    assert replies["is_complaint"].sum() == 2
+
+
+def test_complaints_in_campaign_performance_match_the_replies(built_home):
+    perf = read(built_home, "select sum(complaints) n from fct_campaign_performance").iloc[0, 0]
+    replies = read(
+        built_home,
+        "select count(distinct message_id) from fct_replies where is_complaint and message_id is not null",
+    ).iloc[0, 0]
+    assert perf == replies
+
+
+def test_rate_intervals_are_wilson_score_intervals(built_home):
+    perf = read(built_home, "select * from fct_campaign_performance")
+    assert len(perf) > 5
+    for row in perf.itertuples():
+        for low, high, successes, trials in [
+            (row.delivery_rate_low, row.delivery_rate_high, row.delivered, row.sent),
+            (row.click_through_rate_low, row.click_through_rate_high, row.clicks, row.delivered),
+            (row.opt_out_rate_low, row.opt_out_rate_high, row.opt_outs, row.delivered),
+            (row.complaint_rate_low, row.complaint_rate_high, row.complaints, row.delivered),
+        ]:
+            want = wilson(min(successes, trials), trials)
+            if trials == 0:
+                assert pd.isna(low) and pd.isna(high)
+            else:
+                assert (low, high) == pytest.approx(want, abs=1e-12)
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    holdout = perf[perf["holdout"] > 0].iloc[0]
+    assert (holdout.conversion_rate_low, holdout.conversion_rate_high) == pytest.approx(
+        wilson(holdout.converted_recipients, holdout.audience)
+    )
+
+
+def test_cost_per_conversion_and_roi(built_home):
+    perf = read(built_home, "select * from fct_campaign_performance")
+    paid = perf[(perf["cost"] > 0) & (perf["conversions"] > 0)]
+    assert not paid.empty
+    assert paid["cost_per_conversion"].tolist() == pytest.approx(
+        (paid["cost"] / paid["conversions"]).tolist()
+    )
+    assert paid["roi"].tolist() == pytest.approx(((paid["revenue"] - paid["cost"]) / paid["cost"]).tolist())
+    assert perf.loc[perf["cost"] == 0, "roi"].isna().all()
+    assert perf.loc[perf["conversions"] == 0, "cost_per_conversion"].isna().all()
+
+
+def test_uplift_is_treatment_minus_holdout_with_a_newcombe_interval(built_home):
+    uplift = read(built_home, "select * from fct_campaign_uplift")
+    perf = read(built_home, "select * from fct_campaign_performance")
+    assert set(uplift["campaign_id"]) == set(perf.loc[perf["holdout"] > 0, "campaign_id"])
+    for row in uplift.itertuples():
+        camp = perf[perf["campaign_id"] == row.campaign_id]
+        treated, held = camp[camp["holdout"] == 0], camp[camp["holdout"] > 0]
+        n1, x1 = int(treated["sent"].sum()), int(treated["converted_recipients"].sum())
+        n2, x2 = int(held["audience"].sum()), int(held["converted_recipients"].sum())
+        assert (row.treatment_recipients, row.treatment_converted, row.holdout_recipients, row.holdout_converted) == (
+            n1, x1, n2, x2)  # fmt: skip
+        p1, p2 = x1 / n1, x2 / n2
+        (l1, u1), (l2, u2) = wilson(x1, n1), wilson(x2, n2)
+        assert row.uplift == pytest.approx(p1 - p2)
+        assert row.uplift_low == pytest.approx(p1 - p2 - math.hypot(p1 - l1, u2 - p2))
+        assert row.uplift_high == pytest.approx(p1 - p2 + math.hypot(u1 - p1, p2 - l2))
+        assert row.uplift_low <= row.uplift <= row.uplift_high
+        assert row.incremental_conversions == pytest.approx((p1 - p2) * n1)
+        revenue1, revenue2 = treated["revenue"].sum(), held["revenue"].sum()
+        assert row.incremental_revenue == pytest.approx(revenue1 - revenue2 / n2 * n1)
+
+
+def test_segment_performance_adds_up_to_the_campaign_for_every_attribute(built_home):
+    segments = read(built_home, "select * from fct_campaign_segment_performance")
+    assert set(segments["attribute"]) == {"country", "rfm_segment", "gender", "age_band", "region"}
+    assert not segments["value"].isna().any()
+    perf = read(
+        built_home,
+        "select campaign_id, sum(sent) sent, sum(delivered) delivered, sum(clicks) clicks,"
+        " sum(converted_recipients) conversions, sum(cost) cost from fct_campaign_performance"
+        " where holdout = 0 group by 1",
+    ).set_index("campaign_id")
+    for attribute, part in segments.groupby("attribute"):
+        totals = part.groupby("campaign_id")[["sent", "delivered", "clicks", "conversions", "cost"]].sum()
+        totals = totals.loc[perf.index]
+        for column in ["sent", "delivered", "clicks", "conversions"]:
+            assert totals[column].tolist() == perf[column].tolist(), (attribute, column)
+        assert totals["cost"].tolist() == pytest.approx(perf["cost"].tolist())
+    rfm = set(segments.loc[segments["attribute"] == "rfm_segment", "value"])
+    assert rfm <= {
+        "champions",
+        "new",
+        "loyal",
+        "at_risk",
+        "hibernating",
+        "needs_attention",
+        "no_orders",
+        "unknown",
+    }
+
+
+def test_replies_mart_has_every_inbound_message(built_home):
+    ops = sqlite3.connect(store.store_path(built_home))
+    raw = ops.execute("select count(*), count(in_reply_to) from inbound_messages").fetchone()
+    ops.close()
+    replies = read(built_home, "select count(*) n, count(campaign_id) linked from fct_replies").iloc[0]
+    assert (replies.n, replies.linked) == raw
+
+
+def test_error_codes_seen_in_messages_are_explained(built_home):
+    codes = read(built_home, "select provider, error_code, meaning, is_permanent from sms_error_codes")
+    assert not codes.duplicated(["provider", "error_code"]).any()
+    twilio = set(codes.loc[codes["provider"] == "twilio", "error_code"])
+    assert {"21211", "21610", "30003", "30007", "20429"} <= twilio
+    assert {"103", "104", "108", "150", "202", "215"} <= set(
+        codes.loc[codes["provider"] == "smsru", "error_code"]
+    )
+    seen = set(
+        read(built_home, "select distinct error_code from fct_messages where error_code is not null")[
+            "error_code"
+        ]
+    )
+    assert seen <= twilio  # the demo's sandbox speaks Twilio's codes
+
+
+def test_refresh_needs_a_published_snapshot(home):
+    store.open_store(home).close()
+    with pytest.raises(warehouse.WarehouseError, match="smsops build"):
+        warehouse.refresh(home)
+    with pytest.raises(ValueError, match="select"):
+        warehouse.build(home, select=[])
