@@ -136,12 +136,19 @@ class StatusWriter:
         self._thread = None
 
     def _run(self) -> None:
-        conn = store.connect(self.path)
+        conn: sqlite3.Connection | None = None
         try:
             while True:
                 first = self._queue.get()
                 if first is None:
                     return
+                if conn is None:
+                    try:
+                        conn = store.connect(self.path)
+                    except Exception as exc:  # answer the request (503), try again with the next
+                        log.exception("could not open the store at %s for status callbacks", self.path)
+                        self._answer([first], [exc])
+                        continue
                 batch = [first]
                 stop = False
                 while len(batch) < self.max_batch:
@@ -157,7 +164,8 @@ class StatusWriter:
                 if stop:
                     return
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def _write_batch(self, conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
         results: list[tuple[int, int] | BaseException] = []
@@ -172,11 +180,16 @@ class StatusWriter:
         except Exception as exc:  # the commit itself failed: nothing of the batch is stored
             log.exception("could not store %d status callbacks", len(batch))
             results = [exc] * len(batch)
+        self._answer(batch, results)
+
+    @staticmethod
+    def _answer(batch: list[tuple[Any, ...]], results: list[Any]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], object]]] = {}
         for (_, future, loop), result in zip(batch, results, strict=True):
             by_loop.setdefault(loop, []).append((future, result))
         for loop, settled in by_loop.items():  # one wake-up of each event loop per batch
-            loop.call_soon_threadsafe(_settle, settled)
+            with contextlib.suppress(RuntimeError):  # that server has stopped: nobody is waiting
+                loop.call_soon_threadsafe(_settle, settled)
 
 
 def _settle(settled: list[tuple[asyncio.Future[Any], object]]) -> None:
