@@ -452,6 +452,17 @@ def _skip_sniffio_probe() -> None:
         sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 
+def _name_the_loop() -> None:
+    """Tell sniffio this task (and the tasks it starts) runs on asyncio. anyio asks sniffio on
+    every socket read and write of every send, and without a name sniffio finds out by calling
+    ``asyncio.current_task()`` each time: ~4% of a send's CPU. Setting the context variable is
+    how sniffio expects a loop to be named; uvloop's is an asyncio loop too."""
+    with contextlib.suppress(ImportError):
+        import sniffio
+
+        sniffio.current_async_library_cvar.set("asyncio")
+
+
 # ---------------------------------------------------------------------------------------
 # The store side: every call runs in the dispatcher's one database thread
 
@@ -1051,6 +1062,7 @@ class _Engine:
             if self.campaign_id is not None:
                 await self.check_campaign()
             _skip_sniffio_probe()
+            _name_the_loop()
             per_client = math.ceil(self.settings.concurrency / self.settings.clients)
             limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
             ssl_context = httpx.create_ssl_context()  # once: each client would load the CA file
