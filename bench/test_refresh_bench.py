@@ -12,6 +12,7 @@ campaign ≤ 10 s.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -144,6 +145,13 @@ def send_a_campaign(home: Path) -> int:
     return campaign.campaign_id
 
 
+def slowest(home: Path, n: int = 12) -> None:
+    """Print the slowest dbt nodes of the last build in ``home``."""
+    results = json.loads((home / "dbt" / "target" / "run_results.json").read_text())["results"]
+    for node in sorted(results, key=lambda r: -r["execution_time"])[:n]:
+        print(f"  {node['execution_time']:6.2f} s  {node['unique_id']}")
+
+
 def test_refresh_after_a_100k_campaign(bench_home: Path) -> None:
     campaign_id = send_a_campaign(bench_home)
     started = time.perf_counter()
@@ -158,6 +166,7 @@ def test_refresh_after_a_100k_campaign(bench_home: Path) -> None:
         home=bench_home,
     )
     print(perf.to_string(index=False))
+    slowest(bench_home)
     assert RECIPIENTS * 0.9 <= int(perf["audience"].sum()) <= RECIPIENTS * 1.05
     assert int(perf["delivered"].sum()) > 0
     assert seconds <= TARGET_SECONDS
@@ -168,3 +177,4 @@ def test_whole_build_after_the_campaign(bench_home: Path) -> None:
     started = time.perf_counter()
     warehouse.build(bench_home)
     print(f"warehouse.build: {time.perf_counter() - started:.1f} s")
+    slowest(bench_home)
