@@ -110,6 +110,7 @@ class StatusWriter:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.commits = 0
+        self.received = 0  # requests handed over, committed or not yet
 
     def _ensure_started(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -124,6 +125,7 @@ class StatusWriter:
         self._ensure_started()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
+        self.received += 1
         self._queue.put((updates, future, loop))
         return await future
 

@@ -162,10 +162,14 @@ def test_receipts_arriving_together_share_a_commit_and_none_is_lost(home, receiv
     url, conn, app = receiver
     sids = add_messages(conn, 20)
     forms = [{"MessageSid": sid, "MessageStatus": s} for sid in sids for s in ("sent", "delivered")]
+    writer = app.state.status_writer
     blocker = holding_the_write_lock(home)
     with ThreadPoolExecutor(len(forms)) as pool:
         answers = [pool.submit(post_signed, url, "/webhooks/sandbox/status", form) for form in forms]
-        time.sleep(1.0)
+        deadline = time.monotonic() + 20
+        while writer.received < len(forms):  # every request is in, none answered
+            assert time.monotonic() < deadline, f"only {writer.received} receipts arrived"
+            time.sleep(0.02)
         assert not any(a.done() for a in answers)
         blocker.rollback()
         assert [a.result(timeout=10).status_code for a in answers] == [200] * len(forms)
