@@ -234,3 +234,19 @@ def test_an_sms_ru_status_callback_is_stored_and_answered_100(home, receiver):
     assert refused.status_code == 403
     assert answer.status_code == 200 and answer.text == "100"
     assert statuses(conn) == [("delivered", None), ("sent", None)]
+
+
+def test_behind_a_proxy_receipts_are_verified_against_the_public_url(home, receiver):
+    _, conn, _ = receiver
+    app = webhooks.create_app(
+        {"sandbox": from_config("sandbox", {})}, home=home, public_url="https://sms.example.ru/"
+    )
+    form = {"MessageSid": SID, "MessageStatus": "delivered"}
+    public = request_signature(SANDBOX_AUTH_TOKEN, "https://sms.example.ru/webhooks/sandbox/status", form)
+    with serve_in_thread(app) as server:
+        local = post_signed(server.url, "/webhooks/sandbox/status", form)  # signed for the local URL
+        outside = httpx.post(
+            server.url + "/webhooks/sandbox/status", data=form, headers={"X-Twilio-Signature": public}
+        )
+    assert (local.status_code, outside.status_code) == (403, 200)
+    assert statuses(conn) == [("delivered", None)]
