@@ -250,3 +250,12 @@ def test_behind_a_proxy_receipts_are_verified_against_the_public_url(home, recei
         )
     assert (local.status_code, outside.status_code) == (403, 200)
     assert statuses(conn) == [("delivered", None)]
+
+
+def test_a_receipt_for_a_provider_that_is_not_configured_gets_404(receiver):
+    url, conn, _ = receiver
+    assert (
+        post_signed(url, "/webhooks/twilio/status", {"MessageSid": SID, "MessageStatus": "sent"}).status_code
+        == 404
+    )
+    assert statuses(conn) == []
