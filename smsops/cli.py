@@ -262,7 +262,7 @@ def _campaign_send(args: argparse.Namespace) -> int:
             return await dispatch.run(None, provider, settings, campaign_id=args.id, stop=stop, progress=bar)
 
         try:
-            report = asyncio.run(send())
+            report = dispatch.run_loop(send())
         except CampaignNotFound as exc:
             print(f"smsops campaign send: {exc}", file=sys.stderr)
             return 2
@@ -358,7 +358,6 @@ def _campaign_test_send(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """Webhooks, the sandbox and the dispatcher in one process, until Ctrl-C."""
-    import asyncio
     import logging
 
     from smsops import dispatch, serve
@@ -384,7 +383,7 @@ def _serve(args: argparse.Namespace) -> int:
             print("smsops serve (Ctrl-C to stop)")
             print("\n".join(serve.describe(services)), flush=True)
 
-        asyncio.run(serve.run(None, settings, ready=ready))
+        dispatch.run_loop(serve.run(None, settings, ready=ready))
     except (ProviderError, dispatch.DispatchError, RuntimeError) as exc:
         print(f"smsops serve: {exc}", file=sys.stderr)
         return 2
