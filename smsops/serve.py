@@ -138,20 +138,30 @@ class Services:
             server.close()
 
 
-def start_sandbox(provider: Provider, inbound_url: str | None) -> ServerThread:
-    """The sandbox at the address ``provider`` points at, with the provider's credentials
-    (``SMSOPS_SANDBOX_FAULTS=off``: no simulated outages or late receipts)."""
+SANDBOX_CLICK_RATE = 0.08
+"""Share of delivered sandbox messages whose simulated recipient follows the link."""
+SANDBOX_REPLY_RATE = 0.004
+"""Share of delivered sandbox messages whose simulated recipient replies STOP."""
+
+
+def start_sandbox(provider: Provider, inbound_url: str | None, link_url: str | None = None) -> ServerThread:
+    """The sandbox at the address ``provider`` points at, with the provider's credentials, and
+    simulated recipients who click (links served at ``link_url``) and sometimes reply STOP.
+    ``SMSOPS_SANDBOX_FAULTS=off``: no simulated outages, late receipts or recipients."""
     parts = urlsplit(getattr(provider, "base_url", ""))
     settings = SandboxSettings(
         account_sid=getattr(provider, "account_sid", SandboxSettings.account_sid),
         auth_token=getattr(provider, "auth_token", SandboxSettings().auth_token),
         inbound_url=inbound_url,
+        link_url=link_url,
+        click_rate=SANDBOX_CLICK_RATE,
+        reply_rate=SANDBOX_REPLY_RATE,
     )
     if os.environ.get("SMSOPS_SANDBOX_FAULTS", "").strip().lower() in ("off", "0", "no"):
-        # a calm sandbox for demos and browser tests: no simulated outages, receipts at once
+        # a calm sandbox for browser tests: no outages, receipts at once, nobody acts by themselves
         settings = replace(
             settings, transient_error_rate=0.0, duplicate_rate=0.0, out_of_order_rate=0.0,
-            receipt_delay=(0.05, 0.2),
+            receipt_delay=(0.05, 0.2), click_rate=0.0, reply_rate=0.0,
         )  # fmt: skip
     return run_in_thread(settings, parts.hostname or "127.0.0.1", parts.port or 80)
 
@@ -178,7 +188,7 @@ def start_services(
             inbound = (
                 f"{services.webhook_url}/webhooks/{provider.name}/inbound" if services.webhook_url else None
             )
-            sandbox = start_sandbox(provider, inbound)
+            sandbox = start_sandbox(provider, inbound, hooks.url if webhooks_app else None)
             services.servers.append(sandbox)
             services.sandbox_url = sandbox.url
         yield services

@@ -7,6 +7,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from urllib.parse import parse_qsl
 
 import httpx
@@ -58,12 +59,18 @@ class Receiver:
         self.updates: list[StatusUpdate] = []
         self.inbound = []
         self.answers: list[int] = []
+        self.clicks: list[tuple[str, str]] = []
         self.app = Starlette(
             routes=[
                 Route("/status", self.status, methods=["POST"]),
                 Route("/inbound", self.reply, methods=["POST"]),
+                Route("/l/{token}", self.click, methods=["GET"]),
             ]
         )
+
+    async def click(self, request: Request) -> Response:
+        self.clicks.append((request.path_params["token"], request.headers.get("user-agent", "")))
+        return Response(status_code=302, headers={"location": "https://shop.example.ru/"})
 
     async def handle(self, request: Request, parse: Callable, store: list) -> Response:
         form = parse_qsl((await request.body()).decode(), keep_blank_values=True)
@@ -215,6 +222,52 @@ def test_an_inbound_stop_reaches_the_webhook_signed(receiver):
     (message,) = receiver.inbound
     assert (message.from_, message.to, message.body) == ("+79123456701", settings.inbound_number, "СТОП")
     assert message.provider_message_id == answer.json()["sid"]
+
+
+def test_simulated_recipients_of_delivered_messages_follow_their_link_and_reply_stop(receiver):
+    receiver, hook = receiver
+    settings = replace(
+        FAST, click_rate=1.0, reply_rate=1.0, engagement_delay=(0.0, 0.0),
+        link_url=hook.url, inbound_url=f"{hook.url}/inbound",
+    )  # fmt: skip
+    with run_in_thread(settings) as sandbox:
+        provider = from_config("sandbox", {"SANDBOX_URL": sandbox.url})
+        callback = f"{hook.url}/status"
+        run(
+            send_all(
+                provider,
+                [
+                    SendRequest(
+                        1, "+79123456701", "SHOPMARKET", "Скидка: https://s.example/l/Ab3dEf9h", callback
+                    ),
+                    SendRequest(2, "+447700900123", "SHOPMARKET", "No link here", callback),
+                    SendRequest(
+                        3, "+79123456799", "SHOPMARKET", "Unreachable https://s.example/l/Zz9Yy8Xx", callback
+                    ),
+                ],
+            )
+        )
+        wait_for(lambda: len(receiver.inbound) >= 2 and receiver.clicks)
+        time.sleep(0.2)  # nothing more comes
+    assert [token for token, _ in receiver.clicks] == ["Ab3dEf9h"]  # only a delivered message's link
+    assert "Mobile" in receiver.clicks[0][1]
+    replies = sorted((m.from_, m.to, m.body) for m in receiver.inbound)
+    assert replies == [("+447700900123", "SHOPMARKET", "STOP"), ("+79123456701", "SHOPMARKET", "СТОП")]
+
+
+def test_recipients_do_nothing_by_default(receiver):
+    receiver, hook = receiver
+    with run_in_thread(replace(FAST, link_url=hook.url, inbound_url=f"{hook.url}/inbound")) as sandbox:
+        provider = from_config("sandbox", {"SANDBOX_URL": sandbox.url})
+        run(
+            send_all(
+                provider,
+                [SendRequest(1, "+79123456701", "S", "https://s.example/l/Ab3dEf9h", f"{hook.url}/status")],
+            )
+        )
+        wait_for(lambda: len(receiver.updates) >= 2)
+        time.sleep(0.2)
+    assert receiver.clicks == [] and receiver.inbound == []
 
 
 def test_inbound_without_a_configured_webhook_says_so():

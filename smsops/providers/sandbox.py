@@ -28,6 +28,11 @@ what it accepted in memory and behaves like a real provider under load:
   the message's ``StatusCallback``, signed with ``X-Twilio-Signature``; with probability
   ``out_of_order_rate`` they are posted in reverse order, with ``duplicate_rate`` the last one
   is posted twice.
+- Recipients (when ``click_rate`` or ``reply_rate`` is set): some time after a message is
+  delivered, with probability ``click_rate`` its recipient follows the first tracked link in
+  it (``…/l/<token>``, fetched from ``link_url`` with a phone's user agent), and with
+  probability ``reply_rate`` replies «СТОП» (or STOP outside Russia) to ``inbound_url``; so the
+  demo's Results page has clicks and opt-outs to show.
 - ``GET …/Messages/{sid}.json`` and ``GET …/Messages.json?To=&From=&PageSize=&Page=``: lookups.
 - ``POST /sandbox/inbound`` (``From``, ``Body``, optional ``To``): posts a signed incoming
   message (a reply such as «СТОП») to ``inbound_url``. No auth: it is a local test helper.
@@ -94,6 +99,10 @@ _FATE = {
     "99": (("sent", None), ("undelivered", "30003")),
 }
 _DELIVERED = (("sent", None), ("delivered", None))
+_TRACKED_LINK = re.compile(r"https?://\S+?/l/([0-9A-Za-z_-]{6,64})(?![0-9A-Za-z_-])")
+_PHONE_BROWSER = (
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Mobile Safari/537.36"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,13 +121,25 @@ class SandboxSettings:
     auth_token: str = field(default=SANDBOX_AUTH_TOKEN, repr=False)
     inbound_url: str | None = None
     inbound_number: str = "+15005550006"
+    click_rate: float = 0.0
+    """Share of delivered messages whose recipient follows the message's tracked link."""
+    reply_rate: float = 0.0
+    """Share of delivered messages whose recipient replies STOP (needs ``inbound_url``)."""
+    engagement_delay: tuple[float, float] = (2.0, 60.0)
+    """Seconds after delivery before a simulated recipient clicks or replies."""
+    link_url: str | None = None
+    """Where the tracked links' ``/l/<token>`` route is served (the webhook app), whatever
+    public address the links carry; None: no clicks."""
 
     def __post_init__(self) -> None:
-        for name in ("transient_error_rate", "ambiguous_error_rate", "duplicate_rate", "out_of_order_rate"):
+        for name in (
+            "transient_error_rate", "ambiguous_error_rate", "duplicate_rate", "out_of_order_rate",
+            "click_rate", "reply_rate",
+        ):  # fmt: skip
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"SandboxSettings.{name} must be between 0 and 1, got {value}")
-        for name in ("latency", "receipt_delay"):
+        for name in ("latency", "receipt_delay", "engagement_delay"):
             low, high = getattr(self, name)
             if not 0.0 <= low <= high:
                 raise ValueError(
@@ -306,6 +327,33 @@ class _Sandbox:
             if code:
                 params["ErrorCode"] = code
             await self.post_signed(message.status_callback, params, message.receipts, status)
+        if any(status == "delivered" for _, status, _ in posts):
+            await self.engage(message)
+
+    async def engage(self, message: _Message) -> None:
+        """The recipient of a delivered message, maybe: follows its link, replies STOP."""
+        settings = self.settings
+        clicks = settings.link_url is not None and self.rng.random() < settings.click_rate
+        stops = settings.inbound_url is not None and self.rng.random() < settings.reply_rate
+        if not (clicks or stops):
+            return
+        await asyncio.sleep(self.uniform(settings.engagement_delay))
+        assert self.client is not None, "the sandbox acts only while its app is running"
+        link = _TRACKED_LINK.search(message.body) if clicks else None
+        if link is not None:
+            try:
+                await self.client.get(
+                    f"{(settings.link_url or '').rstrip('/')}/l/{link.group(1)}",
+                    headers={"User-Agent": _PHONE_BROWSER},
+                )
+            except httpx.HTTPError as exc:
+                log.debug("sandbox recipient could not follow %s: %s", link.group(0), type(exc).__name__)
+        if stops:
+            body = "СТОП" if message.to.startswith("+7") else "STOP"
+            params = self.inbound_params(message.to, message.from_, body)
+            journal: list[dict[str, Any]] = []
+            await self.post_signed(settings.inbound_url or "", params, journal, "received")
+            self.inbound.append({**params, "webhook": journal[-1]})
 
     async def post_signed(
         self, url: str, params: dict[str, str], journal: list[dict[str, Any]], label: str
@@ -413,6 +461,23 @@ class _Sandbox:
             }
         )
 
+    def inbound_params(self, from_: str, to: str, body: str) -> dict[str, str]:
+        """The form Twilio posts for an incoming SMS."""
+        sid = f"SM{self.rng.getrandbits(128):032x}"
+        return {
+            "MessageSid": sid,
+            "SmsMessageSid": sid,
+            "SmsSid": sid,
+            "AccountSid": self.settings.account_sid,
+            "From": from_,
+            "To": to,
+            "Body": body,
+            "NumMedia": "0",
+            "NumSegments": str(encoding.analyze(body).segments) if body else "1",
+            "SmsStatus": "received",
+            "ApiVersion": API_VERSION,
+        }
+
     async def send_inbound(self, request: Request) -> Response:
         if not self.settings.inbound_url:
             return JSONResponse(
@@ -421,20 +486,10 @@ class _Sandbox:
         form = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
         if not form.get("From") or "Body" not in form:
             return JSONResponse({"message": "From and Body are required"}, 400)
-        sid = f"SM{self.rng.getrandbits(128):032x}"
-        params = {
-            "MessageSid": sid,
-            "SmsMessageSid": sid,
-            "SmsSid": sid,
-            "AccountSid": self.settings.account_sid,
-            "From": form["From"],
-            "To": form.get("To") or self.settings.inbound_number,
-            "Body": form["Body"],
-            "NumMedia": "0",
-            "NumSegments": str(encoding.analyze(form["Body"]).segments) if form["Body"] else "1",
-            "SmsStatus": "received",
-            "ApiVersion": API_VERSION,
-        }
+        params = self.inbound_params(
+            form["From"], form.get("To") or self.settings.inbound_number, form["Body"]
+        )
+        sid = params["MessageSid"]
         journal: list[dict[str, Any]] = []
         status = await self.post_signed(self.settings.inbound_url, params, journal, "received")
         self.inbound.append({**params, "webhook": journal[-1]})
