@@ -118,8 +118,8 @@ def send_a_campaign(home: Path) -> int:
         conn.execute(
             f"insert into inbound_messages (provider, provider_message_id, from_e164, body, keyword, contact_id,"
             f" in_reply_to, received_at) select 'sandbox', 'bench-in-' || message_id, phone_e164,"
-            f" case when message_id % 2 = 0 then 'STOP' else 'не пишите мне больше' end,"
-            f" case when message_id % 2 = 0 then 'stop' end, contact_id, message_id, datetime(?1, '+1 hour')"
+            f" case when (message_id / 300) % 2 = 0 then 'STOP' else 'не пишите мне больше' end,"
+            f" case when (message_id / 300) % 2 = 0 then 'stop' end, contact_id, message_id, datetime(?1, '+1 hour')"
             f" from ({sent}) where message_id % 300 = 7",
             (sent_at,),
         )
