@@ -182,6 +182,14 @@ touched_contacts as (
 
     union
 
+    -- an outbox row that moved to another contact leaves the previous one's attribution
+    select previous.contact_id
+    from previous
+    inner join changed_outbox_rows
+        on previous.message_id = changed_outbox_rows.message_id
+
+    union
+
     select orders.contact_id
     from orders
     cross join watermark
