@@ -2,10 +2,16 @@
 
 DuckDB allows one read-write process per file and refuses even read-only opens while a
 writer holds it. So a build never touches the file readers use: it copies the current
-snapshot (keeping incremental models incremental) to a new file, runs dbt on that file
-in a child process, and on success atomically replaces a small pointer
-(``current.json``: build id, path, time). Readers resolve the pointer, open a short
-read-only connection, fetch everything and close. Old snapshots are pruned.
+snapshot (keeping incremental models incremental) to a work file, brings the snapshot's
+copy of the operational store up to date (``dbt_plugin.sync``: only what changed, where
+that is safe), runs dbt on that file in a child process, and on success renames it to a
+new snapshot file and atomically replaces a small pointer (``current.json``: build id,
+path, time). Readers resolve the pointer, open a short read-only connection, fetch
+everything and close. Old snapshots are pruned.
+
+The work file always has the same path (``warehouse/building.duckdb``, one build at a
+time), so dbt's profile does not change between builds and dbt can parse the project
+partially instead of whole (about 2.5 s of every build).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from smsops import dbt_plugin
 from smsops.config import Paths, dbt_project_dir, duckdb_settings, paths
 
 KEEP_SNAPSHOTS = 3
@@ -37,6 +44,22 @@ KEEP_SNAPSHOTS = 3
 # (dim_contacts and its consent and RFM intermediates), the slowest part of a full build on
 # a large base. Their engagement columns catch up at the next full build.
 REFRESH_SELECT = ("+fct_messages+", "+fct_replies")
+
+# The operational tables the models of REFRESH_SELECT read: a refresh loads only these
+# (the others keep what the previous snapshot holds, as the models built from them do).
+# A refresh that ran a model reading another table fails instead of publishing stale marts.
+REFRESH_SOURCES = (
+    "campaigns",
+    "messages",
+    "message_status_events",
+    "clicks",
+    "inbound_messages",
+    "orders",
+    "consent_events",
+)
+
+# The file a build works on before it becomes a snapshot (see the module docstring).
+WORK_FILE = "building.duckdb"
 
 
 class WarehouseError(RuntimeError):
@@ -63,6 +86,8 @@ class Snapshot:
     path: Path
     built_at: datetime
     seconds: float
+    loads: tuple[dbt_plugin.Load, ...] = field(default=(), compare=False)
+    """How the build loaded each operational table (known only to the call that built it)."""
 
 
 def current(home: str | os.PathLike[str] | None = None) -> Snapshot | None:
@@ -114,6 +139,35 @@ def dbt_command(args: Sequence[str], p: Paths, warehouse_path: Path) -> tuple[li
     return argv, env
 
 
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    Path(str(path) + ".wal").unlink(missing_ok=True)
+
+
+def _load_sources(p: Paths, work: Path, tables: Sequence[str], full: bool) -> tuple[dbt_plugin.Load, ...]:
+    """Bring the work file's ``ops`` tables up to date with the operational store."""
+    conn = duckdb.connect(str(work), config=duckdb_settings())
+    try:
+        return tuple(dbt_plugin.sync(conn, p.ops_store, tables, full=full))
+    finally:
+        conn.close()
+
+
+def _unloaded_sources(p: Paths, loaded: Sequence[str]) -> set[str]:
+    """Operational tables that a model of the last dbt run read but the build did not load."""
+    target = p.dbt_artifacts / "target"
+    ran = {r["unique_id"] for r in json.loads((target / "run_results.json").read_text())["results"]}
+    nodes = json.loads((target / "manifest.json").read_text())["nodes"]
+    read = {
+        parent.rsplit(".", 1)[-1]
+        for uid in ran
+        if uid in nodes
+        for parent in nodes[uid].get("depends_on", {}).get("nodes", ())
+        if parent.startswith("source.smsops.ops.")
+    }
+    return read - set(loaded)
+
+
 def build(
     home: str | os.PathLike[str] | None = None,
     *,
@@ -140,11 +194,12 @@ def build(
             raise ValueError("select and full_refresh do not mix: a full refresh rebuilds every model")
     with _build_lock(p, wait):
         previous = current(p.home)
-        # the file name becomes the DuckDB catalog name in compiled SQL: no dashes
         build_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "_" + uuid.uuid4().hex[:6]
         target = p.warehouse_dir / f"wh_{build_id}.duckdb"
+        work = p.warehouse_dir / WORK_FILE
+        _remove(work)  # what a build that died left behind
         if previous is not None and previous.path.exists() and not full_refresh:
-            shutil.copyfile(previous.path, target)
+            shutil.copyfile(previous.path, work)
         elif select is not None:
             raise WarehouseError(
                 "a selective build needs a published snapshot to start from: run `smsops build`"
@@ -154,22 +209,42 @@ def build(
             *(["--full-refresh"] if full_refresh else []),
             *(["--select", *select] if select else []),
         ]
-        argv, env = dbt_command(args, p, target)
+        argv, env = dbt_command(args, p, work)
+        env[dbt_plugin.PRELOADED_ENV] = "1"  # the sources keep the tables loaded here
+        tables = REFRESH_SOURCES if select is not None else dbt_plugin.SOURCES
         started = time.perf_counter()
-        proc = subprocess.run(
-            argv,
-            cwd=dbt_project_dir(),
-            env=env,
-            stdout=None if echo else subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        try:
+            loads = _load_sources(p, work, tables, full_refresh)
+            proc = subprocess.run(
+                argv,
+                cwd=dbt_project_dir(),
+                env=env,
+                stdout=None if echo else subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            if proc.returncode != 0:
+                tail = "\n".join((proc.stdout or "").splitlines()[-40:])
+                raise BuildError(
+                    f"dbt build failed (exit {proc.returncode}); published snapshot unchanged", tail
+                )
+            missing = _unloaded_sources(p, tables)
+            if missing:
+                raise BuildError(
+                    f"dbt read operational tables this build did not load ({', '.join(sorted(missing))}):"
+                    " add them to warehouse.REFRESH_SOURCES (or dbt_plugin.SOURCES); published snapshot unchanged",
+                    "",
+                )
+        except BaseException:
+            _remove(work)
+            raise
+        os.replace(work, target)
+        if Path(str(work) + ".wal").exists():
+            os.replace(str(work) + ".wal", str(target) + ".wal")
         seconds = round(time.perf_counter() - started, 3)
-        if proc.returncode != 0:
-            target.unlink(missing_ok=True)
-            tail = "\n".join((proc.stdout or "").splitlines()[-40:])
-            raise BuildError(f"dbt build failed (exit {proc.returncode}); published snapshot unchanged", tail)
-        snapshot = Snapshot(build_id=build_id, path=target, built_at=datetime.now(UTC), seconds=seconds)
+        snapshot = Snapshot(
+            build_id=build_id, path=target, built_at=datetime.now(UTC), seconds=seconds, loads=loads
+        )
         _publish(p, snapshot)
         _prune(p, keep=snapshot.path)
         return snapshot
@@ -205,8 +280,7 @@ def _prune(p: Paths, keep: Path) -> None:
     files = sorted(p.warehouse_dir.glob("wh_*.duckdb"), key=lambda f: f.stat().st_mtime, reverse=True)
     for old in files[KEEP_SNAPSHOTS:]:
         if old != keep:
-            old.unlink(missing_ok=True)
-            Path(str(old) + ".wal").unlink(missing_ok=True)
+            _remove(old)
 
 
 @contextmanager

@@ -11,9 +11,10 @@ import threading
 import time
 from collections import defaultdict
 
+import duckdb
 import pytest
 
-from smsops import metrics, store, warehouse
+from smsops import dbt_plugin, metrics, store, warehouse
 
 RANK = {"accepted": 1, "queued": 2, "sending": 3, "sent": 4, "delivered": 5, "undelivered": 5, "failed": 5}
 
@@ -143,6 +144,9 @@ def test_query_refuses_to_write(built_env):
 def test_a_failed_build_leaves_the_published_snapshot_in_place(home, monkeypatch, tmp_path):
     store.open_store(home).close()
     first = warehouse.build(home)
+    work = home / "warehouse" / warehouse.WORK_FILE
+    assert first.path.name == f"wh_{first.build_id}.duckdb" and not work.exists()  # renamed on success
+    assert [(load.table, load.how) for load in first.loads] == [(t, "full") for t in dbt_plugin.SOURCES]
     broken = tmp_path / "broken_project"
     subprocess.run(["cp", "-r", str(warehouse.dbt_project_dir()), str(broken)], check=True)
     (broken / "models" / "marts" / "fct_daily_kpis.sql").write_text("select nonsense from nowhere")
@@ -151,6 +155,7 @@ def test_a_failed_build_leaves_the_published_snapshot_in_place(home, monkeypatch
         warehouse.build(home)
     assert "nowhere" in failure.value.log_tail
     assert warehouse.current(home) == first
+    assert not work.exists()
     assert len(list((home / "warehouse").glob("wh_*.duckdb"))) == 1
 
 
@@ -206,3 +211,13 @@ def test_plain_dbt_build_runs_beside_the_app(built_home):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert (built_home / "warehouse" / "dev.duckdb").exists()
     assert warehouse.current(built_home) == published
+    # nothing preloaded: the plugin read every table whole from the live store
+    ops = sqlite3.connect(store.store_path(built_home))
+    with duckdb.connect(str(built_home / "warehouse" / "dev.duckdb"), read_only=True) as dev:
+        for table in dbt_plugin.SOURCES:
+            want = ops.execute(f"select count(*) from {table}").fetchone()[0]
+            assert dev.execute(f"select count(*) from ops.{table}").fetchall() == [(want,)], table
+        assert dev.execute(
+            "select count(*) from information_schema.tables where table_name = '_loads'"
+        ).fetchall() == [(0,)]
+    ops.close()
