@@ -225,8 +225,10 @@ def _sync_table(wh: duckdb.DuckDBPyConnection, cur: Any, table: str, mark: str, 
         reason = "full refresh"
     elif key is None:
         reason = "updated in place, no change marker"
-    elif not loaded or previous is None:
+    elif not loaded:
         reason = "not loaded before"
+    elif not previous:
+        reason = "no record of its last load (an older snapshot)"
     elif previous[0][0] != mark:
         reason = "an erasure since the last load"
     elif loaded != [(f.name, _DUCK_TYPES[f.type]) for f in declared]:

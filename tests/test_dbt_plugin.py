@@ -188,6 +188,16 @@ def test_a_new_column_in_the_store_loads_the_table_whole(wh, db):
     assert_same_as_the_store(wh, db)
 
 
+def test_tables_loaded_without_a_record_load_whole(wh, db):
+    """A snapshot from an older smsops, or a development copy the plugin filled: no marks."""
+    wh.execute("create schema ops")
+    wh.register("orders_then", dbt_plugin.read_table(str(db), "orders"))
+    wh.execute("create table ops.orders as select * from orders_then")
+    loads = {load.table: load for load in dbt_plugin.sync(wh, db, ["orders"])}
+    assert loads["orders"].how == "full" and "no record" in loads["orders"].reason
+    assert how(dbt_plugin.sync(wh, db, ["orders"]))["orders"] == ("append", 0)
+
+
 def test_full_reads_every_table_whole(wh, db):
     dbt_plugin.sync(wh, db)
     assert {load.how for load in dbt_plugin.sync(wh, db, full=True)} == {"full"}
