@@ -30,6 +30,7 @@ Configured in ``profiles.yml``::
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -88,6 +89,11 @@ UNSETTLED_STATES: tuple[str, ...] = ("planned", "sending", "unknown", "rejected"
 
 # Environment variable that tells the dbt project its ``ops`` tables are already loaded.
 PRELOADED_ENV = "SMSOPS_OPS_PRELOADED"
+
+# A lock file that ``smsops build`` holds while it loads the ops tables: it starts dbt at the
+# same time (dbt's start-up takes seconds), and the plugin waits here before dbt opens the
+# warehouse.
+LOAD_GATE_ENV = "SMSOPS_OPS_LOAD_GATE"
 
 # One row per loaded table: the erasure mark of the store when it was loaded.
 LOADS_TABLE = "ops._loads"
@@ -178,7 +184,14 @@ def _store_reader(db_path: str) -> Iterator[Any]:
 
 def _declared(cur: Any, table: str) -> pa.Schema:
     cur.execute(f"select name, lower(type) from pragma_table_info('{table}')")
-    return pa.schema([pa.field(name, store.ARROW_TYPES[kind]) for name, kind in cur.fetchall()])
+    fields = []
+    for name, kind in cur.fetchall():
+        if kind not in store.ARROW_TYPES:
+            raise ValueError(
+                f"{table}.{name} is declared {kind!r}: the warehouse takes {', '.join(store.ARROW_TYPES)} columns"
+            )
+        fields.append(pa.field(name, store.ARROW_TYPES[kind]))
+    return pa.schema(fields)
 
 
 def _read(
@@ -296,6 +309,11 @@ def _load_changes(wh: duckdb.DuckDBPyConnection, cur: Any, table: str, key: str)
 
 class Plugin(BasePlugin):
     def initialize(self, plugin_config: dict[str, Any]) -> None:
+        # dbt-duckdb creates the plugins just before it first opens the warehouse
+        gate = os.environ.get(LOAD_GATE_ENV)
+        if gate:
+            with open(gate, "a+") as fh:
+                fcntl.flock(fh, fcntl.LOCK_SH)  # blocks until smsops build has loaded the tables
         self.db_path = str(paths(plugin_config.get("home")).ops_store)
         conn = store.connect(self.db_path)
         try:

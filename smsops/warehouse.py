@@ -198,9 +198,10 @@ def build(
         target = p.warehouse_dir / f"wh_{build_id}.duckdb"
         work = p.warehouse_dir / WORK_FILE
         _remove(work)  # what a build that died left behind
-        if previous is not None and previous.path.exists() and not full_refresh:
-            shutil.copyfile(previous.path, work)
-        elif select is not None:
+        start_from = (
+            previous.path if previous is not None and previous.path.exists() and not full_refresh else None
+        )
+        if start_from is None and select is not None:
             raise WarehouseError(
                 "a selective build needs a published snapshot to start from: run `smsops build`"
             )
@@ -210,23 +211,44 @@ def build(
             *(["--select", *select] if select else []),
         ]
         argv, env = dbt_command(args, p, work)
+        gate = p.warehouse_dir / (WORK_FILE + ".loading")
         env[dbt_plugin.PRELOADED_ENV] = "1"  # the sources keep the tables loaded here
+        env[dbt_plugin.LOAD_GATE_ENV] = str(gate)
         tables = REFRESH_SOURCES if select is not None else dbt_plugin.SOURCES
         started = time.perf_counter()
         try:
-            loads = _load_sources(p, work, tables, full_refresh)
-            proc = subprocess.run(
-                argv,
-                cwd=dbt_project_dir(),
-                env=env,
-                stdout=None if echo else subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            if proc.returncode != 0:
-                tail = "\n".join((proc.stdout or "").splitlines()[-40:])
+            with open(gate, "a+") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                # dbt starts (seconds of imports and parsing) while the tables load; its
+                # plugin waits for this lock before dbt opens the work file
+                dbt = subprocess.Popen(
+                    argv,
+                    cwd=dbt_project_dir(),
+                    env=env,
+                    stdout=None if echo else subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+                try:
+                    if start_from is not None:
+                        shutil.copyfile(start_from, work)
+                    loads = _load_sources(p, work, tables, full_refresh)
+                except BaseException:
+                    dbt.kill()
+                    dbt.wait()
+                    raise
+                finally:
+                    fcntl.flock(held, fcntl.LOCK_UN)
+            try:
+                output, _ = dbt.communicate()
+            except BaseException:
+                dbt.kill()
+                dbt.wait()
+                raise
+            if dbt.returncode != 0:
+                tail = "\n".join((output or "").splitlines()[-40:])
                 raise BuildError(
-                    f"dbt build failed (exit {proc.returncode}); published snapshot unchanged", tail
+                    f"dbt build failed (exit {dbt.returncode}); published snapshot unchanged", tail
                 )
             missing = _unloaded_sources(p, tables)
             if missing:

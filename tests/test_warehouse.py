@@ -159,6 +159,19 @@ def test_a_failed_build_leaves_the_published_snapshot_in_place(home, monkeypatch
     assert len(list((home / "warehouse").glob("wh_*.duckdb"))) == 1
 
 
+def test_a_build_whose_load_fails_stops_dbt_and_publishes_nothing(home):
+    store.open_store(home).close()
+    first = warehouse.build(home)
+    conn = store.connect(store.store_path(home))
+    conn.execute("alter table clicks add column screenshot blob")
+    conn.close()
+    with pytest.raises(ValueError, match=r"clicks\.screenshot is declared 'blob'"):
+        warehouse.refresh(home)
+    assert warehouse.current(home) == first
+    assert not (home / "warehouse" / warehouse.WORK_FILE).exists()
+    assert len(list((home / "warehouse").glob("wh_*.duckdb"))) == 1
+
+
 def test_readers_keep_answering_while_a_build_runs(built_home, tmp_path):
     """The app's reads (short read-only connections to the published snapshot) go on while
     `smsops build` runs in another process; the build publishes a new snapshot at the end."""
