@@ -173,7 +173,8 @@ def test_refresh_after_a_100k_campaign(bench_home: Path) -> None:
     snapshot = warehouse.refresh(bench_home)
     seconds = time.perf_counter() - started
     print(
-        f"warehouse.refresh (select {' '.join(warehouse.REFRESH_SELECT)}): {seconds:.1f} s (dbt {snapshot.seconds} s)"
+        f"warehouse.refresh (select {' '.join(warehouse.REFRESH_SELECT)}): {seconds:.1f} s"
+        f" (load and dbt {snapshot.seconds} s)"
     )
     perf = warehouse.query(
         "select variant, audience, sent, delivered, clicks, converted_recipients, complaints"

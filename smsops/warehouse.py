@@ -362,7 +362,9 @@ def purge_snapshots(home: str | os.PathLike[str] | None = None) -> list[Path]:
     p = paths(home)
     snapshot = current(home)
     removed = []
-    for path in [*p.warehouse_dir.glob("wh_*.duckdb"), p.warehouse_dir / "dev.duckdb"]:
+    # a build's work file too, unless a build is using it (it is removed when that build ends)
+    work = [] if build_running(home) else [p.warehouse_dir / WORK_FILE]
+    for path in [*p.warehouse_dir.glob("wh_*.duckdb"), p.warehouse_dir / "dev.duckdb", *work]:
         if path.exists() and (snapshot is None or path != snapshot.path):
             path.unlink()
             Path(str(path) + ".wal").unlink(missing_ok=True)
