@@ -163,7 +163,14 @@ def test_a_marketer_tests_launches_and_sees_the_winner_of_an_ab_campaign(own_hom
             return pending == 0 and re.search(r"\b0\b", due.split("\n")[-1]) is not None
 
         until(test_portion_done, page, "follow_refresh", timeout=90, what="the test portion to be sent")
-        assert int(page.locator("[data-testid=stMetric]", has_text="Submitted").inner_text().split()[-1]) > 0
+
+        def submitted_shown() -> int:
+            return int(page.locator("[data-testid=stMetric]", has_text="Submitted").inner_text().split()[-1])
+
+        (submitted,) = query(own_home, "select count(*) from messages where campaign_id = ? and state = 'submitted'",
+                             campaign_id)[0]  # fmt: skip
+        assert submitted > 0
+        until(lambda: submitted_shown() == submitted, page, "follow_refresh", timeout=30, what="the progress")
 
         # readers click B's link, not A's: the verdict names B and the rest gets it
         assert click_links_of_variant(own_home, served, campaign_id, "B") > 0
