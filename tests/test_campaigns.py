@@ -856,6 +856,25 @@ def test_a_test_send_refuses_bad_seed_numbers_naming_them(home: Path, numbers, m
         campaigns.test_send(campaign.campaign_id, numbers, home=home)
 
 
+def test_a_test_send_is_left_out_of_campaign_performance(home: Path) -> None:
+    campaign = create(home)
+    sample = campaigns.test_send(campaign.campaign_id, ["+79990000001"], home=home, now=NOW)
+    conn = store.open_store(home)
+    try:
+        conn.execute("update messages set state = 'submitted', submitted_at = ? where campaign_id = ?",
+                     ("2030-01-01 00:00:00", sample.test_campaign_id))  # fmt: skip
+    finally:
+        conn.close()
+    warehouse.refresh(home)
+    judged = set(
+        warehouse.query("select distinct campaign_id from fct_campaign_performance", home=home)["campaign_id"]
+    )
+    sent = warehouse.query("select campaign_id, sent_at from fct_messages where campaign_id = ?",
+                           [sample.test_campaign_id], home=home)  # fmt: skip
+    assert sample.test_campaign_id not in judged and judged  # the demo's campaigns are still there
+    assert len(sent) == 1 and sent["sent_at"].notna().all()  # the message itself is kept: it was sent
+
+
 def test_test_results_show_each_seed_numbers_delivery(home: Path) -> None:
     campaign = create(home)
     sample = campaigns.test_send(campaign.campaign_id, ["+79990000001"], home=home, now=NOW)

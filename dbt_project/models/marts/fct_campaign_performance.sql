@@ -14,6 +14,8 @@ messages as (
 campaigns as (
 
     select * from {{ ref('stg_ops__campaigns') }}
+    -- test sends to the team's seed numbers are not campaigns anyone judges
+    where test_of_campaign_id is null
 
 ),
 

@@ -18,6 +18,9 @@ renamed as (
         trigger_event,
         test_fraction,
         holdout_fraction,
+        test_of as test_of_campaign_id,
+        test_of is not null as is_test_send,
+        cast(scheduled_at as timestamp) as scheduled_at,
         cast(created_at as timestamp) as created_at,
         cast(launched_at as timestamp) as launched_at,
         cast(finished_at as timestamp) as finished_at
