@@ -94,7 +94,7 @@ if button_col.button("Refresh metrics", key="refresh_metrics", icon=":material/r
     if build_is_running():
         st.info("A build is already running: the figures switch to it when it finishes.")
     else:
-        st.session_state["refresh_proc"] = warehouse.build_in_background()
+        st.session_state["refresh_proc"] = warehouse.build_in_background(refresh=True)
         st.session_state["refresh_started"] = time.monotonic()
         running = True
 

@@ -33,9 +33,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    print("building the warehouse (dbt build) …", flush=True)
+    if args.refresh and args.full_refresh:
+        print("smsops build: --refresh and --full-refresh do not mix", file=sys.stderr)
+        return 2
+    if args.refresh:
+        print("refreshing campaign results (the message-side models) …", flush=True)
+    else:
+        print("building the warehouse (dbt build) …", flush=True)
     try:
-        snap = warehouse.build(full_refresh=args.full_refresh, wait=not args.no_wait, echo=args.verbose)
+        if args.refresh:
+            snap = warehouse.refresh(wait=not args.no_wait, echo=args.verbose)
+        else:
+            snap = warehouse.build(full_refresh=args.full_refresh, wait=not args.no_wait, echo=args.verbose)
     except warehouse.BuildBusy as exc:
         print(f"smsops build: {exc}", file=sys.stderr)
         return 3
@@ -471,6 +480,10 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="run dbt build and publish the warehouse snapshot the app reads")
     b.add_argument("--full-refresh", action="store_true", help="rebuild incremental models from scratch")
+    b.add_argument(
+        "--refresh", action="store_true",
+        help="only the campaign results (message-side models, no data tests): quick, after a send",
+    )  # fmt: skip
     b.add_argument("--no-wait", action="store_true", help="fail instead of waiting when a build is running")
     b.add_argument("-v", "--verbose", action="store_true", help="show dbt's output")
     b.set_defaults(func=_build)

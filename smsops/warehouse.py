@@ -327,14 +327,17 @@ def query(sql: str, params: Sequence[Any] | dict[str, Any] | None = None, home=N
             raise WarehouseError(f"query failed: {exc}") from exc
 
 
-def build_in_background(home: str | os.PathLike[str] | None = None) -> subprocess.Popen:
-    """Start ``smsops build`` as a separate process (a page must not run a build itself)."""
+def build_in_background(
+    home: str | os.PathLike[str] | None = None, *, refresh: bool = False
+) -> subprocess.Popen:
+    """Start ``smsops build`` (``--refresh`` with ``refresh``: :func:`refresh`) as a separate
+    process (a page must not run a build itself)."""
     p = paths(home)
     p.dbt_artifacts.mkdir(parents=True, exist_ok=True)
     log = open(p.dbt_artifacts / "background-build.log", "ab")  # noqa: SIM115 — the child owns it
     env = {**os.environ, "SMSOPS_HOME": str(p.home)}
     return subprocess.Popen(
-        [sys.executable, "-m", "smsops.cli", "build", "--no-wait"],
+        [sys.executable, "-m", "smsops.cli", "build", "--no-wait", *(["--refresh"] if refresh else [])],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

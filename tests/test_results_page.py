@@ -103,7 +103,7 @@ def test_refresh_builds_in_the_background_once_and_shows_a_campaign_with_nothing
         time.sleep(0.5)
     assert warehouse.current().build_id != before, "the refresh published a new build"
     log = (config.paths().dbt_artifacts / "background-build.log").read_text()
-    assert log.count("building the warehouse") == 1, log
+    assert log.count("refreshing campaign results") == 1, log
     assert "already running" not in log
 
     at.run()
