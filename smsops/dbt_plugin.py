@@ -95,7 +95,9 @@ PRELOADED_ENV = "SMSOPS_OPS_PRELOADED"
 # warehouse.
 LOAD_GATE_ENV = "SMSOPS_OPS_LOAD_GATE"
 
-# One row per loaded table: the erasure mark of the store when it was loaded.
+# One row per loaded table: how the last build loaded it, the store's erasure mark then, and
+# for an incremental load the key the new rows lie above (NULL when the table was read whole),
+# so that a model can tell the rows this build brought from the ones it had.
 LOADS_TABLE = "ops._loads"
 
 
@@ -144,6 +146,7 @@ def sync(
         f"create table if not exists {LOADS_TABLE} (table_name varchar primary key,"
         " erasure_mark varchar, how varchar, rows_read bigint, loaded_at timestamp)",
     )
+    _rows(warehouse, f"alter table {LOADS_TABLE} add column if not exists loaded_above bigint")
     with _read_lock, _store_reader(str(db_path)) as cur:
         mark = erasure_mark(cur)
         return [_sync_table(warehouse, cur, table, mark, full) for table in tables]
@@ -246,11 +249,12 @@ def _sync_table(wh: duckdb.DuckDBPyConnection, cur: Any, table: str, mark: str, 
         reason = "an erasure since the last load"
     elif loaded != [(f.name, _DUCK_TYPES[f.type]) for f in declared]:
         reason = "its columns changed"
+    above = None
     if reason is None:
-        rows, reason = _load_changes(wh, cur, table, key)
+        rows, reason, above = _load_changes(wh, cur, table, key)
         how = "merge" if table == "messages" else "append"
     if reason is not None:
-        how, data = "full", _read(cur, table)
+        how, above, data = "full", None, _read(cur, table)
         rows = data.num_rows
         wh.register("ops_load", data)
         try:
@@ -259,15 +263,18 @@ def _sync_table(wh: duckdb.DuckDBPyConnection, cur: Any, table: str, mark: str, 
             wh.unregister("ops_load")
     _rows(
         wh,
-        f"insert or replace into {LOADS_TABLE} values (?, ?, ?, ?, now()::timestamp)",
-        [table, mark, how, rows],
+        f"insert or replace into {LOADS_TABLE} (table_name, erasure_mark, how, rows_read, loaded_at, loaded_above)"
+        " values (?, ?, ?, ?, now()::timestamp, ?)",
+        [table, mark, how, rows, above],
     )
     return Load(table, how, rows, round(time.perf_counter() - started, 3), reason)
 
 
-def _load_changes(wh: duckdb.DuckDBPyConnection, cur: Any, table: str, key: str) -> tuple[int, str | None]:
-    """Read and merge what changed since the last load: ``(rows read, None)``, or
-    ``(0, why)`` when the table must be read whole instead."""
+def _load_changes(
+    wh: duckdb.DuckDBPyConnection, cur: Any, table: str, key: str
+) -> tuple[int, str | None, int | None]:
+    """Read and merge what changed since the last load: ``(rows read, None, the key the new
+    rows lie above)``, or ``(0, why, None)`` when the table must be read whole instead."""
     outbox = table == "messages"
     unsettled = "state in (" + ", ".join(f"'{s}'" for s in UNSETTLED_STATES) + ")"
     [(had, top)] = _rows(wh, f"select count(*), coalesce(max({key}), 0) from ops.{table}")
@@ -276,7 +283,7 @@ def _load_changes(wh: duckdb.DuckDBPyConnection, cur: Any, table: str, key: str)
     cur.execute(f"select count(*) from {table} where {key} > ?", (top,))
     (added,) = cur.fetchone()
     if now != had + added:
-        return 0, f"the store holds {now:,} rows, the warehouse {had:,} and {added:,} are new"
+        return 0, f"the store holds {now:,} rows, the warehouse {had:,} and {added:,} are new", None
     # The last settled row must read the same in both: else this is not the store the
     # snapshot was loaded from (a new demo base, a restored backup).
     settled = f" and not {unsettled}" if outbox else ""
@@ -285,7 +292,7 @@ def _load_changes(wh: duckdb.DuckDBPyConnection, cur: Any, table: str, key: str)
         theirs = _rows(wh, f"select * from ops.{table} where {key} = ?", [last])
         ours = _read(cur, table, f"where {key} = ?", (last,), rows=1).to_pylist()
         if [tuple(row.values()) for row in ours] != theirs:
-            return 0, f"row {key} = {last} differs from the warehouse's copy"
+            return 0, f"row {key} = {last} differs from the warehouse's copy", None
     if outbox:
         ids = [row[0] for row in _rows(wh, f"select {key} from ops.{table} where {unsettled}")]
         delta = _read(
@@ -304,7 +311,7 @@ def _load_changes(wh: duckdb.DuckDBPyConnection, cur: Any, table: str, key: str)
             wh.commit()
         finally:
             wh.unregister("ops_delta")
-    return delta.num_rows, None
+    return delta.num_rows, None, top
 
 
 class Plugin(BasePlugin):

@@ -99,6 +99,20 @@ def test_a_second_load_reads_only_the_rows_added_since(wh, db):
     assert loads["customer_events"] == ("append", 1)
     assert loads["contacts"][0] == "full"  # updated in place with no change marker
     assert_same_as_the_store(wh, db)
+    # what a model needs to tell this load's rows from the earlier ones
+    [(above,)] = wh.execute("select loaded_above from ops._loads where table_name = 'orders'").fetchall()
+    assert [
+        r[0]
+        for r in wh.execute(
+            f"select external_id from ops.orders where order_id > {above} order by order_id"
+        ).fetchall()
+    ] == [
+        "NEW-1",
+        "NEW-2",
+    ]
+    assert wh.execute("select loaded_above from ops._loads where table_name = 'contacts'").fetchall() == [
+        (None,)
+    ]
     assert how(dbt_plugin.sync(wh, db))["orders"] == ("append", 0)
 
 
