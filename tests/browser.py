@@ -41,35 +41,48 @@ def _die_with_parent() -> None:
 
 
 @contextmanager
+def _running(argv: list[str], env: dict[str, str], health: str, timeout: float, log) -> Iterator[None]:
+    """Run ``argv`` (output to ``log``, a file opened for writing bytes) until ``health``
+    answers 200; stop it on exit. It dies with the test process, too."""
+    proc = subprocess.Popen(
+        argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+    )
+    name = " ".join(argv[1:4])
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.flush()
+                raise RuntimeError(f"{name} exited early:\n{Path(log.name).read_text()[-3000:]}")
+            try:
+                if httpx.get(health, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not answer {health}")
+            time.sleep(0.2)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
 def streamlit_server(home: Path, timeout: float = 60) -> Iterator[str]:
     """Start the app on a free loopback port over ``home``; yield its URL; stop it."""
     port = free_port()
     env = {**os.environ, "SMSOPS_HOME": str(home)}
     argv = streamlit_argv("127.0.0.1", port, "--server.fileWatcherType", "none")
-    proc = subprocess.Popen(
-        argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"streamlit exited early:\n{proc.stdout.read().decode()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/_stcore/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("streamlit did not answer /_stcore/health")
-            time.sleep(0.2)
+    with (
+        open(home / f"streamlit-{port}.log", "wb") as log,
+        _running(argv, env, f"{url}/_stcore/health", timeout, log),
+    ):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @contextmanager
@@ -104,28 +117,7 @@ def smsops_serve(home: Path, port: int | None = None, **env: str) -> Iterator[st
         "SMSOPS_REFRESH_MINUTES": "0",
         **env,
     }
-    log_path = home / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "smsops.cli", "serve", "--port", str(port)],
-            env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "smsops serve did not answer /healthz"
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    argv = [sys.executable, "-m", "smsops.cli", "serve", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with open(home / "serve.log", "wb") as log, _running(argv, full_env, f"{url}/healthz", 30, log):
+        yield url
