@@ -134,3 +134,11 @@ def refresh_minutes() -> float:
     if value < 0:
         raise ValueError(f"SMSOPS_REFRESH_MINUTES: expected 0 (off) or more minutes, got {text!r}")
     return value
+
+
+def help_text(language: str) -> str | None:
+    """What a HELP (ПОМОЩЬ) reply gets, e.g. your company, what you send and how to stop:
+    ``$SMSOPS_HELP_TEXT`` (Russian keywords) and ``$SMSOPS_HELP_TEXT_EN`` (Latin ones);
+    None when not set (a generic text is sent)."""
+    text = os.environ.get("SMSOPS_HELP_TEXT_EN" if language == "en" else "SMSOPS_HELP_TEXT", "").strip()
+    return text or None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from smsops import store
+from smsops import config, store
 
 __all__ = [
     "ACTIONS",
@@ -616,6 +616,8 @@ class InboundResult:
 def _reply_text(match: tuple[Keyword, str] | None, opted_in: bool) -> str | None:
     if match is None or (match[0] == "start" and not opted_in):
         return None  # a START that restored nothing claims nothing
+    if match[0] == "help":
+        return config.help_text(match[1]) or _REPLIES[match]
     return _REPLIES[match]
 
 

@@ -673,6 +673,17 @@ def test_a_latin_keyword_gets_the_english_auto_reply(conn):
     assert reply(conn, "Помощь", pmid="c").reply_text == consent.HELP_REPLY
 
 
+def test_help_gets_the_configured_text_in_its_language(conn, monkeypatch):
+    monkeypatch.setenv(
+        "SMSOPS_HELP_TEXT", "ШопМаркет: скидки раз в неделю. Вопросы: 8 800 000-00-00. Отказ: СТОП"
+    )
+    assert reply(conn, "Помощь", pmid="h1").reply_text.startswith("ШопМаркет")
+    assert reply(conn, "HELP", pmid="h2").reply_text == consent.HELP_REPLY_EN  # no English text set
+    monkeypatch.setenv("SMSOPS_HELP_TEXT_EN", "ShopMarket deals weekly. Reply STOP to opt out.")
+    assert reply(conn, "info", pmid="h3").reply_text == "ShopMarket deals weekly. Reply STOP to opt out."
+    assert reply(conn, "STOP", pmid="h4").reply_text == consent.STOP_REPLY_EN  # only HELP changes
+
+
 def test_a_help_reply_changes_no_consent(conn):
     opt(conn, "opt_in")
     result = reply(conn, "HELP")
