@@ -51,10 +51,13 @@ def copy_home(source: Path, target: Path, *, with_snapshot: bool) -> Path:
     return target
 
 
-def add_old_delivery(db: Path, now: datetime) -> None:
-    """A promotional message delivered 10 days ago to a contact nothing else happened to for
-    three weeks: older than the refresh's lookback by the time the next build runs."""
-    at = (now - timedelta(days=10)).strftime(FMT)
+def add_old_delivery(
+    db: Path, now: datetime, *, key: str = "test:old", days: int = 10, receipt: bool = True
+) -> int:
+    """A promotional message sent ``days`` ago (delivered then unless ``receipt`` is false)
+    to a contact nothing else happened to for three weeks: older than the refresh's lookback
+    by the time the next build runs. Returns its message id."""
+    at = (now - timedelta(days=days)).strftime(FMT)
     quiet = (now - timedelta(days=21)).strftime(FMT)
     conn = sqlite3.connect(db)
     with conn:
@@ -72,16 +75,98 @@ def add_old_delivery(db: Path, now: datetime) -> None:
         message_id = conn.execute(
             "insert into messages (idempotency_key, campaign_id, variant, contact_id, phone_e164, state,"
             " planned_at, submitted_at, price, currency, segments, provider, attempts)"
-            " values ('test:old', ?, 'A', ?, ?, 'submitted', ?4, ?4, 4.2, 'RUB', 1, 'sandbox', 1)"
+            " values (?5, ?1, 'A', ?2, ?3, 'submitted', ?4, ?4, 4.2, 'RUB', 1, 'sandbox', 1)"
             " returning message_id",
-            (campaign_id, contact_id, phone, at),
+            (campaign_id, contact_id, phone, at, key),
         ).fetchone()[0]
+        if receipt:
+            conn.execute(
+                "insert into message_status_events (message_id, provider, status, occurred_at, received_at)"
+                " values (?, 'sandbox', 'delivered', ?2, ?2)",
+                (message_id, at),
+            )
+    conn.close()
+    return message_id
+
+
+def add_order(db: Path, external_id: str, message_id: int, hours_after: float) -> None:
+    """A paid order by the recipient of ``message_id``, ``hours_after`` its sending."""
+    conn = sqlite3.connect(db)
+    with conn:
+        contact_id, sent = conn.execute(
+            "select contact_id, submitted_at from messages where message_id = ?", (message_id,)
+        ).fetchone()
+        conn.execute(
+            "insert into orders (external_id, contact_id, ordered_at, amount, currency, category, status)"
+            " values (?, ?, ?, 2500, 'RUB', 'test', 'paid')",
+            (
+                external_id,
+                contact_id,
+                (datetime.strptime(sent, FMT) + timedelta(hours=hours_after)).strftime(FMT),
+            ),
+        )
+    conn.close()
+
+
+def add_late_receipt(db: Path, message_id: int) -> None:
+    """A delivery receipt for ``message_id`` that reaches the store only now, stamped with the
+    moment it happened (a minute after sending) as a provider's backfill is."""
+    conn = sqlite3.connect(db)
+    with conn:
+        sent = conn.execute(
+            "select submitted_at from messages where message_id = ?", (message_id,)
+        ).fetchone()[0]
+        at = (datetime.strptime(sent, FMT) + timedelta(minutes=1)).strftime(FMT)
         conn.execute(
             "insert into message_status_events (message_id, provider, status, occurred_at, received_at)"
             " values (?, 'sandbox', 'delivered', ?2, ?2)",
             (message_id, at),
         )
     conn.close()
+
+
+def max_keys(db: Path) -> dict[str, int]:
+    """The largest key of each table a refresh appends from, and of the outbox."""
+    conn = sqlite3.connect(db)
+    keys = {
+        table: conn.execute(f"select coalesce(max({key}), 0) from {table}").fetchone()[0]
+        for table, key in {**dbt_plugin.APPEND_ONLY, "messages": "message_id"}.items()
+    }
+    conn.close()
+    return keys
+
+
+def settled_recent_message(db: Path, before: dict[str, int], changed: list[int], since: datetime) -> int:
+    """A message with a receipt received after ``since`` (so the timestamp rule would recompute
+    it) that nothing written after ``before`` (the keys from :func:`max_keys`) or ``changed``
+    concerns: not its contact, nor its number."""
+    conn = sqlite3.connect(db)
+    row = conn.execute(
+        f"""
+        select m.message_id from messages m
+        where m.state = 'submitted' and m.message_id <= :msg
+            and exists (select 1 from message_status_events e where e.message_id = m.message_id
+                and e.received_at >= :since)
+            and not exists (select 1 from messages o where o.contact_id = m.contact_id and (
+                o.message_id > :msg or o.message_id in ({", ".join(map(str, changed)) or "null"})
+                or o.message_id in (select message_id from message_status_events where event_id > :mse
+                    union select message_id from clicks where click_id > :clicks
+                    union select in_reply_to from inbound_messages where inbound_id > :inbound)))
+            and not exists (select 1 from orders where contact_id = m.contact_id and order_id > :orders)
+            and not exists (select 1 from consent_events where phone_e164 = m.phone_e164 and event_id > :consent)
+            and not exists (select 1 from messages o where o.phone_e164 = m.phone_e164
+                and o.contact_id <> m.contact_id)
+        order by m.message_id desc limit 1
+        """,
+        {
+            "msg": before["messages"], "mse": before["message_status_events"], "clicks": before["clicks"],
+            "inbound": before["inbound_messages"], "orders": before["orders"],
+            "consent": before["consent_events"], "since": since.strftime(FMT),
+        },
+    ).fetchone()  # fmt: skip
+    conn.close()
+    assert row, f"the demo base has no message with a receipt since {since:{FMT}} that nothing new concerns"
+    return row[0]
 
 
 def add_activity(db: Path, now: datetime) -> dict[str, int]:
@@ -110,7 +195,7 @@ def add_activity(db: Path, now: datetime) -> dict[str, int]:
             "select m.message_id, m.contact_id from messages m join campaigns c using (campaign_id)"
             " where c.kind = 'promo' and m.state = 'submitted' and exists (select 1 from"
             " message_status_events e where e.message_id = m.message_id and e.status = 'delivered')"
-            " and m.idempotency_key <> 'test:old' order by m.message_id desc limit 15"
+            " and m.idempotency_key not like 'test:old%' order by m.message_id desc limit 15"
         ).fetchall()
         for n, (message_id, contact_id) in enumerate(clicked):
             q(
@@ -126,7 +211,7 @@ def add_activity(db: Path, now: datetime) -> dict[str, int]:
         recent = q(
             "select m.contact_id, max(e.occurred_at) from messages m join campaigns c using (campaign_id)"
             " join message_status_events e on e.message_id = m.message_id and e.status = 'delivered'"
-            " where c.kind = 'promo' and m.idempotency_key <> 'test:old' group by 1 order by 2 desc limit 10"
+            " where c.kind = 'promo' and m.idempotency_key not like 'test:old%' group by 1 order by 2 desc limit 10"
         ).fetchall()
         for n, (contact_id, delivered_at) in enumerate(recent):
             at = datetime.strptime(delivered_at, FMT) + timedelta(hours=48)
@@ -307,13 +392,29 @@ def refreshed(built_home: Path, tmp_path_factory: pytest.TempPathFactory):
     incremental = copy_home(built_home, tmp_path_factory.mktemp("incremental"), with_snapshot=True)
     db = incremental / "ops.sqlite"
     add_old_delivery(db, now)
+    # late data, older than the timestamp rule's lookback (216 h) when it arrives: a receipt
+    # for a message sent 14 days ago, whose recipient ordered a day later, and an order 11 days
+    # ago, two days after a delivery 13 days ago
+    late_receipt = add_old_delivery(db, now, key="test:old-receipt", days=14, receipt=False)
+    add_order(db, "TEST-BEFORE-RECEIPT", late_receipt, hours_after=24)
+    late_order = add_old_delivery(db, now, key="test:old-order", days=13)
     first = warehouse.refresh(incremental)  # the campaign-side refresh, on top of the session's snapshot
+    before = max_keys(db)
+    add_late_receipt(db, late_receipt)  # first: add_activity answers the messages still waiting
     ids = add_activity(db, now)
     ids["changed"] = change_outbox(db, now)
+    add_order(db, "TEST-10-DAYS-LATE", late_order, hours_after=48)
+    ids["late_receipt"], ids["late_order"] = late_receipt, late_order
+    # a message the timestamp rule would recompute but nothing this refresh loads concerns:
+    # tampered with, it must come out of the second refresh as it was
+    ids["not_loaded"] = settled_recent_message(db, before, ids["changed"], now - timedelta(days=8))
+    with duckdb.connect(str(warehouse.current(incremental).path)) as conn:
+        conn.execute("update fct_messages set replies = -2 where message_id = ?", [ids["not_loaded"]])
     second = warehouse.refresh(incremental)  # receipts, clicks, replies, orders, opt-outs, changed rows
     store_then = copy_home(incremental, tmp_path_factory.mktemp("store_then"), with_snapshot=False)
     untouched = quiet_message(db, now - timedelta(days=20))
     keep = {untouched, ids["loaded_late"], ids["complaint"], ids["opt_out_text"], ids["stop"]}
+    keep |= {ids["late_receipt"], ids["late_order"], ids["not_loaded"]}
     ids["erased"] = erase_and_delete(db, keep)
     with duckdb.connect(str(warehouse.current(incremental).path)) as conn:
         conn.execute("update fct_messages set replies = -1 where message_id = ?", [untouched])
@@ -429,6 +530,30 @@ def test_an_order_loaded_late_is_attributed_to_an_older_delivery(refreshed):
     incremental, _, _, ids, _ = refreshed
     row = read(incremental, f"select * from fct_messages where message_id = {ids['loaded_late']}").iloc[0]
     assert (row.attributed_touch, row.revenue) == ("delivery", 4321)
+
+
+def test_a_receipt_arriving_two_weeks_late_delivers_and_converts_its_message(refreshed):
+    """The receipt is stamped 14 days back, beyond any lookback: only its load marks it."""
+    incremental, _, _, ids, _ = refreshed
+    row = read(incremental, f"select * from fct_messages where message_id = {ids['late_receipt']}").iloc[0]
+    assert (row.status, row.attributed_touch, row.revenue) == ("delivered", "delivery", 2500)
+
+
+def test_an_order_loaded_ten_days_late_is_attributed_without_a_full_refresh(refreshed):
+    incremental, _, _, ids, _ = refreshed
+    row = read(incremental, f"select * from fct_messages where message_id = {ids['late_order']}").iloc[0]
+    assert (row.attributed_touch, row.revenue) == ("delivery", 2500)
+
+
+def test_a_refresh_recomputes_only_what_its_loads_concern(refreshed):
+    """A recent message nothing new concerns keeps the value tampered into the snapshot the
+    second refresh started from (the timestamp rule would have recomputed it)."""
+    _, _, _, ids, runs = refreshed
+    with duckdb.connect(str(runs["second"].path), read_only=True) as conn:
+        [(replies,)] = conn.execute(
+            "select replies from fct_messages where message_id = ?", [ids["not_loaded"]]
+        ).fetchall()
+    assert replies == -2
 
 
 def test_replies_are_classified_as_complaints_or_not(refreshed):

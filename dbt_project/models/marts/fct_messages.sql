@@ -1,10 +1,9 @@
 -- One row per outbox row: every recipient of every campaign, with the final status of the
 -- message (or why it was not sent), its cost, and what followed it.
 --
--- Incremental: a refresh recomputes only the messages that something recorded since the
--- previous build could have changed (see `changed_messages` below); everything else is
--- kept. The result is the same as a full refresh: tests/test_marts.py builds both and
--- compares them row by row.
+-- Incremental: a refresh recomputes only the messages that what this build loaded could
+-- have changed (see `changed_messages` below); everything else is kept. The result is the
+-- same as a full refresh: tests/test_marts.py builds both and compares them row by row.
 
 {{
     config(
@@ -33,6 +32,36 @@
     {%- set refresh_all = missing | length > 0 -%}
 {%- endif %}
 
+{#-
+    What this build loaded. `smsops build` loads the ops tables before dbt starts
+    (smsops/dbt_plugin.py, `sync`) and records in ops._loads, per table, the key its new rows
+    lie above (`loaded_above`). When every table below was loaded that way, the new facts are
+    exactly the rows above those keys, whatever their timestamps, and only the messages they
+    can change are recomputed. Otherwise (plain `dbt build`, which reads the tables whole; a
+    first load; an erasure, deleted rows or another store, which load a table whole) the
+    refresh falls back to the timestamp rule: everything recorded after the latest activity
+    the previous build saw, less var('incremental_lookback_hours').
+-#}
+{%- set loaded_above = {} -%}
+{%- if not refresh_all and execute and env_var('SMSOPS_OPS_PRELOADED', '') -%}
+    {%- set loads = adapter.get_relation(database=this.database, schema='ops', identifier='_loads') -%}
+    {%- if loads is not none -%}
+        {%- set keyed = ['messages', 'message_status_events', 'clicks', 'inbound_messages', 'orders', 'consent_events'] -%}
+        {%- set recorded = run_query(
+            "select table_name, loaded_above from " ~ loads
+            ~ " where how <> 'full' and loaded_above is not null and table_name in ('"
+            ~ keyed | join("', '") ~ "')"
+        ) -%}
+        {%- for row in recorded.rows -%}
+            {%- do loaded_above.update({row[0]: row[1] | int}) -%}
+        {%- endfor -%}
+        {%- if loaded_above | length != keyed | length -%}
+            {%- set loaded_above = {} -%}
+        {%- endif -%}
+    {%- endif -%}
+{%- endif -%}
+{%- set by_load = loaded_above | length > 0 %}
+
 with
 
 messages as (
@@ -49,18 +78,19 @@ campaigns as (
 
 {% if not refresh_all %}
 
--- What could have changed since the previous build. Everything recorded after
--- `refresh_from` (the latest activity the previous build saw, capped at now, less
--- var('incremental_lookback_hours')) marks the messages it concerns; a new order, click or
--- delivery marks every message of that contact (last touch can move between them), an
--- opt-out every message to that number, and an outbox row that differs from what was
--- built marks itself.
+-- What could have changed since the previous build: the new facts (`new_*` below) mark the
+-- messages they concern. A receipt, click or reply changes its own message; a delivery or a
+-- click is also a touch, and a new order is a conversion to attribute, so either marks every
+-- message of that contact (last touch can move between them); an opt-out marks the messages
+-- to that number; an outbox row that differs from what was built marks itself, every message
+-- of its contact (before and after) and those of a number it shares with an opt-out.
 previous as (
 
     select * from {{ this }}
 
 ),
 
+{% if not by_load %}
 watermark as (
 
     select
@@ -73,6 +103,7 @@ watermark as (
     from previous
 
 ),
+{% endif %}
 
 status_events as (
 
@@ -108,11 +139,14 @@ changed_outbox_rows as (
 
     select messages.message_id
     from messages
+    inner join campaigns
+        on messages.campaign_id = campaigns.campaign_id
     left join previous
         on messages.message_id = previous.message_id
     where previous.message_id is null
         or messages.outbox_state <> previous.outbox_state
         or messages.campaign_id <> previous.campaign_id
+        or campaigns.campaign_kind is distinct from previous.campaign_kind
         or messages.contact_id <> previous.contact_id
         or messages.variant <> previous.variant
         or messages.phone_e164 is distinct from previous.phone_e164
@@ -136,9 +170,13 @@ new_status_events as (
 
     select status_events.message_id
     from status_events
+    {% if by_load %}
+    where status_events.status_event_id > {{ loaded_above['message_status_events'] }}
+    {% else %}
     cross join watermark
     where status_events.received_at >= watermark.refresh_from
         or status_events.occurred_at >= watermark.refresh_from
+    {% endif %}
 
 ),
 
@@ -146,8 +184,12 @@ new_clicks as (
 
     select clicks.message_id
     from clicks
+    {% if by_load %}
+    where clicks.click_id > {{ loaded_above['clicks'] }}
+    {% else %}
     cross join watermark
     where clicks.clicked_at >= watermark.refresh_from
+    {% endif %}
 
 ),
 
@@ -155,12 +197,49 @@ new_replies as (
 
     select inbound.in_reply_to_message_id as message_id
     from inbound
+    {% if by_load %}
+    where inbound.inbound_id > {{ loaded_above['inbound_messages'] }}
+    {% else %}
     cross join watermark
     where inbound.received_at >= watermark.refresh_from
+    {% endif %}
         and inbound.in_reply_to_message_id is not null
 
 ),
 
+new_order_contacts as (
+
+    select orders.contact_id
+    from orders
+    {% if by_load %}
+    where orders.order_id > {{ loaded_above['orders'] }}
+    {% else %}
+    cross join watermark
+    where orders.ordered_at >= watermark.refresh_from
+    {% endif %}
+
+),
+
+new_opt_outs as (
+
+    select
+        consent_events.phone_e164,
+        consent_events.occurred_at
+    from consent_events
+    {% if by_load %}
+    where consent_events.consent_event_id > {{ loaded_above['consent_events'] }}
+    {% else %}
+    cross join watermark
+    where (
+            consent_events.recorded_at >= watermark.refresh_from
+            or consent_events.occurred_at >= watermark.refresh_from
+        )
+    {% endif %}
+        and consent_events.action = 'opt_out'
+
+),
+
+-- messages whose touches (delivery, clicks) or own row changed
 touched_messages as (
 
     select message_id from changed_outbox_rows
@@ -168,8 +247,6 @@ touched_messages as (
     select message_id from new_status_events
     union
     select message_id from new_clicks
-    union
-    select message_id from new_replies
 
 ),
 
@@ -190,29 +267,45 @@ touched_contacts as (
 
     union
 
-    select orders.contact_id
-    from orders
-    cross join watermark
-    where orders.ordered_at >= watermark.refresh_from
+    select contact_id from new_order_contacts
 
 ),
 
-touched_phones as (
+-- a changed outbox row (sent now, or another number) can take an opt-out from, or leave it
+-- to, another message to the same number
+changed_phones as (
 
-    select consent_events.phone_e164
-    from consent_events
-    cross join watermark
-    where consent_events.action = 'opt_out'
-        and (
-            consent_events.recorded_at >= watermark.refresh_from
-            or consent_events.occurred_at >= watermark.refresh_from
-        )
+    select messages.phone_e164
+    from messages
+    inner join changed_outbox_rows
+        on messages.message_id = changed_outbox_rows.message_id
+
+    union
+
+    select previous.phone_e164
+    from previous
+    inner join changed_outbox_rows
+        on previous.message_id = changed_outbox_rows.message_id
+
+),
+
+opted_out_phones as (
+
+    select changed_phones.phone_e164
+    from changed_phones
+    where changed_phones.phone_e164 in (
+        select consent_events.phone_e164 from consent_events where consent_events.action = 'opt_out'
+    )
 
 ),
 
 changed_messages as (
 
     select message_id from touched_messages
+
+    union
+
+    select message_id from new_replies
 
     union
 
@@ -225,8 +318,18 @@ changed_messages as (
 
     select messages.message_id
     from messages
-    inner join touched_phones
-        on messages.phone_e164 = touched_phones.phone_e164
+    inner join opted_out_phones
+        on messages.phone_e164 = opted_out_phones.phone_e164
+
+    union
+
+    -- an opt-out belongs to the latest message sent to that number within the window before it
+    select messages.message_id
+    from messages
+    inner join new_opt_outs
+        on messages.phone_e164 = new_opt_outs.phone_e164
+        and new_opt_outs.occurred_at >= messages.submitted_at
+        and new_opt_outs.occurred_at < {{ dbt.dateadd('hour', var('opt_out_window_hours'), 'messages.submitted_at') }}
 
 ),
 
