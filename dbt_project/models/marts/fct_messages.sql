@@ -160,7 +160,7 @@ changed_outbox_rows as (
         or messages.attempts is distinct from previous.attempts
         or messages.planned_at is distinct from previous.planned_at
         or messages.not_before is distinct from previous.not_before
-        or messages.submitted_at is distinct from previous.sent_at
+        or (case when messages.outbox_state = 'submitted' then messages.submitted_at end) is distinct from previous.sent_at
         or (case when messages.outbox_state = 'submitted' then messages.planned_price else 0 end)
             is distinct from previous.cost
 
