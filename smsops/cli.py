@@ -409,7 +409,7 @@ def _run(args: argparse.Namespace) -> int:
         if rc:
             return rc
     if not args.skip_build or warehouse.current() is None:
-        rc = _build(argparse.Namespace(full_refresh=False, no_wait=False, verbose=False))
+        rc = _build(argparse.Namespace(full_refresh=False, refresh=False, no_wait=False, verbose=False))
         if rc:
             return rc
     if not args.no_serve:

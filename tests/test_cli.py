@@ -78,3 +78,33 @@ def test_campaign_schedule_test_send_and_start_due_from_a_terminal(built_home, t
     assert bad.returncode == 2 and "seed number '12'" in bad.stderr
     sent = smsops("campaign", "test-send", cid, "--to", "+79990000001", env=env)
     assert sent.returncode == 0 and "1 message(s) to 1 number(s)" in sent.stdout, sent.stderr
+
+
+def test_run_sets_up_an_empty_home_and_serves_the_app(tmp_path):
+    """What `make run` does on a fresh clone: demo base, build, app (`smsops serve`, which
+    listens on fixed ports, is left out here)."""
+    import os
+
+    import httpx
+    from browser import _running, free_port
+
+    home, port = tmp_path / "home", free_port()
+    env = {**os.environ, "SMSOPS_HOME": str(home)}
+    argv = [
+        sys.executable,
+        "-m",
+        "smsops.cli",
+        "run",
+        "--port",
+        str(port),
+        "--demo-contacts",
+        "1500",
+        "--no-serve",
+    ]
+    with (
+        open(tmp_path / "run.log", "wb") as log,
+        _running(argv, env, f"http://127.0.0.1:{port}/_stcore/health", 180, log),
+    ):
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+    output = (tmp_path / "run.log").read_text()
+    assert "published build" in output and "smsops is starting on" in output, output[-2000:]
