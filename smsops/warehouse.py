@@ -181,8 +181,8 @@ def build(
 
     One build at a time (a lock file); with ``wait=False`` a concurrent call raises
     BuildBusy instead of queueing. On failure the published snapshot stays as it was.
-    ``select`` (dbt selection syntax, e.g. ``REFRESH_SELECT``) rebuilds only those nodes;
-    the others keep what the previous snapshot holds, so it needs one (and no
+    ``select`` (dbt selection syntax, e.g. ``REFRESH_SELECT``) rebuilds only those nodes, and
+    ``fct_messages`` always (see ``ops._loads``); the others keep what the previous snapshot holds, so it needs one (and no
     ``full_refresh``). ``tests=False`` runs the models only (``dbt run``): contracts are
     still enforced, the data and unit tests wait for the next full build.
     """
@@ -192,6 +192,10 @@ def build(
             raise ValueError(f"select must name at least one dbt node or selector, got {select!r}")
         if full_refresh:
             raise ValueError("select and full_refresh do not mix: a full refresh rebuilds every model")
+        if not any("fct_messages" in item for item in select):
+            # the loads this build makes move ops._loads on, and fct_messages recomputes what
+            # was loaded since its last build: skipping it would lose those rows for good
+            select = (*select, "fct_messages")
     with _build_lock(p, wait):
         previous = current(p.home)
         build_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "_" + uuid.uuid4().hex[:6]

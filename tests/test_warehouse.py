@@ -234,3 +234,29 @@ def test_plain_dbt_build_runs_beside_the_app(built_home):
             "select count(*) from information_schema.tables where table_name = '_loads'"
         ).fetchall() == [(0,)]
     ops.close()
+
+
+def test_a_selective_build_always_brings_fct_messages_along(built_home, tmp_path):
+    """The loads of any build move ops._loads on; a selection without fct_messages would leave
+    the rows it loaded out of the marts for good."""
+    import shutil
+    import sqlite3
+
+    home = tmp_path / "home"
+    shutil.copytree(built_home, home)
+    conn = sqlite3.connect(home / "ops.sqlite")
+    try:
+        (message_id,) = conn.execute(
+            "select min(message_id) from messages where state = 'submitted'"
+            " and message_id not in (select message_id from clicks)"
+        ).fetchone()
+        conn.execute(
+            "insert into clicks (token, message_id, clicked_at, user_agent) values ('selective1', ?, ?, 'test')",
+            (message_id, "2030-01-01 00:00:00"),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    warehouse.build(home, select=["fct_daily_kpis"], tests=False)
+    clicks = warehouse.query("select clicks from fct_messages where message_id = ?", [message_id], home=home)
+    assert clicks["clicks"].tolist() == [1]
