@@ -28,7 +28,7 @@ from smsops import config, templates
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 TOKEN = re.compile(rf"[0-9A-Za-z]{{{config.LINK_TOKEN_LENGTH}}}")
-"""What a token looks like; anything else is refused before the store is asked."""
+"""What the tokens this module mints look like."""
 
 _SPACE = len(ALPHABET) ** config.LINK_TOKEN_LENGTH
 
