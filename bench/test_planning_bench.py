@@ -10,22 +10,20 @@ published snapshot. Target (DESIGN.md): ≥ 100,000 recipients per second.
 
 from __future__ import annotations
 
-import os
 import shutil
-import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import copy_big_home
 
-from smsops import campaigns, segments, warehouse
+from smsops import campaigns, segments
 from smsops.campaigns import Variant
 
 pytestmark = pytest.mark.bench
 
-HOME = os.environ.get("SMSOPS_BENCH_HOME", "/tmp/big")
 TARGET = 100_000
 NOW = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
 TEXT_A = (
@@ -38,21 +36,7 @@ TEXT_B = "{{ first_name | default('клиент') }}, только до воск
 @pytest.fixture(scope="module")
 def bench_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of the big home's operational store (~3 GB), removed afterwards."""
-    snapshot = warehouse.current(HOME)
-    if snapshot is None or not snapshot.path.exists():
-        pytest.skip(
-            f"no built warehouse at {HOME}: run `SMSOPS_HOME={HOME} smsops demo --contacts 1000000`"
-            f" and `SMSOPS_HOME={HOME} smsops build`, or set SMSOPS_BENCH_HOME"
-        )
-    home = tmp_path_factory.mktemp("planning")
-    (home / "warehouse").mkdir()
-    started = time.perf_counter()
-    source, copy = sqlite3.connect(Path(HOME) / "ops.sqlite"), sqlite3.connect(home / "ops.sqlite")
-    source.backup(copy)
-    source.close()
-    copy.close()
-    (home / "warehouse" / "current.json").write_text((Path(HOME) / "warehouse" / "current.json").read_text())
-    print(f"\ncopied the operational store in {time.perf_counter() - started:.1f} s")
+    home = copy_big_home(tmp_path_factory.mktemp("planning"), snapshot=False)
     yield home
     shutil.rmtree(home, ignore_errors=True)
 

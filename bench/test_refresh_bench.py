@@ -17,7 +17,6 @@ partial-parse state lives in the home's ``dbt/`` folder, which is not copied. Bo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import time
@@ -26,13 +25,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import copy_big_home
 
 from smsops import campaigns, segments, warehouse
 from smsops.campaigns import Variant
 
 pytestmark = pytest.mark.bench
 
-HOME = os.environ.get("SMSOPS_BENCH_HOME", "/tmp/big")
 RECIPIENTS = 100_000
 TARGET_SECONDS = 10.0
 NOW = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
@@ -42,24 +41,7 @@ TEXT = "{{ first_name | default('клиент') }}, −20% на всё до во
 @pytest.fixture(scope="module")
 def bench_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of the big home's operational store and published snapshot, removed afterwards."""
-    snapshot = warehouse.current(HOME)
-    if snapshot is None or not snapshot.path.exists():
-        pytest.skip(
-            f"no built warehouse at {HOME}: run `SMSOPS_HOME={HOME} smsops demo --contacts 1000000`"
-            f" and `SMSOPS_HOME={HOME} smsops build`, or set SMSOPS_BENCH_HOME"
-        )
-    home = tmp_path_factory.mktemp("refresh")
-    (home / "warehouse").mkdir()
-    started = time.perf_counter()
-    source, copy = sqlite3.connect(Path(HOME) / "ops.sqlite"), sqlite3.connect(home / "ops.sqlite")
-    source.backup(copy)
-    source.close()
-    copy.close()
-    target = home / "warehouse" / snapshot.path.name
-    shutil.copyfile(snapshot.path, target)
-    pointer = (Path(HOME) / "warehouse" / "current.json").read_text().replace(str(snapshot.path), str(target))
-    (home / "warehouse" / "current.json").write_text(pointer)
-    print(f"\ncopied the operational store and the snapshot in {time.perf_counter() - started:.1f} s")
+    home = copy_big_home(tmp_path_factory.mktemp("refresh"), snapshot=True)
     started = time.perf_counter()
     snapshot = warehouse.refresh(home)
     print(f"a refresh before the campaign: {time.perf_counter() - started:.1f} s")
