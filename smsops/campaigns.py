@@ -1122,7 +1122,14 @@ def _write(
     with adbc.connect(str(db_path), autocommit=True) as conn:
         cur = conn.cursor()
         try:
-            for pragma in ("busy_timeout = 30000", "cache_size = -524288", "synchronous = normal"):
+            # the WAL is copied into the store after the commit, off the launch's path
+            pragmas = (
+                "busy_timeout = 30000",
+                "cache_size = -524288",
+                "synchronous = normal",
+                "wal_autocheckpoint = 0",
+            )
+            for pragma in pragmas:
                 cur.execute(f"pragma {pragma}")
                 cur.fetchall()
             cur.execute("begin immediate")
@@ -1174,6 +1181,7 @@ def _write(
                 raise
         finally:
             cur.close()
+    store.checkpoint_in_background(db_path)
     return written
 
 

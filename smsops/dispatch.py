@@ -471,8 +471,8 @@ def _name_the_loop() -> None:
 # Bulk statements take and return a whole batch as one JSON text: one step of the SQLite
 # engine per batch rather than one per row, and so one hand-over of Python's GIL between the
 # database thread and the event loop instead of hundreds (which cost more than the SQL here).
-# The unary ``+`` on ``state`` keeps SQLite from driving these by the (state, not_before)
-# index: it would visit every row in that state (the whole campaign while it is 'planned',
+# The unary ``+`` on ``state`` keeps SQLite from driving these by an index on state (the
+# partial ``ix_messages_planned`` and ``ix_messages_sending`` now): it would visit every row in that state (the whole campaign while it is 'planned',
 # every claimed row while 'sending') and scan the batch's JSON for each, O(rows x batch) per
 # statement, most of the dispatcher's CPU on a 20,000-message campaign. By message_id it is
 # one primary-key lookup per row of the batch.

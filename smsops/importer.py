@@ -41,7 +41,6 @@ import mmap
 import os
 import re
 import sqlite3
-import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -577,8 +576,7 @@ def run(
         else:
             conn.execute("pragma wal_autocheckpoint = 0")
             conn.execute("commit")
-            checkpoint = threading.Thread(target=_checkpoint, args=(store.store_path(home),))
-            checkpoint.start()
+            checkpoint = store.checkpoint_in_background(store.store_path(home))  # overlaps the rejects file
             sample = _write_rejects(conn, fmt, rejects)
     finally:  # closing the connection discards its temporary tables
         conn.close()
@@ -601,19 +599,6 @@ def run(
         seconds=time.perf_counter() - started,
         sample_rejects=sample,
     )
-
-
-def _checkpoint(path: Path) -> None:
-    """Copy the committed import from the write-ahead log into the store (SQLite would do it in
-    the commit; here it overlaps writing the rejects file)."""
-    try:
-        conn = store.connect(path)
-        try:
-            conn.execute("pragma wal_checkpoint(passive)")
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        pass  # the import is committed; the next writer's checkpoint copies it instead
 
 
 def _stamp(when: datetime) -> str:

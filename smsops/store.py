@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,15 @@ import pyarrow as pa
 
 from smsops.config import paths
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the first schema. 2: the outbox's provider id is unique through a partial index (rows not
+yet submitted have no id and stay out of it) and its due index holds planned rows only: both
+are written for every row a launch plans. :func:`create_schema` upgrades a version-1 store."""
+
+PAGE_SIZE = 16384
+"""Bytes per page of a new store. A launch writes a million outbox rows and their index entries
+in one transaction; with 16 KiB pages it dirties and commits fewer, shallower pages than with
+SQLite's default 4 KiB (docs/performance.md, "Planning"). An existing store keeps its size."""
 
 # How each declared column type travels as Arrow (bulk writes, and reads into the warehouse).
 ARROW_TYPES = {"integer": pa.int64(), "real": pa.float64(), "text": pa.string()}
@@ -142,8 +151,7 @@ TABLES: dict[str, str] = {
             planned_at           text not null,
             not_before           text,
             submitted_at         text,
-            attempts             integer not null default 0,
-            unique (provider, provider_message_id)
+            attempts             integer not null default 0
         ) strict""",
     # Provider receipts as they arrived: out of order, sometimes twice (kept once).
     "message_status_events": """
@@ -284,7 +292,13 @@ INDEXES: tuple[str, ...] = (
     "create index if not exists ix_orders_contact on orders (contact_id, ordered_at)",
     "create index if not exists ix_events_contact on customer_events (contact_id, occurred_at)",
     "create index if not exists ix_messages_campaign on messages (campaign_id, state)",
-    "create index if not exists ix_messages_due on messages (state, not_before)",
+    # Rows are looked up by provider id once sent, by due time while planned and by state
+    # while in flight; a launch writes a million rows that are none of these (not yet sent,
+    # suppressed, held out), so these indexes leave out what they never look for.
+    "create unique index if not exists ux_messages_provider_id on messages (provider, provider_message_id)"
+    " where provider_message_id is not null",
+    "create index if not exists ix_messages_planned on messages (not_before) where state = 'planned'",
+    "create index if not exists ix_messages_sending on messages (provider) where state = 'sending'",
     "create index if not exists ix_messages_phone on messages (phone_e164, planned_at)",
     "create index if not exists ix_status_message on message_status_events (message_id)",
     "create index if not exists ix_clicks_message on clicks (message_id)",
@@ -305,11 +319,37 @@ def connect(path: str | os.PathLike[str] | None = None, *, timeout: float = 30.0
     """Open the store for a short unit of work: WAL, a busy timeout, foreign-key pragmas."""
     target = Path(path) if path is not None else store_path()
     target.parent.mkdir(parents=True, exist_ok=True)
+    new = not target.exists() or target.stat().st_size == 0
     conn = sqlite3.connect(target, timeout=timeout, isolation_level=None)
+    if new:  # only before the first table, and before WAL mode: later it cannot change
+        conn.execute(f"pragma page_size = {PAGE_SIZE}")
     conn.execute("pragma journal_mode = wal")
     conn.execute("pragma synchronous = normal")
     conn.execute(f"pragma busy_timeout = {int(timeout * 1000)}")
     return conn
+
+
+def checkpoint_in_background(path: str | os.PathLike[str]) -> threading.Thread:
+    """Copy what the write-ahead log holds into the store file, on a thread of its own.
+
+    For a large write (a launch, an import) that commits with ``wal_autocheckpoint = 0``: the
+    rows are committed and visible once the commit returns, and SQLite would otherwise copy them
+    into the file inside that commit. Best effort: when it cannot (the store is busy, gone), the
+    next writer's automatic checkpoint does it instead. Join the thread to wait for it."""
+
+    def run() -> None:
+        try:  # mode=rw: never create a store that is no longer there
+            conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=rw", uri=True, timeout=30.0)
+            try:
+                conn.execute("pragma wal_checkpoint(passive)").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            pass
+
+    thread = threading.Thread(target=run, name="smsops-checkpoint")
+    thread.start()
+    return thread
 
 
 @contextmanager
@@ -348,12 +388,14 @@ def create_schema(conn: sqlite3.Connection, *, indexes: bool = True) -> None:
     version = conn.execute("pragma user_version").fetchone()[0]
     if version == SCHEMA_VERSION and not _missing_tables(conn) and not _missing_columns(conn):
         return  # the common case: no write lock taken
-    if version not in (0, SCHEMA_VERSION):
+    if version not in (0, 1, SCHEMA_VERSION):
         raise StoreError(
             f"ops store has schema version {version}, this smsops knows {SCHEMA_VERSION}; "
             "upgrade smsops or point SMSOPS_HOME at another folder"
         )
     with transaction(conn):
+        if version == 1:
+            _upgrade_from_1(conn)
         for ddl in TABLES.values():
             conn.execute(ddl)
         for table, column, declared in _missing_columns(conn):
@@ -362,6 +404,24 @@ def create_schema(conn: sqlite3.Connection, *, indexes: bool = True) -> None:
             for ddl in INDEXES:
                 conn.execute(ddl)
         conn.execute(f"pragma user_version = {SCHEMA_VERSION}")
+
+
+def _upgrade_from_1(conn: sqlite3.Connection) -> None:
+    """Version 1 declared ``unique (provider, provider_message_id)`` on the outbox itself, an
+    index SQLite cannot drop: the table is rebuilt with its rows and ids as they were (one
+    pass over the outbox, under the caller's write lock). Its ``(state, not_before)`` index
+    gives way to the partial ``ix_messages_planned``; the loop after this creates the new ones."""
+    conn.execute("drop index if exists ix_messages_due")
+    (autoindexes,) = conn.execute(
+        "select count(*) from sqlite_master where tbl_name = 'messages' and name like 'sqlite_autoindex_%'"
+    ).fetchone()
+    if autoindexes < 2:  # only the idempotency key's: nothing to rebuild
+        return
+    columns = ", ".join(row[1] for row in conn.execute("pragma table_info(messages)"))
+    conn.execute("alter table messages rename to messages_v1")
+    conn.execute(TABLES["messages"])
+    conn.execute(f"insert into messages ({columns}) select {columns} from messages_v1")
+    conn.execute("drop table messages_v1")
 
 
 def _missing_tables(conn: sqlite3.Connection) -> set[str]:

@@ -226,7 +226,7 @@ def test_claim_and_submit_find_their_rows_by_message_id_not_by_scanning_a_state(
     )
     conn.close()
     assert "SEARCH messages USING INTEGER PRIMARY KEY" in plan, plan
-    assert "ix_messages_due" not in plan, plan
+    assert "ix_messages_planned" not in plan, plan
 
 
 def test_backoff_grows_jitters_and_honours_retry_after():

@@ -140,3 +140,69 @@ def test_an_older_store_gets_the_new_campaign_columns_once_and_keeps_its_rows(ho
     ]
     with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
         conn.execute("update campaigns set auto_release = 2")
+
+
+def test_a_new_store_has_16k_pages_and_an_existing_one_keeps_its_own(home, tmp_path):
+    conn = store.open_store(home)
+    assert conn.execute("pragma page_size").fetchone()[0] == store.PAGE_SIZE == 16384
+    old_path = tmp_path / "old" / "ops.sqlite"
+    old_path.parent.mkdir()
+    old = sqlite3.connect(old_path)
+    old.execute("create table t (x)")  # an existing store with SQLite's default page size
+    old.close()
+    conn = store.connect(old_path)
+    store.create_schema(conn)
+    assert conn.execute("pragma page_size").fetchone()[0] == 4096
+
+
+def test_a_version_1_store_is_upgraded_and_keeps_every_outbox_row(home):
+    """Version 1 declared the provider id unique on the table itself, which put every planned
+    row (no provider id yet) into that index; version 2 uses a partial index instead."""
+    path = store.store_path(home)
+    old = sqlite3.connect(path)
+    v1_messages = store.TABLES["messages"].replace(
+        "attempts             integer not null default 0",
+        "attempts             integer not null default 0,\n            unique (provider, provider_message_id)",
+    )
+    assert v1_messages != store.TABLES["messages"]
+    old.execute(v1_messages)
+    old.execute("create index ix_messages_due on messages (state, not_before)")
+    rows = [
+        (7, "1:1", 1, "A", 1, "planned", None, None),
+        (9, "1:2", 1, "A", 2, "submitted", "sandbox", "SM1"),
+        (12, "1:3", 1, "A", 3, "suppressed", None, None),
+    ]
+    old.executemany(
+        "insert into messages (message_id, idempotency_key, campaign_id, variant, contact_id, state,"
+        " provider, provider_message_id, planned_at) values (?, ?, ?, ?, ?, ?, ?, ?, '2025-01-01 00:00:00')",
+        rows,
+    )
+    old.execute("pragma user_version = 1")
+    old.commit()
+    old.close()
+
+    conn = store.open_store(home)
+    assert conn.execute("pragma user_version").fetchone()[0] == store.SCHEMA_VERSION == 2
+    kept = conn.execute(
+        "select message_id, idempotency_key, campaign_id, variant, contact_id, state, provider,"
+        " provider_message_id from messages order by message_id"
+    ).fetchall()
+    assert kept == rows
+    indexes = {r[0] for r in conn.execute("select name from sqlite_master where tbl_name = 'messages'")}
+    assert "ix_messages_due" not in indexes
+    assert {"ux_messages_provider_id", "ix_messages_planned", "ix_messages_sending"} <= indexes
+    assert len([name for name in indexes if name.startswith("sqlite_autoindex")]) == 1
+    # the provider id is still unique once there is one; rows without one are many
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        conn.execute(
+            "update messages set provider = 'sandbox', provider_message_id = 'SM1' where message_id = 7"
+        )
+    conn.execute("update messages set provider = 'sandbox' where message_id in (7, 12)")
+    # the idempotency key is still unique
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        conn.execute(
+            "insert into messages (idempotency_key, campaign_id, variant, contact_id, state, planned_at)"
+            " values ('1:1', 1, 'A', 1, 'planned', '2025-01-01 00:00:00')"
+        )
+    store.create_schema(conn)  # nothing left to do
+    assert conn.execute("select count(*) from messages").fetchone()[0] == 3
