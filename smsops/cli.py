@@ -238,7 +238,7 @@ def _campaign_send(args: argparse.Namespace) -> int:
             rate_per_second=args.rate,
             concurrency=args.concurrency,
             clients=max(1, args.concurrency),
-            processes=args.processes,
+            processes=args.processes or dispatch.processes_for(args.rate),
         )
     except (ProviderError, dispatch.DispatchError) as exc:
         print(f"smsops campaign send: {exc}", file=sys.stderr)
@@ -384,7 +384,7 @@ def _serve(args: argparse.Namespace) -> int:
                 rate_per_second=args.rate,
                 concurrency=args.concurrency,
                 clients=max(1, args.concurrency),
-                processes=args.processes,
+                processes=args.processes or dispatch.processes_for(args.rate),
             ),
         )
 
@@ -539,7 +539,8 @@ def parser() -> argparse.ArgumentParser:
     cs.add_argument("id", type=int, help="the campaign's id")
     cs.add_argument("--rate", type=float, default=100.0, help="messages per second at most (default 100)")
     cs.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default 32)")
-    cs.add_argument("--processes", type=int, default=1, help="dispatcher processes (a core each; default 1)")
+    cs.add_argument("--processes", type=int,
+                    help="dispatcher processes, a core each (default: one per 1,500 msg/s of --rate, at most the cores)")  # fmt: skip
     cs.add_argument("--provider", help="sandbox, twilio or smsru (default: $SMSOPS_PROVIDER, else sandbox)")
     cs.add_argument("--webhook-url", help="the webhook app receipts go to (default http://127.0.0.1:8600)")
     cs.set_defaults(func=_campaign_send)
@@ -564,7 +565,8 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--public-url", help="the address providers reach the webhook app at, behind a proxy")
     sv.add_argument("--rate", type=float, default=100.0, help="messages per second at most (default 100)")
     sv.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default 32)")
-    sv.add_argument("--processes", type=int, default=1, help="dispatcher processes (a core each; default 1)")
+    sv.add_argument("--processes", type=int,
+                    help="dispatcher processes, a core each (default: one per 1,500 msg/s of --rate, at most the cores)")  # fmt: skip
     sv.set_defaults(func=_serve)
 
     r = sub.add_parser("run", help="demo data if the store is empty, build if needed, start the app")
