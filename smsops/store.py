@@ -393,6 +393,9 @@ def create_schema(conn: sqlite3.Connection, *, indexes: bool = True) -> None:
             f"ops store has schema version {version}, this smsops knows {SCHEMA_VERSION}; "
             "upgrade smsops or point SMSOPS_HOME at another folder"
         )
+    if version == 0 and conn.execute("select count(*) from sqlite_master").fetchone()[0] == 0:
+        # a new file (in WAL mode already when `connect` opened it, which set the size first)
+        conn.execute(f"pragma page_size = {PAGE_SIZE}")
     with transaction(conn):
         if version == 1:
             _upgrade_from_1(conn)

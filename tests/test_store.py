@@ -145,6 +145,9 @@ def test_an_older_store_gets_the_new_campaign_columns_once_and_keeps_its_rows(ho
 def test_a_new_store_has_16k_pages_and_an_existing_one_keeps_its_own(home, tmp_path):
     conn = store.open_store(home)
     assert conn.execute("pragma page_size").fetchone()[0] == store.PAGE_SIZE == 16384
+    plain = sqlite3.connect(tmp_path / "plain.sqlite")  # as the demo's writer opens its new file
+    store.create_schema(plain, indexes=False)
+    assert plain.execute("pragma page_size").fetchone()[0] == 16384
     old_path = tmp_path / "old" / "ops.sqlite"
     old_path.parent.mkdir()
     old = sqlite3.connect(old_path)
