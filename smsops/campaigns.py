@@ -10,12 +10,15 @@ operational store, never from a mart: the number, its validity and time zones
 number already has for the frequency caps (the outbox, across all campaigns).
 
 How it stays fast (1M recipients ≥ 100,000/s): the audience, the contacts, the ledger and
-the cap history are read columnar in parallel (DuckDB for the snapshot, ADBC for SQLite);
-the policy runs as one set of DuckDB statements; a message is rendered once per distinct
-combination of the fields its template uses (a million recipients share a few thousand
-combinations), with ``smsops.templates``' compiled renderer; and the outbox is written by
-an ADBC bulk ingest into a temporary table and one ``insert … select … on conflict
-(idempotency_key) do nothing``.
+the cap history are read columnar in parallel (DuckDB for the snapshot; for the store,
+SQLite copies each query's result into a private file that ADBC reads, see
+:func:`_read_ops`); the policy runs as DuckDB statements; a message is rendered once per
+distinct combination of the fields its template uses (a million recipients share a few
+thousand combinations), with ``smsops.templates``' compiled renderer. A large audience is
+then decided in parts by ranges of phone numbers (everything the policy judges together
+shares a number), and the store writes one part (``insert … select … on conflict
+(idempotency_key) do nothing`` from a private file, on a thread of its own) while DuckDB
+decides the next, all in one transaction (:class:`_OutboxWriter`).
 
 Guarantees:
 
@@ -24,7 +27,7 @@ Guarantees:
   marks it running in the same transaction. A double click, a second process or a restart after a
   crash writes nothing twice; a repeated call returns the outcome from the outbox.
 - Caps across processes (invariant 4): promotions planned by another process after the cap
-  history was read are read again under the write lock and applied before writing.
+  history was read are read again under the write lock, before any part is decided.
 - Consent at send time (invariant 2): :func:`check_before_send` re-checks a batch of
   outbox rows against the ledger, erasures and quiet hours; the dispatcher calls it just
   before sending.
@@ -55,7 +58,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -260,7 +265,10 @@ class PlanResult:
     dry_run: bool = False
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per phase of the plan (read, policy, render, assemble, ingest, insert, commit)."""
+    """Seconds per phase as the launching thread spent them (read, policy, render, assemble,
+    export, write: waiting for the store after the last part, commit), summed over the parts;
+    they add up to ``seconds``. ``writer`` is the store's thread copying parts into the outbox,
+    overlapped with deciding the next part."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -593,26 +601,119 @@ def plan(
     clock.lap("read")
 
     with _duckdb() as con:
-        con.register("aud", audience_t)
+        con.register("aud_all", audience_t)
         con.register("ct", contacts_t)
         con.register("ledger", ledger_t)
         con.register("hist", history_t)
         con.register("erased_numbers", _erased(ledger_t, contacts_t, audience_t, home))
-        _decide(con, campaign, moment, caps, quiet, default_zone, len(field_names))
+        _prepare(con, campaign, moment, quiet, default_zone)
         clock.lap("policy")
-        remainder_cost = _render(con, compiled, field_names)
-        clock.lap("render")
-        _assemble(con, campaign, moment)
-        clock.lap("assemble")
         if dry_run:
-            return replace(
-                _result(con, campaign_id, remainder_cost, dry_run=True, started=started), timings=clock.laps
-            )
-        written = _write(con, db_path, campaign, moment, watermark, caps, clock)
-        if written is None:  # another call launched it first
-            return replace(outcome(campaign_id, home), already_planned=True, seconds=_since(started))
-        result = _result(con, campaign_id, remainder_cost, started=started)
-        return replace(result, written=written, timings=clock.laps)
+            con.register("aud", audience_t)
+            summary, remainder_groups = _plan_part(con, campaign, moment, caps, compiled, field_names, clock)
+            result = _result(campaign_id, summary, remainder_groups, dry_run=True, started=started)
+            return replace(result, timings=clock.laps)
+        with _OutboxWriter(db_path) as writer:
+            if not writer.begin(campaign.campaign_id):  # another call launched it first
+                return replace(outcome(campaign_id, home), already_planned=True, seconds=_since(started))
+            if campaign.kind == "promo" and (caps.per_day is not None or caps.per_week is not None):
+                # promotions planned since the history was read count too (caps across processes)
+                late = writer.history(
+                    _HISTORY_SQL.format(bound=">"), _history_params(campaign, moment, watermark)
+                )
+                if late.num_rows:
+                    con.register("hist", _history(history_t, late))
+            summary, remainder_groups = [], {}
+            for where in _phone_ranges(con, len(audience_t)):
+                con.execute(f"create or replace temp table aud as select * from aud_all where {where}")
+                rows, costs = _plan_part(con, campaign, moment, caps, compiled, field_names, clock)
+                summary += rows
+                remainder_groups = _add_groups(remainder_groups, costs)
+                # in number order, so the outbox's index on numbers grows in order
+                writer.submit(
+                    con.sql(
+                        f"select {', '.join(_OUTBOX_COLUMNS)} from outbox order by phone_e164, contact_id"
+                    ).to_arrow_table()
+                )
+                clock.lap("export")
+            planned = any(state == "planned" for state, *_ in summary)
+            written = writer.finish(campaign.campaign_id, planned, moment, clock)
+        result = _result(campaign_id, summary, remainder_groups, started=started)
+        return replace(result, written=written, timings={**clock.laps, "writer": writer.busy})
+
+
+def _plan_part(
+    con: duckdb.DuckDBPyConnection,
+    campaign: Campaign,
+    moment: datetime,
+    caps: FrequencyCaps,
+    compiled: Mapping[str, templates.Template],
+    field_names: Sequence[str],
+    clock: _Clock,
+) -> tuple[list[tuple[Any, ...]], _Groups]:
+    """Decide, render and assemble the recipients in table ``aud`` (table ``outbox``); its
+    summary rows and its remainder's messages and segments under each variant, by country."""
+    _decide(con, campaign, moment, caps, len(field_names))
+    clock.lap("policy")
+    remainder = _render(con, compiled, field_names)
+    clock.lap("render")
+    _assemble(con, campaign, moment)
+    summary = con.execute(_SUMMARY_SQL.format(table="outbox"), [campaign.campaign_id]).fetchall()
+    clock.lap("assemble")
+    return summary, remainder
+
+
+_PART_ROWS = 200_000
+"""Recipients per part of a launch (at most :data:`_MAX_PARTS`): the store writes one part
+while DuckDB decides the next."""
+_MAX_PARTS = 5
+
+
+def _phone_ranges(con: duckdb.DuckDBPyConnection, audience: int) -> list[str]:
+    """Filters on ``aud_all`` that cut the audience into parts by ranges of phone numbers.
+
+    Everything the policy judges together shares a number (duplicates, caps, consent), so each
+    part is decided on its own exactly as the whole would be; ranges rather than a hash keep
+    each part's rows, written in number order, in one stretch of the outbox's index on numbers.
+    A contact with no number (or none in the store any more) belongs to the first part."""
+    parts = max(1, min(_MAX_PARTS, -(-audience // _PART_ROWS)))
+    if parts == 1:
+        return ["true"]
+    # the first and the last part half the size of the others: the store starts writing
+    # sooner, and has less left to write once DuckDB has decided the last part
+    cuts = [(q - 0.5) / (parts - 1) for q in range(1, parts)]
+    (bounds,) = con.execute(
+        "select quantile_disc(ct.phone_e164, $cuts) from aud_all join ct using (contact_id)",
+        {"cuts": cuts},
+    ).fetchone()
+    bounds = sorted(set(b for b in bounds or () if b is not None))
+    above = " + ".join(f"coalesce(ct.phone_e164 >= $bounds[{i + 1}], false)::int" for i in range(len(bounds)))
+    con.execute(
+        f"""
+        create or replace temp table part_of as
+        select aud_all.contact_id, {above or "0"} as part
+        from aud_all left join ct using (contact_id)
+        """,
+        {"bounds": bounds},
+    )
+    return [
+        f"contact_id in (select contact_id from part_of where coalesce(part, 0) = {i})"
+        for i in range(len(bounds) + 1)
+    ]
+
+
+_Groups = dict[str, dict[str | None, tuple[int, int]]]
+"""Variant -> country -> (messages, segments)."""
+
+
+def _add_groups(total: _Groups, more: _Groups) -> _Groups:
+    out = {variant: dict(countries) for variant, countries in total.items()}
+    for variant, countries in more.items():
+        mine = out.setdefault(variant, {})
+        for country, (messages, segs) in countries.items():
+            had = mine.get(country, (0, 0))
+            mine[country] = (had[0] + messages, had[1] + segs)
+    return out
 
 
 # Reads ----------------------------------------------------------------------------------
@@ -657,19 +758,66 @@ _HISTORY_SQL = """
 
 
 def _read_ops(db_path: Path, sql: str, params: Sequence[Any] = ()) -> pa.Table:
-    """A query's result from the operational store as Arrow, on a connection of its own."""
+    """A query's result from the operational store as Arrow.
+
+    SQLite copies the result into a private file, which ADBC then reads columnar. ADBC is
+    never pointed at the store itself: its driver carries a SQLite of its own, and two SQLite
+    libraries in one process cannot see each other's locks (POSIX locks are per process), so
+    the second to open a WAL store believes it is alone, resets the shared WAL index under
+    the first and, on close, checkpoints and deletes the WAL the first still writes to (seen
+    here: "disk I/O error" for the other connection). The store is opened only through
+    Python's ``sqlite3``, as everywhere else in smsops; ADBC only opens files no one else has."""
+    with _private_dir() as folder:
+        private = folder / "result.sqlite"
+        conn = store.connect(db_path)
+        try:
+            _attach_private(conn, private, "result")
+            conn.execute(f"create table result.rows as {sql}", list(params))
+            conn.execute("detach database result")
+        finally:
+            conn.close()
+        return _read_private(private, "select * from rows")
+
+
+@contextmanager
+def _private_dir() -> Iterator[Path]:
+    """A folder for private files that is removed afterwards, whatever happens."""
+    folder = Path(tempfile.mkdtemp(prefix="smsops-plan-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _attach_private(conn: sqlite3.Connection, path: Path, name: str) -> None:
+    """Attach a new private file: no journal and no syncs (it is thrown away after use)."""
+    conn.execute(f"attach database ? as {name}", (str(path),))
+    conn.execute(f"pragma {name}.journal_mode = off")
+    conn.execute(f"pragma {name}.synchronous = off")
+
+
+def _read_private(path: Path, sql: str) -> pa.Table:
     import adbc_driver_sqlite.dbapi as adbc
 
-    with adbc.connect(str(db_path)) as conn:
-        return _fetch(conn, sql, params)
+    with adbc.connect(str(path)) as conn:
+        return _fetch(conn, sql, ())
+
+
+def _write_private(path: Path, table: pa.Table) -> None:
+    """``table`` into a new private file as table ``rows`` (ADBC ingest, without the GIL)."""
+    import adbc_driver_sqlite.dbapi as adbc
+
+    with adbc.connect(str(path), autocommit=True) as conn, conn.cursor() as cur:
+        for pragma in ("journal_mode = off", "synchronous = off"):
+            cur.execute(f"pragma {pragma}")
+            cur.fetchall()
+        cur.adbc_ingest("rows", table, mode="create")
 
 
 def _fetch(conn: Any, sql: str, params: Sequence[Any]) -> pa.Table:
     """A query's result as Arrow, in one batch: the ADBC driver infers a column's type from
     its first batch, so it must see every row (a column null at first would turn int64)."""
     with conn.cursor() as cur:
-        cur.execute("pragma busy_timeout = 30000")
-        cur.fetchall()
         cur.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(1 << 30)})
         if params:
             cur.execute(sql, list(params))
@@ -683,16 +831,16 @@ def _cap_history(
 ) -> tuple[pa.Table, int]:
     """Promotions of other campaigns that count toward this one's caps, and the highest
     outbox id read (rows above it are read again under the write lock)."""
-    import adbc_driver_sqlite.dbapi as adbc
-
-    with adbc.connect(str(db_path)) as conn:
-        watermark = (
-            _fetch(conn, "select coalesce(max(message_id), 0) as m from messages", ()).column(0)[0].as_py()
-        )
-        if campaign.kind != "promo" or (caps.per_day is None and caps.per_week is None):
-            return _empty_history(), watermark
-        table = _fetch(conn, _HISTORY_SQL.format(bound="<="), _history_params(campaign, moment, watermark))
-    return table, watermark
+    conn = store.connect(db_path)
+    try:
+        (watermark,) = conn.execute("select coalesce(max(message_id), 0) from messages").fetchone()
+    finally:
+        conn.close()
+    if campaign.kind != "promo" or (caps.per_day is None and caps.per_week is None):
+        return _empty_history(), watermark
+    table = _read_ops(db_path, _HISTORY_SQL.format(bound="<="), _history_params(campaign, moment, watermark))
+    schema = _empty_history().schema
+    return table.select(schema.names).cast(schema), watermark
 
 
 def _history_params(campaign: Campaign, moment: datetime, watermark: int) -> list[Any]:
@@ -772,21 +920,44 @@ def _home_dir(home: Any) -> Path:
 # Decisions ------------------------------------------------------------------------------
 
 
+def _prepare(
+    con: duckdb.DuckDBPyConnection, campaign: Campaign, moment: datetime, quiet: QuietHours, default_zone: str
+) -> None:
+    """What every part of the audience is judged against: table ``deferrals``, when each zone
+    may be sent to."""
+    zones = con.execute("select distinct zone_key, zone_candidates from ct").fetchall()
+    con.register("deferrals", _deferrals(zones, moment, quiet, default_zone))
+
+
+def _consent_now(con: duckdb.DuckDBPyConnection) -> None:
+    """Table ``consent_now``: the standing in the ledger of each number of ``aud``."""
+    latest = "struct_pack(o := occurred_at, x := opt_out, e := event_id)"
+    con.execute(
+        f"""
+        create or replace temp table consent_now as
+        select
+            phone_e164,
+            max_by(opt_out, {latest}) filter (where for_marketing = 1) as marketing_out,
+            max_by(opt_out, {latest}) filter (where for_service = 1) as service_out
+        from ledger
+        where phone_e164 in (select ct.phone_e164 from aud join ct using (contact_id))
+        group by phone_e164
+        """
+    )
+
+
 def _decide(
     con: duckdb.DuckDBPyConnection,
     campaign: Campaign,
     moment: datetime,
     caps: FrequencyCaps,
-    quiet: QuietHours,
-    default_zone: str,
     field_count: int,
 ) -> None:
-    """Table ``decided``: every recipient with its exclusion reason (the first of the policy
-    order), its quiet-hours deferral, its cap counts, its group (holdout, a variant,
-    remainder) and ``combo``, which distinct combination of template fields it has
+    """Table ``decided``: every recipient of ``aud`` with its exclusion reason (the first of
+    the policy order), its quiet-hours deferral, its cap counts, its group (holdout, a
+    variant, remainder) and ``combo``, which distinct combination of template fields it has
     (table ``combos``)."""
-    zones = con.execute("select distinct zone_key, zone_candidates from ct").fetchall()
-    con.register("deferrals", _deferrals(zones, moment, quiet, default_zone))
+    _consent_now(con)
     if campaign.kind == "promo":
         verdict = "case when cn.marketing_out is null then 'no_consent' when cn.marketing_out = 1 then 'opted_out' end"
     else:
@@ -806,22 +977,10 @@ def _decide(
             when {per_week} is not null and coalesce(c.last_week, 0) >= {per_week} then 'capped_weekly'
         end"""
     fields = ", ".join(f'"f{i}"' for i in range(field_count)) or "1"
-    latest = "struct_pack(o := occurred_at, x := opt_out, e := event_id)"
-    con.execute(
-        f"""
-        create temp table consent_now as
-        select
-            phone_e164,
-            max_by(opt_out, {latest}) filter (where for_marketing = 1) as marketing_out,
-            max_by(opt_out, {latest}) filter (where for_service = 1) as service_out
-        from ledger
-        group by phone_e164
-        """
-    )
     # narrow: who is excluded by the number and the ledger, and when the message would go
     con.execute(
         f"""
-        create temp table checks as
+        create or replace temp table checks as
         select
             aud.contact_id,
             ct.phone_e164,
@@ -847,13 +1006,13 @@ def _decide(
     )
     con.execute(
         """
-        create temp table owners as
+        create or replace temp table owners as
         select phone_e164, min(contact_id) as owner from checks where reason is null group by phone_e164
         """
     )
     con.execute(
         """
-        create temp table counted as
+        create or replace temp table counted as
         select
             x.contact_id,
             count(*) filter (where h.sent_at > x.send_at - interval 1 day) as last_day,
@@ -868,7 +1027,7 @@ def _decide(
     # each distinct combination of template fields once: messages are rendered per combination
     con.execute(
         f"""
-        create temp table combos as
+        create or replace temp table combos as
         select row_number() over () as combo, *
         from (select distinct {fields} from aud)
         """
@@ -878,7 +1037,7 @@ def _decide(
     )
     con.execute(
         f"""
-        create temp table decided as
+        create or replace temp table decided as
         with
         checked as (
             select
@@ -962,10 +1121,10 @@ def _render(
     con: duckdb.DuckDBPyConnection,
     compiled: Mapping[str, templates.Template],
     field_names: Sequence[str],
-) -> dict[str, dict[str, float]]:
+) -> _Groups:
     """Table ``rendered`` (grp, combo, body, encoding, segments): each variant's text for
     each distinct combination of template fields among its rows, analysed once per distinct
-    text; and what the remainder would cost under each variant. A combination that fails to
+    text; and the remainder's messages and segments under each variant, by country. A combination that fails to
     render gets no row (its recipients are suppressed as ``render_failed``)."""
     picked = "".join(f', c."f{i}"' for i in range(len(field_names)))
     rows = con.execute(
@@ -1012,15 +1171,17 @@ def _render(
     counts = con.execute(
         f"select combo, country, count(*) from decided where grp = '{REMAINDER}' group by all"
     ).fetchall()
-    remainder_cost: dict[str, dict[str, float]] = {}
+    groups: _Groups = {}
     for name, template in compiled.items():
         segs = {}
         for combo, values in remainder.items():
             done = render(template, values)
             segs[combo] = 0 if done is None else done[2]
-        bill = pricing.estimate_totals((country, k, k * segs[combo]) for combo, country, k in counts)
-        remainder_cost[name] = dict(bill.totals)
-    return remainder_cost
+        by_country = groups[name] = {}
+        for combo, country, k in counts:
+            had = by_country.get(country, (0, 0))
+            by_country[country] = (had[0] + k, had[1] + k * segs[combo])
+    return groups
 
 
 def _assemble(con: duckdb.DuckDBPyConnection, campaign: Campaign, moment: datetime) -> None:
@@ -1039,7 +1200,7 @@ def _assemble(con: duckdb.DuckDBPyConnection, campaign: Campaign, moment: dateti
     cid = campaign.campaign_id
     con.execute(
         f"""
-        create temp table outbox as
+        create or replace temp table outbox as
         with rows as (
             select
                 d.*,
@@ -1106,123 +1267,134 @@ _OUTBOX_SCHEMA = pa.schema(
 )  # fmt: skip
 
 
-def _write(
-    con: duckdb.DuckDBPyConnection,
-    db_path: Path,
-    campaign: Campaign,
-    moment: datetime,
-    watermark: int,
-    caps: FrequencyCaps,
-    clock: _Clock,
-) -> int | None:
-    """Insert the outbox and launch the campaign in one transaction; None when the campaign
-    was no longer launchable once the write lock was held."""
-    import adbc_driver_sqlite.dbapi as adbc
+class _OutboxWriter:
+    """A launch's one transaction on the store, on a thread of its own, so that the store
+    writes one part of the outbox while DuckDB decides the next.
 
-    with adbc.connect(str(db_path), autocommit=True) as conn:
-        cur = conn.cursor()
+    Each part goes into a private file first (ADBC ingest, in the caller's thread); the
+    writer attaches it and copies it into the outbox (``insert … select``, Python's
+    ``sqlite3``, which releases the GIL while SQLite works). See :func:`_read_ops` for why
+    ADBC never opens the store. :meth:`begin` takes the write lock and checks that the
+    campaign is still launchable; :meth:`submit` queues a part; :meth:`finish` waits for
+    every part, marks the campaign launched and commits. Leaving the ``with`` block any other
+    way waits for the part being written and rolls everything back. The WAL is checkpointed
+    after the commit on another thread, off the launch's path."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smsops-outbox")
+        self.folder = Path(tempfile.mkdtemp(prefix="smsops-plan-"))
+        self.parts: list[Any] = []
+        self.attached = 0
+        self.open = False
+        self.busy = 0.0
+        """Seconds the writer thread spent copying parts into the outbox."""
         try:
-            # the WAL is copied into the store after the commit, off the launch's path
-            pragmas = (
-                "busy_timeout = 30000",
-                "cache_size = -524288",
-                "synchronous = normal",
-                "wal_autocheckpoint = 0",
-            )
-            for pragma in pragmas:
-                cur.execute(f"pragma {pragma}")
-                cur.fetchall()
-            cur.execute("begin immediate")
-            try:
-                cur.execute("select status from campaigns where campaign_id = ?", [campaign.campaign_id])
-                (status,) = cur.fetchone()
-                if status not in _LAUNCHABLE:
-                    cur.execute("rollback")
-                    return None
-                if campaign.kind == "promo" and (caps.per_day is not None or caps.per_week is not None):
-                    late = _fetch(
-                        conn, _HISTORY_SQL.format(bound=">"), _history_params(campaign, moment, watermark)
-                    )
-                    if late.num_rows:
-                        _recheck_caps(con, late, caps)
-                # in number order, so the outbox's index on numbers grows in order
-                rows = con.sql(
-                    f"select {', '.join(_OUTBOX_COLUMNS)} from outbox order by phone_e164, contact_id"
-                ).to_arrow_table()
-                cur.adbc_ingest("smsops_plan", rows.cast(_OUTBOX_SCHEMA), mode="create", temporary=True)
-                clock.lap("ingest")
-                columns = ", ".join(_OUTBOX_COLUMNS)
-                cur.execute(
-                    f"""
-                    insert into messages ({columns})
-                    select {columns} from temp.smsops_plan where true
-                    on conflict (idempotency_key) do nothing
-                    """
-                )
-                cur.execute("select changes()")
-                (written,) = cur.fetchone()
-                cur.execute("drop table temp.smsops_plan")
-                (planned,) = con.execute("select count(*) from outbox where state = 'planned'").fetchone()
-                stamp = _stamp(moment)
-                cur.execute(
-                    "update campaigns set status = ?, launched_at = ?, finished_at = ? where campaign_id = ?",
-                    [
-                        "running" if planned else "finished",
-                        stamp,
-                        None if planned else stamp,
-                        campaign.campaign_id,
-                    ],
-                )
-                clock.lap("insert")
-                cur.execute("commit")
-                clock.lap("commit")
-            except BaseException:
-                cur.execute("rollback")
-                raise
+            self.conn: sqlite3.Connection = self._call(self._connect)
+        except BaseException:
+            self.pool.shutdown()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        return self.pool.submit(fn, *args).result()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = store.connect(self.db_path)
+        for pragma in ("cache_size = -524288", "wal_autocheckpoint = 0"):
+            conn.execute(f"pragma {pragma}")
+        return conn
+
+    def __enter__(self) -> _OutboxWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for part in self.parts:  # never roll back under a running insert
+                part.exception()
+            self._call(self._close)
         finally:
-            cur.close()
-    store.checkpoint_in_background(db_path)
-    return written
+            self.pool.shutdown()
+            shutil.rmtree(self.folder, ignore_errors=True)
 
+    def _close(self) -> None:
+        try:
+            if self.open:
+                self.conn.execute("rollback")
+            for n in range(self.attached):
+                self.conn.execute(f"detach database part{n}")
+        finally:
+            self.conn.close()
 
-def _recheck_caps(con: duckdb.DuckDBPyConnection, late: pa.Table, caps: FrequencyCaps) -> None:
-    """Promotions another process planned after the cap history was read: recipients they
-    push over a cap become ``capped_*`` before anything is written."""
-    con.register("late", late)
-    per_day = "null" if caps.per_day is None else str(caps.per_day)
-    per_week = "null" if caps.per_week is None else str(caps.per_week)
-    con.execute(
-        f"""
-        create or replace temp table late_caps as
-        with counted as (
-            select
-                o.contact_id,
-                o.last_day + count(*) filter (where l.sent_at > o.send_at - interval 1 day) as last_day,
-                o.last_week + count(*) as last_week
-            from outbox as o
-            join (select phone_e164, cast(sent_at as timestamp) as sent_at from late) as l
-                on l.phone_e164 = o.phone_e164 and l.sent_at > o.send_at - interval 7 day
-            where o.state in ('planned', 'holdout')
-            group by o.contact_id, o.last_day, o.last_week
+    def begin(self, campaign_id: int) -> bool:
+        """Take the write lock; False (and nothing held) when the campaign is no longer launchable."""
+        return bool(self._call(self._begin, campaign_id))
+
+    def _begin(self, campaign_id: int) -> bool:
+        self.conn.execute("begin immediate")
+        self.open = True
+        (status,) = self.conn.execute(
+            "select status from campaigns where campaign_id = ?", (campaign_id,)
+        ).fetchone()
+        if status not in _LAUNCHABLE:
+            self.conn.execute("rollback")
+            self.open = False
+        return self.open
+
+    def history(self, sql: str, params: Sequence[Any]) -> pa.Table:
+        """Cap history rows (``_HISTORY_SQL``) read inside the transaction."""
+        rows = self._call(lambda: self.conn.execute(sql, list(params)).fetchall())
+        schema = _empty_history().schema
+        columns = list(zip(*rows, strict=True)) if rows else [()] * len(schema)
+        return pa.table(
+            [pa.array(list(c), t) for c, t in zip(columns, schema.types, strict=True)], schema=schema
         )
-        select contact_id, last_day, last_week,
-            case
-                when {per_day} is not null and last_day >= {per_day} then 'capped_daily'
-                when {per_week} is not null and last_week >= {per_week} then 'capped_weekly'
-            end as reason
-        from counted
-        """
-    )
-    con.execute(
-        """
-        update outbox set
-            state = 'suppressed', skip_reason = l.reason, variant = outbox.home_variant,
-            body = null, encoding = null, segments = null, price = null, currency = null, not_before = null,
-            last_day = l.last_day, last_week = l.last_week
-        from late_caps as l
-        where l.contact_id = outbox.contact_id and l.reason is not null
-        """
-    )
+
+    def submit(self, rows: pa.Table) -> None:
+        path = self.folder / f"part{len(self.parts)}.sqlite"
+        _write_private(path, rows.cast(_OUTBOX_SCHEMA))
+        self.parts.append(self.pool.submit(self._insert, path))
+
+    def _insert(self, path: Path) -> int:
+        started = time.perf_counter()
+        name = f"part{self.attached}"
+        self.conn.execute(f"attach database ? as {name}", (str(path),))
+        self.attached += 1
+        columns = ", ".join(_OUTBOX_COLUMNS)
+        written = self.conn.execute(
+            f"""
+            insert into messages ({columns})
+            select {columns} from {name}.rows where true
+            on conflict (idempotency_key) do nothing
+            """
+        ).rowcount
+        self.busy += time.perf_counter() - started
+        return int(written)
+
+    def finish(self, campaign_id: int, planned: bool, moment: datetime, clock: _Clock) -> int:
+        """Wait for every part, launch the campaign (``running``, or ``finished`` when nothing
+        is planned) and commit; the rows written."""
+        written = sum(part.result() for part in self.parts)
+        self.parts = []
+        clock.lap("write")
+        self._call(self._commit, campaign_id, planned, _stamp(moment))
+        clock.lap("commit")
+        store.checkpoint_in_background(self.db_path)
+        return written
+
+    def _commit(self, campaign_id: int, planned: bool, stamp: str) -> None:
+        self.conn.execute(
+            "update campaigns set status = ?, launched_at = ?, finished_at = ? where campaign_id = ?",
+            ("running" if planned else "finished", stamp, None if planned else stamp, campaign_id),
+        )
+        self.conn.execute("commit")
+        self.open = False
+
+
+def _history(read: pa.Table, late: pa.Table) -> pa.Table:
+    """The cap history read before the write lock plus the promotions planned since."""
+    schema = _empty_history().schema
+    return pa.concat_tables([read.select(schema.names).cast(schema), late.select(schema.names).cast(schema)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -1239,16 +1411,20 @@ _SUMMARY_SQL = """
 
 
 def _result(
-    con: duckdb.DuckDBPyConnection,
     campaign_id: int,
-    remainder_cost: dict[str, dict[str, float]],
+    rows: Sequence[tuple[Any, ...]],
+    remainder: _Groups,
     *,
     dry_run: bool = False,
     started: float,
 ) -> PlanResult:
-    rows = con.execute(_SUMMARY_SQL.format(table="outbox"), [campaign_id]).fetchall()
+    """The outcome from the summary rows of every part and the remainder's groups."""
+    costs = {
+        variant: dict(pricing.estimate_totals((c, n, segs) for c, (n, segs) in countries.items()).totals)
+        for variant, countries in remainder.items()
+    }
     return replace(
-        _summarise(campaign_id, rows), remainder_cost=remainder_cost, dry_run=dry_run, seconds=_since(started)
+        _summarise(campaign_id, rows), remainder_cost=costs, dry_run=dry_run, seconds=_since(started)
     )
 
 

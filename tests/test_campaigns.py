@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from datetime import time as local_time
 from pathlib import Path
@@ -169,6 +170,109 @@ def test_a_dry_run_writes_nothing_and_predicts_the_launch(home: Path) -> None:
     assert preview.variants == launched.variants
     assert preview.cost == launched.cost
     assert set(preview.remainder_cost) == {"A", "B"}
+
+
+def _copy_store(home: Path, target: Path) -> Path:
+    (target / "warehouse").mkdir(parents=True)
+    source, copy = sqlite3.connect(store.store_path(home)), sqlite3.connect(target / "ops.sqlite")
+    source.backup(copy)
+    source.close()
+    copy.close()
+    (target / "warehouse" / "current.json").write_text((home / "warehouse" / "current.json").read_text())
+    return target
+
+
+def test_a_launch_in_parts_writes_what_a_launch_in_one_piece_writes(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large audience is decided and written in parts by ranges of numbers (the store writes
+    one while DuckDB decides the next). Duplicates, caps and consent are judged per number, so
+    the parts must add up to exactly the outbox and outcome of one piece."""
+    first = create(home)
+    campaigns.plan(first.campaign_id, home=home, now=NOW - timedelta(hours=2))  # history for the caps
+    campaign = create(home, variants=(("A", TEXT_A), ("B", TEXT_B)), test_fraction=0.3, holdout_fraction=0.1)
+    other = _copy_store(home, tmp_path / "other")
+    whole = campaigns.plan(
+        campaign.campaign_id, home=home, now=NOW, caps=FrequencyCaps(per_day=2, per_week=3)
+    )
+
+    ranges = campaigns._phone_ranges
+    cut: list[int] = []
+    monkeypatch.setattr(campaigns, "_PART_ROWS", 40)
+    monkeypatch.setattr(campaigns, "_MAX_PARTS", 9)
+    monkeypatch.setattr(campaigns, "_phone_ranges", lambda *a: cut.append(len(r := ranges(*a))) or r)
+    parted = campaigns.plan(
+        campaign.campaign_id, home=other, now=NOW, caps=FrequencyCaps(per_day=2, per_week=3)
+    )
+    assert cut == [9]
+
+    def rows(where: Path) -> list[dict]:
+        found = sorted(outbox(where, campaign.campaign_id), key=lambda r: r["idempotency_key"])
+        return [{k: v for k, v in r.items() if k != "message_id"} for r in found]
+
+    assert rows(other) == rows(home)
+    assert {r["skip_reason"] for r in rows(home)} >= {"duplicate", "holdout", "awaiting_winner", "no_consent"}
+    assert replace(parted, seconds=0.0, timings={}) == replace(whole, seconds=0.0, timings={})
+    assert parted.written == whole.audience > 0
+
+
+def test_a_launch_that_fails_while_writing_a_part_leaves_nothing(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    campaign = create(home)
+    monkeypatch.setattr(campaigns, "_PART_ROWS", 40)
+    insert = campaigns._OutboxWriter._insert
+    calls = itertools.count()
+
+    def failing(self, rows):
+        if next(calls) == 2:
+            raise sqlite3.OperationalError("disk I/O error (simulated)")
+        return insert(self, rows)
+
+    monkeypatch.setattr(campaigns._OutboxWriter, "_insert", failing)
+    with pytest.raises(sqlite3.OperationalError, match="simulated"):
+        campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    assert outbox(home, campaign.campaign_id) == []
+    assert campaigns.get(campaign.campaign_id, home).status == "draft"
+    monkeypatch.setattr(campaigns._OutboxWriter, "_insert", insert)
+    result = campaigns.plan(campaign.campaign_id, home=home, now=NOW)  # and it can be launched again
+    assert result.written == result.audience == len(outbox(home, campaign.campaign_id))
+
+
+def test_a_launch_never_opens_the_store_with_a_second_sqlite_library(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ADBC's driver carries its own SQLite. Two SQLite libraries in one process cannot see each
+    other's locks, so the second to open a WAL store resets the WAL index under the first and
+    deletes the WAL on close (seen: "disk I/O error" for a connection that stayed open). A
+    launch in the app or in `smsops serve` runs beside connections that stay open, so ADBC
+    may only open private files."""
+    import adbc_driver_sqlite.dbapi as adbc
+
+    opened: list[Path] = []
+    connect = adbc.connect
+    monkeypatch.setattr(
+        adbc, "connect", lambda path, **kw: opened.append(Path(path).resolve()) or connect(path, **kw)
+    )
+    keeper = store.connect(store.store_path(home))  # as the dispatcher keeps one open
+    keeper.execute(
+        "insert into campaigns (name, kind, status, created_at) values ('keeper', 'promo', 'draft', 'x')"
+    )
+    monkeypatch.setattr(campaigns, "_PART_ROWS", 40)
+    campaign = create(home, variants=(("A", TEXT_A), ("B", TEXT_B)), test_fraction=0.5)
+    result = campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    keeper.execute(
+        "insert into campaigns (name, kind, status, created_at) values ('keeper 2', 'promo', 'draft', 'x')"
+    )
+    keeper.close()
+    assert opened and store.store_path(home).resolve() not in opened
+    conn = store.connect(store.store_path(home))
+    assert conn.execute("pragma integrity_check").fetchone() == ("ok",)
+    assert conn.execute("select count(*) from campaigns where name like 'keeper%'").fetchone() == (2,)
+    assert conn.execute(
+        "select count(*) from messages where campaign_id = ?", (campaign.campaign_id,)
+    ).fetchone() == (result.audience,)
+    conn.close()
 
 
 # -- invariant 1: never twice -------------------------------------------------------------------
