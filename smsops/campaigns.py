@@ -55,6 +55,7 @@ hours again when asked and :func:`defer` moves a row that would now arrive at ni
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -602,14 +603,15 @@ def plan(
 
     with _duckdb() as con:
         con.register("aud_all", audience_t)
-        con.register("ct", contacts_t)
-        con.register("ledger", ledger_t)
+        con.register("ct_all", contacts_t)
+        con.register("ledger_all", ledger_t)
         con.register("hist", history_t)
         con.register("erased_numbers", _erased(ledger_t, contacts_t, audience_t, home))
         _prepare(con, campaign, moment, quiet, default_zone)
         clock.lap("policy")
         if dry_run:
-            con.register("aud", audience_t)
+            for table in ("aud", "ct", "ledger"):
+                con.execute(f"create temp view {table} as select * from {table}_all")
             summary, remainder_groups = _plan_part(con, campaign, moment, caps, compiled, field_names, clock)
             result = _result(campaign_id, summary, remainder_groups, dry_run=True, started=started)
             return replace(result, timings=clock.laps)
@@ -624,8 +626,8 @@ def plan(
                 if late.num_rows:
                     con.register("hist", _history(history_t, late))
             summary, remainder_groups = [], {}
-            for where in _phone_ranges(con, len(audience_t)):
-                con.execute(f"create or replace temp table aud as select * from aud_all where {where}")
+            for part, (low, high) in enumerate(_phone_ranges(con, len(audience_t))):
+                _select_part(con, part, low, high)
                 rows, costs = _plan_part(con, campaign, moment, caps, compiled, field_names, clock)
                 summary += rows
                 remainder_groups = _add_groups(remainder_groups, costs)
@@ -669,37 +671,62 @@ while DuckDB decides the next."""
 _MAX_PARTS = 5
 
 
-def _phone_ranges(con: duckdb.DuckDBPyConnection, audience: int) -> list[str]:
-    """Filters on ``aud_all`` that cut the audience into parts by ranges of phone numbers.
+def _phone_ranges(con: duckdb.DuckDBPyConnection, audience: int) -> list[tuple[str | None, str | None]]:
+    """Cut the audience into parts by ranges of phone numbers: ``(low, high)`` per part (None:
+    unbounded), and table ``part_of`` (each contact of ``aud_all`` and its part).
 
     Everything the policy judges together shares a number (duplicates, caps, consent), so each
     part is decided on its own exactly as the whole would be; ranges rather than a hash keep
-    each part's rows, written in number order, in one stretch of the outbox's index on numbers.
-    A contact with no number (or none in the store any more) belongs to the first part."""
+    each part's rows, written in number order, in one stretch of the outbox's index on numbers,
+    and let each part take its own slice of the contacts and the ledger. A contact with no
+    number (or none in the store any more) belongs to the first part."""
     parts = max(1, min(_MAX_PARTS, -(-audience // _PART_ROWS)))
-    if parts == 1:
-        return ["true"]
     # the first and the last part half the size of the others: the store starts writing
     # sooner, and has less left to write once DuckDB has decided the last part
     cuts = [(q - 0.5) / (parts - 1) for q in range(1, parts)]
-    (bounds,) = con.execute(
-        "select quantile_disc(ct.phone_e164, $cuts) from aud_all join ct using (contact_id)",
-        {"cuts": cuts},
-    ).fetchone()
-    bounds = sorted(set(b for b in bounds or () if b is not None))
-    above = " + ".join(f"coalesce(ct.phone_e164 >= $bounds[{i + 1}], false)::int" for i in range(len(bounds)))
+    bounds: list[str] = []
+    if cuts:
+        (found,) = con.execute(
+            "select quantile_disc(ct_all.phone_e164, $cuts) from aud_all join ct_all using (contact_id)",
+            {"cuts": cuts},
+        ).fetchone()
+        bounds = sorted({b for b in found or () if b is not None})
+    above = " + ".join(
+        f"coalesce(ct_all.phone_e164 >= $bounds[{i + 1}], false)::int" for i in range(len(bounds))
+    )
     con.execute(
         f"""
         create or replace temp table part_of as
         select aud_all.contact_id, {above or "0"} as part
-        from aud_all left join ct using (contact_id)
+        from aud_all left join ct_all using (contact_id)
         """,
-        {"bounds": bounds},
+        {"bounds": bounds} if bounds else None,
     )
-    return [
-        f"contact_id in (select contact_id from part_of where coalesce(part, 0) = {i})"
-        for i in range(len(bounds) + 1)
-    ]
+    edges: list[str | None] = [None, *bounds, None]
+    return list(itertools.pairwise(edges))
+
+
+def _select_part(con: duckdb.DuckDBPyConnection, part: int, low: str | None, high: str | None) -> None:
+    """Tables ``aud``, ``ct`` and ``ledger``: the part's recipients, and the contacts and
+    ledger events of its numbers (``low`` ≤ number < ``high``; the first part also holds the
+    contacts without one)."""
+    con.execute(
+        "create or replace temp table aud as"
+        " select aud_all.* from aud_all join part_of using (contact_id) where part = $part",
+        {"part": part},
+    )
+    # views (read once each, with the filter in the scan): their SQL is text, so the bounds
+    # are literals; they are numbers from the store, quoted as SQL strings all the same
+    limits = [f"phone_e164 >= {_literal(low)}"] if low is not None else []
+    limits += [f"phone_e164 < {_literal(high)}"] if high is not None else []
+    in_range = " and ".join(limits) or "true"
+    no_number = " or phone_e164 is null" if part == 0 else ""
+    con.execute(f"create or replace temp view ct as select * from ct_all where {in_range}{no_number}")
+    con.execute(f"create or replace temp view ledger as select * from ledger_all where {in_range}")
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 _Groups = dict[str, dict[str | None, tuple[int, int]]]
@@ -925,12 +952,12 @@ def _prepare(
 ) -> None:
     """What every part of the audience is judged against: table ``deferrals``, when each zone
     may be sent to."""
-    zones = con.execute("select distinct zone_key, zone_candidates from ct").fetchall()
+    zones = con.execute("select distinct zone_key, zone_candidates from ct_all").fetchall()
     con.register("deferrals", _deferrals(zones, moment, quiet, default_zone))
 
 
 def _consent_now(con: duckdb.DuckDBPyConnection) -> None:
-    """Table ``consent_now``: the standing in the ledger of each number of ``aud``."""
+    """Table ``consent_now``: the standing of each number in ``ledger``."""
     latest = "struct_pack(o := occurred_at, x := opt_out, e := event_id)"
     con.execute(
         f"""
@@ -940,7 +967,6 @@ def _consent_now(con: duckdb.DuckDBPyConnection) -> None:
             max_by(opt_out, {latest}) filter (where for_marketing = 1) as marketing_out,
             max_by(opt_out, {latest}) filter (where for_service = 1) as service_out
         from ledger
-        where phone_e164 in (select ct.phone_e164 from aud join ct using (contact_id))
         group by phone_e164
         """
     )
