@@ -55,6 +55,7 @@ hours again when asked and :func:`defer` moves a row that would now arrive at ni
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -794,7 +795,7 @@ def _read_ops(db_path: Path, sql: str, params: Sequence[Any] = ()) -> pa.Table:
     the first and, on close, checkpoints and deletes the WAL the first still writes to (seen
     here: "disk I/O error" for the other connection). The store is opened only through
     Python's ``sqlite3``, as everywhere else in smsops; ADBC only opens files no one else has."""
-    with _private_dir() as folder:
+    with _private_dir(db_path) as folder:
         private = folder / "result.sqlite"
         conn = store.connect(db_path)
         try:
@@ -807,13 +808,30 @@ def _read_ops(db_path: Path, sql: str, params: Sequence[Any] = ()) -> pa.Table:
 
 
 @contextmanager
-def _private_dir() -> Iterator[Path]:
-    """A folder for private files that is removed afterwards, whatever happens."""
-    folder = Path(tempfile.mkdtemp(prefix="smsops-plan-"))
+def _private_dir(db_path: Path) -> Iterator[Path]:
+    """A folder for private files beside the store (a launch's parts take about as much room as
+    its outbox rows), removed afterwards whatever happens."""
+    folder = _scratch_folder(db_path)
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+_SCRATCH_KEPT = timedelta(hours=6)
+
+
+def _scratch_folder(db_path: Path) -> Path:
+    """A new folder under ``<home>/tmp``. Folders left there by a process that was killed
+    (older than :data:`_SCRATCH_KEPT`: no launch takes that long) are removed first."""
+    root = settings.paths(db_path.parent).scratch
+    root.mkdir(exist_ok=True)
+    stale = time.time() - _SCRATCH_KEPT.total_seconds()
+    for old in root.glob("smsops-plan-*"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < stale:
+                shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix="smsops-plan-", dir=root))
 
 
 def _attach_private(conn: sqlite3.Connection, path: Path, name: str) -> None:
@@ -1309,7 +1327,7 @@ class _OutboxWriter:
     def __init__(self, db_path: Path) -> None:
         self.db_path = db_path
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smsops-outbox")
-        self.folder = Path(tempfile.mkdtemp(prefix="smsops-plan-"))
+        self.folder = _scratch_folder(db_path)
         self.parts: list[Any] = []
         self.attached = 0
         self.open = False

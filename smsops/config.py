@@ -28,6 +28,11 @@ class Paths:
         return self.home / "ops.sqlite"
 
     @property
+    def scratch(self) -> Path:
+        """Private files of a launch in progress (removed when it ends)."""
+        return self.home / "tmp"
+
+    @property
     def warehouse_dir(self) -> Path:
         return self.home / "warehouse"
 

@@ -275,6 +275,20 @@ def test_a_launch_never_opens_the_store_with_a_second_sqlite_library(
     conn.close()
 
 
+def test_a_launch_leaves_no_private_files_and_clears_those_a_killed_one_left(home: Path) -> None:
+    scratch = home / "tmp"
+    scratch.mkdir()
+    stale, fresh = scratch / "smsops-plan-killed", scratch / "smsops-plan-running"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "part0.sqlite").write_bytes(b"x")
+    six_hours_ago = time.time() - 6 * 3600 - 60
+    os.utime(stale, (six_hours_ago, six_hours_ago))
+    campaign = create(home)
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    assert sorted(p.name for p in scratch.iterdir()) == ["smsops-plan-running"]
+
+
 # -- invariant 1: never twice -------------------------------------------------------------------
 
 
