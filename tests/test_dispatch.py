@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from zones import zone_where_it_is
 
 from smsops import campaigns, consent, dispatch, serve, store, webhooks
 from smsops.dispatch import DispatchSettings, SlidingWindow
@@ -53,15 +54,6 @@ QUICK = DispatchSettings(
 
 # ---------------------------------------------------------------------------------------
 # A small store
-
-
-def zone_where_it_is(hour: int) -> str:
-    """A fixed-offset zone in which it is now about ``hour`` o'clock."""
-    now = datetime.now(UTC)
-    offset = (hour - now.hour + 12) % 24 - 12  # -12 … +11
-    name = f"Etc/GMT{-offset:+d}" if offset else "Etc/GMT"  # Etc/GMT-3 is UTC+3
-    assert abs(datetime.now(ZoneInfo(name)).hour - hour) <= 1
-    return name
 
 
 DAYTIME = zone_where_it_is(13)
