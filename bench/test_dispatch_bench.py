@@ -7,8 +7,9 @@ rate limit equal to the dispatcher's, and logs when each send reaches it. Three 
 run, against the same sandbox and with the same client setup (``CONCURRENCY`` requests in
 flight over ``CLIENTS`` httpx clients):
 
-- raw httpx: plain form POSTs, nothing else;
-- the Twilio adapter alone (``provider.send``): what the wire protocol costs on top;
+- raw httpx: plain form POSTs, nothing else, over httpx's own transport;
+- the same over the dispatcher's :class:`~smsops.providers.transport.LeanTransport`;
+- the Twilio adapter alone (``provider.send``, lean transport): what the wire protocol costs;
 - the dispatcher end to end (start-up included): claim, consent re-check, quiet hours, rate
   window, send, record, finish — the outbox in SQLite — with one process and with two
   (``processes=2``: a helper process takes half the work and half the rate); ``steady_per_s``
@@ -42,6 +43,7 @@ import pytest
 
 from smsops import consent, dispatch, store
 from smsops.providers import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, SendRequest, from_config
+from smsops.providers.transport import LeanTransport
 
 pytestmark = pytest.mark.bench
 
@@ -211,12 +213,20 @@ def campaign(home: Path, n: int, offset: int = 0) -> int:
     return cid
 
 
-async def _sharded(n: int, send) -> float:
-    """``n`` sends by CONCURRENCY workers over CLIENTS clients; seconds taken."""
+async def _sharded(n: int, send, *, lean: bool = False) -> float:
+    """``n`` sends by CONCURRENCY workers over CLIENTS clients (httpx's own transport, or
+    with ``lean`` the dispatcher's); seconds taken."""
     per_client = math.ceil(CONCURRENCY / CLIENTS)
     limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
     ssl_context = httpx.create_ssl_context()
-    clients = [httpx.AsyncClient(limits=limits, verify=ssl_context) for _ in range(CLIENTS)]
+    clients = [
+        httpx.AsyncClient(
+            limits=limits,
+            verify=ssl_context,
+            transport=LeanTransport(verify=ssl_context, max_connections=per_client) if lean else None,
+        )
+        for _ in range(CLIENTS)
+    ]
     todo = iter(range(n))
 
     async def worker(client: httpx.AsyncClient) -> None:
@@ -296,7 +306,11 @@ def test_dispatch_throughput_against_a_sandbox_in_another_process(sandbox_url, t
     raw_cpu = cpu.per_message_us(MESSAGES)
     time.sleep(1.1)
     cpu.start()
-    adapter = MESSAGES / asyncio.run(_sharded(MESSAGES, adapter_send))
+    lean = MESSAGES / asyncio.run(_sharded(MESSAGES, raw_post, lean=True))
+    lean_cpu = cpu.per_message_us(MESSAGES)
+    time.sleep(1.1)
+    cpu.start()
+    adapter = MESSAGES / asyncio.run(_sharded(MESSAGES, adapter_send, lean=True))
     adapter_cpu = cpu.per_message_us(MESSAGES)
     one = run_dispatcher(tmp_path, sandbox_url, processes=1)
     two = run_dispatcher(tmp_path, sandbox_url, processes=2)
@@ -308,6 +322,8 @@ def test_dispatch_throughput_against_a_sandbox_in_another_process(sandbox_url, t
         "cpu_cores": os.cpu_count(),
         "raw_httpx_per_s": round(raw),
         "raw_httpx_cpu": raw_cpu,
+        "raw_httpx_lean_transport_per_s": round(lean),
+        "raw_httpx_lean_transport_cpu": lean_cpu,
         "twilio_adapter_per_s": round(adapter),
         "twilio_adapter_cpu": adapter_cpu,
         "load_average": [round(x, 2) for x in os.getloadavg()],
