@@ -104,7 +104,7 @@ from smsops.providers import (
     SendResult,
     StatusUpdate,
 )
-from smsops.providers.transport import LeanTransport
+from smsops.providers.transport import LeanClient
 
 __all__ = [
     "TERMINAL_STATES",
@@ -184,8 +184,8 @@ class DispatchSettings:
     """The rate window is one second plus this: the time between admitting a send and the
     provider counting it varies a little, and must never show there as an excess."""
     http: str = "lean"
-    """The HTTP transport under the clients: ``lean`` (:class:`~smsops.providers.transport.
-    LeanTransport`, about a third of httpx's CPU per send) or ``httpx`` (httpx's own)."""
+    """The HTTP clients: ``lean`` (:class:`~smsops.providers.transport.LeanClient`, a fraction
+    of httpx's CPU per send) or ``httpx`` (plain ``httpx.AsyncClient``s)."""
     processes: int = 1
     """Dispatcher processes sharing the work: each claims its own batches and gets an equal share
     of the rate, concurrency and clients. One event loop saturates one core (most of it in httpx),
@@ -1093,14 +1093,9 @@ class _Engine:
             ssl_context = httpx.create_ssl_context()  # once: each client would load the CA file
             timeout = httpx.Timeout(self.settings.timeout, connect=min(5.0, self.settings.timeout))
             self.clients = [
-                httpx.AsyncClient(
-                    limits=limits,
-                    timeout=timeout,
-                    verify=ssl_context,
-                    transport=LeanTransport(verify=ssl_context, max_connections=per_client)
-                    if self.settings.http == "lean"
-                    else None,
-                )
+                LeanClient(verify=ssl_context, timeout=timeout, max_connections=per_client)
+                if self.settings.http == "lean"
+                else httpx.AsyncClient(limits=limits, timeout=timeout, verify=ssl_context)
                 for _ in range(self.settings.clients)
             ]
             if self.link is not None:  # a helper: the starting process reconciled and gated

@@ -19,7 +19,7 @@ import trustme
 import uvloop
 
 from smsops.providers import SANDBOX_ACCOUNT_SID, SendRequest, from_config
-from smsops.providers.transport import LeanTransport
+from smsops.providers.transport import LeanClient, LeanTransport
 
 Handler = Callable[["Server", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -107,14 +107,16 @@ def run(request):
 
 
 def client(**options) -> httpx.AsyncClient:
-    max_connections = options.pop("max_connections", 1)
-    return httpx.AsyncClient(transport=LeanTransport(max_connections=max_connections), **options)
+    """The dispatcher's client: a LeanClient, whose short send goes straight to the transport."""
+    return LeanClient(**options)
 
 
 def test_keep_alive_carries_many_requests_over_one_connection(run):
     async def main():
         async with Server(echo) as server, client() as http:
-            answers = [await http.post(server.url("/m"), data={"n": str(i), "t": "Привет"}) for i in range(20)]
+            answers = [
+                await http.post(server.url("/m"), data={"n": str(i), "t": "Привет"}) for i in range(20)
+            ]
             return server, answers
 
     server, answers = run(main())
@@ -355,9 +357,11 @@ def test_tls_verifies_the_server_by_its_name(run, authority):
 
 def test_tls_refuses_a_certificate_nobody_vouches_for(run, authority):
     async def main():
-        async with Server(echo, _tls_server_context(authority)) as server:
-            async with httpx.AsyncClient(transport=LeanTransport(verify=ssl.create_default_context())) as http:
-                await http.get(server.url(host="localhost", scheme="https"))
+        async with (
+            Server(echo, _tls_server_context(authority)) as server,
+            LeanClient(verify=ssl.create_default_context()) as http,
+        ):
+            await http.get(server.url(host="localhost", scheme="https"))
 
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         run(main())
@@ -384,6 +388,28 @@ def test_a_cancelled_request_leaves_no_connection_behind_to_be_reused(run):
 
     server, second = run(main())
     assert second.content == b"second" and server.connections == 2
+
+
+def test_a_lean_client_with_an_auth_or_redirects_takes_httpxs_full_path_over_the_same_transport(run):
+    async def redirecting(server, reader, writer):
+        while (request := await server.read_request(reader)) is not None:
+            line, headers, _ = request
+            if line.startswith("GET /old"):
+                writer.write(b"HTTP/1.1 307 Moved\r\nLocation: /new\r\nContent-Length: 0\r\n\r\n")
+            else:
+                writer.write(answer(200, headers.get("authorization", "-").encode()))
+            await writer.drain()
+
+    async def main():
+        async with Server(redirecting) as server, client() as http:
+            plain = await http.get(server.url("/old"))
+            followed = await http.get(server.url("/old"), auth=("AC1", "token"), follow_redirects=True)
+            return server, plain, followed
+
+    server, plain, followed = run(main())
+    assert plain.status_code == 307  # no redirects unless asked
+    assert followed.status_code == 200 and followed.text == "Basic QUMxOnRva2Vu"
+    assert server.connections == 1
 
 
 def test_max_connections_must_be_positive():

@@ -62,6 +62,7 @@ from smsops.providers import (
     parse_int,
     scrub,
 )
+from smsops.providers.transport import parsed_url
 
 __all__ = ["CODE_MEANINGS", "DEFAULT_BASE_URL", "DELIVERY_STATUS", "SmsRuProvider", "classify_code"]
 
@@ -206,7 +207,7 @@ class SmsRuProvider:
         if self.test:
             data["test"] = "1"
         try:
-            response = await client.post(self._url("sms/send"), data=data)
+            response = await client.post(parsed_url(self._url("sms/send")), data=data)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             return SendResult("transient", error_message=self._describe(exc))
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:

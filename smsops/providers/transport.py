@@ -20,6 +20,10 @@ What it keeps from httpcore, because the dispatcher's guarantees depend on it:
 - **Timeouts** from the request (``connect``, ``write``, ``read``, ``pool``), as httpx sets them.
 - **TLS** with the given :class:`ssl.SSLContext` and the host's name for SNI and verification.
 
+:class:`LeanClient` is the :class:`httpx.AsyncClient` the dispatcher sends with: over a
+:class:`LeanTransport`, and its ``send`` skips the client layers a provider call never uses
+(cookie extraction, redirects, auth flows, event hooks), which cost more than the transport.
+
 It holds at most ``max_connections`` connections per origin (a request beyond that waits for
 one, up to the ``pool`` timeout). Requests it was not built for (``HEAD``, ``CONNECT``, a
 streamed upload, an ``Upgrade``) go to httpx's own transport, made on first use.
@@ -29,35 +33,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 import time
 from collections import deque
+from typing import Any
 
 import httptools
 import httpx
 
-__all__ = ["LeanTransport"]
+__all__ = ["LeanClient", "LeanTransport", "parsed_url"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FALLBACK_METHODS = frozenset({"HEAD", "CONNECT"})
+
+
+@functools.lru_cache(maxsize=256)
+def parsed_url(text: str) -> httpx.URL:
+    """``httpx.URL(text)``, parsed once: httpx re-parses a URL given as text on every request,
+    a tenth of a send's client CPU. For the fixed endpoints adapters call again and again."""
+    return httpx.URL(text)
 
 
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: at most one request in flight, answers parsed as they arrive."""
 
     __slots__ = (
-        "transport",
-        "parser",
-        "waiter",
-        "closed",
-        "idle_since",
-        "status",
-        "headers",
         "body",
+        "closed",
+        "headers",
         "headers_done",
-        "until_close",
+        "idle_since",
         "keep_alive",
+        "parser",
+        "status",
         "timer",
+        "transport",
+        "until_close",
+        "waiter",
     )
 
     def __init__(self) -> None:
@@ -199,7 +212,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         url = request.url
         origin = (url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme, 0))
         if origin[0] not in _DEFAULT_PORTS:
-            raise httpx.UnsupportedProtocol(f"the URL {url} has no http:// or https:// scheme", request=request)
+            raise httpx.UnsupportedProtocol(
+                f"the URL {url} has no http:// or https:// scheme", request=request
+            )
         timeouts = request.extensions.get("timeout", {})
         slots = self.slots.get(origin)
         if slots is None:
@@ -225,7 +240,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         done = connection.start(loop, timeouts.get("read"))
         try:
-            self._write(connection, request)
+            self._write(connection, request, await request.aread())
             try:
                 await done
             except httpx.TransportError as exc:
@@ -285,9 +300,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return connection
 
     @staticmethod
-    def _write(connection: _Connection, request: httpx.Request) -> None:
+    def _write(connection: _Connection, request: httpx.Request, body: bytes) -> None:
         url = request.url
-        body = request.content
         target = url.raw_path or b"/"
         lines = [request.method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
         for name, value in request.headers.raw:
@@ -314,3 +328,40 @@ class LeanTransport(httpx.AsyncBaseTransport):
             with contextlib.suppress(Exception):
                 await self.fallback.aclose()
 
+
+class LeanClient(httpx.AsyncClient):
+    """An :class:`httpx.AsyncClient` over a :class:`LeanTransport` with a short ``send``.
+
+    Built without auth, event hooks, proxies from the environment or redirects, so a request
+    needs none of those layers: ``send`` hands it straight to the transport and reads the body
+    (cookies a server sets are not kept: provider APIs authenticate every request). A caller that
+    asks for streaming, an auth or redirects gets httpx's full ``send``."""
+
+    def __init__(
+        self,
+        *,
+        verify: ssl.SSLContext | None = None,
+        timeout: httpx.Timeout | float = 15.0,
+        max_connections: int = 1,
+        keepalive_expiry: float = 4.0,
+    ) -> None:
+        self.lean = LeanTransport(
+            verify=verify, max_connections=max_connections, keepalive_expiry=keepalive_expiry
+        )
+        super().__init__(transport=self.lean, timeout=timeout, trust_env=False, follow_redirects=False)
+
+    async def send(
+        self,
+        request: httpx.Request,
+        *,
+        stream: bool = False,
+        auth: Any = httpx.USE_CLIENT_DEFAULT,
+        follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
+    ) -> httpx.Response:
+        if stream or auth is not httpx.USE_CLIENT_DEFAULT or follow_redirects is True:
+            return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
+        if self.is_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        response = await self.lean.handle_async_request(request)
+        await response.aread()
+        return response

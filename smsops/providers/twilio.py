@@ -59,6 +59,7 @@ from smsops.providers import (
     retry_after_seconds,
     scrub,
 )
+from smsops.providers.transport import parsed_url
 
 __all__ = [
     "API_VERSION",
@@ -310,7 +311,7 @@ class TwilioProvider:
         if request.status_callback:
             data["StatusCallback"] = request.status_callback
         try:
-            response = await client.post(self.messages_url, data=data, headers=self._headers())
+            response = await client.post(parsed_url(self.messages_url), data=data, headers=self._headers())
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             return SendResult("transient", error_message=self._describe(exc))
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
