@@ -540,7 +540,7 @@ def parser() -> argparse.ArgumentParser:
     cs.add_argument("--rate", type=float, default=100.0, help="messages per second at most (default 100)")
     cs.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default 32)")
     cs.add_argument("--processes", type=int,
-                    help="dispatcher processes, a core each (default: one per 1,500 msg/s of --rate, at most the cores)")  # fmt: skip
+                    help="dispatcher processes, a core each (default: one per 2,500 msg/s of --rate, at most the cores)")  # fmt: skip
     cs.add_argument("--provider", help="sandbox, twilio or smsru (default: $SMSOPS_PROVIDER, else sandbox)")
     cs.add_argument("--webhook-url", help="the webhook app receipts go to (default http://127.0.0.1:8600)")
     cs.set_defaults(func=_campaign_send)
@@ -566,7 +566,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--rate", type=float, default=100.0, help="messages per second at most (default 100)")
     sv.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default 32)")
     sv.add_argument("--processes", type=int,
-                    help="dispatcher processes, a core each (default: one per 1,500 msg/s of --rate, at most the cores)")  # fmt: skip
+                    help="dispatcher processes, a core each (default: one per 2,500 msg/s of --rate, at most the cores)")  # fmt: skip
     sv.set_defaults(func=_serve)
 
     r = sub.add_parser("run", help="demo data if the store is empty, build if needed, start the app")

@@ -224,9 +224,10 @@ class DispatchSettings:
             )
 
 
-ONE_PROCESS_RATE = 1_500
+ONE_PROCESS_RATE = 2_500
 """Messages per second one dispatcher process is given at most when the count is chosen for a
-rate: one measured ~1,700/s against the sandbox on loopback, most of it httpx's CPU."""
+rate: one measured ~2,000/s against the sandbox on loopback on a slow day, the sandbox sharing
+its two cores (about 500 µs of the dispatcher's CPU per message)."""
 
 
 def processes_for(rate_per_second: float, cpus: int | None = None) -> int:

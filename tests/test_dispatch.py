@@ -243,7 +243,7 @@ def test_impossible_settings_are_refused(change):
 
 @pytest.mark.parametrize(
     ("rate", "cpus", "expected"),
-    [(100, 2, 1), (1_500, 2, 1), (1_501, 2, 2), (5_000, 2, 2), (5_000, 8, 4), (5_000, 1, 1), (0.5, 4, 1)],
+    [(100, 2, 1), (2_500, 2, 1), (2_501, 2, 2), (5_000, 2, 2), (10_000, 8, 4), (5_000, 1, 1), (0.5, 4, 1)],
 )
 def test_the_default_process_count_follows_the_rate_and_the_cores(rate, cpus, expected):
     assert dispatch.processes_for(rate, cpus) == expected
@@ -254,7 +254,7 @@ def test_the_cli_gives_a_fast_rate_two_processes_unless_told(monkeypatch):
 
     seen = []
     monkeypatch.setattr(serve, "load_provider", lambda name: object())
-    monkeypatch.setattr(dispatch, "processes_for", lambda rate: 2 if rate > 1_500 else 1)
+    monkeypatch.setattr(dispatch, "processes_for", lambda rate: 2 if rate > 2_500 else 1)
 
     def capture(**kwargs):
         seen.append(kwargs["processes"])

@@ -33,6 +33,7 @@ from smsops.providers import (
 )
 from smsops.providers.sandbox import SandboxServer, SandboxSettings, run_in_thread, serve_in_thread
 from smsops.providers.smsru import SmsRuProvider, classify_code
+from smsops.providers.transport import LeanClient
 from smsops.providers.twilio import TwilioProvider, classify_response, request_signature, verify_signature
 
 QUIET = SandboxSettings(latency=(0.0, 0.0), transient_error_rate=0.0, receipt_delay=(0.0, 0.0))
@@ -45,9 +46,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def send(provider: Provider, to: str, body: str = "Скидка 20% до воскресенья", **client_options):
-    async with httpx.AsyncClient(**client_options) as client:
+async def send(http, provider: Provider, to: str, body: str = "Скидка 20% до воскресенья", **client_options):
+    async with http(**client_options) as client:
         return await provider.send(client, SendRequest(1, to, "SHOPMARKET", body))
+
+
+@pytest.fixture(params=["httpx", "lean"])
+def http(request):
+    """The clients the adapters are called with: plain httpx, and the dispatcher's LeanClient."""
+    return httpx.AsyncClient if request.param == "httpx" else LeanClient
 
 
 @pytest.fixture(scope="module")
@@ -281,21 +288,21 @@ def test_secrets_never_appear_in_reprs():
         assert secret not in text
 
 
-def test_secrets_never_appear_in_errors_or_logs(sandbox, caplog):
+def test_secrets_never_appear_in_errors_or_logs(http, sandbox, caplog):
     caplog.set_level(logging.DEBUG)
     wrong = TwilioProvider(account_sid=QUIET.account_sid, auth_token=TWILIO_TOKEN, base_url=sandbox.url)
     with pytest.raises(AuthenticationError) as refused:
-        run(send(wrong, "+79123456701"))
+        run(send(http, wrong, "+79123456701"))
     unreachable = TwilioProvider(
         account_sid=QUIET.account_sid, auth_token=TWILIO_TOKEN, base_url=closed_port_url()
     )
-    result = run(send(unreachable, "+79123456701"))
+    result = run(send(http, unreachable, "+79123456701"))
     with pytest.raises(InvalidSignature) as forged:
         wrong.parse_callback("http://x/status", {"MessageSid": "SM1", "MessageStatus": "sent"}, {})
     smsru = SmsRuProvider(
         api_id=SMSRU_API_ID, base_url=closed_port_url(), callback_token=SMSRU_CALLBACK_TOKEN
     )
-    smsru_result = run(send(smsru, "+79123456701"))
+    smsru_result = run(send(http, smsru, "+79123456701"))
     with pytest.raises(InvalidSignature) as smsru_forged:
         smsru.parse_callback("http://x/smsru?token=guess", {"data[0]": "sms_status\n1-1\n103"}, {})
     texts = [str(refused.value), str(forged.value), str(smsru_forged.value), repr(result), repr(smsru_result)]
@@ -316,8 +323,8 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def test_an_accepted_message_has_its_sid_segments_and_price(provider):
-    result = run(send(provider, "+79123456701", "Привет! " * 10))  # 80 UCS-2 characters: 2 segments
+def test_an_accepted_message_has_its_sid_segments_and_price(http, provider):
+    result = run(send(http, provider, "+79123456701", "Привет! " * 10))  # 80 UCS-2 characters: 2 segments
     assert result.outcome == "accepted"
     assert result.provider_message_id.startswith("SM") and len(result.provider_message_id) == 34
     assert (result.status, result.segments, result.http_status) == ("queued", 2, 201)
@@ -333,8 +340,8 @@ def test_an_accepted_message_has_its_sid_segments_and_price(provider):
         ("+79123456714", "21614", False),
     ],
 )
-def test_permanent_refusals_carry_the_code_and_never_say_retry(provider, to, code, opted_out):
-    result = run(send(provider, to))
+def test_permanent_refusals_carry_the_code_and_never_say_retry(http, provider, to, code, opted_out):
+    result = run(send(http, provider, to))
     assert (result.outcome, result.error_code, result.opted_out, result.http_status) == (
         "permanent",
         code,
@@ -344,13 +351,13 @@ def test_permanent_refusals_carry_the_code_and_never_say_retry(provider, to, cod
     assert result.provider_message_id is None and result.error_message
 
 
-def test_throttling_is_transient_and_says_when_to_retry():
+def test_throttling_is_transient_and_says_when_to_retry(http):
     settings = SandboxSettings(latency=(0.0, 0.0), transient_error_rate=0.0, rate_per_second=2)
     with run_in_thread(settings) as server:
         provider = from_config("sandbox", {"SANDBOX_URL": server.url})
 
         async def burst():
-            async with httpx.AsyncClient() as client:
+            async with http() as client:
                 return [
                     await provider.send(client, SendRequest(i, "+79123456701", "S", "hi")) for i in range(3)
                 ]
@@ -361,35 +368,35 @@ def test_throttling_is_transient_and_says_when_to_retry():
     assert third.retry_after is not None and 0 < third.retry_after <= 1
 
 
-def test_a_server_error_is_unknown_never_transient():
+def test_a_server_error_is_unknown_never_transient(http):
     settings = SandboxSettings(latency=(0.0, 0.0), transient_error_rate=1.0, ambiguous_error_rate=0.0)
     with run_in_thread(settings) as server:
-        result = run(send(from_config("sandbox", {"SANDBOX_URL": server.url}), "+79123456701"))
+        result = run(send(http, from_config("sandbox", {"SANDBOX_URL": server.url}), "+79123456701"))
     assert result.outcome == "unknown"
     assert result.http_status in (500, 503) and result.error_code in ("20500", "20503")
 
 
-def test_a_refused_connection_is_transient_because_nothing_was_sent():
+def test_a_refused_connection_is_transient_because_nothing_was_sent(http):
     provider = from_config("sandbox", {"SANDBOX_URL": closed_port_url()})
-    result = run(send(provider, "+79123456701"))
+    result = run(send(http, provider, "+79123456701"))
     assert (result.outcome, result.http_status) == ("transient", None)
     assert "ConnectError" in result.error_message
 
 
-def test_a_read_timeout_after_sending_is_unknown():
+def test_a_read_timeout_after_sending_is_unknown(http):
     settings = SandboxSettings(latency=(0.5, 0.5), transient_error_rate=0.0)
     with run_in_thread(settings) as server:
         provider = from_config("sandbox", {"SANDBOX_URL": server.url})
-        result = run(send(provider, "+79123456701", timeout=httpx.Timeout(5.0, read=0.1)))
+        result = run(send(http, provider, "+79123456701", timeout=httpx.Timeout(5.0, read=0.1)))
     assert result.outcome == "unknown"
     assert "ReadTimeout" in result.error_message
 
 
-def test_lookup_returns_the_current_status_or_none(provider):
-    accepted = run(send(provider, "+79123456799"))
+def test_lookup_returns_the_current_status_or_none(http, provider):
+    accepted = run(send(http, provider, "+79123456799"))
 
     async def look():
-        async with httpx.AsyncClient() as client:
+        async with http() as client:
             found = await provider.lookup(client, accepted.provider_message_id)
             missing = await provider.lookup(client, "SM" + "0" * 32)
             bogus = await provider.lookup(client, "../../etc")
@@ -401,7 +408,7 @@ def test_lookup_returns_the_current_status_or_none(provider):
     assert missing is None and bogus is None
 
 
-def test_find_reconciles_a_send_whose_fate_was_unknown():
+def test_find_reconciles_a_send_whose_fate_was_unknown(http):
     # Every answer is a 5xx, yet the sandbox (like Twilio) created each message anyway.
     settings = SandboxSettings(latency=(0.0, 0.0), transient_error_rate=1.0, ambiguous_error_rate=1.0)
     with run_in_thread(settings) as server:
@@ -410,7 +417,7 @@ def test_find_reconciles_a_send_whose_fate_was_unknown():
         since = datetime.now(UTC)
 
         async def reconcile():
-            async with httpx.AsyncClient() as client:
+            async with http() as client:
                 result = await provider.send(client, request)
                 other = await provider.find(
                     client, SendRequest(8, "+79123456702", "SHOPMARKET", request.body), since
@@ -497,8 +504,8 @@ def smsru() -> Iterator[SmsRuProvider]:
         ("+79123456777", "unknown", None, False),
     ],
 )
-def test_smsru_reads_each_numbers_status_code_from_an_http_200(smsru, to, outcome, code, opted_out):
-    result = run(send(smsru, to))
+def test_smsru_reads_each_numbers_status_code_from_an_http_200(http, smsru, to, outcome, code, opted_out):
+    result = run(send(http, smsru, to))
     assert (result.outcome, result.error_code, result.opted_out) == (outcome, code, opted_out)
     if outcome == "accepted":
         assert result.provider_message_id.startswith("000000-")
@@ -507,15 +514,15 @@ def test_smsru_reads_each_numbers_status_code_from_an_http_200(smsru, to, outcom
         assert result.retry_after == 60.0
 
 
-def test_smsru_refused_credentials_raise(smsru):
+def test_smsru_refused_credentials_raise(http, smsru):
     wrong = SmsRuProvider(api_id="wrong-api-id", base_url=smsru.base_url)
     with pytest.raises(AuthenticationError, match="SMSRU_API_ID"):
-        run(send(wrong, "+79123456001"))
+        run(send(http, wrong, "+79123456001"))
 
 
-def test_smsru_lookup_maps_its_codes_onto_the_common_statuses(smsru):
+def test_smsru_lookup_maps_its_codes_onto_the_common_statuses(http, smsru):
     async def scenario():
-        async with httpx.AsyncClient() as client:
+        async with http() as client:
             ok = await smsru.send(client, SendRequest(1, "+79123456002", "", "hi"))
             failed = await smsru.send(client, SendRequest(2, "+79123456104", "", "hi"))
             return (
@@ -606,12 +613,12 @@ def test_smsru_callback_over_http_gets_100_or_403_or_400():
     assert [(u.provider_message_id, u.status) for u in stored] == [("000000-9", "delivered")]
 
 
-def test_find_window_excludes_older_messages(provider):
+def test_find_window_excludes_older_messages(http, provider):
     request = SendRequest(1, "+79123456755", "SHOPMARKET", "старое сообщение")
-    run(send(provider, request.to, request.body))
+    run(send(http, provider, request.to, request.body))
 
     async def look():
-        async with httpx.AsyncClient() as client:
+        async with http() as client:
             return await provider.find(client, request, datetime.now(UTC) + timedelta(seconds=2))
 
     assert run(look()) == []
