@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -410,6 +412,107 @@ def test_a_lean_client_with_an_auth_or_redirects_takes_httpxs_full_path_over_the
     assert plain.status_code == 307  # no redirects unless asked
     assert followed.status_code == 200 and followed.text == "Basic QUMxOnRva2Vu"
     assert server.connections == 1
+
+
+def test_informational_answers_are_skipped_and_each_request_gets_its_own_answer(run):
+    async def early_hints(server, reader, writer):
+        while (request := await server.read_request(reader)) is not None:
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(answer(201, request[2]))
+            await writer.drain()
+
+    async def main():
+        async with Server(early_hints) as server, client() as http:
+            first = await http.post(server.url(), content=b"message-1")
+            second = await http.post(server.url(), content=b"message-2")
+            return [(first.status_code, first.content), (second.status_code, second.content)]
+
+    assert run(main()) == [(201, b"message-1"), (201, b"message-2")]
+
+
+def test_a_second_answer_in_the_same_read_neither_changes_the_first_nor_reaches_the_next_request(run):
+    async def doubled(server, reader, writer):
+        while await server.read_request(reader) is not None:
+            writer.write(answer(200, b"ok", "X-A: 1") + answer(500, b"late", "X-B: 2"))
+            await writer.drain()
+
+    async def main():
+        async with Server(doubled) as server, client() as http:
+            first = await http.get(server.url())
+            await asyncio.sleep(0.05)
+            second = await http.get(server.url())
+            return server, first, second
+
+    server, first, second = run(main())
+    assert (first.status_code, first.content, "x-b" in first.headers) == (200, b"ok", False)
+    assert (second.status_code, second.content) == (200, b"ok")
+    assert server.connections == 2  # the connection that said too much was not reused
+
+
+def test_a_body_that_ends_with_the_connection_is_an_error_when_the_connection_was_reset(run):
+    async def reset(server, reader, writer):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b'{"sid": "SM1", "sta')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        writer.transport.abort()  # RST, not FIN: the body was cut
+
+    async def main():
+        async with Server(reset) as server, client() as http:
+            await http.get(server.url())
+
+    with pytest.raises(httpx.ReadError):
+        run(main())
+
+
+def test_sending_a_request_built_by_hand_still_honours_the_clients_timeout(run):
+    async def silent(server, reader, writer):
+        await server.read_request(reader)
+        await asyncio.sleep(5)
+
+    async def main():
+        async with Server(silent) as server, client(timeout=0.2) as http:
+            await asyncio.wait_for(http.send(httpx.Request("POST", server.url(), content=b"x")), 2.0)
+
+    with pytest.raises(httpx.ReadTimeout):
+        run(main())
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth(run):
+    async def main():
+        async def echo_auth(server, reader, writer):
+            _, headers, _ = await server.read_request(reader)
+            writer.write(answer(200, headers.get("authorization", "-").encode()))
+            await writer.drain()
+
+        async with Server(echo_auth) as server, client() as http:
+            return (await http.get(f"http://AC1:tok@127.0.0.1:{server.port}/")).text
+
+    assert run(main()) == "Basic QUMxOnRvaw=="
+
+
+def test_closing_the_client_mid_request_leaves_no_connection_open(run):
+    async def slow(server, reader, writer):
+        while (request := await server.read_request(reader)) is not None:
+            await asyncio.sleep(0.1)
+            writer.write(answer(200, request[2]))
+            await writer.drain()
+
+    async def main():
+        async with Server(slow) as server:
+            http = client()
+            pending = asyncio.create_task(http.get(server.url()))
+            await asyncio.sleep(0.02)
+            await http.aclose()
+            answered = await pending
+            return answered.status_code, [len(idle) for idle in http.lean.idle.values()]
+
+    assert run(main()) == (200, [])
 
 
 def test_max_connections_must_be_positive():

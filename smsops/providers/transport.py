@@ -14,10 +14,14 @@ What it keeps from httpcore, because the dispatcher's guarantees depend on it:
   fate as unknown and the dispatcher reconciles it (DESIGN.md invariant 1). Only a failure to
   *connect* (:class:`httpx.ConnectError`, :class:`httpx.ConnectTimeout`) means nothing left.
 - **Keep-alive done right.** An idle connection is reused only while the server has not closed
-  it and for at most ``keepalive_expiry`` seconds; an answer with ``Connection: close`` (or an
+  it (nor its socket become readable) and for at most ``keepalive_expiry`` seconds; an answer with ``Connection: close`` (or an
   HTTP/1.0 one) closes it; a connection whose answer timed out is closed, never reused (a late
   answer would be taken for the next request's).
-- **Timeouts** from the request (``connect``, ``write``, ``read``, ``pool``), as httpx sets them.
+- **Timeouts** from the request, as httpx sets them: ``connect``, ``pool``, and ``read`` for the
+  whole answer. A request is handed to the socket in one write without waiting (provider
+  requests are a few hundred bytes), so ``write`` has nothing to bound.
+- **Answers as they are.** Informational ``1xx`` answers are skipped; bytes after the answer
+  (a second answer to one request) make the connection unusable, never a different answer.
 - **TLS** with the given :class:`ssl.SSLContext` and the host's name for SNI and verification.
 
 :class:`LeanClient` is the :class:`httpx.AsyncClient` the dispatcher sends with: over a
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import select
 import ssl
 import time
 from collections import deque
@@ -56,9 +61,14 @@ def parsed_url(text: str) -> httpx.URL:
 
 
 class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection: at most one request in flight, answers parsed as they arrive."""
+    """One HTTP/1.1 connection: at most one request in flight, its answer parsed as it arrives.
+
+    The answer is frozen (:attr:`answer`) the moment its last byte is parsed: informational
+    ``1xx`` answers before it are skipped, and anything the server sends after it (a second
+    answer in the same read, say) makes the connection unusable instead of changing it."""
 
     __slots__ = (
+        "answer",
         "body",
         "closed",
         "headers",
@@ -77,6 +87,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[None] | None = None
+        self.answer: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
         self.closed = False
         self.idle_since = 0.0
         self.status = 0
@@ -93,7 +104,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None or self.waiter.done():  # bytes nobody asked for: unusable
+        if self.waiter is None or self.answer is not None:  # bytes nobody asked for: unusable
             self.abort()
             return
         try:
@@ -108,17 +119,20 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        waiter = self.waiter
-        if waiter is None or waiter.done():
+        if self.waiter is None or self.waiter.done():
             return
-        if self.headers_done and self.until_close:
-            self.finish()
+        if self.headers_done and self.until_close and exc is None:
+            self.complete()  # the body ran until the server closed, as announced
         elif isinstance(exc, OSError):
-            self.fail(httpx.ReadError(f"the connection broke before the answer: {exc}"))
+            self.fail(httpx.ReadError(f"the connection broke before the whole answer: {exc}"))
         else:
             self.fail(httpx.RemoteProtocolError("the server closed the connection without a full answer"))
 
     # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.answer is not None:  # a second answer to one request: never trust the connection
+            self.abort()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
@@ -137,37 +151,45 @@ class _Connection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.answer is not None:
+            return
+        if 100 <= self.status < 200:  # informational (100 Continue, 103 Early Hints): the answer follows
+            self.status, self.headers, self.body, self.headers_done = 0, [], [], False
+            return
         self.keep_alive = self.parser.should_keep_alive()  # reset once the callback returns
-        self.finish()
+        self.complete()
 
     # -- one exchange ----------------------------------------------------------------------
 
-    def finish(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def complete(self) -> None:
+        self.answer = (self.status, self.headers, b"".join(self.body))
+        self.headers, self.body = [], []
+        self.cancel_timer()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
     def fail(self, exc: Exception) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(exc)
         self.abort()
 
     def abort(self) -> None:
         self.closed = True
+        self.cancel_timer()
         if self.transport is not None:
             self.transport.abort()
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def timed_out(self) -> None:
         self.timer = None
         self.fail(httpx.ReadTimeout("no answer from the server in time"))
 
     def start(self, loop: asyncio.AbstractEventLoop, read_timeout: float | None) -> asyncio.Future[None]:
-        self.status, self.headers, self.body = 0, [], []
+        self.status, self.headers, self.body, self.answer = 0, [], [], None
         self.headers_done = self.until_close = self.keep_alive = False
         self.waiter = loop.create_future()
         if read_timeout is not None:
@@ -177,6 +199,20 @@ class _Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         """Whether this answer left the connection open for the next request."""
         return self.keep_alive and not self.closed and not self.until_close
+
+    def stale(self) -> bool:
+        """Whether the server closed (or wrote to) this idle connection in a way the event loop
+        has not processed yet: its socket is readable (what httpcore checks too)."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return True
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
@@ -210,7 +246,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         ):
             return await self._fallback(request)
         url = request.url
-        origin = (url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme, 0))
+        host = url.raw_host.decode("ascii")  # IDNA-encoded as in the Host header httpx wrote
+        origin = (url.scheme, host, url.port or _DEFAULT_PORTS.get(url.scheme, 0))
         if origin[0] not in _DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol(
                 f"the URL {url} has no http:// or https:// scheme", request=request
@@ -221,7 +258,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
             slots = self.slots[origin] = asyncio.Semaphore(self.max_connections)
         if slots.locked():
             try:
-                await asyncio.wait_for(slots.acquire(), timeouts.get("pool"))
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await slots.acquire()
             except TimeoutError:
                 raise httpx.PoolTimeout("no connection came free in time", request=request) from None
         else:
@@ -246,17 +284,19 @@ class LeanTransport(httpx.AsyncBaseTransport):
             except httpx.TransportError as exc:
                 exc.request = request
                 raise
+            assert connection.answer is not None
+            status, headers, body = connection.answer
             response = httpx.Response(
-                connection.status,
-                headers=connection.headers,
-                stream=httpx.ByteStream(b"".join(connection.body)),
+                status,
+                headers=headers,
+                stream=httpx.ByteStream(body),
                 extensions={"http_version": b"HTTP/1.1"},
                 request=request,
             )
         except BaseException:  # cancelled too: a late answer must never reach the next request
             connection.abort()
             raise
-        if connection.reusable():
+        if connection.reusable() and not self.closing:
             connection.idle_since = time.monotonic()
             connection.waiter = None
             self.idle.setdefault(origin, deque()).append(connection)
@@ -272,7 +312,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         expiry = time.monotonic() - self.keepalive_expiry
         while idle:
             connection = idle.pop()
-            if not connection.closed and connection.idle_since >= expiry:
+            if connection.idle_since >= expiry and not connection.stale():
                 return connection
             connection.abort()  # closed by the server, or idle too long to trust
         return None
@@ -287,12 +327,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
             self.ssl_context = context
         loop = asyncio.get_running_loop()
         try:
-            _, connection = await asyncio.wait_for(
-                loop.create_connection(
+            async with asyncio.timeout(timeout):
+                _, connection = await loop.create_connection(
                     _Connection, host, port, ssl=context, server_hostname=host if context else None
-                ),
-                timeout,
-            )
+                )
         except TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out", request=request) from None
         except (OSError, ssl.SSLError) as exc:
@@ -334,8 +372,9 @@ class LeanClient(httpx.AsyncClient):
 
     Built without auth, event hooks, proxies from the environment or redirects, so a request
     needs none of those layers: ``send`` hands it straight to the transport and reads the body
-    (cookies a server sets are not kept: provider APIs authenticate every request). A caller that
-    asks for streaming, an auth or redirects gets httpx's full ``send``."""
+    (cookies a server sets are not kept: provider APIs authenticate every request; nor is
+    ``response.elapsed``). A request that asks for streaming, an auth (its own, the client's or
+    in its URL), redirects, or meets an event hook gets httpx's full ``send``."""
 
     def __init__(
         self,
@@ -358,10 +397,19 @@ class LeanClient(httpx.AsyncClient):
         auth: Any = httpx.USE_CLIENT_DEFAULT,
         follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
-        if stream or auth is not httpx.USE_CLIENT_DEFAULT or follow_redirects is True:
+        if (
+            stream
+            or auth is not httpx.USE_CLIENT_DEFAULT
+            or follow_redirects is True
+            or (follow_redirects is httpx.USE_CLIENT_DEFAULT and self.follow_redirects)
+            or self.auth is not None
+            or request.url.userinfo
+            or any(self.event_hooks.values())
+        ):
             return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
         if self.is_closed:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
+        request.extensions.setdefault("timeout", self.timeout.as_dict())  # as httpx's send does
         response = await self.lean.handle_async_request(request)
         await response.aread()
         return response
