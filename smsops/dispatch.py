@@ -82,6 +82,7 @@ import socket
 import sqlite3
 import sys
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -185,7 +186,8 @@ class DispatchSettings:
     provider counting it varies a little, and must never show there as an excess."""
     http: str = "lean"
     """The HTTP clients: ``lean`` (:class:`~smsops.providers.transport.LeanClient`, a fraction
-    of httpx's CPU per send) or ``httpx`` (plain ``httpx.AsyncClient``s)."""
+    of httpx's CPU per send; not when the environment names a proxy, which it does not speak)
+    or ``httpx`` (plain ``httpx.AsyncClient``s)."""
     processes: int = 1
     """Dispatcher processes sharing the work: each claims its own batches and gets an equal share
     of the rate, concurrency and clients. One event loop saturates one core (most of it in httpx),
@@ -476,6 +478,16 @@ def _skip_sniffio_probe() -> None:
     failure instant; nothing changes where sniffio is installed."""
     if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
         sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+
+def _behind_a_proxy() -> bool:
+    """Whether the environment names an HTTP proxy (``HTTPS_PROXY`` and friends). The lean
+    clients connect directly, so behind a proxy the dispatcher uses httpx's own clients, which
+    honour it (and ``NO_PROXY``)."""
+    proxies = {k: v for k, v in urllib.request.getproxies().items() if k in ("http", "https", "all")}
+    if proxies:
+        log.info("an HTTP proxy is configured: sending through httpx's own clients")
+    return bool(proxies)
 
 
 def _name_the_loop() -> None:
@@ -1093,9 +1105,10 @@ class _Engine:
             limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
             ssl_context = httpx.create_ssl_context()  # once: each client would load the CA file
             timeout = httpx.Timeout(self.settings.timeout, connect=min(5.0, self.settings.timeout))
+            lean = self.settings.http == "lean" and not _behind_a_proxy()
             self.clients = [
                 LeanClient(verify=ssl_context, timeout=timeout, max_connections=per_client)
-                if self.settings.http == "lean"
+                if lean
                 else httpx.AsyncClient(limits=limits, timeout=timeout, verify=ssl_context)
                 for _ in range(self.settings.clients)
             ]

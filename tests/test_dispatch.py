@@ -37,6 +37,7 @@ from smsops.providers import (
     from_config,
 )
 from smsops.providers.sandbox import SandboxSettings, create_app, run_in_thread, serve_in_thread
+from smsops.providers.transport import LeanClient
 
 SENDER = "SHOPMARKET"
 FAST = SandboxSettings(
@@ -270,12 +271,13 @@ def test_the_cli_gives_a_fast_rate_two_processes_unless_told(monkeypatch):
 # Outcomes
 
 
-def test_accepted_messages_are_submitted_with_receipts_and_the_campaign_finishes(home, sandbox):
+@pytest.mark.parametrize("http", ["lean", "httpx"])
+def test_accepted_messages_are_submitted_with_receipts_and_the_campaign_finishes(home, sandbox, http):
     provider = provider_at(sandbox.url)
     phones = numbers(30)
     cid = make_campaign(home, phones)
     with serve_in_thread(webhooks.create_app({"sandbox": provider}, home=home)) as hooks:
-        settings = replace(QUICK, status_callback_url=f"{hooks.url}/webhooks/sandbox/status")
+        settings = replace(QUICK, status_callback_url=f"{hooks.url}/webhooks/sandbox/status", http=http)
         report = dispatch.run_sync(home, provider, settings, campaign_id=cid)
         deadline = time.monotonic() + 10
         while rows(home, "select count(*) as n from message_status_events")[0]["n"] < 60:
@@ -295,6 +297,35 @@ def test_accepted_messages_are_submitted_with_receipts_and_the_campaign_finishes
     statuses = Counter(r["status"] for r in rows(home, "select status from message_status_events"))
     assert statuses == {"sent": 30, "delivered": 30}
     assert rows(home, "select count(*) as n from orphan_status_events")[0]["n"] == 0
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.mark.parametrize(
+    ("proxy", "expected"),
+    [(None, LeanClient), ("http://127.0.0.1:9", httpx.AsyncClient)],
+)
+def test_the_dispatcher_sends_with_lean_clients_unless_a_proxy_is_configured(
+    home, sandbox, monkeypatch, proxy, expected
+):
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    if proxy:  # a proxy for the world, not for the sandbox on loopback
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    clients: list[type] = []
+
+    class Seeing(Recording):
+        async def send(self, client, request):
+            clients.append(type(client))
+            return await super().send(client, request)
+
+    cid = make_campaign(home, numbers(3))
+    report = dispatch.run_sync(home, Seeing(provider_at(sandbox.url)), QUICK, campaign_id=cid)
+    assert report.submitted == 3 and clients == [expected] * 3
 
 
 def test_permanent_rejections_are_never_retried_and_a_stop_is_recorded_as_an_opt_out(home, sandbox):
@@ -362,12 +393,13 @@ def test_transient_failures_give_up_after_max_attempts(home):
     assert status_of(home, cid) == "finished"
 
 
-def test_an_ambiguous_answer_is_reconciled_with_the_provider_not_resent(home):
+@pytest.mark.parametrize("http", ["lean", "httpx"])
+def test_an_ambiguous_answer_is_reconciled_with_the_provider_not_resent(home, http):
     # every request gets a 500/503, and every one of them was accepted anyway
     settings = replace(FAST, transient_error_rate=1.0, ambiguous_error_rate=1.0)
     with run_in_thread(settings) as server:
         cid = make_campaign(home, numbers(4))
-        report = dispatch.run_sync(home, provider_at(server.url), QUICK, campaign_id=cid)
+        report = dispatch.run_sync(home, provider_at(server.url), replace(QUICK, http=http), campaign_id=cid)
         received = sandbox_messages(server.url)
     out = outbox(home, cid)
     assert report.requests == 4 and report.reconciled == {"found": 4}
