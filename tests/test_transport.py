@@ -108,6 +108,15 @@ def run(request):
     return run
 
 
+async def slow_first(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echoes each request's body, the first one only after 0.3 s."""
+    while (request := await server.read_request(reader)) is not None:
+        if len(server.requests) == 1:
+            await asyncio.sleep(0.3)
+        writer.write(answer(200, request[2]))
+        await writer.drain()
+
+
 def client(**options) -> httpx.AsyncClient:
     """The dispatcher's client: a LeanClient, whose short send goes straight to the transport."""
     return LeanClient(**options)
@@ -225,13 +234,6 @@ def test_the_twilio_adapter_calls_a_cut_connection_unknown_and_a_refused_one_tra
 
 
 def test_a_read_timeout_closes_the_connection_so_a_late_answer_never_reaches_the_next_request(run):
-    async def slow_first(server, reader, writer):
-        while (request := await server.read_request(reader)) is not None:
-            if len(server.requests) == 1:
-                await asyncio.sleep(0.3)
-            writer.write(answer(200, request[2]))
-            await writer.drain()
-
     async def main():
         async with Server(slow_first) as server, client(timeout=httpx.Timeout(5.0, read=0.1)) as http:
             with pytest.raises(httpx.ReadTimeout):
@@ -370,13 +372,6 @@ def test_tls_refuses_a_certificate_nobody_vouches_for(run, authority):
 
 
 def test_a_cancelled_request_leaves_no_connection_behind_to_be_reused(run):
-    async def slow_first(server, reader, writer):
-        while (request := await server.read_request(reader)) is not None:
-            if len(server.requests) == 1:
-                await asyncio.sleep(0.2)
-            writer.write(answer(200, request[2]))
-            await writer.drain()
-
     async def main():
         async with Server(slow_first) as server, client() as http:
             task = asyncio.create_task(http.post(server.url(), content=b"first"))
