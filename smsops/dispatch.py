@@ -17,10 +17,12 @@ is lost (DESIGN.md invariants 1, 2, 3 and 5):
    than ``rate_per_second`` sends in any one-second interval (the window is a little longer
    than a second, ``window_margin``, so that jitter between admission and the provider's clock
    never shows there as an excess), and at most ``concurrency`` requests in flight, spread over
-   ``clients`` small ``httpx.AsyncClient``s (one client with many connections is several times
-   slower than many with one each). One event loop saturates a core, mostly inside httpx;
-   ``processes`` > 1 starts helper processes that claim their own batches, each with an equal
-   share of the rate, and that the kernel kills if the process that started them dies.
+   ``clients`` small clients with one keep-alive connection each
+   (:class:`~smsops.providers.transport.LeanClient`: httpx's API over a transport of our own,
+   about a third of httpx's CPU per send; httpx's own clients behind a proxy). One event loop
+   does ~2,000 sends/s on a slow core; ``processes`` > 1 starts helper processes that claim
+   their own batches, each with an equal share of the rate, and that the kernel kills if the
+   process that started them dies.
 4. **Record** each answer (in batches, one transaction per ~100 ms):
 
    ======================  ================================================================
@@ -152,8 +154,8 @@ class DispatchSettings:
     concurrency: int = 32
     """Requests in flight at most."""
     clients: int = 32
-    """``httpx.AsyncClient`` instances the requests are spread over (one connection each is
-    fastest: httpcore's pool costs grow with its connections)."""
+    """Clients the requests are spread over, ``concurrency / clients`` connections each (with
+    httpx's own clients one connection each is fastest: httpcore's pool costs grow with them)."""
     batch_size: int = 500
     """Rows claimed per transaction at most (fewer at low rates: about two seconds' worth)."""
     max_attempts: int = 5
