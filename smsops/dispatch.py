@@ -19,7 +19,7 @@ is lost (DESIGN.md invariants 1, 2, 3 and 5):
    never shows there as an excess), and at most ``concurrency`` requests in flight, spread over
    ``clients`` small clients with one keep-alive connection each
    (:class:`~smsops.providers.transport.LeanClient`: httpx's API over a transport of our own,
-   about a third of httpx's CPU per send; httpx's own clients behind a proxy). One event loop
+   about a quarter of httpx's CPU per send; httpx's own clients behind a proxy). One event loop
    does ~2,000 sends/s on a slow core; ``processes`` > 1 starts helper processes that claim
    their own batches, each with an equal share of the rate, and that the kernel kills if the
    process that started them dies.

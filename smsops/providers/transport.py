@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 transport for httpx: the dispatcher's many small requests, at a third the CPU.
+"""A lean HTTP/1.1 transport for httpx: the dispatcher's many small requests, at a quarter the CPU.
 
 httpx's own transport (httpcore over anyio, with h11) spends most of a send's CPU on layers a
 provider request does not need: a request of a few hundred bytes and a JSON answer of about one
@@ -10,13 +10,14 @@ httpx's API (``client.post``, ``httpx.Response``, its exceptions); only the tran
 What it keeps from httpcore, because the dispatcher's guarantees depend on it:
 
 - **Never re-sends.** A request is written once. A connection that dies after the write raises
-  :class:`httpx.RemoteProtocolError` (or :class:`httpx.ReadTimeout`): the adapters record the
-  fate as unknown and the dispatcher reconciles it (DESIGN.md invariant 1). Only a failure to
-  *connect* (:class:`httpx.ConnectError`, :class:`httpx.ConnectTimeout`) means nothing left.
+  :class:`httpx.RemoteProtocolError`, :class:`httpx.ReadError` or :class:`httpx.ReadTimeout`:
+  the adapters record the fate as unknown and the dispatcher reconciles it (DESIGN.md
+  invariant 1). Only a failure to *connect* (:class:`httpx.ConnectError`,
+  :class:`httpx.ConnectTimeout`) means nothing left.
 - **Keep-alive done right.** An idle connection is reused only while the server has not closed
-  it (nor its socket become readable) and for at most ``keepalive_expiry`` seconds; an answer with ``Connection: close`` (or an
-  HTTP/1.0 one) closes it; a connection whose answer timed out is closed, never reused (a late
-  answer would be taken for the next request's).
+  it (nor its socket become readable) and for at most ``keepalive_expiry`` seconds; an answer
+  with ``Connection: close`` (or an HTTP/1.0 one) closes it; a connection whose answer timed
+  out is closed, never reused (a late answer would be taken for the next request's).
 - **Timeouts** from the request, as httpx sets them: ``connect``, ``pool``, and ``read`` for the
   whole answer. A request is handed to the socket in one write without waiting (provider
   requests are a few hundred bytes), so ``write`` has nothing to bound.
