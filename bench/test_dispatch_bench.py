@@ -3,7 +3,9 @@
 Run with `pytest -m bench -s bench/test_dispatch_bench.py -p no:cacheprovider`.
 
 The sandbox runs in its own process (uvicorn on loopback, no added latency, no errors), with a
-rate limit equal to the dispatcher's, and logs when each send reaches it. Three figures in one
+rate limit (``SANDBOX_RATE``) above what any client here reaches, so the raw figures are never
+throttled (on a fast day the lean client alone passed 5,000/s), and logs when each send reaches
+it: the dispatcher's own limit is judged from those arrival times. Three figures in one
 run, against the same sandbox and with the same client setup (``CONCURRENCY`` requests in
 flight over ``CLIENTS`` httpx clients):
 
@@ -50,6 +52,7 @@ pytestmark = pytest.mark.bench
 
 MESSAGES = int(os.environ.get("SMSOPS_BENCH_MESSAGES", "20000"))
 RATE = 5_000
+SANDBOX_RATE = 100_000
 BOUND_RATE = 1_000
 CONCURRENCY = int(os.environ.get("SMSOPS_BENCH_CONCURRENCY", "32"))
 CLIENTS = int(os.environ.get("SMSOPS_BENCH_CLIENTS", "32"))
@@ -129,7 +132,7 @@ class Cpu:
 @pytest.fixture(scope="module")
 def sandbox_url() -> Iterator[str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", SANDBOX, str(port), str(RATE)])
+    process = subprocess.Popen([sys.executable, "-c", SANDBOX, str(port), str(SANDBOX_RATE)])
     url = f"http://127.0.0.1:{port}"
     SANDBOX_PIDS[url] = process.pid
     deadline = time.monotonic() + 20
@@ -265,20 +268,12 @@ def run_dispatcher(home: Path, url: str, processes: int) -> dict:
     report = dispatch.run_sync(home, provider, settings, campaign_id=cid)
     used = cpu.per_message_us(MESSAGES)
     seen = arrivals(url)
-    conn = store.open_store(home)
-    try:
-        throttled = conn.execute("select count(*) from send_attempts where error_code = '20429'").fetchone()[
-            0
-        ]
-    finally:
-        conn.close()
     assert report.submitted == MESSAGES and dispatch.progress(cid, home).status == "finished"
     return {
         "per_s": round(report.requests / report.seconds),
         "steady_per_s": steady(seen),
         "seconds": report.seconds,
         "busiest_second_at_sandbox": max_in_any_window(seen),
-        "throttled_by_sandbox": throttled,
         **used,
     }
 
@@ -332,7 +327,7 @@ def test_dispatch_throughput_against_a_sandbox_in_another_process(sandbox_url, t
     }
     print("\n" + json.dumps(summary, indent=2))
     for figures in (one, two):
-        assert figures["busiest_second_at_sandbox"] <= RATE and figures["throttled_by_sandbox"] == 0
+        assert figures["busiest_second_at_sandbox"] <= RATE
     best = max(one["per_s"], two["per_s"])
     if best < TARGET:
         print(f"BELOW TARGET: {best:,} msg/s end to end, target {TARGET:,} (raw httpx {raw:,.0f}/s)")

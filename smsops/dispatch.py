@@ -13,11 +13,11 @@ is lost (DESIGN.md invariants 1, 2, 3 and 5):
    :func:`smsops.campaigns.check_before_send` reads the consent ledger and erasures again; a
    row that fails becomes ``suppressed`` with the reason. Chunks cover a fraction of a second
    of sending, so an opt-out stops every send that starts more than that after it is recorded.
-3. **Send** at a bounded rate: per provider and sender, a sliding window that never admits more
-   than ``rate_per_second`` sends in any one-second interval (the window is a little longer
-   than a second, ``window_margin``, so that jitter between admission and the provider's clock
-   never shows there as an excess), and at most ``concurrency`` requests in flight, spread over
-   ``clients`` small clients with one keep-alive connection each
+3. **Send** at a bounded rate: per provider and sender, a sliding window that never lets the
+   provider count more than ``rate_per_second`` sends in any one-second interval (a send holds
+   its place from admission until a second after its answer, so no delay on the way can bunch
+   sends up at the provider: :class:`SlidingWindow`), and at most ``concurrency`` requests in
+   flight, spread over ``clients`` small clients with one keep-alive connection each
    (:class:`~smsops.providers.transport.LeanClient`: httpx's API over a transport of our own,
    about a quarter of httpx's CPU per send; httpx's own clients behind a proxy). One event loop
    does ~2,000 sends/s on a slow core; ``processes`` > 1 starts helper processes that claim
@@ -184,8 +184,9 @@ class DispatchSettings:
     unknown_grace: float = 1.0
     """Wait this long after an ambiguous answer before asking the provider what happened."""
     window_margin: float = 0.1
-    """The rate window is one second plus this: the time between admitting a send and the
-    provider counting it varies a little, and must never show there as an excess."""
+    """A dispatcher that starts after another one for the same provider (a restart) waits until
+    one second plus this has passed since the other's last send: requests of a process that
+    died may still be on their way."""
     http: str = "lean"
     """The HTTP clients: ``lean`` (:class:`~smsops.providers.transport.LeanClient`, a fraction
     of httpx's CPU per send; not when the environment names a proxy, which it does not speak)
@@ -378,8 +379,17 @@ def backoff_delay(
 
 
 class SlidingWindow:
-    """Admits at most ``limit`` events in any interval of ``period`` seconds (a closed interval:
-    two admissions exactly ``period`` apart never share one), in arrival order."""
+    """Admits at most ``limit`` sends in any interval of ``period`` seconds *as the provider
+    counts them*, in arrival order.
+
+    A send takes a place in the window when :meth:`acquire` admits it and keeps it until
+    ``period`` seconds after :meth:`done` (its answer, or its failure). Where in between the
+    provider counts it is unknown (a stall on either side can hold a request back for longer
+    than any fixed margin: seen here, 155 ms), but it is never after the answer; so any
+    ``period`` at the provider holds at most ``limit`` of them. (The last send admitted
+    among those the provider counted in one interval found every other one still in the
+    window: each was admitted before it and answered no earlier than the interval's start.)
+    A send admitted but never made gives its place back at once (:meth:`unused`)."""
 
     def __init__(self, limit: int, period: float = 1.0, *, not_before: float = 0.0) -> None:
         if limit < 1:
@@ -387,24 +397,42 @@ class SlidingWindow:
         self.limit = limit
         self.period = period
         self.not_before = not_before
-        self._times: deque[float] = deque()
+        self._open = 0  # admitted, not yet answered
+        self._ends: deque[float] = deque()  # when each answered send leaves, in order
         self._lock = asyncio.Lock()
+        self._answered = asyncio.Event()
 
     async def acquire(self) -> float:
-        """Wait for room in the window; the admission time (``time.monotonic()``)."""
+        """Wait for room in the window; the admission time (``time.monotonic()``). Every
+        admission must be followed by :meth:`done` or :meth:`unused`."""
         async with self._lock:
             while True:
                 now = time.monotonic()
                 if now < self.not_before:
                     await asyncio.sleep(self.not_before - now)
                     continue
-                times = self._times
-                while times and times[0] < now - self.period:
-                    times.popleft()
-                if len(times) < self.limit:
-                    times.append(now)
+                ends = self._ends
+                while ends and ends[0] < now:
+                    ends.popleft()
+                if self._open + len(ends) < self.limit:
+                    self._open += 1
                     return now
-                await asyncio.sleep(max(times[0] + self.period - now, 0.0) + 1e-4)
+                if ends:
+                    await asyncio.sleep(ends[0] - now + 1e-4)
+                else:  # every place is held by a send in flight: its answer starts its period
+                    self._answered.clear()
+                    await self._answered.wait()
+
+    def done(self) -> None:
+        """An admitted send was answered (or failed): its place frees ``period`` seconds from now."""
+        self._open -= 1
+        self._ends.append(time.monotonic() + self.period)
+        self._answered.set()
+
+    def unused(self) -> None:
+        """An admitted send was not made after all: its place frees now."""
+        self._open -= 1
+        self._answered.set()
 
 
 # ---------------------------------------------------------------------------------------
@@ -1080,8 +1108,7 @@ class _Engine:
         window = self.limiters.get(sender)
         if window is None:
             limit = max(1, int(self.settings.rate_per_second))
-            period = 1.0 + self.settings.window_margin
-            window = self.limiters[sender] = SlidingWindow(limit, period, not_before=self.gate)
+            window = self.limiters[sender] = SlidingWindow(limit, 1.0, not_before=self.gate)
         return window
 
     def stopping(self) -> bool:
@@ -1378,8 +1405,10 @@ class _Engine:
             if self.stopping() or row.campaign_id in self.blocked:
                 self.release(row)
                 continue
-            admitted = await self.limiter(row.sender).acquire()
+            window = self.limiter(row.sender)
+            admitted = await window.acquire()
             if self.stopping() or row.campaign_id in self.blocked:
+                window.unused()
                 self.release(row)
                 continue
             if self.send_times is not None:
@@ -1390,9 +1419,11 @@ class _Engine:
             try:
                 result = await provider.send(client, request)
             except AuthenticationError as exc:
+                window.done()
                 await self.refused(row, exc)
                 continue
             except ConfigError as exc:  # raised before anything was sent
+                window.unused()
                 self.halt, self.error = "config", str(exc)
                 self.tally.requests -= 1
                 self.release(row)
@@ -1400,6 +1431,10 @@ class _Engine:
             except Exception as exc:  # a bug or an odd answer: the request may have gone out
                 log.exception("sending message %s failed unexpectedly", row.message_id)
                 result = SendResult("unknown", error_message=f"{type(exc).__name__}: {exc}")
+            except BaseException:  # cancelled mid-send: it may have reached the provider
+                window.done()
+                raise
+            window.done()
             self.answered(row, result)
 
     def answered(self, row: _Row, result: SendResult) -> None:

@@ -200,12 +200,35 @@ def max_in_any_window(times: list[float], period: float = 1.0) -> int:
 def test_sliding_window_never_admits_more_than_the_limit_in_any_second():
     async def admit(n: int) -> list[float]:
         window = SlidingWindow(7, 1.0)
-        return [await window.acquire() for _ in range(n)]
+        times = []
+        for _ in range(n):
+            times.append(await window.acquire())
+            window.done()  # answered at once
+        return times
 
     started = time.monotonic()
     times = asyncio.run(admit(22))
     assert max_in_any_window(times) == 7
     assert 3.0 <= time.monotonic() - started < 4.0  # 22 = 7 + 7 + 7 + 1: three full waits
+
+
+def test_a_slow_answer_keeps_its_place_in_the_window_until_a_second_after_it():
+    # the provider may count a send at any moment before its answer: a window counted from
+    # admission alone let a stalled batch and the next one meet at the provider
+    async def run() -> tuple[float, float, float]:
+        window = SlidingWindow(3, 1.0)
+        first = [await window.acquire() for _ in range(3)]
+        await asyncio.sleep(0.4)
+        for _ in first:
+            window.done()  # all three answered 0.4 s after admission
+        fourth = await window.acquire()
+        window.unused()  # not sent after all: its place is free again at once
+        fifth = await window.acquire()
+        return first[0], fourth, fifth
+
+    admitted, fourth, fifth = asyncio.run(run())
+    assert fourth - admitted >= 1.4  # a window from admission would have let it in at 1.0 s
+    assert fifth - fourth < 0.1
 
 
 @pytest.mark.parametrize("statement", ["_CLAIM_SQL", "_SUBMITTED_SQL"])
@@ -568,6 +591,18 @@ def test_the_rate_limit_holds_in_every_one_second_window(home, sandbox):
     assert max_in_any_window(provider.times) == 30  # busy, but never over
     assert max_in_any_window(list(report.send_times)) == 30
     assert 2.0 <= provider.times[-1] - provider.times[0] < 4.0
+
+
+def test_the_rate_limit_holds_at_the_provider_when_answers_take_long(home):
+    # the sandbox counts a send after its latency (0-0.6 s) and throttles at the same limit:
+    # sends held up on the way must not meet the next second's sends there
+    settings = replace(FAST, latency=(0.0, 0.6), rate_per_second=10)
+    with run_in_thread(settings) as server:
+        cid = make_campaign(home, numbers(30))
+        limits = DispatchSettings(rate_per_second=10, concurrency=10, clients=5)
+        report = dispatch.run_sync(home, provider_at(server.url), limits, campaign_id=cid)
+    assert report.submitted == 30 and report.requests == 30 and report.retried == 0
+    assert rows(home, "select count(*) as n from send_attempts where error_code = '20429'")[0]["n"] == 0
 
 
 def test_progress_counts_rows_by_state(home, sandbox):
