@@ -20,9 +20,9 @@ is lost (DESIGN.md invariants 1, 2, 3 and 5):
    flight, spread over ``clients`` small clients with one keep-alive connection each
    (:class:`~smsops.providers.transport.LeanClient`: httpx's API over a transport of our own,
    about a quarter of httpx's CPU per send; httpx's own clients behind a proxy). One event loop
-   does ~2,000 sends/s on a slow core; ``processes`` > 1 starts helper processes that claim
-   their own batches, each with an equal share of the rate, and that the kernel kills if the
-   process that started them dies.
+   does ~2,000 sends/s on a slow core, ~4,700 on a fast one; ``processes`` > 1 starts helper
+   processes that claim their own batches, each with an equal share of the rate, and that the
+   kernel kills if the process that started them dies.
 4. **Record** each answer (in batches, one transaction per ~100 ms):
 
    ======================  ================================================================
@@ -61,9 +61,10 @@ or ``sending`` any more.
 that starts within a second of another one's last send (a restart after a crash) waits out that
 second first: the other's window is unknown to it.
 
-Throughput (``bench/test_dispatch_bench.py``, sandbox in another process, 2 cores): about
-1,700 messages/s with one process (85–110% of plain httpx POSTs with the same clients: httpx is
-most of a send's CPU) and about 2,200/s with ``processes=2`` (docs/performance.md).
+Throughput (``bench/test_dispatch_bench.py``, sandbox in another process, 2 cores, one
+process): 1,900–2,200 messages/s on the slow machine of 2026-12-03, 4,600–4,850/s on a faster
+one, where the bench's 5,000/s limit binds; 2–3× plain httpx POSTs with the same clients
+(docs/performance.md).
 """
 
 from __future__ import annotations
