@@ -72,6 +72,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import heapq
 import importlib.util
 import json
 import logging
@@ -86,7 +87,6 @@ import sqlite3
 import sys
 import time
 import urllib.request
-from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -384,13 +384,15 @@ class SlidingWindow:
     counts them*, in arrival order.
 
     A send takes a place in the window when :meth:`acquire` admits it and keeps it until
-    ``period`` seconds after :meth:`done` (its answer, or its failure). Where in between the
-    provider counts it is unknown (a stall on either side can hold a request back for longer
-    than any fixed margin: seen here, 155 ms), but it is never after the answer; so any
-    ``period`` at the provider holds at most ``limit`` of them. (The last send admitted
-    among those the provider counted in one interval found every other one still in the
-    window: each was admitted before it and answered no earlier than the interval's start.)
-    A send admitted but never made gives its place back at once (:meth:`unused`)."""
+    ``period`` seconds after :meth:`done` (its answer). Where in between the provider counts it
+    is unknown (a stall on either side can hold a request back for longer than any fixed
+    margin: seen here, 155 ms), but it is never after the answer; so any ``period`` at the
+    provider holds at most ``limit`` of them. (The last send admitted among those the provider
+    counted in one interval found every other one still in the window: each was admitted
+    before it and answered no earlier than the interval's start.) A send that got no answer
+    (a timeout, a dropped connection, a cancel) may still be counted after the client gave up:
+    it keeps its place ``hold`` seconds longer. A send admitted but never made gives its place
+    back at once (:meth:`unused`)."""
 
     def __init__(self, limit: int, period: float = 1.0, *, not_before: float = 0.0) -> None:
         if limit < 1:
@@ -399,7 +401,7 @@ class SlidingWindow:
         self.period = period
         self.not_before = not_before
         self._open = 0  # admitted, not yet answered
-        self._ends: deque[float] = deque()  # when each answered send leaves, in order
+        self._ends: list[float] = []  # heap: when each answered send leaves the window
         self._lock = asyncio.Lock()
         self._answered = asyncio.Event()
 
@@ -414,7 +416,7 @@ class SlidingWindow:
                     continue
                 ends = self._ends
                 while ends and ends[0] < now:
-                    ends.popleft()
+                    heapq.heappop(ends)
                 if self._open + len(ends) < self.limit:
                     self._open += 1
                     return now
@@ -424,10 +426,11 @@ class SlidingWindow:
                     self._answered.clear()
                     await self._answered.wait()
 
-    def done(self) -> None:
-        """An admitted send was answered (or failed): its place frees ``period`` seconds from now."""
+    def done(self, hold: float = 0.0) -> None:
+        """An admitted send was answered (or given up on, with ``hold``): its place frees
+        ``period`` (+ ``hold``) seconds from now."""
         self._open -= 1
-        self._ends.append(time.monotonic() + self.period)
+        heapq.heappush(self._ends, time.monotonic() + self.period + hold)
         self._answered.set()
 
     def unused(self) -> None:
@@ -1408,14 +1411,20 @@ class _Engine:
                 continue
             window = self.limiter(row.sender)
             admitted = await window.acquire()
-            if self.stopping() or row.campaign_id in self.blocked:
+            try:
+                go = not (self.stopping() or row.campaign_id in self.blocked)
+                if go:
+                    assert row.phone is not None and row.sender is not None and row.body is not None
+                    request = SendRequest(row.message_id, row.phone, row.sender, row.body, callback)
+            except BaseException:
+                window.unused()
+                raise
+            if not go:
                 window.unused()
                 self.release(row)
                 continue
             if self.send_times is not None:
                 self.send_times.append(admitted)
-            assert row.phone is not None and row.sender is not None and row.body is not None
-            request = SendRequest(row.message_id, row.phone, row.sender, row.body, callback)
             self.tally.requests += 1
             try:
                 result = await provider.send(client, request)
@@ -1432,10 +1441,11 @@ class _Engine:
             except Exception as exc:  # a bug or an odd answer: the request may have gone out
                 log.exception("sending message %s failed unexpectedly", row.message_id)
                 result = SendResult("unknown", error_message=f"{type(exc).__name__}: {exc}")
-            except BaseException:  # cancelled mid-send: it may have reached the provider
-                window.done()
+            except BaseException:  # cancelled mid-send: it may still reach the provider
+                window.done(hold=self.settings.timeout)
                 raise
-            window.done()
+            unanswered = result.outcome == "unknown" and result.http_status is None
+            window.done(hold=self.settings.timeout if unanswered else 0.0)
             self.answered(row, result)
 
     def answered(self, row: _Row, result: SendResult) -> None:

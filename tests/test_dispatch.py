@@ -215,20 +215,24 @@ def test_sliding_window_never_admits_more_than_the_limit_in_any_second():
 def test_a_slow_answer_keeps_its_place_in_the_window_until_a_second_after_it():
     # the provider may count a send at any moment before its answer: a window counted from
     # admission alone let a stalled batch and the next one meet at the provider
-    async def run() -> tuple[float, float, float]:
+    async def run() -> tuple[float, float, float, float]:
         window = SlidingWindow(3, 1.0)
         first = [await window.acquire() for _ in range(3)]
         await asyncio.sleep(0.4)
         for _ in first:
             window.done()  # all three answered 0.4 s after admission
-        fourth = await window.acquire()
-        window.unused()  # not sent after all: its place is free again at once
+        fourth, *_ = [await window.acquire() for _ in range(3)]  # the window is full again
+        window.unused()  # one of them was not sent after all: its place is free at once
         fifth = await window.acquire()
-        return first[0], fourth, fifth
+        for _ in range(3):  # given up on, unanswered: they may still be counted, so hold longer
+            window.done(hold=0.5)
+        sixth = await window.acquire()
+        return first[0], fourth, fifth, sixth
 
-    admitted, fourth, fifth = asyncio.run(run())
+    admitted, fourth, fifth, sixth = asyncio.run(run())
     assert fourth - admitted >= 1.4  # a window from admission would have let it in at 1.0 s
     assert fifth - fourth < 0.1
+    assert sixth - fifth >= 1.5
 
 
 @pytest.mark.parametrize("statement", ["_CLAIM_SQL", "_SUBMITTED_SQL"])
