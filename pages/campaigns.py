@@ -71,8 +71,9 @@ with form:
     w1, w2, w3 = st.columns(3)
     start = w1.radio("Start", ["now", "at a time"], horizontal=True, key="new_start",
                      help="Launching sends at once; a scheduled campaign starts by itself")  # fmt: skip
-    day = w2.date_input(f"Day ({zone})", key="new_day")
-    clock = w3.time_input(f"Time ({zone})", key="new_time", step=timedelta(minutes=15))
+    soonest = campaigns.next_start(zone)
+    day = w2.date_input(f"Day ({zone})", soonest.date(), key="new_day")
+    clock = w3.time_input(f"Time ({zone})", soonest.time(), key="new_time", step=timedelta(minutes=15))
     q1, q2, q3 = st.columns(3)
     quiet = q1.text_input("Quiet hours (recipient's local time)", str(config.quiet_hours()), key="new_quiet",
                           help="start-end, e.g. 21:00-09:00; off for none")  # fmt: skip

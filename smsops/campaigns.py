@@ -121,6 +121,7 @@ __all__ = [
     "launched",
     "list_all",
     "local_time",
+    "next_start",
     "outcome",
     "pause",
     "plan",
@@ -1790,6 +1791,17 @@ def local_time(day: date, clock: dtime, zone: str) -> datetime:
     if not isinstance(day, date) or not isinstance(clock, dtime):
         raise CampaignError(f"start time: expected a day and a time of day, got {day!r} {clock!r}")
     return datetime.combine(day, clock.replace(tzinfo=None), tzinfo=zone_info(zone)).astimezone(UTC)
+
+
+def next_start(zone: str, now: datetime | None = None, step: timedelta = timedelta(minutes=15)) -> datetime:
+    """The first whole ``step`` after ``now`` on the wall clock of ``zone`` (aware, in that
+    zone): what a start-time picker offers first, in the team's zone, not the server's."""
+    if not timedelta(0) < step <= timedelta(days=1) or timedelta(days=1) % step:
+        raise CampaignError(f"next_start: the step must divide a day, got {step}")
+    local = _now(now).astimezone(zone_info(zone))
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
+    steps = (local.replace(tzinfo=None) - midnight) // step + 1
+    return (midnight + steps * step).replace(tzinfo=local.tzinfo)
 
 
 def zone_info(name: str) -> ZoneInfo:

@@ -923,6 +923,23 @@ def test_a_past_start_time_is_refused_and_a_scheduled_campaign_can_be_cancelled(
     assert outbox(home, campaign.campaign_id) == []
 
 
+@pytest.mark.parametrize(
+    ("utc", "zone", "expected"),
+    [
+        ("2026-12-04 01:47", "Europe/Moscow", "2026-12-04 05:00+03:00"),  # the team's clock, not UTC
+        ("2026-12-04 02:00", "Europe/Moscow", "2026-12-04 05:15+03:00"),  # on a quarter: the next one
+        ("2026-12-04 20:50", "Asia/Vladivostok", "2026-12-05 07:00+10:00"),  # already tomorrow there
+        ("2026-12-04 23:59", "America/New_York", "2026-12-04 19:00-05:00"),
+    ],
+)
+def test_a_start_time_picker_offers_the_next_quarter_hour_in_the_teams_zone(utc, zone, expected) -> None:
+    found = campaigns.next_start(zone, datetime.fromisoformat(utc).replace(tzinfo=UTC))
+    assert found == datetime.fromisoformat(expected) and str(found.tzinfo) == zone
+    assert found.isoformat(sep=" ", timespec="minutes") == expected  # shown on that zone's clock
+    with pytest.raises(CampaignError, match="step"):
+        campaigns.next_start(zone, step=timedelta(minutes=7))
+
+
 # -- test sends ---------------------------------------------------------------------------------
 
 

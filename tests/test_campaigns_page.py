@@ -30,6 +30,11 @@ def test_the_page_lists_campaigns_and_says_it_is_a_sandbox(own_home):
     assert any("sandbox" in c.value for c in at.caption)
     listing = at.dataframe[0].value
     assert len(listing) == len(campaigns.list_all())
+    # a start time is offered on the team's clock (SMSOPS_TIME_ZONE), not the server's
+    offered = campaigns.local_time(
+        at.date_input(key="new_day").value, at.time_input(key="new_time").value, config.time_zone()
+    )
+    assert timedelta(seconds=-60) < offered - datetime.now(UTC) <= timedelta(minutes=15)
 
 
 def test_create_check_and_launch_a_campaign_once(own_home):
