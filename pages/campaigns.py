@@ -22,6 +22,7 @@ if provider == "sandbox":
     )
 
 listing = campaigns.list_all()
+when = "YYYY-MM-DD HH:mm"
 for column in ("scheduled_at", "launched_at"):
     listing[column] = listing[column].dt.tz_convert(zone).dt.tz_localize(None)
 st.dataframe(
@@ -30,8 +31,10 @@ st.dataframe(
     width="stretch",
     column_config={
         "campaign_id": st.column_config.NumberColumn("id", format="%d"),
-        "scheduled_at": st.column_config.DatetimeColumn(f"starts ({zone})", format="YYYY-MM-DD HH:mm"),
-        "launched_at": st.column_config.DatetimeColumn(f"launched ({zone})", format="YYYY-MM-DD HH:mm"),
+        "scheduled_at": st.column_config.DatetimeColumn("starts", format=when, help=f"In {zone}"),
+        "launched_at": st.column_config.DatetimeColumn("launched", format=when, help=f"In {zone}"),
+        "not_sent": st.column_config.NumberColumn("not sent", help="Not sent, each with a reason"),
+        "cost": st.column_config.NumberColumn("cost", format="accounting"),
     },
 )
 
