@@ -1409,17 +1409,11 @@ class _Engine:
             if self.stopping() or row.campaign_id in self.blocked:
                 self.release(row)
                 continue
+            assert row.phone is not None and row.sender is not None and row.body is not None
+            request = SendRequest(row.message_id, row.phone, row.sender, row.body, callback)
             window = self.limiter(row.sender)
-            admitted = await window.acquire()
-            try:
-                go = not (self.stopping() or row.campaign_id in self.blocked)
-                if go:
-                    assert row.phone is not None and row.sender is not None and row.body is not None
-                    request = SendRequest(row.message_id, row.phone, row.sender, row.body, callback)
-            except BaseException:
-                window.unused()
-                raise
-            if not go:
+            admitted = await window.acquire()  # from here on, every path gives its place back
+            if self.stopping() or row.campaign_id in self.blocked:
                 window.unused()
                 self.release(row)
                 continue
