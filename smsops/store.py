@@ -222,6 +222,7 @@ TABLES: dict[str, str] = {
             message_id   integer not null,
             clicked_at   text not null,
             user_agent   text,
+            method       text check (method in ('GET', 'HEAD')),
             unique (token, clicked_at)
         ) strict""",
     # One row per distinct import (file content x options): re-importing the same file with
@@ -274,8 +275,10 @@ TABLES: dict[str, str] = {
 # install's defaults); ``scheduled_at``: when a scheduled campaign starts (UTC);
 # ``test_of``: the campaign a test send belongs to (hidden from lists and never counted);
 # ``ab_window_hours`` / ``auto_release``: when an A/B test is judged, and whether the
-# remainder then gets the winner without a click.
+# remainder then gets the winner without a click. ``clicks.method``: ``HEAD`` for a link
+# preview's or scanner's probe (kept, but not counted as a person's click), null before it existed.
 ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "clicks": (("method", "text check (method in ('GET', 'HEAD'))"),),
     "campaigns": (
         ("policy", "text"),
         ("scheduled_at", "text"),
