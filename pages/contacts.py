@@ -10,7 +10,9 @@ find_tab, import_tab = st.tabs(["Find a contact", "Import a file"])
 
 # --- Find -------------------------------------------------------------------------------
 
-with find_tab:
+
+def find() -> None:
+    """Search, the result as a table and a CSV, and the chosen contact's card."""
     left, right = st.columns([3, 1])
     text = left.text_input("Search", key="contact_search", placeholder="Name, phone number or CRM id")
     reveal = right.toggle("Reveal phone numbers", key="reveal_numbers", help="Numbers are masked by default")
@@ -19,7 +21,7 @@ with find_tab:
         f"{len(results):,} contact(s)" + (" (the newest 100)" if not text and len(results) == 100 else "")
     )
     st.dataframe(
-        results.drop(columns=["contact_id"]),
+        contacts.shown(results.drop(columns=["contact_id"])),
         hide_index=True,
         width="stretch",
         column_config={
@@ -42,7 +44,8 @@ with find_tab:
         st.subheader(card.name)
         shown_number = card.phone_e164 if reveal else phones.mask(card.phone_e164)
         c1, c2, c3 = st.columns(3)
-        c1.metric("Number", (shown_number or "—").replace("*", "\\*"))  # stars, not Markdown emphasis
+        number = (shown_number or contacts.MISSING).replace("*", "\\*")  # stars, not Markdown emphasis
+        c1.metric("Number", number)
         c2.metric("Marketing", contacts.consent_label(card.marketing))
         c3.metric("Messages", f"{len(card.messages):,}")
         if not card.fields["phone_valid"]:
@@ -59,14 +62,18 @@ with find_tab:
                 st.info("No consent events for this number: it can get service messages, not promotions.")
             else:
                 st.dataframe(
-                    card.consent_history.drop(columns=["phone_e164", "event_id"], errors="ignore"),
+                    contacts.shown(
+                        card.consent_history.drop(columns=["phone_e164", "event_id"], errors="ignore")
+                    ),
                     hide_index=True,
                     width="stretch",
                 )
         with messages:
-            st.dataframe(card.messages.drop(columns=["message_id"]), hide_index=True, width="stretch")
+            st.dataframe(
+                contacts.shown(card.messages.drop(columns=["message_id"])), hide_index=True, width="stretch"
+            )
             if not card.replies.empty:
-                st.dataframe(card.replies, hide_index=True, width="stretch")
+                st.dataframe(contacts.shown(card.replies), hide_index=True, width="stretch")
 
         with st.form("opt_out_form", clear_on_submit=True):
             st.markdown("**Opt this number out**")
@@ -109,7 +116,8 @@ def confirm_import(path: str, options: importer.Options, expected: int) -> None:
         st.rerun()
 
 
-with import_tab:
+def import_file() -> None:
+    """Upload, map the columns, check (a dry run), confirm and import; then the outcome."""
     upload = st.file_uploader(
         "A CSV export from your CRM (UTF-8 or Windows-1251; comma, semicolon or tab)",
         type=["csv", "txt", "tsv"],
@@ -121,7 +129,7 @@ with import_tab:
             fmt = importer.sniff(path)
         except importer.ImportFailed as exc:
             st.error(str(exc))
-            st.stop()
+            return
         st.caption(f"Read as {fmt.encoding}, delimiter {fmt.delimiter!r}, {len(fmt.header)} columns.")
 
         st.markdown("**Columns**: check what each column holds.")
@@ -153,7 +161,7 @@ with import_tab:
             preview, preview_rejects = check(str(path), options, st.session_state.get("imports_done", 0))
         except importer.ImportFailed as exc:
             st.error(str(exc))
-            st.stop()
+            return
         p1, p2, p3, p4 = st.columns(4)
         p1.metric("New", f"{preview.new:,}")
         p2.metric("Updated", f"{preview.updated:,}")
@@ -195,3 +203,11 @@ with import_tab:
         elif st.button("Rebuild the warehouse now", key="rebuild"):
             warehouse.build_in_background()
             st.info("Build started; the pages switch to it when it finishes.")
+
+
+# The Import tab is drawn first: whatever the Find tab meets (a damaged store, a bad row), the
+# way to bring contacts in stays on screen. Neither tab calls st.stop(), which would end both.
+with import_tab:
+    import_file()
+with find_tab:
+    find()

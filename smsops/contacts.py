@@ -3,6 +3,9 @@
 Search by name, number or CRM id; a contact card with attributes, current consent, the
 consent history with its proof, and the messages the contact got; a manual opt-out; an
 export of a search. Numbers are masked unless the caller asks to reveal them.
+
+A missing value is ``None`` in every frame here, never NaN (pandas 3 reads a NULL in a text
+column as NaN, which is truthy and has no string methods); ``shown`` turns it into "—".
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +29,8 @@ from smsops.importer import neutralise
 
 Home = str | os.PathLike[str] | None
 _DIGITS = re.compile(r"\d")
+MISSING = "—"
+"""How a missing value reads on a page (a table would draw ``None``)."""
 
 
 class ContactNotFound(LookupError):
@@ -46,6 +51,43 @@ def _conn(home: Home) -> Iterator[sqlite3.Connection]:
         yield conn
     finally:
         conn.close()
+
+
+def _frame(data: Sequence[Any], columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Rows (tuples or dicts) as a frame that keeps a missing value as ``None``: the one place
+    the store's rows become a frame, so nothing downstream meets NaN."""
+    return pd.DataFrame(list(data), columns=None if columns is None else list(columns), dtype=object)
+
+
+def _query(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+    cursor = conn.execute(sql, tuple(params))
+    return _frame(cursor.fetchall(), [d[0] for d in cursor.description])
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+def shown(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` as a page shows it: a missing value as "—" (a column with one becomes text),
+    a dict (a consent proof) as JSON text. Other columns keep their type."""
+    out = frame.copy()
+    for column in out.columns:
+        values = out[column]
+        missing = [_is_missing(v) for v in values]
+        if any(missing) or any(isinstance(v, dict | list) for v in values):
+            out[column] = pd.Series(
+                [MISSING if gap else _text(v) for v, gap in zip(values, missing, strict=True)],
+                index=out.index,
+                dtype=object,
+            )
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +128,8 @@ def search(text: str, *, limit: int = 100, reveal: bool = False, home: Home = No
                 " or fold(coalesce(last_name, '') || ' ' || coalesce(first_name, '')) like ?"
             )
             params = [query.text, f"{name}%", f"{name}%", f"{name}%", f"{name}%"]
-        rows = conn.execute(
+        frame = _query(
+            conn,
             f"""
             select contact_id, external_id, first_name, last_name, phone_e164, phone_valid, phone_reason,
                    city, created_at
@@ -94,27 +137,21 @@ def search(text: str, *, limit: int = 100, reveal: bool = False, home: Home = No
             order by contact_id desc limit ?
             """,
             (*params, limit),
-        ).fetchall()
-        frame = pd.DataFrame(
-            rows,
-            columns=[
-                "contact_id", "external_id", "first_name", "last_name", "phone_e164", "phone_valid",
-                "phone_reason", "city", "created_at",
-            ],
-        )  # fmt: skip
+        )
         numbers = [p for p in frame["phone_e164"] if p and p.startswith("+")]
         marketing = consent.states(conn, numbers, "marketing") if numbers else {}
+    frame["contact_id"] = frame["contact_id"].astype("int64")
     frame["marketing"] = [consent_label(marketing.get(p)) for p in frame["phone_e164"]]
     frame["phone_valid"] = frame["phone_valid"].astype(bool)
     frame["name"] = [_name(f, last) for f, last in zip(frame["first_name"], frame["last_name"], strict=True)]
-    frame["phone"] = frame["phone_e164"] if reveal else frame["phone_e164"].map(phones.mask)
+    frame["phone"] = [MISSING if p is None else p if reveal else phones.mask(p) for p in frame["phone_e164"]]
     return frame[
         ["contact_id", "name", "phone", "phone_valid", "marketing", "city", "external_id", "created_at"]
     ]
 
 
 def _name(first: str | None, last: str | None) -> str:
-    return " ".join(part for part in (first, last) if part) or "—"
+    return " ".join(part for part in (first, last) if part) or MISSING
 
 
 def consent_label(state: consent.ConsentState | None) -> str:
@@ -162,10 +199,11 @@ def card(contact_id: int, *, home: Home = None) -> ContactCard:
             raise ContactNotFound(f"no contact with id {contact_id}")
         fields = dict(zip(CARD_FIELDS, row, strict=True))
         phone = fields["phone_e164"] if (fields["phone_e164"] or "").startswith("+") else None
-        history = pd.DataFrame(consent.export_proof(conn, phone)) if phone else pd.DataFrame()
+        history = _frame(consent.export_proof(conn, phone)) if phone else pd.DataFrame()
         marketing = consent.state(conn, phone, "marketing") if phone else None
         service = consent.state(conn, phone, "service") if phone else None
-        messages = pd.read_sql_query(
+        messages = _query(
+            conn,
             """
             select
                 m.message_id, c.name as campaign, c.kind, m.variant, m.state, m.skip_reason,
@@ -179,13 +217,12 @@ def card(contact_id: int, *, home: Home = None) -> ContactCard:
             where m.contact_id = ?
             order by m.planned_at desc
             """,
-            conn,
-            params=(int(contact_id),),
+            (int(contact_id),),
         )
-        replies = pd.read_sql_query(
-            "select received_at, body, keyword from inbound_messages where contact_id = ? order by received_at desc",
+        replies = _query(
             conn,
-            params=(int(contact_id),),
+            "select received_at, body, keyword from inbound_messages where contact_id = ? order by received_at desc",
+            (int(contact_id),),
         )
     attributes = json.loads(fields.pop("attributes") or "{}")
     return ContactCard(
@@ -240,10 +277,11 @@ def opt_out(
 
 
 def export_csv(frame: pd.DataFrame) -> bytes:
-    """A search result as CSV for a spreadsheet: UTF-8 with BOM, formula cells neutralised."""
+    """A search result as CSV for a spreadsheet: UTF-8 with BOM, formula cells neutralised, a
+    missing value an empty cell."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(list(frame.columns))
     for row in frame.itertuples(index=False):
-        writer.writerow(["" if v is None or v != v else neutralise(str(v)) for v in row])
+        writer.writerow(["" if _is_missing(v) else neutralise(str(v)) for v in row])
     return ("\ufeff" + buffer.getvalue()).encode("utf-8")

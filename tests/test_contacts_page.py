@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 
 import pytest
-from apptest import clear_caches, open_page
+from apptest import APP, clear_caches, open_page
+from streamlit.testing.v1 import AppTest
 
 from smsops import consent, contacts, importer, store
 
@@ -96,3 +97,140 @@ def test_contacts_page_records_an_opt_out(base):
     assert any("Opt-out recorded" in s.value for s in at.success)
     conn = store.connect(store.store_path(base))
     assert consent.may_send(conn, "+79123456789", "promo") == (False, "opted_out")
+
+
+# --- Contacts with gaps: what a CRM leaves empty is NULL in the store --------------------
+
+NOW = "2025-03-01 10:00:00"
+GAPS = {  # contact_id: (external_id, first_name, last_name, phone_e164, phone_valid, city)
+    11: (None, None, None, None, 0, None),  # nothing but the row itself
+    12: (None, None, None, "+79161234567", 1, None),  # a number and nothing else
+    13: (None, "Галина", None, None, 0, None),  # a first name and nothing else
+    14: ("K-14", None, "Орлова", "+79031112233", 1, "Тверь"),  # no first name
+}
+
+
+@pytest.fixture
+def gaps(home):
+    """A store holding contacts whose number, names, city and CRM id are NULL, and a number
+    with a consent event, messages and a reply whose optional columns are NULL too."""
+    conn = store.connect(store.store_path(home))
+    store.create_schema(conn)
+    conn.executemany(
+        "insert into contacts (contact_id, external_id, first_name, last_name, phone_e164, phone_valid,"
+        " city, created_at, updated_at) values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(cid, *row, NOW, NOW) for cid, row in GAPS.items()],
+    )
+    conn.execute(
+        "insert into consent_events (event_key, phone_e164, contact_id, purpose, action, source,"
+        " consent_text, proof, occurred_at, recorded_at)"
+        " values ('k1', '+79161234567', null, 'marketing', 'opt_in', 'import', null, null, ?, ?)",
+        (NOW, NOW),
+    )
+    conn.execute(
+        "insert into campaigns (campaign_id, name, kind, status, created_at)"
+        " values (1, 'Spring', 'promo', 'finished', ?)",
+        (NOW,),
+    )
+    conn.executemany(
+        "insert into messages (idempotency_key, campaign_id, variant, contact_id, phone_e164, body,"
+        " segments, price, state, skip_reason, planned_at) values (?, 1, 'A', 12, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            ("1:12", "+79161234567", "Весна: -20%", 1, 0.5, "submitted", None, NOW),
+            ("1:12b", None, None, None, None, "suppressed", "quiet_hours", NOW),
+        ],
+    )
+    conn.execute(
+        "insert into inbound_messages (provider, provider_message_id, from_e164, body, keyword,"
+        " contact_id, received_at) values ('sandbox', 'in-1', '+79161234567', 'спасибо', null, 12, ?)",
+        (NOW,),
+    )
+    conn.close()
+    return home
+
+
+def _shows_no_raw_gap(at) -> None:
+    """Every table and metric on the page has "—" where a value is missing, never None or nan."""
+    assert not at.exception, at.exception
+    assert at.dataframe, "the page shows its tables"
+    for table in at.dataframe:
+        frame = table.value
+        assert not frame.isna().any().any(), frame
+        cells = {str(v) for v in frame.to_numpy().ravel()} | {str(c) for c in frame.columns}
+        assert not cells & {"None", "nan", "NaN", "<NA>", "NaT"}, frame
+    for metric in at.metric:
+        assert metric.value not in ("None", "nan", "NaN", "<NA>"), metric
+    for header in at.subheader:
+        assert header.value not in ("None", "nan"), header
+
+
+def test_search_reads_missing_numbers_and_names_as_none_never_nan(gaps):
+    found = contacts.search("", home=gaps).set_index("contact_id")
+    assert sorted(found.index) == sorted(GAPS)
+    assert not any(isinstance(v, float) for v in found.to_numpy().ravel())  # NaN is a float
+    assert found.loc[11, "name"] == "—" and found.loc[11, "phone"] == "—"
+    assert found.loc[12, "name"] == "—" and found.loc[12, "phone"] == "+7 916 ***-**-67"
+    assert found.loc[13, "name"] == "Галина" and found.loc[14, "name"] == "Орлова"
+    assert found.loc[11, "city"] is None and found.loc[11, "external_id"] is None
+    assert found.loc[12, "marketing"] == "opted in" and found.loc[11, "marketing"] == "no consent recorded"
+    assert contacts.search("", reveal=True, home=gaps).set_index("contact_id").loc[11, "phone"] == "—"
+    assert list(contacts.search("галина", home=gaps)["contact_id"]) == [13]
+    assert list(contacts.search("орлова", home=gaps)["contact_id"]) == [14]
+    assert list(contacts.search("916 123", home=gaps)["contact_id"]) == [12]
+
+
+def test_missing_values_read_as_a_dash_on_screen_and_empty_in_the_export(gaps):
+    found = contacts.search("", home=gaps)
+    shown = contacts.shown(found)
+    assert (shown.set_index("contact_id").loc[11, ["name", "phone", "city", "external_id"]] == "—").all()
+    assert not {str(v) for v in shown.to_numpy().ravel()} & {"None", "nan"}
+    rows = list(csv.reader(contacts.export_csv(found).decode("utf-8-sig").splitlines()))
+    row = dict(zip(rows[0], next(r for r in rows[1:] if r[0] == "11"), strict=True))
+    assert row["city"] == "" and row["external_id"] == ""
+
+
+def test_card_of_a_contact_with_gaps_holds_no_nan(gaps):
+    card = contacts.card(12, home=gaps)
+    assert card.name == "—" and card.phone_e164 == "+79161234567"
+    assert contacts.consent_label(card.marketing) == "opted in"
+    assert card.consent_history["consent_text"].tolist() == [None]
+    assert sorted(card.messages["segments"], key=str) == [1, None]
+    assert card.replies["keyword"].tolist() == [None]
+    for frame in (card.consent_history, card.messages, card.replies):
+        shown = contacts.shown(frame)
+        assert not {str(v) for v in shown.to_numpy().ravel()} & {"None", "nan"}, shown
+    assert contacts.card(11, home=gaps).name == "—"
+
+
+def test_contacts_page_opens_on_contacts_without_number_or_name(gaps):
+    at = open_page("contacts")  # an empty search: the newest contacts, gaps and all
+    _shows_no_raw_gap(at)
+    assert set(at.dataframe[0].value["name"]) == {"—", "Галина", "Орлова"}
+    assert at.get("file_uploader"), "the Import tab is drawn"
+    for cid, (*_, phone, _valid, _city) in GAPS.items():  # open each card
+        at.selectbox(key="contact_pick").set_value(cid).run()
+        _shows_no_raw_gap(at)
+        number = next(m.value for m in at.metric if m.label == "Number")
+        assert (number == "—") == (phone is None), (cid, number)
+
+
+def test_contacts_page_search_that_finds_contacts_with_gaps(gaps):
+    at = open_page("contacts")
+    for text in ("галина", "+7 916 123", "K-14", "Орлова"):
+        at.text_input(key="contact_search").input(text).run()
+        _shows_no_raw_gap(at)
+        assert len(at.dataframe[0].value) == 1
+    at.text_input(key="contact_search").input("+7 916 123").run()
+    at.toggle(key="reveal_numbers").set_value(True).run()
+    _shows_no_raw_gap(at)
+    assert any(m.label == "Number" and m.value == "+79161234567" for m in at.metric)
+    assert any(m.label == "Messages" and m.value == "2" for m in at.metric)
+
+
+def test_a_failing_search_leaves_the_import_tab_usable(home):
+    store.store_path(home).write_bytes(b"this is not a database, it was damaged")
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.switch_page("pages/contacts.py")
+    at.run()
+    assert at.exception  # the Find tab reports the damaged store: nothing hides it
+    assert at.get("file_uploader"), "the Import tab is still drawn"
