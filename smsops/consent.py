@@ -621,6 +621,26 @@ def _reply_text(match: tuple[Keyword, str] | None, opted_in: bool) -> str | None
     return _REPLIES[match]
 
 
+def auto_reply(
+    conn: sqlite3.Connection, *, from_e164: str, body: str, received_at: datetime | str
+) -> str | None:
+    """The auto-reply :func:`handle_inbound` gives ``body``, found by reading the ledger only.
+
+    The webhook answers a reply before it is applied (it is journaled first, and applying may
+    wait on the store's write lock), so the answer is decided from what the ledger holds now:
+    STOP and HELP need nothing, START answers only when it will restore a marketing opt-in.
+    Raises :class:`ConsentError` for what :func:`handle_inbound` would refuse."""
+    phone = _phone(from_e164, "from_e164")
+    if not isinstance(body, str):
+        raise ConsentError(f"body must be text, got {type(body).__name__}")
+    received = _store_time(received_at, "received_at", _now())
+    match = _match(body)
+    if match is None or match[0] != "start":
+        return _reply_text(match, False)
+    history = [entry for entry in _entries(conn, phone) if entry.occurred_at <= received]
+    return _reply_text(match, "marketing" in _start_restores(history))
+
+
 def handle_inbound(
     conn: sqlite3.Connection,
     *,

@@ -10,7 +10,7 @@ text no longer holds a placeholder).
 
 Tokens are 8 characters of ``[0-9A-Za-z]`` from :mod:`secrets`: about 2**47.6 values, so a
 million live links leave a guesser one chance in 200 million per try. The click route
-(:func:`smsops.webhooks.follow_link`) redirects only to the address stored for the token:
+(the webhook app's click route) redirects only to the address stored for the token:
 there is no open redirect.
 """
 

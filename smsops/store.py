@@ -255,6 +255,28 @@ TABLES: dict[str, str] = {
             received_at          text not null,
             unique (provider, provider_message_id)
         ) strict""",
+    # How far each ingress journal (smsops.ingress: receipts, replies and clicks as answered)
+    # has been applied to this store: advanced in the same transaction as the rows it applies,
+    # so each journal entry lands exactly once, whoever applies it.
+    "ingress_cursor": """
+        create table if not exists ingress_cursor (
+            journal_id       text primary key,
+            applied_through  integer not null,
+            applied_at       text not null
+        ) strict""",
+    # Journal entries that could not be applied (a bug, or a fact the store refuses): kept with
+    # the error instead of being lost or blocking the entries behind them.
+    "ingress_rejects": """
+        create table if not exists ingress_rejects (
+            reject_id    integer primary key,
+            journal_id   text not null,
+            entry_id     integer not null,
+            kind         text not null,
+            payload      text not null,
+            error        text not null,
+            recorded_at  text not null,
+            unique (journal_id, entry_id)
+        ) strict""",
     # Saved segments: each save of a changed definition is a new version; the definition
     # is the segment's canonical JSON (rules, never contact ids), evaluated again at launch.
     "segments": """

@@ -1,23 +1,29 @@
 """What providers and recipients send back: status callbacks, replies and link clicks.
 
-A Starlette application (``create_app``) with three kinds of routes, each writing to the
-operational store so that the next build turns it into metrics:
+An ASGI application (``create_app``) whose routes check a request, write it to the ingress
+journal (:mod:`smsops.ingress`) and answer: answering never waits on the operational store's
+write lock, and the journal's applier moves what was answered into the store in batches,
+exactly once (DESIGN.md invariant 8).
 
-- ``POST /webhooks/{provider}/status``: a delivery receipt. The provider's signature is
-  checked first (forged or unsigned → 403 and a log line, nothing stored; malformed → 400).
-  Receipts are stored once per message and status (a repeat is a no-op); the marts take the
-  furthest status, so a late ``sent`` never undoes ``delivered``. A receipt that arrives
+- ``POST /webhooks/{provider}/status``: a delivery receipt. Refused before its body is read
+  when it declares more than :data:`MAX_BODY_BYTES` (413) or is not a form (415); the
+  provider's signature is checked (forged or unsigned → 403 and a log line, nothing kept;
+  malformed → 400). Stored once per message and status (a repeat is a no-op); the marts take
+  the furthest status, so a late ``sent`` never undoes ``delivered``. A receipt that arrives
   before the dispatcher has recorded the provider's message id is kept as an orphan and
-  attached when the id is recorded: nothing is lost. Receipts are written by one
-  :class:`StatusWriter` per app: a long-lived connection in its own thread that commits the
-  receipts of requests arriving together in one transaction (each request in a savepoint of its
-  own), and a request is answered only once its receipts are committed: a 200 means stored.
-- ``POST /webhooks/{provider}/inbound``: a reply. Stored, read for STOP/START/HELP with
-  ``smsops.consent.record_inbound`` (an opt-out takes effect for every send after it), and
-  answered with the provider's auto-reply when there is one.
-- ``GET /l/{token}``: a tracked link. The click is recorded (time, user agent) and the browser
-  redirected (302) to the address stored for that token, never one taken from the request:
-  no open redirect. Unknown tokens get 404.
+  attached when the id is recorded. A 200 means journaled.
+- ``POST /webhooks/{provider}/inbound``: a reply, checked the same way, journaled with its
+  keyword (the dispatcher's opt-out gate reads a journaled STOP before it is applied, so it
+  stops every send that starts after the 200), applied with ``smsops.consent.handle_inbound``,
+  and answered with the provider's auto-reply when there is one.
+- ``GET``/``HEAD /l/{token}``: a tracked link. The click is journaled (time, user agent, and
+  ``HEAD`` marked as such: link previews and scanners probe with it) and the browser redirected
+  (302) to the address stored for that token, never one taken from the request: no open
+  redirect. Unknown tokens get 404. The address is read on a worker thread (and cached), so a
+  redirect never waits for the store's writer.
+- ``GET /healthz``.
+
+No route does SQLite work on the event loop.
 """
 
 from __future__ import annotations
@@ -26,11 +32,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import queue
 import re
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
@@ -38,13 +43,17 @@ from xml.sax.saxutils import escape
 
 from starlette.applications import Starlette
 from starlette.datastructures import URL
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
-from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from smsops import consent, phones, store
-from smsops.providers import CallbackError, InvalidSignature, Provider, StatusUpdate
+from smsops import consent, ingress, phones, store
+from smsops.providers import (
+    CallbackError,
+    InboundMessage,
+    InvalidSignature,
+    MalformedCallback,
+    Provider,
+    StatusUpdate,
+)
 
 log = logging.getLogger("smsops.webhooks")
 
@@ -92,118 +101,6 @@ def record_status(conn: sqlite3.Connection, updates: list[StatusUpdate]) -> tupl
     return stored, orphaned
 
 
-class StatusWriter:
-    """Receipts written by one connection in a dedicated thread, with group commit.
-
-    :meth:`write` hands a request's updates to the thread and waits until they are committed.
-    The thread takes everything queued at that moment (up to ``max_batch`` requests), writes each
-    request's updates in a savepoint of its own (a request that fails rolls back alone and gets
-    its error; the others are kept) and commits them all at once: under load one commit (the
-    costly part of a small SQLite transaction) serves many requests, and no request is answered
-    before its receipts are in the store.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 512) -> None:
-        self.path = path
-        self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self.commits = 0
-        self.received = 0  # requests handed over, committed or not yet
-
-    def _ensure_started(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="smsops-status-writer", daemon=True)
-                self._thread.start()
-
-    async def write(self, updates: list[StatusUpdate]) -> tuple[int, int]:
-        """Store ``updates`` (as :func:`record_status`) and return once they are committed."""
-        self._ensure_started()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[int, int]] = loop.create_future()
-        self.received += 1
-        self._queue.put((updates, future, loop))
-        return await future
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Finish what is queued, then stop the thread and close its connection."""
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            self._queue.put(None)
-            thread.join(timeout)
-        self._thread = None
-
-    def _run(self) -> None:
-        conn: sqlite3.Connection | None = None
-        try:
-            while True:
-                first = self._queue.get()
-                if first is None:
-                    return
-                if conn is None:
-                    try:
-                        conn = store.connect(self.path)
-                    except Exception as exc:  # answer the request (503), try again with the next
-                        log.exception("could not open the store at %s for status callbacks", self.path)
-                        self._answer([first], [exc])
-                        continue
-                batch = [first]
-                stop = False
-                while len(batch) < self.max_batch:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    batch.append(item)
-                self._write_batch(conn, batch)
-                if stop:
-                    return
-        finally:
-            if conn is not None:
-                conn.close()
-
-    def _write_batch(self, conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
-        results: list[tuple[int, int] | BaseException] = []
-        try:
-            with store.transaction(conn):
-                for updates, _, _ in batch:
-                    try:
-                        results.append(record_status(conn, updates))  # a savepoint of its own
-                    except Exception as exc:
-                        results.append(exc)
-            self.commits += 1
-        except Exception as exc:  # the commit itself failed: nothing of the batch is stored
-            log.exception("could not store %d status callbacks", len(batch))
-            results = [exc] * len(batch)
-        self._answer(batch, results)
-
-    @staticmethod
-    def _answer(batch: list[tuple[Any, ...]], results: list[Any]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], object]]] = {}
-        for (_, future, loop), result in zip(batch, results, strict=True):
-            by_loop.setdefault(loop, []).append((future, result))
-        for loop, settled in by_loop.items():  # one wake-up of each event loop per batch
-            with contextlib.suppress(RuntimeError):  # that server has stopped: nobody is waiting
-                loop.call_soon_threadsafe(_settle, settled)
-
-
-def _settle(settled: list[tuple[asyncio.Future[Any], object]]) -> None:
-    for future, result in settled:
-        if future.done():  # the client went away and its request was cancelled
-            continue
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
-
-
 def adopt_orphans(conn: sqlite3.Connection) -> int:
     """Attach receipts that arrived before their message's provider id was recorded."""
     with store.transaction(conn):
@@ -231,29 +128,24 @@ def adopt_orphans(conn: sqlite3.Connection) -> int:
     return cur.rowcount
 
 
-def follow_link(conn: sqlite3.Connection, token: str, user_agent: str | None) -> str | None:
-    """Record a click on ``token`` and return where it leads; None for an unknown token."""
-    if not _TOKEN.fullmatch(token or ""):
-        return None
-    row = conn.execute("select message_id, url from links where token = ?", (token,)).fetchone()
-    if row is None:
-        return None
-    now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
-    conn.execute(
-        "insert into clicks (token, message_id, clicked_at, user_agent) values (?, ?, ?, ?)"
-        " on conflict (token, clicked_at) do nothing",
-        (token, row[0], now, (user_agent or "")[:512] or None),
-    )
-    return row[1]
-
-
 def _twiml(text: str | None) -> str:
     if not text:
         return '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
     return f'<?xml version="1.0" encoding="UTF-8"?><Response><Message>{escape(text)}</Message></Response>'
 
 
-_STATUS_PATH = re.compile(r"/webhooks/([^/]+)/status")
+_FORM_TYPE = "application/x-www-form-urlencoded"
+_WEBHOOK_PATH = re.compile(r"/webhooks/([^/]+)/(status|inbound)")
+_CLICK_PATH = re.compile(r"/l/([^/]*)")
+_TEXT = "text/plain; charset=utf-8"
+
+
+class Refused(Exception):
+    """A webhook request refused before anything was journaled: its status and a short reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 def _form(body: bytes) -> list[tuple[str, str]]:
@@ -265,47 +157,206 @@ def _form(body: bytes) -> list[tuple[str, str]]:
         raise CallbackError(f"the body is not a form: {exc}") from None
 
 
-async def _body(receive: Receive) -> bytes:
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def _read_form(scope: Scope, receive: Receive, headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The request's form, refused before its body is read when the declared size is over the
+    limit (413) or it is not a form (415); a body that turns out longer is refused as it comes."""
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Refused(400, f"Content-Length {declared[:20]!r} is not a number")
+        if int(declared) > MAX_BODY_BYTES:
+            raise Refused(413, f"a body of {declared} bytes is over the {MAX_BODY_BYTES} limit")
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != _FORM_TYPE:
+        raise Refused(415, f"content type {content_type[:60]!r} is not {_FORM_TYPE}")
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise CallbackError("the client went away before the body was complete")
+            raise Refused(400, "the client went away before the body was complete")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise CallbackError(f"body of more than {MAX_BODY_BYTES} bytes is over the limit")
+            raise Refused(413, f"body of more than {MAX_BODY_BYTES} bytes is over the limit")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            break
+    try:
+        return _form(b"".join(chunks))
+    except CallbackError as exc:
+        raise Refused(400, str(exc)) from None
 
 
-async def _answer(send: Send, status: int, content_type: str, text: str) -> None:
+async def _answer(
+    send: Send, status: int, content_type: str, text: str, extra: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
     body = text.encode("utf-8")
     headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", b"%d" % len(body))]
+    headers += list(extra)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-class _WebhookApp(Starlette):
-    """Starlette, with status callbacks answered before routing (see ``create_app``)."""
+class _Reader:
+    """Short reads of the store on worker threads (WAL readers never wait for its writer): a
+    tracked link's address, the ledger for a START's auto-reply. One connection per thread."""
 
-    def __init__(self, status: Callable[[Scope, Receive, Send, str], Awaitable[None]], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._status = status
+    def __init__(self, path: os.PathLike[str] | str) -> None:
+        self.path = path
+        self._local = threading.local()
+        self.links: dict[str, tuple[int, str]] = {}  # token → (message_id, url): links never change
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = store.connect(self.path)
+            conn.execute("pragma query_only = on")
+        return conn
+
+    def link(self, token: str) -> tuple[int, str] | None:
+        found = self.links.get(token)
+        if found is None:
+            row = (
+                self._conn().execute("select message_id, url from links where token = ?", (token,)).fetchone()
+            )
+            if row is None:
+                return None
+            if len(self.links) > 100_000:
+                self.links.clear()
+            found = self.links[token] = (row[0], row[1])
+        return found
+
+    def auto_reply(self, sender: str, body: str, received: datetime) -> str | None:
+        return consent.auto_reply(self._conn(), from_e164=sender, body=body, received_at=received)
+
+
+class _WebhookApp:
+    """The webhook ASGI app: the three hot routes answered directly (thousands of receipts a
+    second during a campaign skip Starlette's request and response objects), the rest by
+    Starlette."""
+
+    def __init__(
+        self,
+        providers: Mapping[str, Provider],
+        journal: ingress.Journal,
+        reader: _Reader,
+        public_url: str | None,
+        fallback: Starlette,
+    ) -> None:
+        self.providers = providers
+        self.journal = journal
+        self.reader = reader
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.fallback = fallback
+        self.state = fallback.state
+
+    def url_of(self, scope: Scope) -> str:
+        url = URL(scope=scope)
+        if self.public_url:
+            return self.public_url + url.path + (f"?{url.query}" if url.query else "")
+        return str(url)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
             path = scope["path"]
             root = scope.get("root_path", "")
             if root and path.startswith(root):
                 path = path[len(root) :]
-            match = _STATUS_PATH.fullmatch(path)
-            if match:
-                await self._status(scope, receive, send, match.group(1))
+            method = scope["method"]
+            if method == "POST" and (match := _WEBHOOK_PATH.fullmatch(path)):
+                await self.webhook(scope, receive, send, match.group(1), match.group(2))
                 return
-        await super().__call__(scope, receive, send)
+            if method in ("GET", "HEAD") and (match := _CLICK_PATH.fullmatch(path)):
+                await self.click(scope, send, match.group(1), method)
+                return
+            if method in ("GET", "HEAD") and path == "/healthz":
+                await _answer(send, 200, _TEXT, "ok")
+                return
+        await self.fallback(scope, receive, send)
+
+    async def webhook(self, scope: Scope, receive: Receive, send: Send, name: str, kind: str) -> None:
+        provider = self.providers.get(name)
+        if provider is None:
+            await _answer(send, 404, _TEXT, "unknown provider")
+            return
+        headers = _headers(scope)
+        try:
+            form = await _read_form(scope, receive, headers)
+            if kind == "status":
+                updates = provider.parse_callback(self.url_of(scope), form, headers)
+                entry = ingress.status_entry(provider.name, updates)
+                reply = provider.callback_reply()
+            else:
+                message = provider.parse_inbound(self.url_of(scope), form, headers)
+                entry, text = await self.inbound(message)
+                reply = (200, "text/xml", _twiml(text))
+        except (Refused, CallbackError) as exc:
+            status = (
+                exc.status if isinstance(exc, Refused) else 403 if isinstance(exc, InvalidSignature) else 400
+            )
+            log.warning("POST %s refused (%s): %s", scope["path"], status, exc)
+            text = {403: "forbidden", 413: "too large", 415: "unsupported media type"}.get(
+                status, "bad request"
+            )
+            await _answer(send, status, _TEXT, text)
+            return
+        try:
+            await self.journal.append([entry])
+        except Exception as exc:
+            log.error("POST %s: could not be journaled: %s", scope["path"], exc)
+            await _answer(send, 503, _TEXT, "could not store it; try again")
+            return
+        code, content_type, text = reply
+        if content_type.startswith("text/") and "charset" not in content_type:
+            content_type += "; charset=utf-8"
+        await _answer(send, code, content_type, text)
+
+    async def inbound(self, message: InboundMessage) -> tuple[ingress.Entry, str | None]:
+        """A reply's journal entry and its auto-reply (raises CallbackError when it is refused)."""
+        number = phones.normalize(message.from_)
+        sender = number.e164 if number.e164 else message.from_
+        try:
+            text = await asyncio.to_thread(self.reader.auto_reply, sender, message.body, message.received_at)
+        except consent.ConsentError as exc:
+            raise MalformedCallback(str(exc)) from None
+        payload = {
+            "provider": message.provider,
+            "provider_message_id": message.provider_message_id,
+            "from": sender,
+            "to": message.to,
+            "body": message.body,
+            "received_at": message.received_at.isoformat(),
+        }
+        keyword = consent.classify_reply(message.body)
+        return ingress.Entry("inbound", payload, message.provider, sender, keyword), text
+
+    async def click(self, scope: Scope, send: Send, token: str, method: str) -> None:
+        """A tracked link: journal the click (HEAD too, marked: link previews and scanners probe
+        with it) and redirect to the stored address, never one taken from the request."""
+        found = None
+        if _TOKEN.fullmatch(token):
+            found = self.reader.links.get(token) or await asyncio.to_thread(self.reader.link, token)
+        if found is None:
+            await _answer(send, 404, _TEXT, "this link does not exist")
+            return
+        message_id, url = found
+        agent = _headers(scope).get("user-agent", "")[:512] or None
+        clicked = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+        payload = {
+            "token": token, "message_id": message_id, "clicked_at": clicked, "user_agent": agent,
+            "method": method,
+        }  # fmt: skip
+        try:
+            await self.journal.append([ingress.Entry("click", payload)])
+        except Exception as exc:  # the person still gets where they were going
+            log.error("a click on %s could not be journaled: %s", token, exc)
+        location = [(b"location", url.encode("utf-8")), (b"cache-control", b"no-store")]
+        await _answer(send, 302, _TEXT, "", location)
 
 
 def create_app(
@@ -313,138 +364,36 @@ def create_app(
     *,
     home: str | os.PathLike[str] | None = None,
     public_url: str | None = None,
-) -> Starlette:
-    """The webhook application for ``providers`` (by name), writing to the store under ``home``.
+    apply: bool = True,
+) -> _WebhookApp:
+    """The webhook application for ``providers`` (by name), journaling under ``home``.
 
     ``public_url`` is the address providers call (e.g. ``https://sms.example.ru``): signatures
     are computed over it, so behind a proxy give the outside address, not the local one.
+    ``apply``: run the applier that moves the journal into the store in this process (while the
+    app's lifespan runs); several receivers may each run one.
     """
     path = store.store_path(home)
     store.open_store(home).close()
-    writer = StatusWriter(path)
-
-    def connection() -> sqlite3.Connection:
-        return store.connect(path)
-
-    def request_url(request: Request) -> str:
-        if public_url:
-            query = f"?{request.url.query}" if request.url.query else ""
-            return public_url.rstrip("/") + request.url.path + query
-        return str(request.url)
-
-    async def form_of(request: Request) -> list[tuple[str, str]]:
-        return _form(await request.body())
-
-    def provider_of(request: Request) -> Provider | None:
-        return providers.get(request.path_params["provider"])
-
-    def refuse(request: Request, exc: Exception) -> Response:
-        forged = isinstance(exc, InvalidSignature)
-        log.warning(
-            "%s %s refused (%s): %s", request.method, request.url.path, "403" if forged else "400", exc
-        )
-        return PlainTextResponse("forbidden" if forged else "bad request", status_code=403 if forged else 400)
-
-    async def parsed(request: Request, kind: str) -> tuple[Provider, Any] | Response:
-        """The provider named in the path and its authenticated, parsed ``kind`` of webhook,
-        or the response that refuses the request."""
-        provider = provider_of(request)
-        if provider is None:
-            return PlainTextResponse("unknown provider", status_code=404)
-        parse = provider.parse_callback if kind == "status" else provider.parse_inbound
-        try:
-            return provider, parse(request_url(request), await form_of(request), dict(request.headers))
-        except CallbackError as exc:
-            return refuse(request, exc)
-
-    async def status(scope: Scope, receive: Receive, send: Send, name: str) -> None:
-        """``POST /webhooks/{provider}/status`` as plain ASGI: the busiest route (thousands of
-        receipts a second during a campaign) skips Starlette's request and response objects."""
-        provider = providers.get(name)
-        if provider is None:
-            await _answer(send, 404, "text/plain; charset=utf-8", "unknown provider")
-            return
-        try:
-            body = await _body(receive)
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            url = URL(scope=scope)
-            if public_url:
-                url = URL(public_url.rstrip("/") + url.path + (f"?{url.query}" if url.query else ""))
-            updates = provider.parse_callback(str(url), _form(body), headers)
-        except CallbackError as exc:
-            forged = isinstance(exc, InvalidSignature)
-            log.warning("POST %s refused (%s): %s", scope["path"], "403" if forged else "400", exc)
-            await _answer(
-                send,
-                403 if forged else 400,
-                "text/plain; charset=utf-8",
-                "forbidden" if forged else "bad request",
-            )
-            return
-        try:
-            await writer.write(updates)
-        except Exception as exc:
-            log.error("POST %s: the receipts could not be stored: %s", scope["path"], exc)
-            await _answer(send, 503, "text/plain; charset=utf-8", "could not store the receipt")
-            return
-        code, content_type, text = provider.callback_reply()
-        if content_type.startswith("text/") and "charset" not in content_type:
-            content_type += "; charset=utf-8"
-        await _answer(send, code, content_type, text)
-
-    async def inbound(request: Request) -> Response:
-        got = await parsed(request, "inbound")
-        if isinstance(got, Response):
-            return got
-        _, message = got
-        number = phones.normalize(message.from_)
-        sender = number.e164 if number.e164 else message.from_
-        conn = connection()
-        try:
-            result = consent.record_inbound(
-                conn,
-                provider=message.provider,
-                provider_message_id=message.provider_message_id,
-                from_e164=sender,
-                body=message.body,
-                received_at=message.received_at,
-                to_number=message.to,
-            )
-        except consent.ConsentError as exc:
-            return refuse(request, exc)
-        finally:
-            conn.close()
-        return Response(_twiml(result.reply_text), media_type="text/xml")
-
-    async def click(request: Request) -> Response:
-        conn = connection()
-        try:
-            target = follow_link(conn, request.path_params["token"], request.headers.get("user-agent"))
-        finally:
-            conn.close()
-        if target is None:
-            return PlainTextResponse("this link does not exist", status_code=404)
-        return RedirectResponse(target, status_code=302)
-
-    async def health(request: Request) -> Response:
-        return PlainTextResponse("ok")
-
-    routes = [  # POST /webhooks/{provider}/status: _WebhookApp, before routing
-        Route("/webhooks/{provider}/inbound", inbound, methods=["POST"]),
-        Route("/l/{token}", click, methods=["GET"]),
-        Route("/healthz", health, methods=["GET"]),
-    ]
+    journal = ingress.Journal(ingress.journal_path(home))
+    ingress.connect(journal.path).close()  # made now: a dispatcher may watch it before any request
+    applier = ingress.Applier(home, journal) if apply else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if applier is not None:
+            applier.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(writer.close)
+            await asyncio.to_thread(journal.close)
+            if applier is not None:
+                await asyncio.to_thread(applier.close)
 
-    app = _WebhookApp(status, routes=routes, lifespan=lifespan)
-    app.state.status_writer = writer
-    return app
+    fallback = Starlette(routes=[], lifespan=lifespan)
+    fallback.state.journal = journal
+    fallback.state.applier = applier
+    return _WebhookApp(providers, journal, _Reader(path), public_url, fallback)
 
 
 def describe(providers: Mapping[str, Any]) -> list[str]:

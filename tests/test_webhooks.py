@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -12,7 +10,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from smsops import consent, store, webhooks
+from smsops import consent, ingress, store, webhooks
 from smsops.providers import SANDBOX_AUTH_TOKEN, StatusUpdate, from_config
 from smsops.providers.sandbox import serve_in_thread
 from smsops.providers.twilio import request_signature
@@ -72,12 +70,17 @@ def post_signed(
     return httpx.post(full, data=form, headers={"X-Twilio-Signature": signature})
 
 
+def applied(app) -> None:
+    """Wait until the app's applier has moved everything journaled into the store."""
+    assert app.state.applier.drain(timeout=20), app.state.applier.last_error
+
+
 def statuses(conn: sqlite3.Connection) -> list[tuple]:
     return conn.execute("select status, error_code from message_status_events order by event_id").fetchall()
 
 
 def test_signed_receipts_are_stored_once_and_out_of_order_is_harmless(receiver):
-    url, conn, _ = receiver
+    url, conn, app = receiver
     delivered = {"MessageSid": SID, "MessageStatus": "delivered"}
     assert post_signed(url, "/webhooks/sandbox/status", delivered).status_code == 200
     assert post_signed(url, "/webhooks/sandbox/status", delivered).status_code == 200  # twice
@@ -85,14 +88,16 @@ def test_signed_receipts_are_stored_once_and_out_of_order_is_harmless(receiver):
         post_signed(url, "/webhooks/sandbox/status", {"MessageSid": SID, "MessageStatus": "sent"}).status_code
         == 200
     )
+    applied(app)
     assert statuses(conn) == [("delivered", None), ("sent", None)]
 
 
 def test_a_forged_or_unsigned_receipt_is_refused_and_nothing_is_stored(receiver, caplog):
-    url, conn, _ = receiver
+    url, conn, app = receiver
     form = {"MessageSid": SID, "MessageStatus": "failed", "ErrorCode": "30003"}
     assert post_signed(url, "/webhooks/sandbox/status", form, token="not-the-token").status_code == 403
     assert httpx.post(url + "/webhooks/sandbox/status", data=form).status_code == 403
+    assert app.state.journal.appended == 0
     assert statuses(conn) == []
     assert "refused (403)" in caplog.text
 
@@ -104,11 +109,13 @@ def test_a_malformed_receipt_gets_400(receiver):
 
 
 def test_a_receipt_before_its_message_id_is_recorded_is_kept_and_adopted_later(receiver):
-    url, conn, _ = receiver
+    url, conn, app = receiver
     early = "SM" + "cd" * 16
     form = {"MessageSid": early, "MessageStatus": "undelivered", "ErrorCode": "30003"}
     assert post_signed(url, "/webhooks/sandbox/status", form).status_code == 200
+    applied(app)
     assert statuses(conn) == []
+    assert conn.execute("select count(*) from orphan_status_events").fetchone()[0] == 1
     conn.execute(
         "insert into messages (message_id, idempotency_key, campaign_id, variant, contact_id, state, provider,"
         " provider_message_id, planned_at) values (8, '1:2', 1, 'A', 2, 'submitted', 'sandbox', ?, '2026-01-01')",
@@ -120,102 +127,94 @@ def test_a_receipt_before_its_message_id_is_recorded_is_kept_and_adopted_later(r
 
 
 def test_a_stop_reply_opts_the_number_out_and_gets_the_auto_reply(receiver):
-    url, conn, _ = receiver
+    url, conn, app = receiver
     form = {"MessageSid": "SM" + "ef" * 16, "From": "+79123456789", "To": "SHOPMARKET", "Body": " Стоп! "}
     reply = post_signed(url, "/webhooks/sandbox/inbound", form)
     assert reply.status_code == 200 and "<Message>" in reply.text
+    applied(app)
     assert consent.may_send(conn, "+79123456789", "promo") == (False, "opted_out")
     again = post_signed(url, "/webhooks/sandbox/inbound", form)
     assert again.status_code == 200
+    applied(app)
     assert conn.execute("select count(*) from inbound_messages").fetchone()[0] == 1
 
 
 def test_a_tracked_link_records_the_click_and_redirects_to_the_stored_address(receiver):
-    url, conn, _ = receiver
+    url, conn, app = receiver
     answer = httpx.get(
         url + "/l/Tok3nAbc", headers={"User-Agent": "Mozilla/5.0 (iPhone)"}, follow_redirects=False
     )
     assert answer.status_code == 302
     assert answer.headers["location"] == "https://shop.example.ru/sale?utm_source=sms"
-    assert conn.execute("select message_id, user_agent from clicks").fetchall() == [
-        (7, "Mozilla/5.0 (iPhone)")
+    probe = httpx.head(url + "/l/Tok3nAbc", headers={"User-Agent": "Slackbot-LinkExpanding 1.0"})
+    assert probe.status_code == 302 and probe.headers["location"] == answer.headers["location"]
+    applied(app)
+    assert conn.execute("select message_id, user_agent, method from clicks order by click_id").fetchall() == [
+        (7, "Mozilla/5.0 (iPhone)", "GET"),
+        (7, "Slackbot-LinkExpanding 1.0", "HEAD"),
     ]
     for bad in ("/l/unknown-token", "/l/Tok3nAbc%2F..%2Fx", "/l/https:%2F%2Fevil.example"):
         assert httpx.get(url + bad, follow_redirects=False).status_code == 404
 
 
-def test_a_receipt_is_answered_only_once_it_is_committed(home, receiver):
-    url, conn, _ = receiver
+def test_a_receipt_is_answered_at_once_while_the_store_is_locked_and_applied_after(home, receiver):
+    url, conn, app = receiver
     blocker = holding_the_write_lock(home)
-    with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(
-            post_signed, url, "/webhooks/sandbox/status", {"MessageSid": SID, "MessageStatus": "delivered"}
-        )
-        time.sleep(0.5)
-        assert not answer.done()  # the store is busy: no 200 before the row is stored
-        blocker.rollback()
-        assert answer.result(timeout=10).status_code == 200
+    started = time.monotonic()
+    answer = post_signed(url, "/webhooks/sandbox/status", {"MessageSid": SID, "MessageStatus": "delivered"})
+    assert answer.status_code == 200 and time.monotonic() - started < 1.0  # journaled, not waiting
+    time.sleep(0.5)
+    assert statuses(conn) == []  # the store is still locked
+    blocker.rollback()
+    applied(app)
     assert statuses(conn) == [("delivered", None)]
 
 
-def test_receipts_arriving_together_share_a_commit_and_none_is_lost(home, receiver):
+def test_receipts_arriving_together_share_a_journal_commit_and_none_is_lost(home, receiver):
     url, conn, app = receiver
     sids = add_messages(conn, 20)
     forms = [{"MessageSid": sid, "MessageStatus": s} for sid in sids for s in ("sent", "delivered")]
-    writer = app.state.status_writer
     blocker = holding_the_write_lock(home)
     with ThreadPoolExecutor(len(forms)) as pool:
         answers = [pool.submit(post_signed, url, "/webhooks/sandbox/status", form) for form in forms]
-        deadline = time.monotonic() + 20
-        while writer.received < len(forms):  # every request is in, none answered
-            assert time.monotonic() < deadline, f"only {writer.received} receipts arrived"
-            time.sleep(0.02)
-        assert not any(a.done() for a in answers)
-        blocker.rollback()
         assert [a.result(timeout=10).status_code for a in answers] == [200] * len(forms)
+    assert app.state.journal.commits < len(forms)  # requests that arrived together shared commits
+    blocker.rollback()
+    applied(app)
     assert conn.execute("select count(*) from message_status_events").fetchone()[0] == len(forms)
-    # one commit for the receipt that was waiting on the lock, then the rest together
-    assert app.state.status_writer.commits <= 3, app.state.status_writer.commits
 
 
-def test_a_failing_receipt_rolls_back_alone_and_the_rest_of_its_commit_is_kept(home, receiver):
-    _, conn, _ = receiver
+def test_a_journal_entry_the_store_refuses_is_kept_aside_and_the_rest_is_applied(home, receiver):
+    _, conn, app = receiver
     sids = add_messages(conn, 2)
-    writer = webhooks.StatusWriter(store.store_path(home))
     now = datetime.now(UTC)
 
     def update(sid: str, status: str) -> list[StatusUpdate]:
         return [StatusUpdate("sandbox", sid, status, None, now)]
 
-    async def together() -> list[object]:
-        blocker = holding_the_write_lock(home)
-        threading.Timer(0.3, blocker.rollback).start()  # so that all three queue up behind it
-        return await asyncio.gather(
-            writer.write(update(sids[0], "delivered")),
-            writer.write(update(sids[0], "sent") + update(sids[1], "not-a-status")),
-            writer.write(update(sids[1], "delivered")),
-            return_exceptions=True,
-        )
-
-    try:
-        first, bad, last = asyncio.run(together())
-    finally:
-        writer.close()
-    assert first == (1, 0) and last == (1, 0)
-    assert isinstance(bad, sqlite3.IntegrityError)
+    journal = app.state.journal
+    for entries in (update(sids[0], "delivered"), update(sids[0], "sent") + update(sids[1], "not-a-status"),
+                    update(sids[1], "delivered")):  # fmt: skip
+        journal.append_sync([ingress.status_entry("sandbox", entries)])
+    applied(app)
     stored = conn.execute("select provider_message_id, status from message_status_events order by 1, 2")
-    assert stored.fetchall() == [(sids[0], "delivered"), (sids[1], "delivered")]  # no half of `bad`
+    assert stored.fetchall() == [(sids[0], "delivered"), (sids[1], "delivered")]  # no half of the bad one
+    ((kind, error),) = conn.execute("select kind, error from ingress_rejects").fetchall()
+    assert kind == "status" and "IntegrityError" in error
 
 
-@pytest.mark.parametrize("body", [b"%zz=\xff\xfe", b"MessageSid=" + b"x" * (webhooks.MAX_BODY_BYTES + 1)])
-def test_a_body_that_is_not_a_form_or_too_big_gets_400_and_nothing_is_stored(receiver, body):
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [(b"%zz=\xff\xfe", 400), (b"MessageSid=" + b"x" * (webhooks.MAX_BODY_BYTES + 1), 413)],
+)
+def test_a_body_that_is_not_a_form_or_too_big_is_refused_and_nothing_is_stored(receiver, body, status):
     url, conn, _ = receiver
     answer = httpx.post(
         url + "/webhooks/sandbox/status",
         content=body,
         headers={"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": "x"},
     )
-    assert answer.status_code == 400
+    assert answer.status_code == status
     assert statuses(conn) == []
 
 
