@@ -96,7 +96,7 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 
-from smsops import campaigns, consent, links, store, webhooks
+from smsops import campaigns, consent, ingress, links, store, webhooks
 from smsops.config import paths
 from smsops.policy import QuietHours
 from smsops.providers import (
@@ -109,6 +109,7 @@ from smsops.providers import (
     StatusUpdate,
 )
 from smsops.providers.transport import LeanClient
+from smsops.revocations import Revocations
 
 __all__ = [
     "TERMINAL_STATES",
@@ -453,6 +454,8 @@ class _Row:
     sender: str | None
     attempt: int
     claimed_at: datetime
+    checked: int = 0
+    """The opt-out gate's mark when the row's consent was last checked (:mod:`smsops.revocations`)."""
 
 
 _Kind = Literal[
@@ -1080,6 +1083,7 @@ class _Engine:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smsops-dispatch-db")
         self.db: _Db | None = None
         self.reader: sqlite3.Connection | None = None
+        self.revocations: Revocations | None = None
         self.tally = _Tally()
         self.rng = random.Random()
         self.queue: asyncio.Queue[_Row | None] = asyncio.Queue(maxsize=settings.concurrency)
@@ -1130,6 +1134,7 @@ class _Engine:
                 _Db, self.home, self.provider.name, self.dispatcher, self.settings.max_attempts
             )
             self.reader = store.connect(store.store_path(self.home))
+            self.revocations = Revocations(self.reader, ingress.journal_path(self.home))
             if self.campaign_id is not None:
                 await self.check_campaign()
             _skip_sniffio_probe()
@@ -1262,6 +1267,8 @@ class _Engine:
             if self.campaign_id is not None:  # e.g. a run after a crash that had sent the last row
                 await self.finish([self.campaign_id])
             await self.call(self.db.close)
+        if self.revocations is not None:
+            self.revocations.close()
         if self.reader is not None:
             self.reader.close()
         for client in self.clients:
@@ -1367,10 +1374,13 @@ class _Engine:
                     continue
                 # on the event loop, not the database thread: a few milliseconds of reads (WAL
                 # readers never wait for writers), where a hop to the busy thread costs tens
-                assert self.reader is not None
+                assert self.reader is not None and self.revocations is not None
+                self.revocations.refresh()
+                mark = self.revocations.mark  # every opt-out up to it is seen by the check below
                 verdicts = _check(self.reader, chunk)
                 for row, (ok, reason) in zip(chunk, verdicts, strict=True):
                     if ok:
+                        row.checked = mark
                         await self.queue.put(row)
                     else:
                         self.held -= 1
@@ -1417,6 +1427,13 @@ class _Engine:
                 window.unused()
                 self.release(row)
                 continue
+            # the opt-out gate, with no await between it and the request (invariant 2)
+            revoked = self.revoked(row)
+            if revoked is not None:
+                window.unused()
+                self.held -= 1
+                self.record(_Outcome("suppress", row, reason=revoked))
+                continue
             if self.send_times is not None:
                 self.send_times.append(admitted)
             self.tally.requests += 1
@@ -1441,6 +1458,19 @@ class _Engine:
             unanswered = result.outcome == "unknown" and result.http_status is None
             window.done(hold=self.settings.timeout if unanswered else 0.0)
             self.answered(row, result)
+
+    def revoked(self, row: _Row) -> str | None:
+        """Why ``row`` must not be sent after all (an opt-out since its consent check), or None."""
+        assert self.revocations is not None and self.reader is not None
+        verdict = self.revocations.verdict(row.phone, row.checked)
+        if verdict == "recheck":
+            mark = self.revocations.mark
+            ((ok, reason),) = _check(self.reader, [row])
+            if ok:
+                row.checked = mark
+                return None
+            return reason
+        return verdict
 
     def answered(self, row: _Row, result: SendResult) -> None:
         finished = _stamp(_utcnow())
