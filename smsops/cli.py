@@ -312,6 +312,36 @@ def _campaign_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _receipts_reconcile(args: argparse.Namespace) -> int:
+    """Look up, at the provider, the messages whose delivery receipt is overdue (one pass)."""
+    from smsops import receipts, serve
+    from smsops.providers import ProviderError
+
+    if args.limit < 1:
+        print(f"smsops receipts reconcile: --limit must be at least 1, got {args.limit}", file=sys.stderr)
+        return 2
+    try:  # a ConfigError too: an unknown provider, a bad SMSOPS_*RECEIPT_LOOKUP_MINUTES
+        provider = serve.load_provider(args.provider)
+        report = receipts.reconcile_receipts_sync(provider, limit=args.limit)
+    except ProviderError as exc:
+        print(f"smsops receipts reconcile: {exc}", file=sys.stderr)
+        return 2
+    horizon = receipts.HORIZON.total_seconds() / 3600
+    print(f"{provider.name}: {report.looked_up:,} message(s) with an overdue receipt looked up")
+    print(f"  recovered      {report.recovered:,} (final status recorded)")
+    print(f"  still pending  {report.still_pending:,} (status recorded; asked again later)")
+    print(f"  not found      {report.not_found:,} (the provider does not know them; asked again later)")
+    print(f"  errors         {report.errors:,} (the provider could not answer; asked again next time)")
+    print(
+        f"  given up       {report.past_horizon:,} (no final status {horizon:.0f} h after sending,"
+        f" in the last {horizon:.0f} h: left awaiting receipt)"
+    )
+    if report.error:
+        print(f"smsops receipts reconcile: {report.error}", file=sys.stderr)
+        return 3 if report.stopped == "credentials" else 1
+    return 1 if report.errors else 0
+
+
 def _campaign_schedule(args: argparse.Namespace) -> int:
     """Schedule a draft: the time is read in the team's zone and stored in UTC."""
     from datetime import datetime
@@ -557,6 +587,15 @@ def parser() -> argparse.ArgumentParser:
     ct.add_argument("id", type=int, help="the campaign's id")
     ct.add_argument("--to", help="seed numbers, comma-separated (default $SMSOPS_SEED_NUMBERS)")
     ct.set_defaults(func=_campaign_test_send)
+
+    rc = sub.add_parser("receipts", help="delivery receipts that never came: ask the provider")
+    rc_sub = rc.add_subparsers(dest="action", required=True)
+    rr = rc_sub.add_parser(
+        "reconcile", help="look up the messages whose receipt is overdue and record their status"
+    )
+    rr.add_argument("--provider", help="sandbox, twilio or smsru (default: $SMSOPS_PROVIDER, else sandbox)")
+    rr.add_argument("--limit", type=int, default=500, help="messages looked up at most (default 500)")
+    rr.set_defaults(func=_receipts_reconcile)
 
     sv = sub.add_parser("serve", help="webhooks, the sandbox and the dispatcher in one process")
     sv.add_argument("--host", default="127.0.0.1", help="address of the webhook app (default 127.0.0.1)")
