@@ -137,7 +137,7 @@ def status_of(home: Path, cid: int) -> str:
 
 
 def sandbox_messages(url: str) -> list[dict]:
-    return httpx.get(f"{url}/sandbox/messages").json()
+    return httpx.get(f"{url}/sandbox/messages", auth=(FAST.account_sid, FAST.auth_token)).json()
 
 
 @pytest.fixture
@@ -809,7 +809,9 @@ def test_serve_runs_webhooks_sandbox_and_dispatcher_until_stopped(home, monkeypa
             await asyncio.sleep(0.1)
         async with httpx.AsyncClient() as client:  # a reply through the sandbox to the webhook app
             answer = await client.post(
-                f"{started[0].sandbox_url}/sandbox/inbound", data={"From": phones[0], "Body": "STOP"}
+                f"{started[0].sandbox_url}/sandbox/inbound",
+                data={"From": phones[0], "Body": "STOP"},
+                auth=(started[0].provider.account_sid, started[0].provider.auth_token),
             )
         assert answer.status_code == 200, answer.text
         stop.set()

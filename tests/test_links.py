@@ -97,7 +97,8 @@ def test_each_recipient_gets_own_tokens_and_the_provider_gets_the_stored_text(ho
         report = dispatch.run_sync(
             home, from_config("sandbox", {"SANDBOX_URL": sandbox.url}), QUICK, campaign_id=cid
         )
-        sent = {m["to"]: m["body"] for m in httpx.get(f"{sandbox.url}/sandbox/messages").json()}
+        listed = httpx.get(f"{sandbox.url}/sandbox/messages", auth=(FAST.account_sid, FAST.auth_token))
+        sent = {m["to"]: m["body"] for m in listed.json()}
     assert report.submitted == len(PHONES)
     kept = {r["phone_e164"]: r["body"] for r in table(home, "select phone_e164, body from messages")}
     assert sent == kept  # the text sent is the text kept

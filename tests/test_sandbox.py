@@ -4,7 +4,10 @@ over real HTTP on loopback, with a webhook receiver like the app's."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -16,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from smsops.providers import (
     InvalidSignature,
@@ -37,6 +41,12 @@ FAST = SandboxSettings(
     out_of_order_rate=0.0,
     receipt_delay=(0.01, 0.05),
 )
+AUTH = (FAST.account_sid, FAST.auth_token)  # what the sandbox's own routes ask for, as its API does
+
+
+def retrying(**changes) -> SandboxSettings:
+    """FAST, retrying posts within tenths of a second (for 30 s unless ``changes`` say otherwise)."""
+    return replace(FAST, **{"callback_retry": (0.05, 0.2), "callback_retry_for": 30.0, **changes})
 
 
 def run(coro):
@@ -116,6 +126,43 @@ def statuses(updates: list[StatusUpdate], sid: str) -> list[tuple[str, str | Non
     return [(u.status, u.error_code) for u in updates if u.provider_message_id == sid]
 
 
+def sandbox_health(sandbox: ServerThread) -> dict:
+    return httpx.get(f"{sandbox.url}/sandbox/health").json()
+
+
+def answering(status: int, app: ASGIApp, when: Callable[[], bool], hits: list[int]) -> ASGIApp:
+    """``app``, but answering ``status`` (and nothing more) to every request while ``when()``;
+    ``hits`` gets the status of every answer."""
+
+    async def gated(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and when():
+            hits.append(status)
+            await Response(status_code=status)(scope, receive, send)
+            return
+        if scope["type"] == "http":
+            hits.append(0)  # passed on
+        await app(scope, receive, send)
+
+    return gated
+
+
+def slowed(seconds: float, app: ASGIApp) -> ASGIApp:
+    """``app``, answering each request ``seconds`` late."""
+
+    async def slow(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await asyncio.sleep(seconds)
+        await app(scope, receive, send)
+
+    return slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ---------------------------------------------------------------------------------------
 # Receipts
 
@@ -131,7 +178,7 @@ def test_receipts_arrive_signed_and_in_order_by_default(receiver):
         ]
         ok, unreachable, unknown, filtered = run(send_all(provider, requests))
         wait_for(lambda: len(receiver.updates) >= 7)
-        journal = httpx.get(f"{sandbox.url}/sandbox/messages").json()
+        journal = httpx.get(f"{sandbox.url}/sandbox/messages", auth=AUTH).json()
     assert set(receiver.answers) == {200}
     assert statuses(receiver.updates, ok.provider_message_id) == [("sent", None), ("delivered", None)]
     assert statuses(receiver.updates, unreachable.provider_message_id) == [
@@ -210,6 +257,139 @@ def test_a_forged_callback_gets_403_and_a_malformed_one_400_and_neither_is_kept(
 
 
 # ---------------------------------------------------------------------------------------
+# Receipts delivered like a provider's: retried until taken, never dropped by the sandbox's client
+
+
+@pytest.mark.parametrize("status", [503, 500, 429, 408])
+def test_a_receiver_that_fails_for_its_first_second_still_gets_every_receipt(status):
+    receiver = Receiver(from_config("sandbox", {}))
+    recovers, hits = time.monotonic() + 1.0, []
+    flaky = answering(status, receiver.app, lambda: time.monotonic() < recovers, hits)
+    with serve_in_thread(flaky) as hook, run_in_thread(retrying()) as sandbox:
+        provider = from_config("sandbox", {"SANDBOX_URL": sandbox.url})
+        requests = [SendRequest(i, f"+7912345{i:03d}1", "S", "hi", f"{hook.url}/status") for i in range(20)]
+        results = run(send_all(provider, requests, concurrency=10))
+        wait_for(lambda: sandbox_health(sandbox)["receipts"]["delivered"] == 40, timeout=15)
+        tally = sandbox_health(sandbox)["receipts"]
+        journal = httpx.get(f"{sandbox.url}/sandbox/messages", auth=AUTH).json()
+    for result in results:
+        assert statuses(receiver.updates, result.provider_message_id) == [("sent", None), ("delivered", None)]
+    assert (tally["posted"], tally["given_up"], tally["refused"], tally["pending"]) == (40, 0, 0, 0)
+    assert tally["retried"] > 0 and hits.count(status) > 0
+    receipts = [r for m in journal for r in m["receipts"]]
+    assert all(r["delivered"] and r["outcome"] == "delivered" and r["http_status"] == 200 for r in receipts)
+    retried = [r for r in receipts if len(r["attempts"]) > 1]
+    assert retried and all(a["http_status"] == status for r in retried for a in r["attempts"][:-1])
+    assert sum(len(r["attempts"]) - 1 for r in receipts) == tally["retried"]
+
+
+def test_receipts_and_a_reply_posted_while_the_receiver_is_down_arrive_once_it_is_up():
+    receiver = Receiver(from_config("sandbox", {}))
+    port = free_port()
+    hook = f"http://127.0.0.1:{port}"
+    with run_in_thread(retrying(inbound_url=f"{hook}/inbound")) as sandbox:
+        provider = from_config("sandbox", {"SANDBOX_URL": sandbox.url})
+        requests = [SendRequest(i, f"+7912345{i:03d}1", "S", "hi", f"{hook}/status") for i in range(10)]
+        results = run(send_all(provider, requests, concurrency=10))
+        reply = httpx.post(
+            f"{sandbox.url}/sandbox/inbound", data={"From": "+79123456701", "Body": "СТОП"}, auth=AUTH
+        )
+        time.sleep(0.8)  # the receiver is down: every attempt so far was refused a connection
+        down = sandbox_health(sandbox)
+        with serve_in_thread(receiver.app, port=port):
+            wait_for(lambda: sandbox_health(sandbox)["receipts"]["delivered"] == 20, timeout=15)
+            wait_for(lambda: sandbox_health(sandbox)["replies"]["delivered"] == 1, timeout=5)
+        journal = httpx.get(f"{sandbox.url}/sandbox/messages", auth=AUTH).json()
+    receipts_down = down["receipts"]  # each message's "delivered" waits for its "sent"
+    assert (receipts_down["posted"], receipts_down["delivered"], receipts_down["pending"]) == (10, 0, 10)
+    assert receipts_down["retried"] > 0
+    assert reply.status_code == 202 and reply.json()["error"] == "ConnectError"
+    assert [m.provider_message_id for m in receiver.inbound] == [reply.json()["sid"]]
+    for result in results:
+        assert statuses(receiver.updates, result.provider_message_id) == [("sent", None), ("delivered", None)]
+    first_attempts = [r["attempts"][0] for m in journal for r in m["receipts"] if r["status"] == "sent"]
+    assert {a.get("error") for a in first_attempts} == {"ConnectError"}
+
+
+def test_a_receiver_slower_than_a_pool_timeout_still_gets_every_receipt():
+    """200 receipts at once to a receiver that takes 6 s each: the old client (100 connections,
+    5 s for everything, the pool wait included) dropped every one of them."""
+    receiver = Receiver(from_config("sandbox", {}))
+    settings = replace(FAST, receipt_delay=(0.0, 0.0))  # the default retry policy and client
+    with serve_in_thread(slowed(6.0, receiver.app)) as hook, run_in_thread(settings) as sandbox:
+        provider = from_config("sandbox", {"SANDBOX_URL": sandbox.url})
+        requests = [  # …98: unknown handset, a single receipt ("failed") each
+            SendRequest(i, f"+7912{i:05d}98", "S", "hi", f"{hook.url}/status") for i in range(200)
+        ]
+        results = run(send_all(provider, requests, concurrency=50))
+        wait_for(lambda: len(receiver.updates) >= 200, timeout=20)
+        wait_for(lambda: sandbox_health(sandbox)["receipts"]["delivered"] == 200)
+        tally = sandbox_health(sandbox)["receipts"]
+    assert sorted(u.provider_message_id for u in receiver.updates) == sorted(
+        r.provider_message_id for r in results
+    )
+    assert {(u.status, u.error_code) for u in receiver.updates} == {("failed", "30005")}
+    assert (tally["retried"], tally["given_up"], tally["pending"]) == (0, 0, 0)
+
+
+def test_waiting_for_a_connection_is_only_a_wait():
+    receiver = Receiver(from_config("sandbox", {}))
+    settings = retrying(receipt_delay=(0.0, 0.0), callback_connections=1, callback_timeout=1.0)
+    with serve_in_thread(slowed(0.25, receiver.app)) as hook, run_in_thread(settings) as sandbox:
+        provider = from_config("sandbox", {"SANDBOX_URL": sandbox.url})
+        requests = [SendRequest(i, f"+7912{i:05d}98", "S", "hi", f"{hook.url}/status") for i in range(8)]
+        run(send_all(provider, requests, concurrency=8))
+        wait_for(lambda: sandbox_health(sandbox)["receipts"]["delivered"] == 8, timeout=10)
+        tally = sandbox_health(sandbox)["receipts"]
+    assert len(receiver.updates) == 8  # one connection, 2 s in all: the last waited past the timeout
+    assert (tally["retried"], tally["given_up"]) == (0, 0)
+
+
+def test_a_receipt_the_receiver_refuses_with_400_is_recorded_and_not_retried():
+    receiver = Receiver(from_config("sandbox", {}))
+    hits: list[int] = []
+    with (
+        serve_in_thread(answering(400, receiver.app, lambda: True, hits)) as hook,
+        run_in_thread(retrying()) as sandbox,
+    ):
+        provider = from_config("sandbox", {"SANDBOX_URL": sandbox.url})
+        run(send_all(provider, [SendRequest(1, "+79123456701", "S", "hi", f"{hook.url}/status")]))
+        wait_for(lambda: sandbox_health(sandbox)["receipts"]["refused"] == 2)
+        time.sleep(0.5)  # several retry waits: none comes
+        tally = sandbox_health(sandbox)["receipts"]
+        (message,) = httpx.get(f"{sandbox.url}/sandbox/messages", auth=AUTH).json()
+    assert hits == [400, 400]
+    assert tally == {"posted": 2, "delivered": 0, "retried": 0, "refused": 2, "given_up": 0, "pending": 0}
+    assert [(r["status"], r["outcome"], r["delivered"], r["http_status"]) for r in message["receipts"]] == [
+        ("sent", "refused", False, 400),
+        ("delivered", "refused", False, 400),
+    ]
+    assert all(len(r["attempts"]) == 1 for r in message["receipts"])
+
+
+def test_a_receipt_never_taken_is_given_up_with_a_warning_once_its_time_is_up(caplog):
+    caplog.set_level(logging.WARNING, logger="smsops.providers.sandbox")
+    receiver = Receiver(from_config("sandbox", {}))
+    hits: list[int] = []
+    settings = retrying(callback_retry_for=0.5)
+    with (
+        serve_in_thread(answering(503, receiver.app, lambda: True, hits)) as hook,
+        run_in_thread(settings) as sandbox,
+    ):
+        provider = from_config("sandbox", {"SANDBOX_URL": sandbox.url})
+        (result,) = run(send_all(provider, [SendRequest(1, "+79123456798", "S", "hi", f"{hook.url}/status")]))
+        wait_for(lambda: sandbox_health(sandbox)["receipts"]["given_up"] == 1)
+        tally = sandbox_health(sandbox)["receipts"]
+        (message,) = httpx.get(f"{sandbox.url}/sandbox/messages", auth=AUTH).json()
+    (receipt,) = message["receipts"]
+    assert (receipt["outcome"], receipt["delivered"]) == ("given_up", False)
+    assert [a["http_status"] for a in receipt["attempts"]] == hits and len(hits) >= 3
+    assert tally["retried"] == len(hits) - 1 and tally["pending"] == 0
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "gave up" in warning.getMessage() and result.provider_message_id in warning.getMessage()
+
+
+# ---------------------------------------------------------------------------------------
 # Inbound replies
 
 
@@ -217,7 +397,9 @@ def test_an_inbound_stop_reaches_the_webhook_signed(receiver):
     receiver, hook = receiver
     settings = SandboxSettings(latency=(0.0, 0.0), inbound_url=f"{hook.url}/inbound")
     with run_in_thread(settings) as sandbox:
-        answer = httpx.post(f"{sandbox.url}/sandbox/inbound", data={"From": "+79123456701", "Body": "СТОП"})
+        answer = httpx.post(
+            f"{sandbox.url}/sandbox/inbound", data={"From": "+79123456701", "Body": "СТОП"}, auth=AUTH
+        )
     assert answer.status_code == 200 and answer.json()["webhook_status"] == 200
     (message,) = receiver.inbound
     assert (message.from_, message.to, message.body) == ("+79123456701", settings.inbound_number, "СТОП")
@@ -272,12 +454,53 @@ def test_recipients_do_nothing_by_default(receiver):
 
 def test_inbound_without_a_configured_webhook_says_so():
     with run_in_thread(FAST) as sandbox:
-        answer = httpx.post(f"{sandbox.url}/sandbox/inbound", data={"From": "+79123456701", "Body": "STOP"})
+        answer = httpx.post(
+            f"{sandbox.url}/sandbox/inbound", data={"From": "+79123456701", "Body": "STOP"}, auth=AUTH
+        )
     assert answer.status_code == 409 and "inbound_url" in answer.json()["message"]
 
 
 # ---------------------------------------------------------------------------------------
 # The API surface
+
+
+def test_the_sandboxs_own_routes_need_its_credentials_and_its_health_tells_no_numbers(receiver):
+    receiver, hook = receiver
+    settings = replace(FAST, inbound_url=f"{hook.url}/inbound")
+    with run_in_thread(settings) as sandbox:
+        provider = from_config("sandbox", {"SANDBOX_URL": sandbox.url})
+        run(send_all(provider, [SendRequest(1, "+79123456701", "SHOPMARKET", "Секретная скидка")]))
+        inbound, listing = f"{sandbox.url}/sandbox/inbound", f"{sandbox.url}/sandbox/messages"
+        stop = {"From": "+79123456702", "Body": "START"}
+        guessed = (settings.account_sid, "guess")
+        refused = [
+            httpx.post(inbound, data=stop),
+            httpx.post(inbound, data=stop, auth=guessed),
+            httpx.get(listing),
+            httpx.get(listing, auth=guessed),
+        ]
+        posted_meanwhile = list(receiver.inbound)
+        reply = httpx.post(inbound, data=stop, auth=AUTH)
+        listed = httpx.get(listing, auth=AUTH)
+        health = httpx.get(f"{sandbox.url}/sandbox/health")
+    assert [r.status_code for r in refused] == [401] * 4
+    assert all(
+        r.json()
+        == {
+            "code": 20003,
+            "message": "Authenticate",
+            "more_info": "https://www.twilio.com/docs/errors/20003",
+            "status": 401,
+        }
+        and r.headers["www-authenticate"].startswith("Basic")
+        for r in refused
+    )
+    assert posted_meanwhile == []  # nothing was signed and sent for the anonymous START
+    assert reply.status_code == 200 and [m.body for m in receiver.inbound] == ["START"]
+    assert [(m["to"], m["body"]) for m in listed.json()] == [("+79123456701", "Секретная скидка")]
+    assert health.status_code == 200 and health.json()["messages"] == 1
+    assert "+7912" not in health.text and "79123456701" not in health.text
+    assert "Секретная".encode() not in health.content and "START" not in health.text
 
 
 def test_wrong_credentials_get_a_twilio_style_401():
@@ -350,11 +573,14 @@ def test_accepted_messages_are_kept_and_listed():
         results = run(
             send_all(provider, [SendRequest(i, f"+7912345670{i}", "S", f"msg {i}") for i in range(1, 4)])
         )
-        kept = httpx.get(f"{sandbox.url}/sandbox/messages").json()
-        health = httpx.get(f"{sandbox.url}/sandbox/health").json()
+        kept = httpx.get(f"{sandbox.url}/sandbox/messages", auth=AUTH).json()
+        health = sandbox_health(sandbox)
     assert [m["sid"] for m in kept] == [r.provider_message_id for r in results]
     assert [(m["to"], m["body"]) for m in kept] == [(f"+7912345670{i}", f"msg {i}") for i in range(1, 4)]
-    assert health == {"ok": True, "sandbox": True, "messages": 3}
+    assert (health["ok"], health["sandbox"], health["messages"]) == (True, True, 3)
+    assert health["receipts"] == {
+        "posted": 0, "delivered": 0, "retried": 0, "refused": 0, "given_up": 0, "pending": 0,
+    }  # fmt: skip
 
 
 def test_the_rate_limit_holds_over_a_burst():
@@ -380,19 +606,41 @@ def test_the_same_seed_gives_the_same_answers():
     )
     requests = [SendRequest(i, f"+791234567{i:02d}", "S", "hi") for i in range(20)]
 
-    def answers(settings: SandboxSettings) -> list[tuple[str, str | None, str | None]]:
+    def answers(settings: SandboxSettings) -> list[tuple[str, str | None]]:
         with run_in_thread(settings) as sandbox:
             provider = from_config("sandbox", {"SANDBOX_URL": sandbox.url})
             results = run(send_all(provider, requests))
-        return [(r.outcome, r.error_code, r.provider_message_id) for r in results]
+        return [(r.outcome, r.error_code) for r in results]
 
     first, again = answers(settings), answers(settings)
-    assert first == again
-    assert {outcome for outcome, _, _ in first} == {"accepted", "permanent", "unknown"}
+    assert first == again  # the same answers (their sids differ: see the next test)
+    assert {outcome for outcome, _ in first} == {"accepted", "permanent", "unknown"}
     other = answers(
         SandboxSettings(seed=43, latency=(0.0, 0.0), transient_error_rate=0.3, receipt_delay=(0.0, 0.0))
     )
     assert other != first
+
+
+def test_sids_never_repeat_across_restarts_or_sandboxes_with_the_same_seed(receiver):
+    receiver, hook = receiver
+    settings = replace(FAST, inbound_url=f"{hook.url}/inbound")
+    requests = [SendRequest(i, f"+7912345{i:03d}1", "S", "hi") for i in range(20)]  # all accepted
+
+    def sids(sandbox: ServerThread) -> set[str]:
+        provider = from_config("sandbox", {"SANDBOX_URL": sandbox.url})
+        sent = {r.provider_message_id for r in run(send_all(provider, requests))}
+        reply = httpx.post(
+            f"{sandbox.url}/sandbox/inbound", data={"From": "+79123456701", "Body": "СТОП"}, auth=AUTH
+        )
+        return sent | {reply.json()["sid"]}
+
+    with run_in_thread(settings) as sandbox:
+        before = sids(sandbox)
+    with run_in_thread(settings) as restarted, run_in_thread(settings) as beside:
+        after, other = sids(restarted), sids(beside)
+    assert len(before) == len(after) == len(other) == 21
+    assert not before & after and not before & other and not after & other
+    assert all(re.fullmatch(r"SM[0-9a-f]{32}", sid) for sid in before | after | other)
 
 
 @pytest.mark.parametrize(
@@ -402,6 +650,9 @@ def test_the_same_seed_gives_the_same_answers():
         {"latency": (0.1, 0.0)},
         {"rate_per_second": 0},
         {"receipt_delay": (-1.0, 0.0)},
+        {"callback_retry": (0.0, 1.0)},
+        {"callback_timeout": 0.0},
+        {"callback_connections": 0},
     ],
 )
 def test_impossible_settings_are_refused(change):

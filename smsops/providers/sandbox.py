@@ -1,7 +1,7 @@
 """A local SMS provider that speaks Twilio's Messaging wire protocol, for demos and tests.
 
 The Twilio adapter talks to it unchanged (``from_config("sandbox")`` points it here). It keeps
-what it accepted in memory and behaves like a real provider under load:
+what it accepted in memory and has a real provider's bad days, each one a setting:
 
 - ``POST /2010-04-01/Accounts/{sid}/Messages.json``: Basic auth (401 code 20003 otherwise),
   latency drawn from ``latency``, a limit of ``rate_per_second`` per account over any sliding
@@ -21,26 +21,44 @@ what it accepted in memory and behaves like a real provider under load:
   anything else                           201, then ``sent`` → ``delivered``
   ======================================  ==================================================
 
-  An accepted message gets a sid ``SM`` + 32 hex digits, ``num_segments`` from
+  An accepted message gets a sid ``SM`` + 32 random hex digits (from :mod:`secrets`, so sids
+  never repeat across restarts or sandboxes), ``num_segments`` from
   :func:`smsops.encoding.analyze` and a price from :mod:`smsops.pricing` (negative, as Twilio
   writes it, and given at once where Twilio may give it later).
 - Receipts: each status is reached after a delay drawn from ``receipt_delay`` and posted to
   the message's ``StatusCallback``, signed with ``X-Twilio-Signature``; with probability
   ``out_of_order_rate`` they are posted in reverse order, with ``duplicate_rate`` the last one
-  is posted twice.
+  is posted twice. A message's receipts are posted one after another.
 - Recipients (when ``click_rate`` or ``reply_rate`` is set): some time after a message is
   delivered, with probability ``click_rate`` its recipient follows the first tracked link in
   it (``…/l/<token>``, fetched from ``link_url`` with a phone's user agent), and with
   probability ``reply_rate`` replies «СТОП» (or STOP outside Russia) to ``inbound_url``; so the
   demo's Results page has clicks and opt-outs to show.
-- ``GET …/Messages/{sid}.json`` and ``GET …/Messages.json?To=&From=&PageSize=&Page=``: lookups.
+- Every post it makes (receipt, reply, click) is delivered like a provider's: an attempt that
+  ends without an answer (connection refused or reset, ``callback_timeout`` passed) or is
+  answered 408, 429 or 5xx is tried again after ``callback_retry`` (1 s, doubling up to 60 s
+  by default, each wait shortened by up to half at random so that retries after an outage
+  spread out, and never shorter than the receiver's ``Retry-After``), for ``callback_retry_for``
+  seconds (15 minutes by default) after the first attempt; then it is given up with a WARNING.
+  Any other answer settles it: 2xx (and 3xx for a click) delivered it; 3xx or 4xx refused it
+  (the receiver found it malformed or forged, so it is not repeated). Waiting for one of the
+  ``callback_connections`` connections is only a wait, never a failure. Each message's
+  ``receipts`` (and ``engagement``) journal keeps every attempt (time, HTTP status or error)
+  and the outcome; ``/sandbox/health`` counts the posts of each kind: posted, delivered,
+  retried (attempts after the first), refused, given up and pending. Stopping the app cancels
+  the posts still pending.
+- ``GET …/Messages/{sid}.json`` and ``GET …/Messages.json?To=&From=&PageSize=&Page=``: lookups,
+  with the same Basic auth.
 - ``POST /sandbox/inbound`` (``From``, ``Body``, optional ``To``): posts a signed incoming
-  message (a reply such as «СТОП») to ``inbound_url``. No auth: it is a local test helper.
-- ``GET /sandbox/messages``: every accepted message with its receipts, as JSON.
-- ``GET /sandbox/health``.
+  message (a reply such as «СТОП») to ``inbound_url``; 200 with the webhook's answer once it
+  is settled, 202 while it is being retried. Basic auth with the account sid and token: the
+  post it makes is signed, so whoever may call it may opt a number in or out.
+- ``GET /sandbox/messages``: every accepted message with its journals, as JSON; Basic auth.
+- ``GET /sandbox/health``: open, and counts only (no numbers, no texts).
 
-Random choices come from one generator seeded with ``seed``: the same requests sent one after
-another get the same answers; concurrent requests draw in arrival order.
+The behaviour's random choices come from one generator seeded with ``seed``: the same requests
+sent one after another get the same answers; concurrent requests draw in arrival order. Sids
+and the waits between retries are not drawn from it.
 """
 
 from __future__ import annotations
@@ -53,10 +71,11 @@ import logging
 import math
 import random
 import re
+import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -130,6 +149,14 @@ class SandboxSettings:
     link_url: str | None = None
     """Where the tracked links' ``/l/<token>`` route is served (the webhook app), whatever
     public address the links carry; None: no clicks."""
+    callback_timeout: float = 15.0
+    """Seconds one post (receipt, reply, click) may take to connect, send and be answered."""
+    callback_retry: tuple[float, float] = (1.0, 60.0)
+    """The wait before a post's first retry, doubling up to the second number."""
+    callback_retry_for: float = 900.0
+    """Seconds after its first attempt that a post is retried before it is given up."""
+    callback_connections: int = 1000
+    """Connections open at once to the receivers; more posts wait for one (never fail)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -148,6 +175,17 @@ class SandboxSettings:
         if self.rate_per_second < 1:
             raise ValueError(
                 f"SandboxSettings.rate_per_second must be at least 1, got {self.rate_per_second}"
+            )
+        low, high = self.callback_retry
+        if not 0.0 < low <= high:
+            raise ValueError(
+                f"SandboxSettings.callback_retry must be (first, cap) with 0 < first <= cap, got {(low, high)}"
+            )
+        if self.callback_timeout <= 0 or self.callback_retry_for < 0 or self.callback_connections < 1:
+            raise ValueError(
+                "SandboxSettings needs callback_timeout > 0, callback_retry_for >= 0 and "
+                f"callback_connections >= 1, got {self.callback_timeout}, {self.callback_retry_for}, "
+                f"{self.callback_connections}"
             )
         if not self.account_sid or not self.auth_token:
             raise ValueError("SandboxSettings needs an account sid and an auth token")
@@ -171,7 +209,8 @@ class _Message:
     created: datetime
     created_at: float  # loop-independent monotonic time
     events: list[tuple[float, str, str | None]]  # (monotonic time, status, error code)
-    receipts: list[dict[str, Any]] = field(default_factory=list)
+    receipts: list[dict[str, Any]] = field(default_factory=list)  # the posts of its receipts
+    engagement: list[dict[str, Any]] = field(default_factory=list)  # its recipient's click, reply
 
     def state(self, now: float | None) -> tuple[str, str | None, datetime]:
         """The status reached by ``now`` (statuses only move forward), its error code and time;
@@ -230,6 +269,177 @@ def _error(http_status: int, code: int, message: str, headers: dict[str, str] | 
     return JSONResponse(body, status_code=status, headers=extra)
 
 
+_CHALLENGE = {"WWW-Authenticate": 'Basic realm="Twilio API"'}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _new_sid() -> str:
+    """``SM`` + 32 hex digits that no other run or sandbox gives."""
+    return f"SM{secrets.token_hex(16)}"
+
+
+# ---------------------------------------------------------------------------------------
+# Posting to the receivers, as a provider does
+
+
+@dataclass(slots=True)
+class _Tally:
+    """How the posts of one kind (receipts, replies, clicks) fared."""
+
+    posted: int = 0
+    delivered: int = 0
+    retried: int = 0  # attempts after a post's first
+    refused: int = 0
+    given_up: int = 0
+
+    def report(self) -> dict[str, int]:
+        settled = self.delivered + self.refused + self.given_up
+        return {
+            "posted": self.posted,
+            "delivered": self.delivered,
+            "retried": self.retried,
+            "refused": self.refused,
+            "given_up": self.given_up,
+            "pending": self.posted - settled,
+        }
+
+
+@dataclass(slots=True)
+class _Post:
+    """One receipt, reply or click on its way, with its journal entry."""
+
+    kind: str
+    what: str  # for the log: "receipt 'sent' of SM…"
+    url: str
+    params: dict[str, str] | None  # a form to POST; None: a GET
+    headers: dict[str, str]
+    entry: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+
+
+class _Courier:
+    """Delivers the sandbox's posts like a provider: each attempt journaled, the failed ones
+    retried with backoff until the receiver takes or refuses them, or they are too old."""
+
+    def __init__(self, settings: SandboxSettings) -> None:
+        self.settings = settings
+        self.client: httpx.AsyncClient | None = None
+        self.tally = {kind: _Tally() for kind in ("receipts", "replies", "clicks")}
+        self.jitter = random.Random()  # not the seeded generator: retries follow the receiver's timing
+
+    def open_client(self) -> httpx.AsyncClient:
+        connections = self.settings.callback_connections
+        self.client = httpx.AsyncClient(
+            # no pool timeout: waiting for a connection is a wait, not a failed post
+            timeout=httpx.Timeout(self.settings.callback_timeout, pool=None),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=min(100, connections)),
+        )
+        return self.client
+
+    def post(
+        self,
+        kind: str,
+        what: str,
+        url: str,
+        journal: list[dict[str, Any]],
+        label: str,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> _Post:
+        """A post to ``url`` (a signed POST of ``params``, or a GET), entered in ``journal`` as
+        ``label``; :meth:`deliver` sends it."""
+        headers = {"User-Agent": "TwilioProxy/1.1 (smsops sandbox)", **(headers or {})}
+        if params is not None:
+            headers[SIGNATURE_HEADER] = request_signature(self.settings.auth_token, url, params)
+        entry: dict[str, Any] = {
+            "status": label, "at": _now(), "outcome": "pending", "delivered": False, "attempts": [],
+        }  # fmt: skip
+        journal.append(entry)
+        self.tally[kind].posted += 1
+        return _Post(kind, what, url, params, headers, entry)
+
+    async def deliver(self, post: _Post) -> None:
+        """Tries ``post`` until it is settled or given up."""
+        asked = await self.attempt(post)
+        if asked is not None:
+            await self.retry(post, asked)
+
+    async def retry(self, post: _Post, asked: float) -> None:
+        """Tries ``post`` again after backoff (at least the ``asked`` seconds) until it is settled
+        or ``callback_retry_for`` has passed since its first attempt."""
+        delay, cap = self.settings.callback_retry
+        while True:
+            wait = min(cap, max(asked, delay * self.jitter.uniform(0.5, 1.0)))
+            if time.monotonic() + wait - post.started > self.settings.callback_retry_for:
+                self.give_up(post)
+                return
+            await asyncio.sleep(wait)
+            delay = min(cap, delay * 2)
+            next_asked = await self.attempt(post)
+            if next_asked is None:
+                return
+            asked = next_asked
+
+    async def attempt(self, post: _Post) -> float | None:
+        """Tries ``post`` once: None if that settled it, else the seconds the receiver asked to
+        wait before the next try (0 when it did not say)."""
+        entry = post.entry
+        attempt: dict[str, Any] = {"at": _now()}
+        entry["attempts"].append(attempt)
+        if len(entry["attempts"]) > 1:
+            self.tally[post.kind].retried += 1
+        assert self.client is not None, "the sandbox posts only while its app is running"
+        try:
+            method = "GET" if post.params is None else "POST"
+            response = await self.client.request(method, post.url, data=post.params, headers=post.headers)
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # no retry can help
+            self.note(entry, attempt, error=type(exc).__name__)
+            self.give_up(post)
+            return None
+        except httpx.HTTPError as exc:  # refused, reset, timed out: the receiver may be back soon
+            self.note(entry, attempt, error=type(exc).__name__)
+            return 0.0
+        status = response.status_code
+        self.note(entry, attempt, http_status=status)
+        if 200 <= status < 300 or (post.params is None and 300 <= status < 400):  # a link redirects
+            self.settle(post, "delivered")
+            return None
+        if status in (408, 429) or status >= 500:
+            retry_after = response.headers.get("retry-after", "")
+            return float(retry_after) if retry_after.isdigit() else 0.0
+        self.settle(post, "refused")  # malformed or forged, says the receiver: repeating won't help
+        return None
+
+    @staticmethod
+    def note(entry: dict[str, Any], attempt: dict[str, Any], **result: Any) -> None:
+        """Records an attempt's ``http_status`` or ``error``, in it and as the entry's latest."""
+        attempt.update(result)
+        entry.pop("http_status", None)
+        entry.pop("error", None)
+        entry.update(result)
+
+    def settle(self, post: _Post, outcome: str) -> None:
+        post.entry["outcome"] = outcome
+        post.entry["delivered"] = outcome == "delivered"
+        tally = self.tally[post.kind]
+        setattr(tally, outcome, getattr(tally, outcome) + 1)
+
+    def give_up(self, post: _Post) -> None:
+        self.settle(post, "given_up")
+        last = post.entry["attempts"][-1]
+        log.warning(
+            "sandbox gave up the %s to %s after %d attempts in %.0f s (the last: %s)",
+            post.what,
+            post.url,
+            len(post.entry["attempts"]),
+            time.monotonic() - post.started,
+            last.get("error") or f"HTTP {last.get('http_status')}",
+        )
+
+
 class _Sandbox:
     """The simulator's memory and behaviour; one per app."""
 
@@ -239,7 +449,7 @@ class _Sandbox:
         self.messages: dict[str, _Message] = {}
         self.windows: dict[str, deque[float]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.client: httpx.AsyncClient | None = None
+        self.courier = _Courier(settings)
         self.inbound: list[dict[str, Any]] = []
 
     # -- helpers -----------------------------------------------------------------------
@@ -258,7 +468,18 @@ class _Sandbox:
         return same_user and same_password and account == user
 
     def request_authorized(self, request: Request) -> bool:
+        """For the API's routes: the account in the path is the one authenticated."""
         return self.authorized(request.headers.get("authorization", ""), request.path_params.get("account"))
+
+    def own_route_authorized(self, request: Request) -> bool:
+        """For the ``/sandbox/…`` routes: this sandbox's account."""
+        return self.authorized(request.headers.get("authorization", ""), self.settings.account_sid)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Runs ``work`` in the background until it ends or the app stops."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def throttle(self, account: str, now: float) -> float:
         """0 if the request fits in the last second's allowance, else the seconds to wait."""
@@ -283,7 +504,7 @@ class _Sandbox:
         times = sorted(self.uniform(self.settings.receipt_delay) for _ in fate)
         events = [(now + delay, status, code) for delay, (status, code) in zip(times, fate, strict=True)]
         message = _Message(
-            sid=f"SM{self.rng.getrandbits(128):032x}",
+            sid=_new_sid(),
             account_sid=account,
             to=to,
             from_=from_,
@@ -305,14 +526,12 @@ class _Sandbox:
             if self.rng.random() < self.settings.duplicate_rate:
                 when, status, code = posts[-1]
                 posts.append((when + 0.01, status, code))
-            task = asyncio.get_running_loop().create_task(self.post_receipts(message, posts))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.spawn(self.post_receipts(message, posts))
         return message
 
     async def post_receipts(self, message: _Message, posts: list[tuple[float, str, str | None]]) -> None:
         assert message.status_callback is not None
-        for when, status, code in posts:
+        for when, status, code in posts:  # one after another: the next once this one is settled
             await asyncio.sleep(max(0.0, when - time.monotonic()))
             params = {
                 "MessageSid": message.sid,
@@ -326,7 +545,11 @@ class _Sandbox:
             }
             if code:
                 params["ErrorCode"] = code
-            await self.post_signed(message.status_callback, params, message.receipts, status)
+            what = f"receipt {status!r} of {message.sid}"
+            receipt = self.courier.post(
+                "receipts", what, message.status_callback, message.receipts, status, params
+            )
+            await self.courier.deliver(receipt)
         if any(status == "delivered" for _, status, _ in posts):
             await self.engage(message)
 
@@ -338,38 +561,23 @@ class _Sandbox:
         if not (clicks or stops):
             return
         await asyncio.sleep(self.uniform(settings.engagement_delay))
-        assert self.client is not None, "the sandbox acts only while its app is running"
         link = _TRACKED_LINK.search(message.body) if clicks else None
         if link is not None:
-            try:
-                await self.client.get(
-                    f"{(settings.link_url or '').rstrip('/')}/l/{link.group(1)}",
-                    headers={"User-Agent": _PHONE_BROWSER},
-                )
-            except httpx.HTTPError as exc:
-                log.debug("sandbox recipient could not follow %s: %s", link.group(0), type(exc).__name__)
+            url = f"{(settings.link_url or '').rstrip('/')}/l/{link.group(1)}"
+            click = self.courier.post(
+                "clicks", f"click on {link.group(0)}", url, message.engagement, "clicked",
+                headers={"User-Agent": _PHONE_BROWSER},
+            )  # fmt: skip
+            await self.courier.deliver(click)
         if stops:
             body = "СТОП" if message.to.startswith("+7") else "STOP"
             params = self.inbound_params(message.to, message.from_, body)
-            journal: list[dict[str, Any]] = []
-            await self.post_signed(settings.inbound_url or "", params, journal, "received")
-            self.inbound.append({**params, "webhook": journal[-1]})
-
-    async def post_signed(
-        self, url: str, params: dict[str, str], journal: list[dict[str, Any]], label: str
-    ) -> int | None:
-        signature = request_signature(self.settings.auth_token, url, params)
-        headers = {SIGNATURE_HEADER: signature, "User-Agent": "TwilioProxy/1.1 (smsops sandbox)"}
-        entry: dict[str, Any] = {"status": label, "at": datetime.now(UTC).isoformat()}
-        try:
-            assert self.client is not None, "the sandbox posts only while its app is running"
-            response = await self.client.post(url, data=params, headers=headers)
-            entry["http_status"] = response.status_code
-        except httpx.HTTPError as exc:
-            entry["error"] = type(exc).__name__
-            log.debug("sandbox could not post %s to %s: %s", label, url, type(exc).__name__)
-        journal.append(entry)
-        return entry.get("http_status")
+            what = f"reply {params['MessageSid']}"
+            reply = self.courier.post(
+                "replies", what, settings.inbound_url or "", message.engagement, "received", params
+            )
+            self.inbound.append({**params, "webhook": reply.entry})
+            await self.courier.deliver(reply)
 
     # -- routes ------------------------------------------------------------------------
 
@@ -381,7 +589,7 @@ class _Sandbox:
         if delay > 0:
             await asyncio.sleep(delay)
         if not self.authorized(authorization, account):
-            return _failure(401, 20003, "Authenticate", {"WWW-Authenticate": 'Basic realm="Twilio API"'})
+            return _failure(401, 20003, "Authenticate", _CHALLENGE)
         form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         to, from_, text = form.get("To", "").strip(), form.get("From", "").strip(), form.get("Body", "")
         if not to:
@@ -415,7 +623,7 @@ class _Sandbox:
 
     async def fetch_message(self, request: Request) -> Response:
         if not self.request_authorized(request):
-            return _error(401, 20003, "Authenticate")
+            return _error(401, 20003, "Authenticate", _CHALLENGE)
         message = self.messages.get(request.path_params["sid"])
         if message is None or message.account_sid != request.path_params["account"]:
             return _error(404, 20404, f"The requested resource {request.url.path} was not found")
@@ -423,7 +631,7 @@ class _Sandbox:
 
     async def list_messages(self, request: Request) -> Response:
         if not self.request_authorized(request):
-            return _error(401, 20003, "Authenticate")
+            return _error(401, 20003, "Authenticate", _CHALLENGE)
         account = request.path_params["account"]
         query = request.query_params
         try:
@@ -463,7 +671,7 @@ class _Sandbox:
 
     def inbound_params(self, from_: str, to: str, body: str) -> dict[str, str]:
         """The form Twilio posts for an incoming SMS."""
-        sid = f"SM{self.rng.getrandbits(128):032x}"
+        sid = _new_sid()
         return {
             "MessageSid": sid,
             "SmsMessageSid": sid,
@@ -479,6 +687,8 @@ class _Sandbox:
         }
 
     async def send_inbound(self, request: Request) -> Response:
+        if not self.own_route_authorized(request):
+            return _error(401, 20003, "Authenticate", _CHALLENGE)
         if not self.settings.inbound_url:
             return JSONResponse(
                 {"message": "no inbound webhook is configured (SandboxSettings.inbound_url)"}, 409
@@ -491,22 +701,44 @@ class _Sandbox:
         )
         sid = params["MessageSid"]
         journal: list[dict[str, Any]] = []
-        status = await self.post_signed(self.settings.inbound_url, params, journal, "received")
-        self.inbound.append({**params, "webhook": journal[-1]})
-        if status is None:
+        reply = self.courier.post(
+            "replies", f"reply {sid}", self.settings.inbound_url, journal, "received", params
+        )
+        self.inbound.append({**params, "webhook": reply.entry})
+        asked = await self.courier.attempt(reply)
+        answer = {"sid": sid, "webhook_status": reply.entry.get("http_status")}
+        if asked is None and reply.entry["outcome"] == "given_up":
             return JSONResponse(
-                {"sid": sid, "message": f"the inbound webhook could not be reached: {journal[-1]}"}, 502
+                {**answer, "message": f"the inbound webhook cannot be posted to: {reply.entry}"}, 502
             )
-        return JSONResponse({"sid": sid, "webhook_status": status})
+        if asked is None:
+            return JSONResponse(answer)
+        self.spawn(self.courier.retry(reply, asked))
+        return JSONResponse(
+            {
+                **answer,
+                "error": reply.entry.get("error"),
+                "message": "the inbound webhook did not take it; the sandbox retries it for "
+                f"{self.settings.callback_retry_for:g} s",
+            },
+            202,
+        )
 
     async def list_accepted(self, request: Request) -> Response:
+        if not self.own_route_authorized(request):
+            return _error(401, 20003, "Authenticate", _CHALLENGE)
         now = time.monotonic()
         return JSONResponse(
-            [{**m.resource(now), "receipts": list(m.receipts)} for m in self.messages.values()]
+            [
+                {**m.resource(now), "receipts": list(m.receipts), "engagement": list(m.engagement)}
+                for m in self.messages.values()
+            ]
         )
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"ok": True, "sandbox": True, "messages": len(self.messages)})
+        """Open to all, so counts only: no numbers, no texts."""
+        posts = {kind: tally.report() for kind, tally in self.courier.tally.items()}
+        return JSONResponse({"ok": True, "sandbox": True, "messages": len(self.messages), **posts})
 
 
 _CREATE_PATH = re.compile(rf"/{API_VERSION}/Accounts/([^/]+)/Messages\.json")
@@ -558,15 +790,14 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(timeout=5.0) as client:
-            sandbox.client = client
+        async with sandbox.courier.open_client():
             try:
                 yield
-            finally:
+            finally:  # the posts still pending go with the app
                 for task in list(sandbox.tasks):
                     task.cancel()
                 await asyncio.gather(*sandbox.tasks, return_exceptions=True)
-                sandbox.client = None
+                sandbox.courier.client = None
 
     account = f"/{API_VERSION}/Accounts/{{account}}"
     app = _SandboxApp(
