@@ -229,6 +229,7 @@ def _campaign_send(args: argparse.Namespace) -> int:
     import signal
 
     from smsops import dispatch, serve
+    from smsops import unsettled as unsettled_counts
     from smsops.campaigns import CampaignNotFound
     from smsops.providers import ProviderError
 
@@ -299,8 +300,10 @@ def _campaign_send(args: argparse.Namespace) -> int:
     print(
         f"  not sent    {p.states.get('suppressed', 0) + p.states.get('holdout', 0):,}: {_counts(suppressed)}"
     )
+    unsettled = unsettled_counts.count(args.id)
     print(
-        f"  unknown     {p.states.get('unknown', 0):,} (fate_unknown: check them with the provider, never re-sent)"
+        f"  unknown     {p.states.get('unknown', 0):,} ({unsettled.awaiting_lookup:,} awaiting a lookup at the"
+        f" provider, {unsettled.needs_a_person:,} need a person: `smsops campaign settle {args.id}`)"
     )
     print(f"  deferred    {p.waiting:,} planned, not due yet (quiet hours, retries, an A/B remainder)")
     if p.states.get("cancelled"):
@@ -309,6 +312,47 @@ def _campaign_send(args: argparse.Namespace) -> int:
     if report.error:
         print(f"smsops campaign send: {report.error}", file=sys.stderr)
         return 3 if report.stopped == "credentials" else 1
+    open_rows = p.states.get("sending", 0) + unsettled.total
+    if p.status == "running" and open_rows:
+        print(
+            f"smsops campaign send: campaign {args.id} is not finished: {p.states.get('sending', 0):,} still"
+            f" sending, {unsettled.awaiting_lookup:,} with an unknown outcome awaiting a lookup,"
+            f" {unsettled.needs_a_person:,} with an unknown outcome that a person must settle",
+            file=sys.stderr,
+        )
+        return 4
+    return 0
+
+
+def _campaign_settle(args: argparse.Namespace) -> int:
+    """Settle a campaign's messages of unknown outcome: send them again, or close them unsent."""
+    from smsops import unsettled
+
+    before = unsettled.count(args.id)
+    if not before.needs_a_person:
+        print(
+            f"campaign {args.id}: no message needs a decision"
+            + (
+                f" ({before.awaiting_lookup:,} await a lookup at the provider)"
+                if before.awaiting_lookup
+                else ""
+            )
+        )
+        return 0
+    if args.decision is None:
+        print(
+            f"campaign {args.id}: {before.needs_a_person:,} messages have an unknown outcome: they may have"
+            " reached their recipients. Choose --retry (send again: some may get a second copy) or --give-up.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        changed = unsettled.decide(args.id, args.decision, by=args.by)
+    except ValueError as exc:
+        print(f"smsops campaign settle: {exc}", file=sys.stderr)
+        return 2
+    verb = "planned again" if args.decision == "retry" else "closed unsent"
+    print(f"campaign {args.id}: {changed:,} messages {verb} (recorded as decided by {args.by})")
     return 0
 
 
@@ -583,6 +627,15 @@ def parser() -> argparse.ArgumentParser:
     csc.set_defaults(func=_campaign_schedule)
     cdue = cp_sub.add_parser("start-due", help="start the scheduled campaigns whose time has come, now")
     cdue.set_defaults(func=_campaign_start_due)
+    cu = cp_sub.add_parser(
+        "settle", help="decide about messages whose outcome is unknown: send again or give up"
+    )
+    cu.add_argument("id", type=int, help="the campaign id")
+    decision = cu.add_mutually_exclusive_group()
+    decision.add_argument("--retry", dest="decision", action="store_const", const="retry")
+    decision.add_argument("--give-up", dest="decision", action="store_const", const="give_up")
+    cu.add_argument("--by", default=os.environ.get("USER", "cli"), help="who decides (recorded)")
+    cu.set_defaults(func=_campaign_settle, decision=None)
     ct = cp_sub.add_parser("test-send", help="send each variant to the team's own numbers, counted nowhere")
     ct.add_argument("id", type=int, help="the campaign's id")
     ct.add_argument("--to", help="seed numbers, comma-separated (default $SMSOPS_SEED_NUMBERS)")

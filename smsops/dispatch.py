@@ -129,6 +129,10 @@ log = logging.getLogger(__name__)
 TERMINAL_STATES = frozenset({"submitted", "rejected", "suppressed", "holdout", "cancelled", "unknown"})
 """Outbox states a row never leaves on its own: a campaign is finished when all its rows have one."""
 
+UNSETTLED = ("awaiting_lookup", "fate_unknown", "record_failed")
+"""Reasons of ``unknown`` rows that keep a campaign from being finished: it is not known whether
+they were sent, until a lookup or a person settles them (``smsops.unsettled.decide``)."""
+
 _FIND_MARGIN = timedelta(seconds=30)  # clocks differ: search a little before the claim
 _LOOKUP_TRIES = 5
 _WATCH_EVERY = 0.5
@@ -185,6 +189,11 @@ class DispatchSettings:
     """Quiet hours' zone for a contact whose zone nothing tells."""
     unknown_grace: float = 1.0
     """Wait this long after an ambiguous answer before asking the provider what happened."""
+    settle_window: float | None = None
+    """After an ambiguous send (a timeout, a reset mid-request), a lookup that finds nothing is
+    trusted only this long after the request started: until then the provider may still accept
+    it, and the row stays ``unknown`` (``awaiting_lookup``) and is looked up again. None: 30 s
+    for the sandbox, :data:`SETTLE_WINDOW` for a real provider."""
     window_margin: float = 0.1
     """A dispatcher that starts after another one for the same provider (a restart) waits until
     one second plus this has passed since the other's last send: requests of a process that
@@ -208,6 +217,12 @@ class DispatchSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DispatchError(f"DispatchSettings.{name} must be a whole number ≥ 1, got {value!r}")
+        if self.settle_window is not None and (
+            not isinstance(self.settle_window, int | float) or self.settle_window < 0
+        ):
+            raise DispatchError(
+                f"DispatchSettings.settle_window must be a number ≥ 0, got {self.settle_window!r}"
+            )
         for name in ("reconcile_after", "linger", "unknown_grace", "window_margin"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
@@ -229,6 +244,21 @@ class DispatchSettings:
             raise DispatchError(
                 f"DispatchSettings.status_callback_url must be an http(s) URL, got {self.status_callback_url!r}"
             )
+
+
+SETTLE_WINDOW = 300.0
+"""Seconds after an ambiguous request's start before a real provider's "no such message" is
+believed: Twilio and SMS.ru have no idempotency key, and a request stuck in their queues or in
+a proxy can still be accepted well after our client's timeout."""
+SANDBOX_SETTLE_WINDOW = 30.0
+"""The sandbox answers within its latency (80 ms by default) or not at all."""
+
+
+def settle_window(settings: DispatchSettings, provider: Provider) -> float:
+    """The settle window for ``provider`` (see :attr:`DispatchSettings.settle_window`)."""
+    if settings.settle_window is not None:
+        return float(settings.settle_window)
+    return SANDBOX_SETTLE_WINDOW if provider.is_sandbox else SETTLE_WINDOW
 
 
 ONE_PROCESS_RATE = 2_500
@@ -474,6 +504,8 @@ class _Outcome:
     verdict: str | None = None  # reconciled: found / absent / unsearchable
     candidates: list[StatusUpdate] = field(default_factory=list)
     interrupted: bool = False  # reconciled: the attempt had no recorded answer
+    state: str = "sending"  # the row's state while this outcome is its to write
+    not_after: str | None = None  # reconciled as 'unsettled': when to look again
 
 
 @dataclass(slots=True)
@@ -488,6 +520,21 @@ class _Tally:
     suppressed: dict[str, int] = field(default_factory=dict)
     reconciled: dict[str, int] = field(default_factory=dict)
     finished: list[int] = field(default_factory=list)
+
+
+def _merge(into: _Tally, other: _Tally) -> None:
+    into.requests += other.requests
+    into.submitted += other.submitted
+    into.retried += other.retried
+    into.deferred += other.deferred
+    into.unknown += other.unknown
+    for mine, theirs in (
+        (into.rejected, other.rejected), (into.error_codes, other.error_codes),
+        (into.suppressed, other.suppressed), (into.reconciled, other.reconciled),
+    ):  # fmt: skip
+        for key, n in theirs.items():
+            _bump(mine, key, n)
+    into.finished.extend(c for c in other.finished if c not in into.finished)
 
 
 def _bump(counts: dict[str, int], key: str | None, n: int = 1) -> None:
@@ -722,16 +769,40 @@ class _Db:
         )
 
     def next_due(self, campaign_id: int) -> str | None:
-        """When the campaign's earliest planned row falls due (None: no planned row)."""
+        """When the campaign's earliest planned row falls due, or its earliest ambiguous send is
+        looked up again (None: neither)."""
         row = self.conn.execute(
-            "select min(coalesce(not_before, '')) from messages where campaign_id = ? and state = 'planned'",
+            "select min(coalesce(not_before, '')) from messages where campaign_id = ?"
+            " and (state = 'planned' or (state = 'unknown' and skip_reason = 'awaiting_lookup'))",
             (campaign_id,),
         ).fetchone()
         return row[0]
 
+    def awaiting(self, campaign_id: int | None, now: str) -> list[_Row]:
+        """Ambiguous sends of this provider whose settle window has passed: to look up again."""
+        sql = """
+            select m.message_id, m.campaign_id, m.variant, m.contact_id, m.phone_e164, m.body, m.attempts,
+                   coalesce(a.started_at, m.planned_at)
+            from messages as m
+            left join send_attempts as a on a.message_id = m.message_id and a.attempt = m.attempts
+            where m.state = 'unknown' and m.skip_reason = 'awaiting_lookup' and m.not_before <= ?
+              and m.provider = ?
+        """
+        params: list[Any] = [now, self.provider]
+        if campaign_id is not None:
+            sql += " and m.campaign_id = ?"
+            params.append(campaign_id)
+        found = self.conn.execute(sql + " limit 1000", params).fetchall()
+        self._load_senders({r[1] for r in found})
+        return [
+            _Row(mid, cid, contact, phone, body, self.senders.get((cid, variant), self.campaign_senders.get(cid)),
+                 attempts, _parse(started))
+            for mid, cid, variant, contact, phone, body, attempts, started in found
+        ]  # fmt: skip
+
     def finish(self, campaign_ids: Iterable[int]) -> list[int]:
         """Mark finished every running campaign of ``campaign_ids`` none of whose rows is
-        ``planned`` or ``sending``."""
+        ``planned``, ``sending`` or of an unsettled unknown fate (:data:`UNSETTLED`)."""
         done = []
         stamp = _stamp(_utcnow()).split(".")[0]
         with store.transaction(self.conn):
@@ -742,9 +813,12 @@ class _Db:
                     where campaign_id = ? and status = 'running'
                       and not exists (
                           select 1 from messages
-                          where campaign_id = ? and state in ('planned', 'sending')
+                          where campaign_id = ? and (
+                              state in ('planned', 'sending')
+                              or (state = 'unknown' and skip_reason in ({unsettled}))
+                          )
                       )
-                    """,
+                    """.format(unsettled=", ".join(f"'{r}'" for r in UNSETTLED)),
                     (stamp, cid, cid),
                 )
                 if cur.rowcount:
@@ -866,11 +940,23 @@ class _Db:
             accepted = bool(submitted)
         return touched, accepted, statuses
 
-    def _update(self, changes: str, params: tuple[Any, ...], guard: tuple[int, int]) -> bool:
-        """Change a row only while it is still this claim's (state 'sending', same attempt)."""
+    def unrecordable(self, outcome: _Outcome) -> None:
+        """A row whose outcome the store refused: ``unknown`` (``record_failed``), never re-sent."""
+        with store.transaction(self.conn):
+            self._update(
+                "state = 'unknown', skip_reason = 'record_failed', not_before = null",
+                (),
+                (outcome.row.message_id, outcome.row.attempt),
+                outcome.state,
+            )
+
+    def _update(
+        self, changes: str, params: tuple[Any, ...], guard: tuple[int, int], state: str = "sending"
+    ) -> bool:
+        """Change a row only while it is still this claim's (``state``, same attempt)."""
         cur = self.conn.execute(
-            f"update messages set {changes} where message_id = ? and state = 'sending' and attempts = ?",
-            (*params, *guard),
+            f"update messages set {changes} where message_id = ? and state = ? and attempts = ?",
+            (*params, guard[0], state, guard[1]),
         )
         if not cur.rowcount:
             log.warning(
@@ -897,6 +983,7 @@ class _Db:
         row = o.row
         guard = (row.message_id, row.attempt)
         verdict = o.verdict
+        state = o.state
         found: StatusUpdate | None = None
         if verdict == "found":
             for candidate in o.candidates:
@@ -910,6 +997,8 @@ class _Db:
             if found is None:
                 verdict = "absent"  # every match belongs to another outbox row
         now = _stamp(_utcnow())
+        if verdict == "absent" and o.not_after is not None:
+            verdict = "unsettled"  # the provider may still accept it: not believed yet
         if verdict == "found":
             assert found is not None
             done = self._update(
@@ -917,21 +1006,34 @@ class _Db:
                 " skip_reason = null, not_before = null",
                 (found.provider_message_id, now),
                 guard,
+                state,
             )
             tally.submitted += done
+        elif verdict == "unsettled":
+            done = self._update(
+                "state = 'unknown', skip_reason = 'awaiting_lookup', not_before = ?",
+                (o.not_after,),
+                guard,
+                state,
+            )
         elif verdict == "absent" and row.attempt >= self.max_attempts:
             done = self._update(
-                "state = 'rejected', skip_reason = 'gave_up_after_retries', not_before = null", (), guard
+                "state = 'rejected', skip_reason = 'gave_up_after_retries', not_before = null",
+                (),
+                guard,
+                state,
             )
             _bump(tally.rejected, "gave_up_after_retries", done)
         elif verdict == "absent":
-            done = self._update(_BACK_TO_PLANNED.format(reason="null") + ", not_before = null", (), guard)
+            done = self._update(
+                _BACK_TO_PLANNED.format(reason="null") + ", not_before = null", (), guard, state
+            )
         else:
             done = self._update(
-                "state = 'unknown', skip_reason = 'fate_unknown', not_before = null", (), guard
+                "state = 'unknown', skip_reason = 'fate_unknown', not_before = null", (), guard, state
             )
             tally.unknown += done
-        if done:
+        if done and verdict != "unsettled":
             _bump(tally.reconciled, verdict)
         self.conn.execute(
             """
@@ -942,8 +1044,9 @@ class _Db:
                 reconciled = ?
             where message_id = ? and attempt = ?
             """,
-            (now, found.provider_message_id if found else None, verdict, *guard),
-        )
+            (now, found.provider_message_id if found else None, None if verdict == "unsettled" else verdict,
+             *guard),
+        )  # fmt: skip
         return [found] if found is not None and done else []
 
     def after_flush(self, accepted: bool, statuses: list[StatusUpdate]) -> None:
@@ -1096,6 +1199,8 @@ class _Engine:
         self.held = 0  # claimed rows not yet answered or released
         self.reconciling: set[asyncio.Task[None]] = set()
         self.reconcile_slots = asyncio.Semaphore(max(1, settings.concurrency // 2))
+        self.looking: set[int] = set()  # message ids being reconciled
+        self.settle = settle_window(settings, provider)
         self.clients: list[httpx.AsyncClient] = []
         self.closing = False
         self.halt: str | None = None
@@ -1263,8 +1368,20 @@ class _Engine:
         if self.reconciling:
             await asyncio.gather(*self.reconciling, return_exceptions=True)
         if self.db is not None:
-            await self.flush()
-            if self.campaign_id is not None:  # e.g. a run after a crash that had sent the last row
+            for attempt in range(3):
+                try:
+                    await self.flush()
+                    break
+                except sqlite3.Error as exc:
+                    if attempt == 2:  # rows stay 'sending': the next start reconciles them
+                        self.error = (
+                            f"{len(self.pending)} outcomes could not be recorded ({exc}); their rows stay"
+                            " 'sending' and the next dispatcher run reconciles them with the provider"
+                        )
+                        log.error("%s", self.error)
+                    else:
+                        await asyncio.sleep(1.0)
+            if self.campaign_id is not None and not self.pending:  # e.g. after a crash that sent the last row
                 await self.finish([self.campaign_id])
             await self.call(self.db.close)
         if self.revocations is not None:
@@ -1515,16 +1632,23 @@ class _Engine:
 
     # -- reconciliation ----------------------------------------------------------------
 
-    def spawn_reconcile(self, row: _Row, *, interrupted: bool, grace: float) -> None:
-        task = asyncio.create_task(self.reconcile(row, interrupted, grace))
+    def spawn_reconcile(self, row: _Row, *, interrupted: bool, grace: float, state: str = "sending") -> None:
+        if row.message_id in self.looking:
+            return
+        self.looking.add(row.message_id)
+        task = asyncio.create_task(self.reconcile(row, interrupted, grace, state))
         self.reconciling.add(task)
         task.add_done_callback(self.reconciling.discard)
+        task.add_done_callback(lambda _: self.looking.discard(row.message_id))
 
-    async def reconcile(self, row: _Row, interrupted: bool, grace: float) -> None:
+    async def reconcile(self, row: _Row, interrupted: bool, grace: float, state: str = "sending") -> None:
+        """Ask the provider what became of a request with no clear answer. "Nothing" is believed
+        only once the settle window since the request's start has passed; until then the row is
+        ``unknown`` (``awaiting_lookup``) and the watcher asks again when it has."""
         if grace:
             await asyncio.sleep(grace)
         if not (row.phone and row.sender and row.body):
-            self.record(_Outcome("reconciled", row, verdict="absent", interrupted=interrupted))
+            self.record(_Outcome("reconciled", row, verdict="absent", interrupted=interrupted, state=state))
             return
         request = SendRequest(row.message_id, row.phone, row.sender, row.body)
         client = self.clients[row.message_id % len(self.clients)]
@@ -1545,21 +1669,59 @@ class _Engine:
                         break
                     await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
         verdict = "unsearchable" if found is None else "found" if found else "absent"
+        not_after = None
+        if verdict == "absent":
+            settles = row.claimed_at + timedelta(seconds=self.settle)
+            if _utcnow() < settles:
+                not_after = _stamp(settles)
         self.record(
             _Outcome(
-                "reconciled", row, verdict=verdict, candidates=list(found or ()), interrupted=interrupted
+                "reconciled", row, verdict=verdict, candidates=list(found or ()), interrupted=interrupted,
+                state=state, not_after=not_after,
             )
-        )
+        )  # fmt: skip
 
     # -- background tasks --------------------------------------------------------------
 
     async def flush(self) -> None:
+        """Record the pending outcomes. A batch the store refuses is never dropped: a busy or
+        failing store puts it back for the next flush (and raises); a row the store refuses
+        alone (an integrity error) is split out and marked ``unknown`` (``record_failed``): it
+        was sent, so it is never sent again, and a person sees it."""
         if not self.pending or self.db is None:
             return
         batch, self.pending = self.pending, []
-        touched, accepted, statuses = await self.call(self.db.flush, batch, self.tally)
+        scratch = _Tally()
+        try:
+            touched, accepted, statuses = await self.call(self.db.flush, batch, scratch)
+        except sqlite3.IntegrityError:
+            touched, accepted, statuses = await self.flush_one_by_one(batch, scratch)
+        except BaseException:
+            self.pending[:0] = batch  # nothing of it was written: the next flush tries again
+            raise
+        _merge(self.tally, scratch)
         await self.call(self.db.after_flush, accepted, statuses)
         await self.finish(touched)
+
+    async def flush_one_by_one(
+        self, batch: list[_Outcome], tally: _Tally
+    ) -> tuple[set[int], bool, list[StatusUpdate]]:
+        assert self.db is not None
+        touched: set[int] = set()
+        accepted = False
+        statuses: list[StatusUpdate] = []
+        for outcome in batch:
+            try:
+                t, a, found = await self.call(self.db.flush, [outcome], tally)
+            except sqlite3.IntegrityError as exc:
+                log.error("message %s: its outcome could not be recorded (%s)", outcome.row.message_id, exc)
+                await self.call(self.db.unrecordable, outcome)
+                touched.add(outcome.row.campaign_id)
+                continue
+            touched |= t
+            accepted = accepted or a
+            statuses += found
+        return touched, accepted, statuses
 
     async def finish(self, campaign_ids: Iterable[int]) -> None:
         assert self.db is not None
@@ -1575,8 +1737,9 @@ class _Engine:
             self.wake_writer.clear()
             try:
                 await self.flush()
-            except sqlite3.Error:
-                log.exception("recording outcomes failed; retrying")
+            except sqlite3.Error as exc:
+                log.error("recording %d outcomes failed (%s); retrying", len(self.pending), exc)
+                await asyncio.sleep(0.5)
 
     async def watcher(self) -> None:
         assert self.db is not None
@@ -1607,6 +1770,8 @@ class _Engine:
                 continue  # helpers leave sweeps to the process that started them
             if self.helper_stop is not None and (self.stop.is_set() or self.halt is not None):
                 self.helper_stop.set()
+            for row in await self.call(self.db.awaiting, self.campaign_id, _stamp(_utcnow())):
+                self.spawn_reconcile(row, interrupted=False, grace=0.0, state="unknown")
             if time.monotonic() - last_sweep >= max(5.0, self.settings.reconcile_after / 2):
                 last_sweep = time.monotonic()
                 cutoff = _stamp(_utcnow() - timedelta(seconds=self.settings.reconcile_after))

@@ -92,6 +92,18 @@ SKIP_REASONS: dict[str, str] = {
     "gave_up_after_retries": "оператор не принял сообщение после всех попыток / the provider kept refusing: gave up after the last retry",
     "fate_unknown": "неизвестно, отправлено ли: оператор не ответил / unknown whether it was sent: the provider did not answer; not re-sent",
     "no_sender": "не выбран отправитель / no sender for this message",
+    "awaiting_lookup": (
+        "исход неизвестен: оператор ещё может принять запрос, проверим позже"
+        " / outcome unknown: the provider may still accept the request; looked up again later"
+    ),
+    "record_failed": (
+        "оператор ответил, но ответ не удалось записать: не отправляется повторно"
+        " / the provider answered but the answer could not be recorded; not re-sent"
+    ),
+    "unknown_given_up": (
+        "исход неизвестен, закрыто сотрудником без повторной отправки"
+        " / outcome unknown, closed by a person without a resend"
+    ),
 }
 """Every ``skip_reason`` the outbox may hold, with what a user reads. ``capped`` is the
 demo history's undivided cap reason; ``provider_*`` are written by the dispatcher."""

@@ -277,6 +277,17 @@ TABLES: dict[str, str] = {
             recorded_at  text not null,
             unique (journal_id, entry_id)
         ) strict""",
+    # A person's decision about messages of unknown fate (smsops.unsettled): send them again,
+    # or close them unsent; who and when, so a resend can always be accounted for.
+    "outbox_decisions": """
+        create table if not exists outbox_decisions (
+            decision_id  integer primary key,
+            campaign_id  integer not null,
+            decision     text not null check (decision in ('retry', 'give_up')),
+            messages     integer not null,
+            decided_by   text not null,
+            decided_at   text not null
+        ) strict""",
     # Saved segments: each save of a changed definition is a new version; the definition
     # is the segment's canonical JSON (rules, never contact ids), evaluated again at launch.
     "segments": """
@@ -324,6 +335,8 @@ INDEXES: tuple[str, ...] = (
     " where provider_message_id is not null",
     "create index if not exists ix_messages_planned on messages (not_before) where state = 'planned'",
     "create index if not exists ix_messages_sending on messages (provider) where state = 'sending'",
+    # ambiguous sends waiting for their settle window, looked up again by the dispatcher
+    "create index if not exists ix_messages_unknown on messages (not_before) where state = 'unknown'",
     "create index if not exists ix_messages_phone on messages (phone_e164, planned_at)",
     "create index if not exists ix_status_message on message_status_events (message_id)",
     "create index if not exists ix_clicks_message on clicks (message_id)",

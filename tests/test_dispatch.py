@@ -28,7 +28,7 @@ import httpx
 import pytest
 from zones import zone_where_it_is
 
-from smsops import campaigns, consent, dispatch, serve, store, webhooks
+from smsops import campaigns, consent, dispatch, serve, store, unsettled, webhooks
 from smsops.dispatch import DispatchSettings, SlidingWindow
 from smsops.providers import (
     Provider,
@@ -49,8 +49,9 @@ FAST = SandboxSettings(
     rate_per_second=100_000,
 )
 QUICK = DispatchSettings(
-    rate_per_second=1_000, concurrency=8, clients=4, backoff_base=0.05, unknown_grace=0.0, linger=10
-)
+    rate_per_second=1_000, concurrency=8, clients=4, backoff_base=0.05, unknown_grace=0.0, linger=10,
+    settle_window=0.0,
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,8 +473,15 @@ def test_a_fate_the_provider_cannot_tell_is_marked_unknown_and_never_resent(home
     assert len(provider.times) == 3 and again.requests == 0
     assert all((r["state"], r["skip_reason"]) == ("unknown", "fate_unknown") for r in out)
     assert report.unknown == 3 and report.reconciled == {"unsearchable": 3}
-    assert status_of(home, cid) == "finished"  # unknown is terminal, and shown with its reason
     assert dispatch.progress(cid, home).reasons == {"fate_unknown": 3}
+    # not finished while nobody knows whether they were sent: a person decides, and it is recorded
+    assert status_of(home, cid) == "running"
+    assert unsettled.count(cid, home).needs_a_person == 3
+    assert unsettled.decide(cid, "give_up", by="anna", home=home) == 3
+    assert status_of(home, cid) == "finished"
+    assert [tuple(r) for r in rows(home, "select decision, messages, decided_by from outbox_decisions")] == [
+        ("give_up", 3, "anna")
+    ]
 
 
 def test_refused_credentials_pause_the_campaign_without_quoting_the_secret(home, sandbox):
