@@ -6,6 +6,8 @@
   (127.0.0.1:8765 by default), posting receipts and replies to the webhook app;
 - the dispatcher (:mod:`smsops.dispatch`) as a service: the due rows of every running campaign,
   receipts requested at the webhook app's status route;
+- receipt lookups (:func:`receipt_lookups`): every 30 s, the messages whose receipt is overdue
+  (lost while the receiver was down or overloaded) are looked up at the provider;
 - a scheduler (:func:`scheduler`): every few seconds it starts the scheduled campaigns whose
   time has come (:func:`smsops.campaigns.start_due`), gives A/B remainders their winner when
   their window has passed (:func:`smsops.campaigns.release_due_winners`), and every
@@ -36,7 +38,7 @@ import httpx
 from smsops import campaigns, dispatch, warehouse, webhooks
 from smsops import config as smsops_config
 from smsops.config import REPO_ROOT
-from smsops.providers import Provider, from_config
+from smsops.providers import ConfigError, Provider, from_config
 from smsops.providers.sandbox import SandboxSettings, ServerThread, run_in_thread, serve_in_thread
 
 __all__ = [
@@ -60,6 +62,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WEBHOOK_PORT = 8600
 _RESTART_AFTER = 5.0
+RECEIPT_LOOKUP_INTERVAL = 30.0
+"""Seconds between two passes of the receipt lookup (:func:`smsops.receipts.reconcile_receipts`)."""
+
+
 SCHEDULER_INTERVAL = 5.0
 """Seconds between two looks for scheduled campaigns and A/B tests to release."""
 
@@ -79,6 +85,8 @@ class ServeSettings:
     """Seconds between scheduler ticks (0: no scheduler)."""
     refresh_minutes: float | None = None
     """Rebuild the warehouse this often (0: never); None: ``$SMSOPS_REFRESH_MINUTES``."""
+    receipt_lookup_interval: float = RECEIPT_LOOKUP_INTERVAL
+    """Seconds between lookups of overdue receipts at the provider (0: none)."""
 
 
 def provider_env(root: Path | None = None) -> dict[str, object]:
@@ -260,6 +268,44 @@ async def scheduler(
             await asyncio.wait_for(stop.wait(), interval)
 
 
+async def receipt_lookups(
+    home: str | os.PathLike[str] | None,
+    provider: Provider,
+    stop: asyncio.Event,
+    *,
+    interval: float = RECEIPT_LOOKUP_INTERVAL,
+) -> None:
+    """Every ``interval`` seconds, ask the provider about messages whose receipt is overdue (lost
+    while the receiver was down or overloaded) until ``stop`` is set. Refused credentials pause
+    it for ten minutes; a failing pass is logged and the next one tries again."""
+    from smsops import receipts
+
+    try:
+        wait = receipts.receipt_wait(provider.name)
+    except ConfigError as exc:
+        log.error("receipt lookups are off: %s", exc)
+        return
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0)) as client:
+        while not stop.is_set():
+            pause = interval
+            try:
+                report = await receipts.reconcile_receipts(home, provider, client, wait=wait)
+            except Exception:
+                log.exception("the receipt lookup failed; trying again in %.0f s", interval)
+            else:
+                if report.looked_up:
+                    log.info(
+                        "receipt lookups: %d asked, %d recovered, %d still pending, %d unknown to %s, %d failed",
+                        report.looked_up, report.recovered, report.still_pending, report.not_found,
+                        provider.name, report.errors,
+                    )  # fmt: skip
+                if report.stopped == "credentials":
+                    log.error("receipt lookups paused for 10 minutes: %s", report.error)
+                    pause = 600.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+
+
 async def run(
     home: str | os.PathLike[str] | None = None,
     settings: ServeSettings | None = None,
@@ -285,6 +331,12 @@ async def run(
             if ready is not None:
                 ready(services)
             options = replace(settings.dispatch, status_callback_url=services.status_callback_url)
+            if settings.receipt_lookup_interval > 0:
+                tasks.append(
+                    asyncio.create_task(
+                        receipt_lookups(home, provider, stop, interval=settings.receipt_lookup_interval)
+                    )
+                )
             if settings.scheduler_interval > 0:
                 refresh = (
                     smsops_config.refresh_minutes()
