@@ -5,8 +5,9 @@ foreign, landline, invalid or duplicated), Cyrillic and Latin names, cities acro
 Russia's time zones; a consent ledger (opt-ins with source and proof, some opt-outs);
 orders with a long-tailed amount distribution; customer events; and three months of
 campaign history (promo and service, A/B variants, holdouts) with outbox rows, provider
-receipts (some out of order), tracked links, clicks, replies (a few STOP) and orders
-that follow them.
+receipts (some out of order), tracked links, clicks (and the link previews and scanners
+that fetch a few links seconds after delivery), replies (a few STOP) and orders that
+follow them.
 
 Generation is vectorised with numpy; the result is written to a temporary file that
 replaces the store only when complete, so a crash never leaves half a demo behind.
@@ -88,6 +89,19 @@ CATEGORY_WEIGHTS = (0.22, 0.12, 0.12, 0.11, 0.1, 0.09, 0.07, 0.08, 0.05, 0.04)
 
 SENDER = "SHOPMARKET"
 SHOP_URL = "https://shop.example.ru"
+# Who fetches a link without a person behind it: messaging apps drawing a preview (iMessage
+# sends Facebook's and Twitter's names), VK's share preview, a search crawler.
+PREFETCH_AGENTS = (
+    "WhatsApp/2.24.25.78 A",
+    "TelegramBot (like TwitterBot)",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_11_1) AppleWebKit/601.2.4 (KHTML, like Gecko) Version/9.0.1"
+    " Safari/601.2.4 facebookexternalhit/1.1 Facebot Twitterbot/1.0",
+    "Viber/22.8.0",
+    "Mozilla/5.0 (compatible; vkShare; +http://vk.com/dev/Share)",
+    "Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)",
+)
+PREFETCH_SHARE = 0.04
+"""Share of delivered messages with a link that a preview or scanner fetches."""
 
 # A foreign number per country: a valid national pattern with random tail digits.
 FOREIGN = {
@@ -235,6 +249,9 @@ class _Demo:
             raise DemoError(f"--contacts must be at least 1, got {contacts}")
         self.n = contacts
         self.rng = np.random.default_rng(seed)
+        # link previews draw from a generator of their own, so adding them left every other
+        # table as the seed made it before
+        self.prefetch_rng = np.random.default_rng([seed, 14])
         self.as_of = np.datetime64(as_of.replace(tzinfo=None), "s")
         self.tables: dict[str, dict[str, list]] = {}
 
@@ -740,6 +757,17 @@ class _Demo:
             "Mozilla/5.0 (Linux; Android 15; SM-S921B) AppleWebKit/537.36 Chrome/131.0 Mobile Safari/537.36",
             "Mozilla/5.0 (Linux; Android 14; Redmi Note 13) AppleWebKit/537.36 Chrome/130.0 Mobile Safari/537.36",
         ), len(click_msg))  # fmt: skip
+        # link previews and scanners: a few links are fetched 1-5 s after delivery, by a HEAD
+        # or by a GET that names its fetcher; recorded as clicks, not people's (the warehouse
+        # tells them apart: stg_ops__clicks.is_prefetch)
+        pre = self.prefetch_rng
+        pre_at = delivered_at + pre.integers(1, 6, size=m).astype("timedelta64[s]")
+        previewed = delivered & has_link & (pre.random(m) < PREFETCH_SHARE) & (pre_at <= self.as_of)
+        previewed &= ~(clicked & (click_at == pre_at))  # one request per link and second
+        pre_msg = ids[previewed]
+        pre_agents = _pick(pre, PREFETCH_AGENTS, len(pre_msg))
+        pre_method = np.where(pre.random(len(pre_msg)) < 0.4, "HEAD", "GET")
+        all_msg = np.concatenate([click_msg, pre_msg])
         self._emit(
             "links",
             {
@@ -754,11 +782,12 @@ class _Demo:
         self._emit(
             "clicks",
             {
-                "click_id": np.arange(1, len(click_msg) + 1),
-                "token": ob["token"][click_msg - 1],
-                "message_id": click_msg,
-                "clicked_at": _ts_col(click_when),
-                "user_agent": agents,
+                "click_id": np.arange(1, len(all_msg) + 1),
+                "token": ob["token"][all_msg - 1],
+                "message_id": all_msg,
+                "clicked_at": _ts_col(np.concatenate([click_when, pre_at[previewed]])),
+                "user_agent": np.concatenate([agents, pre_agents]),
+                "method": np.concatenate([np.full(len(click_msg), "GET", dtype=object), pre_method]),
             },
         )
 

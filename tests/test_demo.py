@@ -144,6 +144,30 @@ def test_campaign_history_has_variants_holdouts_and_outcomes(small_demo):
     assert out_of_order > 0
 
 
+def test_a_few_links_are_fetched_by_previews_and_scanners_right_after_delivery(small_demo):
+    """Link previews and scanners (HEAD, or a GET naming its fetcher) come seconds after the
+    delivery, so the Results page has some to leave out of CTR; people's clicks are GETs."""
+    _, conn = small_demo
+    agents = ", ".join("?" * len(demo.PREFETCH_AGENTS))
+    [(people,)] = rows(
+        conn, f"select count(*) from clicks where user_agent not in ({agents})", *demo.PREFETCH_AGENTS
+    )
+    prefetches = rows(
+        conn,
+        "select c.method, c.user_agent, (julianday(c.clicked_at) - julianday(e.occurred_at)) * 86400"
+        " from clicks c join message_status_events e on e.message_id = c.message_id and e.status = 'delivered'"
+        f" where c.user_agent in ({agents})",
+        *demo.PREFETCH_AGENTS,
+    )
+    assert people > 0 and 0 < len(prefetches) < people
+    assert {method for method, _, _ in prefetches} == {"GET", "HEAD"}
+    assert len({agent for _, agent, _ in prefetches}) > 3
+    assert all(0.5 < seconds < 5.5 for _, _, seconds in prefetches)
+    assert rows(conn, "select distinct method from clicks where user_agent like 'Mozilla/5.0 (iPhone%'") == [
+        ("GET",)
+    ]
+
+
 def test_a_store_with_contacts_is_not_overwritten_without_force(tmp_path):
     demo.generate(50, 1, as_of=AS_OF, home=tmp_path)
     with pytest.raises(demo.DemoError, match="already holds contacts"):
