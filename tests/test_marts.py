@@ -13,7 +13,7 @@ import duckdb
 import pandas as pd
 import pytest
 
-from smsops import dbt_plugin, erasure, store, warehouse
+from smsops import dbt_plugin, demo, erasure, store, warehouse
 
 Z = 1.959964
 FMT = "%Y-%m-%d %H:%M:%S"
@@ -426,6 +426,91 @@ def refreshed(built_home: Path, tmp_path_factory: pytest.TempPathFactory):
     return incremental, full, untouched, ids, {"loads": loads, "second": second, "store_then": store_then}
 
 
+PHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148"
+
+
+def add_settling_campaign(db: Path, now: datetime) -> dict[str, int]:
+    """A promotion sent 110 hours ago to 15 quiet recipients: 10 delivered, 3 with only a
+    'sent' receipt, 2 with none (both awaiting their final receipt). Its links were fetched by
+    previews and people: message ``head_then_person`` by a HEAD and a Slackbot GET within
+    seconds of delivery, then by its recipient 20 minutes later; ``preview_only`` only by
+    WhatsApp's preview, and its recipient ordered 105 h after delivery (beyond the delivery's
+    window, inside a click's); ``no_agent`` by a GET without a user agent. Returns the ids."""
+    ts = lambda t: t.strftime(FMT)  # noqa: E731
+    sent = now - timedelta(hours=110)
+    delivered = sent + timedelta(seconds=30)
+    quiet = ts(now - timedelta(days=20))
+    conn = sqlite3.connect(db)
+    with conn:
+        q = conn.execute
+        contacts = [r[0] for r in q(
+            "select contact_id from contacts where phone_valid = 1 and contact_id not in (select contact_id"
+            " from orders where ordered_at >= ?1) and contact_id not in (select contact_id from messages"
+            " where planned_at >= ?1) order by contact_id limit 15", (quiet,),
+        )]  # fmt: skip
+        assert len(contacts) == 15
+        campaign_id = q(
+            "insert into campaigns (name, kind, status, created_at, launched_at) values"
+            " ('Receipts still coming', 'promo', 'running', ?1, ?1) returning campaign_id",
+            (ts(sent),),
+        ).fetchone()[0]
+        ids = []
+        for n, contact_id in enumerate(contacts):
+            message_id = q(
+                "insert into messages (idempotency_key, campaign_id, variant, contact_id, phone_e164, state,"
+                " planned_at, submitted_at, price, currency, segments, provider, attempts) select ?, ?, 'A',"
+                " contact_id, phone_e164, 'submitted', ?3, ?3, 4.2, 'RUB', 1, 'sandbox', 1 from contacts"
+                " where contact_id = ? returning message_id",
+                (f"{campaign_id}:{contact_id}", campaign_id, ts(sent), contact_id),
+            ).fetchone()[0]
+            ids.append(message_id)
+            statuses = ["sent", "delivered"] if n < 10 else ["sent"] if n < 13 else []
+            for status in statuses:
+                at = ts(delivered if status == "delivered" else sent + timedelta(seconds=2))
+                q(
+                    "insert into message_status_events (message_id, provider, status, occurred_at, received_at)"
+                    " values (?, 'sandbox', ?, ?3, ?3)",
+                    (message_id, status, at),
+                )
+        head_then_person, preview_only, no_agent = ids[0], ids[1], ids[2]
+        clicks = [
+            (head_then_person, delivered + timedelta(seconds=1), PHONE, "HEAD"),
+            (head_then_person, delivered + timedelta(seconds=2), "Slackbot-LinkExpanding 1.0", "GET"),
+            (head_then_person, delivered + timedelta(minutes=20), PHONE, "GET"),
+            (preview_only, delivered + timedelta(seconds=3), "WhatsApp/2.24.25.78 A", "GET"),
+            (no_agent, delivered + timedelta(hours=1), None, "GET"),
+        ]
+        for n, (message_id, at, agent, method) in enumerate(clicks):
+            q(
+                "insert into clicks (token, message_id, clicked_at, user_agent, method) values (?, ?, ?, ?, ?)",
+                (f"settle{n}", message_id, ts(at), agent, method),
+            )
+        q(
+            "insert into orders (external_id, contact_id, ordered_at, amount, currency, category, status)"
+            " select 'TEST-AFTER-PREVIEW', contact_id, ?, 990, 'RUB', 'test', 'paid' from messages"
+            " where message_id = ?",
+            (ts(delivered + timedelta(hours=105)), preview_only),
+        )
+    conn.close()
+    return {
+        "campaign_id": campaign_id,
+        "head_then_person": head_then_person,
+        "preview_only": preview_only,
+        "no_agent": no_agent,
+        "first_person_click": delivered + timedelta(minutes=20),
+    }
+
+
+@pytest.fixture(scope="module")
+def settling(built_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The demo store plus :func:`add_settling_campaign`, built from scratch."""
+    now = datetime.now(UTC).replace(microsecond=0, tzinfo=None)
+    home = copy_home(built_home, tmp_path_factory.mktemp("settling"), with_snapshot=False)
+    ids = add_settling_campaign(home / "ops.sqlite", now)
+    warehouse.build(home)
+    return home, ids
+
+
 def frame(home: Path, table: str, key: str) -> pd.DataFrame:
     return read(home, f"select * from {table} order by {key}").reset_index(drop=True)
 
@@ -583,7 +668,7 @@ def test_rate_intervals_are_wilson_score_intervals(built_home):
     assert len(perf) > 5
     for row in perf.itertuples():
         for low, high, successes, trials in [
-            (row.delivery_rate_low, row.delivery_rate_high, row.delivered, row.sent),
+            (row.delivery_rate_low, row.delivery_rate_high, row.delivered, row.settled),
             (row.click_through_rate_low, row.click_through_rate_high, row.clicks, row.delivered),
             (row.opt_out_rate_low, row.opt_out_rate_high, row.opt_outs, row.delivered),
             (row.complaint_rate_low, row.complaint_rate_high, row.complaints, row.delivered),
@@ -598,6 +683,81 @@ def test_rate_intervals_are_wilson_score_intervals(built_home):
     assert (holdout.conversion_rate_low, holdout.conversion_rate_high) == pytest.approx(
         wilson(holdout.converted_recipients, holdout.audience)
     )
+
+
+def test_delivery_rate_counts_settled_messages_and_awaiting_receipt_stands_apart(settling):
+    """10 delivered, 5 still waiting for their final receipt, none failed: 100% of the settled
+    are delivered (not 10 of 15), and the 5 are awaiting receipt, not "not delivered"."""
+    home, ids = settling
+    perf = read(home, f"select * from fct_campaign_performance where campaign_id = {ids['campaign_id']}")
+    assert len(perf) == 1
+    row = perf.iloc[0]
+    assert (row.sent, row.delivered, row.undelivered, row.failed) == (15, 10, 0, 0)
+    assert (row.settled, row.awaiting_receipt) == (10, 5)
+    assert row.delivery_rate == 1.0
+    assert (row.delivery_rate_low, row.delivery_rate_high) == pytest.approx(wilson(10, 10))
+    messages = read(home, f"select * from fct_messages where campaign_id = {ids['campaign_id']}")
+    assert int(messages["is_settled"].sum()) == 10 and int(messages["is_awaiting_receipt"].sum()) == 5
+    assert set(messages.loc[messages["is_awaiting_receipt"], "status"]) == {"sent", "queued"}
+    kpis = read(home, "select sum(messages_sent) sent, sum(settled) settled, sum(awaiting_receipt) awaiting"
+                      " from fct_daily_kpis").iloc[0]  # fmt: skip
+    assert kpis.sent == kpis.settled + kpis.awaiting
+
+
+def test_link_previews_and_head_requests_are_kept_out_of_ctr(settling):
+    """A HEAD and a Slackbot GET seconds after delivery, and a WhatsApp preview alone, are
+    recorded as prefetches; only the recipient's own click and a GET without a user agent
+    count. CTR is 2 of 10 delivered, not 3."""
+    home, ids = settling
+    row = read(home, f"select * from fct_campaign_performance where campaign_id = {ids['campaign_id']}").iloc[
+        0
+    ]
+    assert (row.clicks, row.total_clicks, row.prefetch_clicks) == (2, 2, 3)
+    assert row.click_through_rate == pytest.approx(0.2)
+    messages = read(home, f"select * from fct_messages where campaign_id = {ids['campaign_id']}").set_index(
+        "message_id"
+    )
+    both = messages.loc[ids["head_then_person"]]
+    assert (both.clicked, both.clicks, both.prefetch_clicks) == (True, 1, 2)
+    assert both.first_clicked_at == ids["first_person_click"]  # not the HEAD a second after delivery
+    preview = messages.loc[ids["preview_only"]]
+    assert (preview.clicked, preview.clicks, preview.prefetch_clicks) == (False, 0, 1)
+    assert pd.isna(preview.first_clicked_at)
+    # the preview is no touch: an order 105 h after the delivery is beyond its 72 h window
+    assert (preview.converted, preview.revenue) == (False, 0)
+    no_agent = messages.loc[ids["no_agent"]]
+    assert (no_agent.clicked, no_agent.clicks, no_agent.prefetch_clicks) == (True, 1, 0)
+    classified = read(home, "select method, is_prefetch, count(*) n from stg_ops__clicks"
+                            " where link_token like 'settle%' group by all order by all")  # fmt: skip
+    assert classified.values.tolist() == [["GET", False, 2], ["GET", True, 2], ["HEAD", True, 1]]
+
+
+def test_sent_is_settled_plus_awaiting_receipt_in_every_campaign(built_home):
+    perf = read(built_home, "select * from fct_campaign_performance")
+    assert (perf["sent"] == perf["settled"] + perf["awaiting_receipt"]).all()
+    assert (perf["settled"] == perf["delivered"] + perf["undelivered"] + perf["failed"]).all()
+    settled = perf[perf["settled"] > 0]
+    assert settled["delivery_rate"].tolist() == pytest.approx(
+        (settled["delivered"] / settled["settled"]).tolist()
+    )
+    assert perf.loc[perf["settled"] == 0, "delivery_rate"].isna().all()
+
+
+def test_every_prefetch_in_the_demo_is_counted_apart_from_people(built_home):
+    """The demo's link previews (HEAD, or a GET from a preview's agent) are all in
+    prefetch_clicks and none in clicks."""
+    ops = sqlite3.connect(store.store_path(built_home))
+    agents = ", ".join("?" * len(demo.PREFETCH_AGENTS))
+    raw = ops.execute(
+        f"select count(*) filter (where method = 'HEAD' or user_agent in ({agents})), count(*) from clicks",
+        demo.PREFETCH_AGENTS,
+    ).fetchone()
+    ops.close()
+    marts = read(
+        built_home, "select sum(prefetch_clicks) prefetches, sum(clicks) clicks from fct_messages"
+    ).iloc[0]
+    assert raw[0] > 0
+    assert (marts.prefetches, marts.clicks) == (raw[0], raw[1] - raw[0])
 
 
 def test_cost_per_conversion_and_roi(built_home):

@@ -1,4 +1,9 @@
--- Clicks per message: how many, the first and the last.
+-- Clicks per message: how many people's clicks, the first and the last, and apart from them
+-- how many requests came from link previews and scanners (stg_ops__clicks.is_prefetch), which
+-- count as clicks only when var('count_prefetch_clicks') is true. A message whose links only
+-- a preview fetched has 0 clicks and no first click.
+
+{%- set counted = 'true' if counts_prefetch_clicks() else 'not is_prefetch' %}
 
 with
 
@@ -12,9 +17,10 @@ final as (
 
     select
         message_id,
-        count(*) as clicks,
-        min(clicked_at) as first_clicked_at,
-        max(clicked_at) as last_clicked_at
+        cast(sum(case when {{ counted }} then 1 else 0 end) as bigint) as clicks,
+        cast(sum(case when is_prefetch then 1 else 0 end) as bigint) as prefetch_clicks,
+        min(case when {{ counted }} then clicked_at end) as first_clicked_at,
+        max(case when {{ counted }} then clicked_at end) as last_clicked_at
     from clicks
     group by 1
 

@@ -1,7 +1,11 @@
 -- One row per campaign x variant (the holdout is a variant of its own): the audience
 -- waterfall, delivery, engagement, complaints, conversions and cost, with Wilson 95%
--- intervals for every rate. Rates are over delivered messages, except the holdout's
--- conversion rate, which is over its audience (nobody in it was sent anything).
+-- intervals for every rate. The delivery rate is over settled messages (delivered,
+-- undelivered or failed by their final receipt): a message still awaiting its receipt is
+-- neither delivered nor not, so it counts in `awaiting_receipt` and in no rate. The other
+-- rates are over delivered messages, except the holdout's conversion rate, which is over its
+-- audience (nobody in it was sent anything). Clicks are people's (stg_ops__clicks.is_prefetch);
+-- link previews and scanners are counted apart in `prefetch_clicks`.
 
 with
 
@@ -52,8 +56,11 @@ variant_totals as (
         cast(sum(case when status = 'delivered' then 1 else 0 end) as bigint) as delivered,
         cast(sum(case when status = 'undelivered' then 1 else 0 end) as bigint) as undelivered,
         cast(sum(case when status = 'failed' then 1 else 0 end) as bigint) as failed,
+        cast(sum(case when is_settled then 1 else 0 end) as bigint) as settled,
+        cast(sum(case when is_awaiting_receipt then 1 else 0 end) as bigint) as awaiting_receipt,
         cast(sum(case when clicked then 1 else 0 end) as bigint) as clicks,
         cast(sum(clicks) as bigint) as total_clicks,
+        cast(sum(prefetch_clicks) as bigint) as prefetch_clicks,
         cast(sum(replies) as bigint) as replies,
         cast(sum(case when opted_out_after then 1 else 0 end) as bigint) as opt_outs,
         cast(sum(conversions) as bigint) as conversions,
@@ -99,8 +106,11 @@ final as (
         rates.delivered,
         rates.undelivered,
         rates.failed,
+        rates.settled,
+        rates.awaiting_receipt,
         rates.clicks,
         rates.total_clicks,
+        rates.prefetch_clicks,
         rates.replies,
         rates.opt_outs,
         rates.conversions,
@@ -108,8 +118,8 @@ final as (
         rates.revenue,
         rates.segments,
         rates.cost,
-        case when rates.sent > 0
-            then cast(rates.delivered as double precision) / rates.sent
+        case when rates.settled > 0
+            then cast(rates.delivered as double precision) / rates.settled
         end as delivery_rate,
         case when rates.delivered > 0
             then cast(rates.clicks as double precision) / rates.delivered
@@ -117,8 +127,8 @@ final as (
         case when rates.conversion_trials > 0
             then cast(rates.converted_recipients as double precision) / rates.conversion_trials
         end as conversion_rate,
-        {{ wilson_low('rates.delivered', 'rates.sent') }} as delivery_rate_low,
-        {{ wilson_high('rates.delivered', 'rates.sent') }} as delivery_rate_high,
+        {{ wilson_low('rates.delivered', 'rates.settled') }} as delivery_rate_low,
+        {{ wilson_high('rates.delivered', 'rates.settled') }} as delivery_rate_high,
         {{ wilson_low('rates.clicks', 'rates.delivered') }} as click_through_rate_low,
         {{ wilson_high('rates.clicks', 'rates.delivered') }} as click_through_rate_high,
         {{ wilson_low('rates.converted_recipients', 'rates.conversion_trials') }} as conversion_rate_low,

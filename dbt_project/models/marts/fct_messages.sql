@@ -394,8 +394,14 @@ final as (
         case when messages.outbox_state = 'submitted' then messages.submitted_at end as sent_at,
         final_status.delivered_at,
         final_status.final_status_at,
+        -- sent, and its final receipt (delivered, undelivered, failed) is in
+        messages.outbox_state = 'submitted' and coalesce(final_status.is_terminal, false) as is_settled,
+        -- sent, and no final receipt yet: not "not delivered", the receipt may still come
+        messages.outbox_state = 'submitted' and not coalesce(final_status.is_terminal, false)
+            as is_awaiting_receipt,
         coalesce(clicks_per_message.clicks, 0) > 0 as clicked,
         coalesce(clicks_per_message.clicks, 0) as clicks,
+        coalesce(clicks_per_message.prefetch_clicks, 0) as prefetch_clicks,
         clicks_per_message.first_clicked_at,
         coalesce(replies.replies, 0) as replies,
         coalesce(replies.replied_stop, false) as replied_stop,
