@@ -41,7 +41,11 @@ st.caption(f"{fmt_rate(ov.reachable_rate)} of contacts can receive promotions.")
 st.subheader(f"Messaging, last {ov.days} days")
 row1 = st.columns(4)
 row1[0].metric("Messages sent", f"{ov.sent:,}")
-row1[1].metric("Delivery rate", fmt_rate(ov.delivery_rate), help="Delivered / sent")
+row1[1].metric(
+    "Delivery rate",
+    fmt_rate(ov.delivery_rate),
+    help=f"Delivered / settled: messages whose final receipt is in ({ov.awaiting_receipt:,} still awaiting one)",
+)
 row1[2].metric("CTR", fmt_rate(ov.ctr), help="Messages with at least one click / delivered")
 row1[3].metric("Opt-out rate", fmt_rate(ov.opt_out_rate), help="Opt-outs after a message / delivered")
 row2 = st.columns(4)

@@ -28,7 +28,10 @@ def money(label: str) -> st.column_config.NumberColumn:
 
 VARIANT_COLUMNS = {
     "variant": "Variant", "audience": "Audience", "sent": "Sent", "delivered": "Delivered",
-    "clicks": "Clickers", "converted_recipients": "Converted", "conversions": "Orders",
+    "awaiting_receipt": st.column_config.NumberColumn("Awaiting receipt", help="Sent, final receipt not in yet"),
+    "clicks": "Clickers",
+    "prefetch_clicks": st.column_config.NumberColumn("Link previews", help="Not people: left out of the CTR"),
+    "converted_recipients": "Converted", "conversions": "Orders",
     "revenue": money("Revenue, ₽"), "cost": money("Cost, ₽"),
     "replies": "Replies", "opt_outs": "Opt-outs", "complaints": "Complaints",
     "delivery_rate": percent("Delivery rate"), "delivery_rate_low": percent("Delivery 95% low"),
@@ -157,11 +160,44 @@ if funnel.sent == 0:
 st.subheader("Funnel")
 m = st.columns(4)
 m[0].metric("Sent", f"{funnel.sent:,}")
-m[1].metric("Delivered", f"{funnel.delivered:,}", help=f"Delivery rate {fmt_rate(funnel.delivery_rate)}")
+m[1].metric(
+    "Delivered",
+    f"{funnel.delivered:,}",
+    help=f"Delivery rate {fmt_rate(funnel.delivery_rate)} of settled messages",
+)
 m[2].metric(
-    "Clicked", f"{funnel.clicked:,}", help=f"Unique clickers; CTR {fmt_rate(funnel.click_through_rate)}"
+    "Clicked",
+    f"{funnel.clicked:,}",
+    help=f"Unique clickers (people, not link previews); CTR {fmt_rate(funnel.click_through_rate)}",
 )
 m[3].metric("Converted", f"{funnel.converted:,}", help=f"Conversion rate {fmt_rate(funnel.conversion_rate)}")
+m = st.columns(4)
+m[0].metric(
+    "Awaiting receipt",
+    f"{funnel.awaiting_receipt:,}",
+    help="Sent, but the provider's final receipt has not come yet: it may still come (or be looked up "
+    "at the provider), so these are neither delivered nor not delivered, and the delivery rate "
+    "leaves them out.",
+)
+m[1].metric(
+    "Not delivered",
+    f"{funnel.not_delivered:,}",
+    help=f"The final receipt says so: {funnel.undelivered:,} undelivered, {funnel.failed:,} failed "
+    "(see Delivery failures below).",
+)
+m[2].metric(
+    "Delivery rate",
+    fmt_rate(funnel.delivery_rate),
+    help=f"Delivered / settled: of the {funnel.settled:,} messages whose final receipt is in "
+    "(delivered or not). Messages awaiting their receipt are not counted.",
+)
+m[3].metric(
+    "Link previews",
+    "—" if funnel.prefetch_clicks is None else f"{funnel.prefetch_clicks:,}",
+    help="Requests for the links by link previews and scanners (messaging apps drawing a preview, "
+    "mail and security scanners, HEAD requests): recorded, but not people, so left out of the "
+    "clicks and the CTR.",
+)
 m = st.columns(4)
 m[0].metric("Revenue attributed", f"{funnel.revenue:,.0f} ₽", help=f"{funnel.conversions:,} orders")
 m[1].metric("Cost", f"{funnel.cost:,.0f} ₽")
@@ -171,7 +207,12 @@ m[3].metric("CTR", fmt_rate(funnel.click_through_rate), help="Unique clickers / 
 st.altair_chart(charts.funnel_chart(funnel.stages()), width="stretch")
 st.caption(
     "Converted: delivered recipients with an order attributed to this message (clicked or not). "
-    f"Not sent: {funnel.suppressed:,} suppressed by policy, {funnel.rejected:,} rejected by the provider, "
+    + (
+        f"Delivered counts final receipts only: {funnel.awaiting_receipt:,} sent messages are still awaiting theirs. "
+        if funnel.awaiting_receipt
+        else ""
+    )
+    + f"Not sent: {funnel.suppressed:,} suppressed by policy, {funnel.rejected:,} rejected by the provider, "
     f"{funnel.pending:,} still planned; {funnel.holdout:,} held out on purpose."
 )
 
@@ -250,7 +291,11 @@ try:
 except results.MartMissing as exc:
     st.caption(str(exc))
 else:
-    if failed.empty:
+    if failed.empty and funnel.awaiting_receipt:
+        st.caption(
+            f"No failure reported so far; {funnel.awaiting_receipt:,} messages are still awaiting their receipt."
+        )
+    elif failed.empty:
         st.caption("Every message sent was delivered.")
     else:
         st.dataframe(failed, hide_index=True, width="stretch", column_order=list(FAILURE_COLUMNS),

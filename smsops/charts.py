@@ -73,7 +73,7 @@ def funnel_chart(stages: pd.DataFrame) -> alt.Chart:
 VARIANT_RATES = {
     "click_through_rate": "CTR (clicks / delivered)",
     "conversion_rate": "Conversion rate (converted / delivered)",
-    "delivery_rate": "Delivery rate (delivered / sent)",
+    "delivery_rate": "Delivery rate (delivered / settled)",
     "opt_out_rate": "Opt-out rate (opt-outs / delivered)",
 }
 

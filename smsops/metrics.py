@@ -25,6 +25,7 @@ class Overview:
     reachable: int
     sent: int
     delivered: int
+    settled: int  # sent, and the final receipt (delivered, undelivered, failed) is in
     clicked: int
     conversions: int
     revenue: float
@@ -36,8 +37,14 @@ class Overview:
         return _rate(self.reachable, self.contacts)
 
     @property
+    def awaiting_receipt(self) -> int:
+        """Sent messages whose final receipt has not come yet."""
+        return self.sent - self.settled
+
+    @property
     def delivery_rate(self) -> float | None:
-        return _rate(self.delivered, self.sent)
+        """Delivered / settled: a message still awaiting its receipt is neither delivered nor not."""
+        return _rate(self.delivered, self.settled)
 
     @property
     def ctr(self) -> float | None:
@@ -74,6 +81,7 @@ WINDOW_SQL = """
 select
     count(*) filter (where sent_at is not null) as sent,
     count(*) filter (where status = 'delivered') as delivered,
+    count(*) filter (where sent_at is not null and status in ('delivered', 'undelivered', 'failed')) as settled,
     count(*) filter (where clicked) as clicked,
     coalesce(sum(conversions) filter (where not is_holdout), 0) as conversions,
     coalesce(sum(revenue) filter (where not is_holdout), 0) as revenue,
@@ -100,6 +108,7 @@ def overview(days: int = 30, home: Home = None) -> Overview:
         reachable=int(base.reachable),
         sent=int(window.sent),
         delivered=int(window.delivered),
+        settled=int(window.settled),
         clicked=int(window.clicked),
         conversions=int(window.conversions),
         revenue=float(window.revenue),

@@ -132,7 +132,12 @@ def campaigns_with_results(home: Home = None) -> pd.DataFrame:
 
 @dataclass(frozen=True, slots=True)
 class Funnel:
-    """A campaign's recipients from the audience to a conversion (holdout excluded)."""
+    """A campaign's recipients from the audience to a conversion (holdout excluded).
+
+    Sent = settled (the final receipt is in: delivered, undelivered or failed) + awaiting
+    receipt (not yet: the receipt may still come, so it is neither delivered nor not).
+    Clicks are people's: link previews and scanners are counted apart in ``prefetch_clicks``
+    (None when the build predates them)."""
 
     campaign_id: int
     campaign_name: str
@@ -147,8 +152,11 @@ class Funnel:
     delivered: int
     undelivered: int
     failed: int
+    settled: int
+    awaiting_receipt: int
     clicked: int  # unique clickers
     total_clicks: int
+    prefetch_clicks: int | None  # requests by link previews and scanners, not in the clicks
     replies: int
     opt_outs: int
     converted: int  # recipients with at least one attributed order
@@ -157,8 +165,14 @@ class Funnel:
     cost: float
 
     @property
+    def not_delivered(self) -> int:
+        """Messages whose final receipt says undelivered or failed."""
+        return self.undelivered + self.failed
+
+    @property
     def delivery_rate(self) -> float | None:
-        return _rate(self.delivered, self.sent)
+        """Delivered / settled: a message still awaiting its receipt counts in neither."""
+        return _rate(self.delivered, self.settled)
 
     @property
     def click_through_rate(self) -> float | None:
@@ -206,8 +220,11 @@ select
     coalesce(sum(delivered), 0) as delivered,
     coalesce(sum(undelivered), 0) as undelivered,
     coalesce(sum(failed), 0) as failed,
+    coalesce(sum({settled}), 0) as settled,
+    coalesce(sum({awaiting_receipt}), 0) as awaiting_receipt,
     coalesce(sum(clicks) filter (where variant <> ?), 0) as clicked,
     coalesce(sum(total_clicks) filter (where variant <> ?), 0) as total_clicks,
+    coalesce(sum({prefetch_clicks}) filter (where variant <> ?), 0) as prefetch_clicks,
     coalesce(sum(replies) filter (where variant <> ?), 0) as replies,
     coalesce(sum(opt_outs) filter (where variant <> ?), 0) as opt_outs,
     coalesce(sum(converted_recipients) filter (where variant <> ?), 0) as converted,
@@ -220,9 +237,23 @@ where campaign_id = ?
 """
 
 
+# What a build from before these columns gives instead: settled and awaiting follow from the
+# statuses; how many clicks were link previews it cannot tell.
+FUNNEL_FALLBACKS = {
+    "settled": "delivered + undelivered + failed",
+    "awaiting_receipt": "sent - delivered - undelivered - failed",
+    "prefetch_clicks": "0",
+}
+
+
 def funnel(campaign_id: int, home: Home = None) -> Funnel:
     """Sent → delivered → clicked → converted for one campaign, with the totals around it."""
-    row = warehouse.query(FUNNEL_SQL, [HOLDOUT] * 7 + [int(campaign_id)], home=home).iloc[0]
+    missing = set(missing_columns({"fct_campaign_performance": FUNNEL_FALLBACKS}, home))
+    sql = FUNNEL_SQL.format(**{
+        column: f"({fallback})" if f"fct_campaign_performance.{column}" in missing else column
+        for column, fallback in FUNNEL_FALLBACKS.items()
+    })  # fmt: skip
+    row = warehouse.query(sql, [HOLDOUT] * 8 + [int(campaign_id)], home=home).iloc[0]
     if not row.variant_rows:
         snap = warehouse.current(home)
         raise CampaignNotInBuild(
@@ -230,8 +261,9 @@ def funnel(campaign_id: int, home: Home = None) -> Funnel:
             "if it was launched since, refresh the metrics"
         )
     ints = {f.name for f in dataclasses.fields(Funnel)} - {
-        "campaign_id", "campaign_name", "campaign_status", "launched_at", "revenue", "cost",
+        "campaign_id", "campaign_name", "campaign_status", "launched_at", "revenue", "cost", "prefetch_clicks",
     }  # fmt: skip
+    prefetches = None if "fct_campaign_performance.prefetch_clicks" in missing else int(row.prefetch_clicks)
     return Funnel(
         campaign_id=int(campaign_id),
         campaign_name=str(row.campaign_name),
@@ -239,6 +271,7 @@ def funnel(campaign_id: int, home: Home = None) -> Funnel:
         launched_at=None if pd.isna(row.launched_at) else row.launched_at.to_pydatetime(),
         revenue=float(row.revenue),
         cost=float(row.cost),
+        prefetch_clicks=prefetches,
         **{name: int(row[name]) for name in ints},
     )
 
@@ -248,7 +281,8 @@ def funnel(campaign_id: int, home: Home = None) -> Funnel:
 
 RATES = ("delivery_rate", "click_through_rate", "conversion_rate", "opt_out_rate", "complaint_rate")
 VARIANT_COLUMNS = (
-    "variant", "audience", "sent", "delivered", "clicks", "converted_recipients", "conversions",
+    "variant", "audience", "sent", "delivered", "awaiting_receipt", "clicks", "prefetch_clicks",
+    "converted_recipients", "conversions",
     "revenue", "cost", "replies", "opt_outs", "complaints",
     *(f"{rate}{end}" for rate in RATES for end in ("", "_low", "_high")),
     "cost_per_conversion", "roi",
@@ -608,7 +642,7 @@ EXPORT_COLUMNS = (
     "delivered_at", "first_clicked_at", "clicks", "replies", "replied_stop", "opted_out_after",
     "converted", "conversions", "revenue",
 )  # fmt: skip
-OPTIONAL_EXPORT_COLUMNS = ("attributed_touch",)
+OPTIONAL_EXPORT_COLUMNS = ("attributed_touch", "prefetch_clicks")
 
 
 def export_frame(campaign_id: int, reveal: bool = False, home: Home = None) -> pd.DataFrame:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import io
 import shutil
 import sqlite3
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 import pytest
+from test_marts import add_settling_campaign, copy_home
 
 from smsops import abtest, charts, results, warehouse
 from smsops.policy import HOLDOUT
@@ -65,6 +67,16 @@ def odd_home(built_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return home
 
 
+@pytest.fixture(scope="module")
+def settling(built_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The demo base plus a campaign with 10 delivered, 5 awaiting their receipt and link
+    previews beside people's clicks (tests/test_marts.py, ``add_settling_campaign``), rebuilt."""
+    home = copy_home(built_home, tmp_path_factory.mktemp("settling"), with_snapshot=False)
+    ids = add_settling_campaign(home / "ops.sqlite", datetime.now(UTC).replace(microsecond=0, tzinfo=None))
+    warehouse.build(home)
+    return home, ids
+
+
 # --- campaigns and the funnel ---------------------------------------------------------------
 
 
@@ -88,6 +100,10 @@ def test_funnel_counts_each_recipient_once_and_leaves_the_holdout_out(built_home
     assert funnel.delivered == int((treated["status"] == "delivered").sum())
     assert funnel.clicked == int((treated["clicks"] > 0).sum()) > 0
     assert funnel.total_clicks == int(treated["clicks"].sum())
+    assert funnel.prefetch_clicks == int(treated["prefetch_clicks"].sum()) > 0  # the demo's link previews
+    settled = treated["status"].isin(["delivered", "undelivered", "failed"])
+    assert funnel.settled == int(settled.sum())
+    assert funnel.awaiting_receipt == int((treated["sent_at"].notna() & ~settled).sum())
     assert funnel.converted == int(treated["converted"].sum()) > 0
     assert funnel.converted < int(rows["converted"].sum())  # the holdout converted too: not counted
     assert funnel.revenue == pytest.approx(treated["revenue"].sum())
@@ -103,6 +119,46 @@ def test_funnel_stages_are_shares_of_sent_and_of_the_stage_before(built_home):
     assert stages["share_of_sent"].iloc[2] == pytest.approx(funnel.clicked / funnel.sent)
     assert stages["share_of_previous"].iloc[2] == pytest.approx(funnel.clicked / funnel.delivered)
     assert funnel.click_through_rate == pytest.approx(funnel.clicked / funnel.delivered)
+
+
+def test_delivery_rate_is_over_settled_messages_and_awaiting_receipts_stand_apart(settling):
+    """10 delivered, 5 awaiting their receipt, 0 failed: 100% delivered of the settled, 5 awaiting."""
+    home, ids = settling
+    funnel = results.funnel(ids["campaign_id"], home)
+    assert (funnel.sent, funnel.delivered, funnel.not_delivered) == (15, 10, 0)
+    assert (funnel.settled, funnel.awaiting_receipt) == (10, 5)
+    assert funnel.delivery_rate == 1.0
+    variant = results.variants(ids["campaign_id"], home).iloc[0]
+    assert (variant.awaiting_receipt, variant.delivery_rate) == (5, 1.0)
+
+
+def test_link_previews_are_counted_apart_and_left_out_of_ctr(settling):
+    """A HEAD, a Slackbot and a WhatsApp preview beside two people's clicks: CTR 2 of 10."""
+    home, ids = settling
+    funnel = results.funnel(ids["campaign_id"], home)
+    assert (funnel.clicked, funnel.total_clicks, funnel.prefetch_clicks) == (2, 2, 3)
+    assert funnel.click_through_rate == pytest.approx(0.2)
+    assert results.variants(ids["campaign_id"], home).iloc[0].prefetch_clicks == 3
+    curve = results.time_to_click(ids["campaign_id"], home)
+    assert curve["clickers"].sum() == 2 and curve["minutes"].min() == 20  # not the preview's second
+    exported = messages(home, ids["campaign_id"]).set_index("message_id")
+    assert exported.loc[ids["preview_only"], ["clicks", "prefetch_clicks"]].tolist() == [0, 1]
+
+
+def test_funnel_of_a_build_from_before_receipts_and_previews_were_counted_apart(built_home, tmp_path):
+    """A snapshot published by the previous dbt project still shows its funnel: settled and
+    awaiting follow from the statuses, link previews are unknown (None)."""
+    home = copy_home(built_home, tmp_path / "old", with_snapshot=True)
+    with duckdb.connect(str(warehouse.current(home).path)) as conn:
+        for column in ("settled", "awaiting_receipt", "prefetch_clicks"):
+            conn.execute(f"alter table fct_campaign_performance drop column {column}")
+    cid = ab_campaign(built_home)
+    old, new = results.funnel(cid, home), results.funnel(cid, built_home)
+    assert old.prefetch_clicks is None and new.prefetch_clicks is not None
+    assert (old.settled, old.awaiting_receipt, old.delivery_rate) == (
+        new.settled, new.awaiting_receipt, new.delivery_rate)  # fmt: skip
+    with pytest.raises(results.MartMissing, match="awaiting_receipt"):
+        results.variants(cid, home)
 
 
 def test_funnel_of_a_campaign_missing_from_the_build_says_to_refresh(built_home):

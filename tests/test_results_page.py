@@ -72,6 +72,14 @@ def test_the_page_shows_the_funnel_and_verdict_of_the_picked_campaign(shown_env)
     assert shown["Delivered"] == f"{funnel.delivered:,}"
     assert shown["Clicked"] == f"{funnel.clicked:,}"
     assert shown["Converted"] == f"{funnel.converted:,}"
+    # receipts still to come stand apart from "not delivered"; link previews apart from people
+    assert shown["Awaiting receipt"] == f"{funnel.awaiting_receipt:,}"
+    assert shown["Not delivered"] == f"{funnel.undelivered + funnel.failed:,}"
+    assert shown["Delivery rate"] == f"{funnel.delivered / funnel.settled:.1%}"
+    assert funnel.prefetch_clicks > 0 and shown["Link previews"] == f"{funnel.prefetch_clicks:,}"
+    helps = {m.label: m.proto.help for m in at.metric}
+    assert "may still come" in helps["Awaiting receipt"] and "settled" in helps["Delivery rate"]
+    assert "left out of the clicks and the CTR" in helps["Link previews"]
     assert results.verdict(cid, "ctr").message in messages_shown(at)
     at.segmented_control(key="results_metric").set_value("conversion").run()
     assert results.verdict(cid, "conversion").message in messages_shown(at)
