@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import streamlit as st
 
-from smsops import abtest, campaigns, config, dispatch, policy, segments, warehouse
+from smsops import abtest, campaigns, config, dispatch, policy, segments, unsettled, warehouse
 
 st.title("Campaigns")
 
@@ -21,7 +21,7 @@ if provider == "sandbox":
         ":material/science: Sending goes to the **sandbox**: a local simulator, no real SMS leaves this machine."
     )
 
-listing = campaigns.list_all()
+listing = unsettled.listing()  # campaigns.list_all() with the unknown outcomes apart from "not sent"
 when = "YYYY-MM-DD HH:mm"
 for column in ("scheduled_at", "launched_at"):
     listing[column] = listing[column].dt.tz_convert(zone).dt.tz_localize(None)
@@ -34,6 +34,10 @@ st.dataframe(
         "scheduled_at": st.column_config.DatetimeColumn("starts", format=when, help=f"In {zone}"),
         "launched_at": st.column_config.DatetimeColumn("launched", format=when, help=f"In {zone}"),
         "not_sent": st.column_config.NumberColumn("not sent", help="Not sent, each with a reason"),
+        "unknown": st.column_config.NumberColumn(
+            "unknown outcome",
+            help="May or may not have reached the recipient; never sent again by itself (see Follow)",
+        ),
         "cost": st.column_config.NumberColumn("cost", format="accounting"),
     },
 )
@@ -215,22 +219,121 @@ with launch_tab:
 
 # --- Follow -------------------------------------------------------------------------------
 
+DECISIONS = {
+    "retry": ("Send them again", "queued to be sent again"),
+    "give_up": ("Close them unsent", "closed unsent"),
+}
+
+
+def outcomes(n: int) -> str:
+    return f"{n:,} outcome{'' if n == 1 else 's'}"
+
+
+def messages(n: int) -> str:
+    return f"{n:,} message{'' if n == 1 else 's'}"
+
+
+def forget_settling() -> None:
+    st.session_state.pop("settling", None)
+
+
+@st.dialog("Messages with an unknown outcome", on_dismiss=forget_settling)
+def confirm_settle(campaign_id: int, decision: str, count: int) -> None:
+    if decision == "retry":
+        st.write(f"Send **{messages(count)}** again?")
+        st.warning(
+            "Some of them may already have reached their recipients: those people will get a second copy.",
+            icon=":material/content_copy:",
+        )
+    else:
+        st.write(f"Close **{messages(count)}** unsent? Nobody gets them again; they stay in the campaign as "
+                 "*outcome unknown, closed by a person*.")  # fmt: skip
+    name = st.text_input("Your name", st.session_state.get("decided_by", ""), key="settle_by",
+                         help="Recorded with the decision")  # fmt: skip
+    if st.button(DECISIONS[decision][0], type="primary", key="settle_confirmed"):
+        if not name.strip():
+            st.error("Enter your name: who decided is recorded with the decision.")
+            return
+        st.session_state["decided_by"] = name.strip()
+        # a second click (or a second tab) finds nothing left to decide and changes nothing
+        changed = unsettled.decide(campaign_id, decision, by=name)
+        st.session_state["settled"] = (campaign_id, decision, changed)
+        forget_settling()
+        st.rerun()
+
+
 with follow_tab:
-    live = {f"{c.name} (id {c.campaign_id}, {c.status})": c for c in campaigns.launched()}
+    live = {c.campaign_id: c for c in campaigns.launched()}
+    open_by_campaign = unsettled.by_campaign()
+
+    def follow_label(campaign_id: int) -> str:
+        c, pending = live[campaign_id], open_by_campaign.get(campaign_id)
+        status = f"waiting for {outcomes(pending.total)}" if pending and c.status == "finished" else c.status
+        return f"{c.name} (id {campaign_id}, {status})"
+
     if not live:
         st.info("No launched campaigns yet.")
     else:
-        followed = live[st.selectbox("Campaign", list(live), key="follow_pick")]
+        # picked by id: the label changes with the status, the choice must not
+        followed = live[st.selectbox("Campaign", list(live), key="follow_pick", format_func=follow_label)]
         cid = followed.campaign_id
         progress = dispatch.progress(cid)
+        pending = unsettled.count(cid)
+        settled_rows = progress.done - pending.total  # an unknown outcome is not done
+        status = progress.status
+        if pending.total:
+            in_flight = progress.states.get("planned", 0) + progress.states.get("sending", 0)
+            waiting_for = f"waiting for {outcomes(pending.total)}"
+            status = f"{status} · {waiting_for}" if in_flight and status != "finished" else waiting_for
         st.progress(
-            progress.fraction, text=f"{progress.done:,} of {progress.total:,} done · {progress.status}"
+            settled_rows / progress.total if progress.total else 1.0,
+            text=f"{settled_rows:,} of {progress.total:,} done · {status}",
         )
+        if pending.total:
+            parts = []
+            if pending.awaiting_lookup:
+                verb = "is" if pending.awaiting_lookup == 1 else "are"
+                parts.append(f"{pending.awaiting_lookup:,} {verb} being checked with the provider")
+            if pending.needs_a_person:
+                verb = "needs" if pending.needs_a_person == 1 else "need"
+                parts.append(f"{pending.needs_a_person:,} {verb} your decision")
+            st.warning(
+                f"**{pending.total:,} with an unknown outcome**: {', '.join(parts)}.", icon=":material/help:"
+            )
+            st.caption(
+                "The request for each of these messages timed out or was cut off, or the provider's answer "
+                "could not be recorded: they may or may not have reached their recipients. They are never "
+                "sent again automatically. Those being checked settle by themselves once the provider can "
+                "no longer accept them late; the others wait for your decision."
+            )
         f1, f2, f3, f4 = st.columns(4)
         f1.metric("Submitted", f"{progress.submitted:,}")
         f2.metric("Due now", f"{progress.due:,}")
         f3.metric("Waiting", f"{progress.waiting:,}")
-        f4.metric("Not sent", f"{progress.total - progress.submitted - progress.due - progress.waiting:,}")
+        f4.metric("Not sent", f"{settled_rows - progress.submitted:,}",
+                  help="Not sent, each with a reason; an unknown outcome is counted apart")  # fmt: skip
+        if pending.needs_a_person:
+            d1, d2, _ = st.columns([1, 1, 2])
+            if progress.status in ("running", "paused") and d1.button(
+                "Send them again…", key="settle_retry", help="Some recipients may get a second copy"
+            ):
+                st.session_state["settling"] = (cid, "retry", pending.needs_a_person)
+            if d2.button(
+                "Close them unsent…", key="settle_give_up", help="Nobody gets them; recorded as your decision"
+            ):
+                st.session_state["settling"] = (cid, "give_up", pending.needs_a_person)
+        settling = st.session_state.get("settling")
+        if settling is not None and settling[0] == cid:
+            confirm_settle(*settling)
+        settled = st.session_state.pop("settled", None)  # said once, after the dialog closes
+        if settled is not None and settled[0] == cid:
+            _, decision, changed = settled
+            if changed:
+                st.success(f"{messages(changed)} {DECISIONS[decision][1]}; "
+                           f"recorded as decided by {st.session_state.get('decided_by', '—')}.")  # fmt: skip
+            else:
+                st.info("Nothing left to decide: these messages were settled already (by a lookup or another "
+                        "person). Nothing was changed.")  # fmt: skip
         if progress.reasons:
             st.table({policy.explain(r): n for r, n in progress.reasons.items()})
         metric = st.session_state.get("ab_metric") or "ctr"

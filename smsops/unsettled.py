@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from smsops import store
+import pandas as pd
+
+from smsops import campaigns, store
 from smsops.dispatch import UNSETTLED
 
-__all__ = ["Decision", "Unsettled", "count", "decide"]
+__all__ = ["Decision", "Unsettled", "by_campaign", "count", "decide", "listing"]
 
 Decision = Literal["retry", "give_up"]
 
@@ -64,6 +66,35 @@ def count(campaign_id: int, home: str | os.PathLike[str] | None = None) -> Unset
     finally:
         conn.close()
     return Unsettled(campaign_id, dict(found))
+
+
+def by_campaign(home: str | os.PathLike[str] | None = None) -> dict[int, Unsettled]:
+    """Every campaign that holds messages of unknown fate, by id (one read for a list)."""
+    conn = store.open_store(home)
+    try:
+        found = conn.execute(
+            f"select campaign_id, skip_reason, count(*) from messages where state = 'unknown'"
+            f" and skip_reason in ({_MARKS}) group by 1, 2",
+            UNSETTLED,
+        ).fetchall()
+    finally:
+        conn.close()
+    reasons: dict[int, dict[str, int]] = {}
+    for campaign_id, reason, n in found:
+        reasons.setdefault(campaign_id, {})[reason] = n
+    return {cid: Unsettled(cid, by_reason) for cid, by_reason in reasons.items()}
+
+
+def listing(home: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    """:func:`smsops.campaigns.list_all` with the messages of unknown fate counted apart: an
+    ``unknown`` column beside ``not_sent``, which no longer counts them (they may have been
+    sent). Messages a person closed unsent (``unknown_given_up``) stay in ``not_sent``."""
+    frame = campaigns.list_all(home)
+    open_ = by_campaign(home)
+    unknown = frame["campaign_id"].map(lambda cid: open_[cid].total if cid in open_ else 0).astype("int64")
+    frame["not_sent"] = frame["not_sent"] - unknown
+    frame.insert(frame.columns.get_loc("not_sent") + 1, "unknown", unknown)
+    return frame
 
 
 def decide(

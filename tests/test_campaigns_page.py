@@ -1,4 +1,5 @@
-"""The Campaigns page (AppTest): create a draft, check its waterfall and bill, launch once."""
+"""The Campaigns page (AppTest): create a draft, check its waterfall and bill, launch once, follow it
+and settle the messages whose outcome is unknown."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import streamlit as st
-from apptest import open_page
+from apptest import metric_values, open_page
 
 from smsops import campaigns, config, segments, store
 
@@ -68,8 +69,8 @@ def test_follow_shows_the_ab_verdict_of_a_test_campaign_from_fresh_counts(own_ho
     assert set(results) == {"A", "B"} and all(trials > 0 for _, trials in results.values())
     verdict = abtest.compare(results)
     at = open_page("campaigns", timeout=120)
-    label = next(c for c in at.selectbox(key="follow_pick").options if "(id 1," in c)
-    at.selectbox(key="follow_pick").set_value(label).run()
+    assert any("(id 1," in c for c in at.selectbox(key="follow_pick").options)
+    at.selectbox(key="follow_pick").set_value(1).run()
     assert not at.exception
     assert any(verdict.message == m.value for m in [*at.success, *at.info])
 
@@ -128,3 +129,123 @@ def test_a_campaign_set_to_start_later_is_scheduled_listed_and_can_be_unschedule
     assert not len(campaigns.outcome(draft.campaign_id).waterfall) > 1  # audience not frozen yet
     at.button(key="unschedule").click().run()
     assert campaigns.get(draft.campaign_id).status == "draft"
+
+
+def campaign_with_unknown_outcomes(home, **unknown: int) -> int:
+    """A running campaign: 8 messages submitted, then ``unknown`` ones by reason (the outbox
+    as the dispatcher leaves it after ambiguous sends)."""
+    now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
+    states = [("submitted", None)] * 8 + [("unknown", r) for r, n in unknown.items() for _ in range(n)]
+    conn = store.open_store(home)
+    try:
+        with store.transaction(conn):
+            (cid,) = conn.execute(
+                "insert into campaigns (name, kind, status, sender_id, created_at, launched_at)"
+                " values ('Unknown fate promo', 'promo', 'running', 'SHOP', ?, ?) returning campaign_id",
+                (now, now),
+            ).fetchone()
+            conn.execute(
+                "insert into campaign_variants (campaign_id, variant, template, sender_id)"
+                " values (?, 'A', 'Скидка 15%', 'SHOP')",
+                (cid,),
+            )
+            contacts = conn.execute(
+                "select contact_id, phone_e164 from contacts where phone_e164 is not null limit ?",
+                (len(states),),
+            ).fetchall()
+            for (contact_id, phone), (state, reason) in zip(contacts, states, strict=True):
+                conn.execute(
+                    "insert into messages (idempotency_key, campaign_id, variant, contact_id, phone_e164, body,"
+                    " state, skip_reason, planned_at, attempts) values (?, ?, 'A', ?, ?, 'Скидка 15%', ?, ?, ?, 1)",
+                    (f"{cid}:{contact_id}", cid, contact_id, phone, state, reason, now),
+                )
+    finally:
+        conn.close()
+    return cid
+
+
+def store_rows(home, sql: str, *params) -> list[tuple]:
+    conn = store.open_store(home)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def follow(campaign_id: int):
+    at = open_page("campaigns", timeout=120)
+    at.selectbox(key="follow_pick").set_value(campaign_id).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def progress_text(at) -> str:
+    return at.get("progress")[0].proto.text
+
+
+def test_follow_says_how_many_outcomes_are_unknown_and_does_not_read_done(own_home):
+    cid = campaign_with_unknown_outcomes(own_home, awaiting_lookup=9, fate_unknown=2, record_failed=1)
+    at = follow(cid)
+    said = [w.value for w in at.warning]
+    assert (
+        "**12 with an unknown outcome**: 9 are being checked with the provider, 3 need your decision." in said
+    )
+    assert any("never sent again automatically" in c.value for c in at.caption)
+    assert progress_text(at) == "8 of 20 done · waiting for 12 outcomes"  # not 20 of 20, not "finished"
+    assert at.get("progress")[0].proto.value < 100
+    assert metric_values(at)["Not sent"] == "0"  # unknown is neither sent nor not sent
+    listing = at.dataframe[0].value
+    row = listing[listing["campaign_id"] == cid].iloc[0]
+    assert (row["sent"], row["not_sent"], row["unknown"]) == (8, 0, 12)
+    assert campaigns.get(cid).status == "running"
+
+
+def test_closing_unknown_outcomes_unsent_is_confirmed_recorded_and_finishes_the_campaign(own_home):
+    cid = campaign_with_unknown_outcomes(own_home, fate_unknown=2, record_failed=1)
+    at = follow(cid)
+    assert [w.value for w in at.warning] == ["**3 with an unknown outcome**: 3 need your decision."]
+    other_tab = follow(cid)
+    for page in (at, other_tab):
+        page.button(key="settle_give_up").click().run()
+        assert any("Close **3 messages** unsent?" in m.value for m in page.markdown)
+    assert (
+        store_rows(own_home, "select count(*) from outbox_decisions")[0][0] == 0
+    )  # nothing before confirming
+
+    at.button(key="settle_confirmed").click().run()  # no name: asked for, nothing decided
+    assert any("Enter your name" in e.value for e in at.error)
+    assert store_rows(own_home, "select count(*) from outbox_decisions")[0][0] == 0
+    at.text_input(key="settle_by").input("Ирина")
+    at.button(key="settle_confirmed").click().run()
+    assert not at.exception, at.exception
+    assert any(s.value == "3 messages closed unsent; recorded as decided by Ирина." for s in at.success)
+    assert store_rows(own_home, "select state, skip_reason, count(*) from messages where campaign_id = ?"
+                      " and state <> 'submitted' group by 1, 2", cid) == [("unknown", "unknown_given_up", 3)]  # fmt: skip
+    decisions = "select decision, messages, decided_by from outbox_decisions where campaign_id = ?"
+    assert store_rows(own_home, decisions, cid) == [("give_up", 3, "Ирина")]
+    assert campaigns.get(cid).status == "finished"
+    assert not at.warning and progress_text(at).startswith("11 of 11 done · finished")
+    assert not any(getattr(b, "key", None) == "settle_give_up" for b in at.button)
+
+    # the same confirmation clicked again in another tab finds nothing left and changes nothing
+    other_tab.text_input(key="settle_by").input("Пётр")
+    other_tab.button(key="settle_confirmed").click().run()
+    assert any("Nothing left to decide" in i.value for i in other_tab.info)
+    assert store_rows(own_home, decisions, cid) == [("give_up", 3, "Ирина")]
+
+
+def test_sending_unknown_outcomes_again_warns_of_a_second_copy_and_queues_them(own_home):
+    cid = campaign_with_unknown_outcomes(own_home, awaiting_lookup=1, fate_unknown=2)
+    at = follow(cid)
+    at.button(key="settle_retry").click().run()
+    assert any("second copy" in w.value for w in at.warning)
+    at.text_input(key="settle_by").input("Ирина")
+    at.button(key="settle_confirmed").click().run()
+    assert any("2 messages queued to be sent again" in s.value for s in at.success)
+    assert store_rows(own_home, "select state, skip_reason, count(*) from messages where campaign_id = ?"
+                      " and state <> 'submitted' group by 1, 2 order by 1", cid) == [
+        ("planned", None, 2), ("unknown", "awaiting_lookup", 1)]  # fmt: skip
+    assert store_rows(
+        own_home, "select decision, messages from outbox_decisions where campaign_id = ?", cid
+    ) == [("retry", 2)]
+    assert campaigns.get(cid).status == "running"  # still one to be looked up, two to send
