@@ -486,6 +486,8 @@ class _Row:
     claimed_at: datetime
     checked: int = 0
     """The opt-out gate's mark when the row's consent was last checked (:mod:`smsops.revocations`)."""
+    sent_at: datetime | None = None
+    """When this process started the row's request (None: not by this process)."""
 
 
 _Kind = Literal[
@@ -1554,6 +1556,7 @@ class _Engine:
             if self.send_times is not None:
                 self.send_times.append(admitted)
             self.tally.requests += 1
+            row.sent_at = _utcnow()
             try:
                 result = await provider.send(client, request)
             except AuthenticationError as exc:
@@ -1633,15 +1636,26 @@ class _Engine:
     # -- reconciliation ----------------------------------------------------------------
 
     def spawn_reconcile(self, row: _Row, *, interrupted: bool, grace: float, state: str = "sending") -> None:
+        """Reconcile ``row``. The settle window counts from when its request started, if this
+        process made it; from now for a row another process left (its request may have left at
+        any moment until that process died); not at all for a row whose window has passed."""
         if row.message_id in self.looking:
             return
         self.looking.add(row.message_id)
-        task = asyncio.create_task(self.reconcile(row, interrupted, grace, state))
+        settle_from = None if state == "unknown" else row.sent_at or _utcnow()
+        task = asyncio.create_task(self.reconcile(row, interrupted, grace, state, settle_from))
         self.reconciling.add(task)
         task.add_done_callback(self.reconciling.discard)
         task.add_done_callback(lambda _: self.looking.discard(row.message_id))
 
-    async def reconcile(self, row: _Row, interrupted: bool, grace: float, state: str = "sending") -> None:
+    async def reconcile(
+        self,
+        row: _Row,
+        interrupted: bool,
+        grace: float,
+        state: str = "sending",
+        settle_from: datetime | None = None,
+    ) -> None:
         """Ask the provider what became of a request with no clear answer. "Nothing" is believed
         only once the settle window since the request's start has passed; until then the row is
         ``unknown`` (``awaiting_lookup``) and the watcher asks again when it has."""
@@ -1670,8 +1684,8 @@ class _Engine:
                     await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
         verdict = "unsearchable" if found is None else "found" if found else "absent"
         not_after = None
-        if verdict == "absent":
-            settles = row.claimed_at + timedelta(seconds=self.settle)
+        if verdict == "absent" and settle_from is not None:
+            settles = max(settle_from, row.claimed_at) + timedelta(seconds=self.settle)
             if _utcnow() < settles:
                 not_after = _stamp(settles)
         self.record(
