@@ -19,8 +19,8 @@ Which messages are asked about, oldest first and at most ``limit`` per pass:
   that fails (the provider unreachable, 429, 5xx) puts nothing off: it is tried on the next pass,
   after the messages that did not fail, so that a few that always fail never hold up the rest.
 
-When each message was last asked about is kept in ``receipt_lookups`` (:data:`LOOKUPS_DDL`),
-created on first use.
+When each message was last asked about is kept in ``receipt_lookups`` (:data:`LOOKUPS_DDL`, a table
+of the store).
 """
 
 from __future__ import annotations
@@ -95,16 +95,7 @@ FIRST_BACKOFF_MIN = timedelta(minutes=1)
 BACKOFF_MAX = timedelta(hours=12)
 _WRITE_CHUNK = 200
 
-LOOKUPS_DDL = """
-    create table if not exists receipt_lookups (
-        message_id      integer primary key,
-        lookups         integer not null,
-        looked_up_at    text not null,
-        last_status     text,
-        next_lookup_at  text not null,
-        errors          integer not null default 0,
-        last_error      text
-    ) strict"""
+LOOKUPS_DDL = store.TABLES["receipt_lookups"]
 """One row per message looked up: ``lookups`` answers so far (found or not), the status the last
 one found (``not_found`` when the provider had none), when to ask again; ``errors`` lookups that
 failed since the last answer, and the last failure (the adapter's text, without secrets)."""

@@ -288,6 +288,18 @@ TABLES: dict[str, str] = {
             decided_by   text not null,
             decided_at   text not null
         ) strict""",
+    # Receipts asked of the provider because they never came (smsops.receipts): when each
+    # message was last looked up and what was found, so a pass does not ask again too soon.
+    "receipt_lookups": """
+        create table if not exists receipt_lookups (
+            message_id      integer primary key,
+            lookups         integer not null,
+            looked_up_at    text not null,
+            last_status     text,
+            next_lookup_at  text not null,
+            errors          integer not null default 0,
+            last_error      text
+        ) strict""",
     # Saved segments: each save of a changed definition is a new version; the definition
     # is the segment's canonical JSON (rules, never contact ids), evaluated again at launch.
     "segments": """
@@ -335,6 +347,9 @@ INDEXES: tuple[str, ...] = (
     " where provider_message_id is not null",
     "create index if not exists ix_messages_planned on messages (not_before) where state = 'planned'",
     "create index if not exists ix_messages_sending on messages (provider) where state = 'sending'",
+    # sent messages by age, for the lookup of receipts that never came (smsops.receipts)
+    "create index if not exists ix_messages_submitted on messages (provider, submitted_at)"
+    " where state = 'submitted'",
     # ambiguous sends waiting for their settle window, looked up again by the dispatcher
     "create index if not exists ix_messages_unknown on messages (not_before) where state = 'unknown'",
     "create index if not exists ix_messages_phone on messages (phone_e164, planned_at)",
