@@ -84,6 +84,7 @@ from smsops import (
     consent,
     encoding,
     erasure,
+    links,
     phones,
     policy,
     pricing,
@@ -2020,6 +2021,7 @@ def variant_counts(
         raise CampaignError(f"metric: expected 'ctr' or 'conversion', got {metric!r}")
     with _store(home) as conn:
         campaign = _load(conn, campaign_id)
+        conn.create_function("is_link_preview", 2, links.is_link_preview, deterministic=True)
         rows = conn.execute(
             f"""
             with
@@ -2043,7 +2045,10 @@ def variant_counts(
                     where message_id in (select message_id from mine)
                 ) as max_by_status on max_by_status.message_id = e.message_id and max_by_status.pick = 1
             ),
-            clicked as (select distinct message_id from clicks where message_id in (select message_id from mine))
+            clicked as (
+                select distinct message_id from clicks
+                where message_id in (select message_id from mine) and not is_link_preview(method, user_agent)
+            )
             select
                 m.variant,
                 count(k.message_id) as clicked,

@@ -16,6 +16,7 @@ there is no open redirect.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -153,3 +154,33 @@ def _insert(
                 token = fresh
             seen.add(token)
     raise LinkError("could not draw unused link tokens after five tries")
+
+
+# ---------------------------------------------------------------------------------------
+# Clicks that are not people
+
+
+@functools.cache
+def _preview_agents() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The dbt project's ``link_preview_agents`` and ``link_preview_agent_exceptions`` vars: the
+    one list both the marts and the fresh A/B verdicts go by."""
+    import yaml  # dbt's own dependency
+
+    with (config.dbt_project_dir() / "dbt_project.yml").open(encoding="utf-8") as fh:
+        variables = (yaml.safe_load(fh) or {}).get("vars", {})
+    return (
+        tuple(str(f).lower() for f in variables.get("link_preview_agents", ())),
+        tuple(str(f).lower() for f in variables.get("link_preview_agent_exceptions", ())),
+    )
+
+
+def is_link_preview(method: str | None, user_agent: str | None) -> bool:
+    """Whether a click is a link preview's or a scanner's probe, not a person's: a ``HEAD``, or
+    a user agent naming a known preview agent (the rule of ``stg_ops__clicks``)."""
+    if (method or "GET").upper() == "HEAD":
+        return True
+    if not user_agent:
+        return False
+    agent = user_agent.lower()
+    fragments, exceptions = _preview_agents()
+    return any(f in agent for f in fragments) and not any(e in agent for e in exceptions)

@@ -1035,8 +1035,11 @@ def test_test_results_show_each_seed_numbers_delivery(home: Path) -> None:
 # -- A/B: fresh counts, automatic release --------------------------------------------------------
 
 
-def deliver(home: Path, campaign_id: int, clicked_variant: str) -> None:
-    """Every sent test message delivered; every message of ``clicked_variant`` clicked."""
+def deliver(
+    home: Path, campaign_id: int, clicked_variant: str, *, method: str = "GET", agent: str | None = None
+) -> None:
+    """Every sent test message delivered; every message of ``clicked_variant`` clicked (with
+    ``method`` and user ``agent``)."""
     conn = store.open_store(home)
     try:
         with store.transaction(conn):
@@ -1054,8 +1057,9 @@ def deliver(home: Path, campaign_id: int, clicked_variant: str) -> None:
                 )
                 if variant == clicked_variant:
                     conn.execute(
-                        "insert into clicks (token, message_id, clicked_at) values (?, ?, '2030-01-01 00:01:00')",
-                        (f"t{message_id}", message_id),
+                        "insert into clicks (token, message_id, clicked_at, method, user_agent)"
+                        " values (?, ?, '2030-01-01 00:01:00', ?, ?)",
+                        (f"t{message_id}", message_id, method, agent),
                     )
     finally:
         conn.close()
@@ -1076,6 +1080,22 @@ def test_the_remainder_gets_the_clear_winner_by_itself_once_the_window_has_passe
     assert released == {campaign.campaign_id: ("B", result.awaiting_winner)}
     assert campaigns.release_due_winners(NOW + timedelta(hours=3), home=home) == {}  # nothing left waiting
     assert not [r for r in outbox(home, campaign.campaign_id) if r["variant"] == "remainder"]
+
+
+@pytest.mark.parametrize(
+    ("method", "agent"),
+    [("HEAD", None), ("GET", "WhatsApp/2.23.20.0"), ("GET", "Slackbot-LinkExpanding 1.0")],
+)
+def test_link_previews_do_not_pick_an_ab_winner(home: Path, method: str, agent: str) -> None:
+    campaign = create(
+        home, variants=(("A", TEXT_A), ("B", TEXT_B)), test_fraction=0.5, ab_window_hours=2, auto_release=True,
+        caps=FrequencyCaps(None, None),
+    )  # fmt: skip
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    deliver(home, campaign.campaign_id, "B", method=method, agent=agent)
+    counts = campaigns.variant_counts(campaign.campaign_id, home=home)
+    assert counts["A"][0] == counts["B"][0] == 0 and counts["B"][1] > 0
+    assert campaigns.release_due_winners(NOW + timedelta(hours=3), home=home) == {}
 
 
 def test_without_auto_release_the_remainder_waits_for_a_click(home: Path) -> None:
