@@ -32,12 +32,14 @@ from babel import numbers as babel_numbers
 __all__ = [
     "LANGUAGES",
     "MISSING",
+    "N_",
     "_",
     "choose",
     "current",
     "date",
     "datetime_",
     "fall_back_on",
+    "label",
     "language",
     "money",
     "ngettext",
@@ -164,6 +166,21 @@ def _(text: str) -> str:
     if code == "en":
         return text
     return _catalogue(code).get(text, text)  # type: ignore[return-value]
+
+
+def N_(text: str) -> str:
+    """Mark ``text`` for the catalogue without translating it now: for labels kept in module-level
+    tables (a reason code → its text), translated with :func:`_` where they are shown."""
+    return text
+
+
+def label(table: dict[str, str], code: str | None) -> str:
+    """A code's label from a table of :func:`N_`-marked texts, in the current language; the code
+    itself (never ``None``) when the table does not know it."""
+    if code is None:
+        return MISSING
+    text = table.get(code)
+    return _(text) if text is not None else code
 
 
 def ngettext(singular: str, plural: str, n: int) -> str:

@@ -15,11 +15,11 @@ SOURCES = [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py")), *sorted((ROO
 
 
 def extracted() -> dict[str | tuple[str, str], list[str]]:
-    """Every string the code passes to _() or ngettext(), with where it is."""
+    """Every string the code passes to _(), N_() or ngettext(), with where it is."""
     found: dict[str | tuple[str, str], list[str]] = {}
     for path in SOURCES:
         for lineno, message, _comments, _context in extract_from_file(
-            "python", path, keywords={"_": None, "ngettext": (1, 2)}
+            "python", path, keywords={"_": None, "N_": None, "ngettext": (1, 2)}
         ):
             found.setdefault(message, []).append(f"{path.relative_to(ROOT)}:{lineno}")
     return found
