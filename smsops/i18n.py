@@ -11,6 +11,18 @@ The current language is a context variable: the app sets it at the start of each
 with it. Formatting follows it too: :func:`number`, :func:`money`, :func:`percent`,
 :func:`date`, :func:`datetime_` (``1 234,50 ₽`` in Russian, ``RUB 1,234.50`` in English).
 A missing value shows as :data:`MISSING`, never ``None`` or ``nan``.
+
+How to write a screen:
+
+- ``_("Imported {name}").format(name=...)``: translate first, then format (never an f-string
+  inside ``_()``); ``ngettext("{n} message", "{n} messages", n).format(n=number(n))`` for counts.
+- Labels kept in module-level tables (a reason code → its text) are marked with :func:`N_` where
+  the table is defined and shown with :func:`label` (or ``_()``) where they are shown.
+- Values on screen go through :func:`number`, :func:`money`, :func:`percent`, :func:`date` and
+  :func:`datetime_`; in a table, format the column into text.
+- The Russian texts live in ``smsops/locale/ru/LC_MESSAGES/smsops.po`` and its parts
+  ``smsops-<part>.po`` beside it (one per page or area, so that several can be written at once;
+  the first translation of a msgid wins). ``tests/test_i18n.py`` lists every string without one.
 """
 
 from __future__ import annotations
