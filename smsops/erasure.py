@@ -81,7 +81,7 @@ from urllib.parse import quote
 
 import phonenumbers
 
-from smsops import consent, phones, store
+from smsops import consent, ingress, phones, store
 from smsops.config import paths
 
 __all__ = [
@@ -722,6 +722,34 @@ def _earlier_key(conn: sqlite3.Connection, plan: _Plan) -> str | None:
     return row[0].split(":")[1] if row else None
 
 
+def _apply_journal(conn: sqlite3.Connection) -> None:
+    """Replies and receipts answered but not yet applied to the store are applied first, inside
+    the erasure's transaction: a STOP from the person journaled a moment ago is erased with the
+    rest instead of landing, with their number, after the erasure."""
+    home = _store_home(conn)
+    if home is None or not ingress.journal_path(home).exists():
+        return
+    jconn = ingress.connect(ingress.journal_path(home))
+    try:
+        while ingress.apply_pending(home, conn=conn, jconn=jconn).applied:
+            pass
+    finally:
+        jconn.close()
+
+
+def _scrub_ingress_rejects(conn: sqlite3.Connection, plan: _Plan) -> None:
+    """Journal entries the store refused keep their payload for a person to look at: the
+    erased numbers are cut out of them."""
+    if not plan.aliases:
+        return
+    for reject_id, payload, error in conn.execute("select reject_id, payload, error from ingress_rejects"):
+        cleaned = (plan.redact(payload), plan.redact(error))
+        if cleaned != (payload, error):
+            conn.execute(
+                "update ingress_rejects set payload = ?, error = ? where reject_id = ?", (*cleaned, reject_id)
+            )
+
+
 @contextmanager
 def _secure_delete(conn: sqlite3.Connection) -> Iterator[None]:
     """Freed space is overwritten with zeros while erasing, so old values do not linger."""
@@ -765,6 +793,7 @@ def erase(
     nested = conn.in_transaction
     with _secure_delete(conn):
         with store.transaction(conn, keep=not dry_run):
+            _apply_journal(conn)
             plan = _plan(conn, secret, number, contact_id)
             counts = {
                 "contacts_erased": _scrub_contacts(conn, plan, stamp),
@@ -776,6 +805,7 @@ def erase(
                 "customer_events_scrubbed": _scrub_customer_events(conn, plan),
                 "consent_events_minimised": _minimise_ledger(conn, plan),
             }
+            _scrub_ingress_rejects(conn, plan)
             if any(counts.values()):
                 key = secrets.token_hex(8)
                 recorded = _record_erasure(conn, plan, key, stamp, requested_by.strip(), reason)

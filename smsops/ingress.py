@@ -360,8 +360,11 @@ def apply_pending(
 ) -> ApplyReport:
     """Apply up to ``limit`` journal entries to the store in one transaction, then prune them
     from the journal. Raises ``sqlite3.OperationalError`` when the store stays busy (nothing is
-    applied then; call again)."""
+    applied then; call again). Inside a transaction the caller holds (an erasure applies the
+    journal first), the entries are applied in a savepoint and left in the journal: the next
+    applier prunes them once the caller's transaction, cursor included, is committed."""
     own_conn, own_jconn = conn is None, jconn is None
+    nested = conn is not None and conn.in_transaction
     conn = conn or store.open_store(home)
     jconn = jconn or connect(journal_path(home))
     try:
@@ -374,7 +377,15 @@ def apply_pending(
         if not jconn.execute(
             "select exists (select 1 from entries where entry_id > ?)", (row[0] if row else 0,)
         ).fetchone()[0]:
-            return ApplyReport(through=row[0] if row else 0)  # nothing new: no write lock taken
+            through = row[0] if row else 0
+            if (
+                not nested
+                and jconn.execute(
+                    "select exists (select 1 from entries where entry_id <= ?)", (through,)
+                ).fetchone()[0]
+            ):
+                _prune(jconn, through)  # applied by someone else (an erasure) and left here
+            return ApplyReport(through=through)  # nothing new: no write lock taken
         with store.transaction(conn):  # the store's write lock: one applier at a time
             row = conn.execute(
                 "select applied_through from ingress_cursor where journal_id = ?", (jid,)
@@ -414,7 +425,8 @@ def apply_pending(
 
             if conn.execute("select exists (select 1 from orphan_status_events)").fetchone()[0]:
                 webhooks.adopt_orphans(conn)
-        _prune(jconn, through)
+        if not nested:
+            _prune(jconn, through)
         return ApplyReport(applied=applied, rejected=rejected, through=through, by_kind=kinds)
     finally:
         if own_conn:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from smsops import consent, demo, erasure, phones, store, warehouse
+from smsops import consent, demo, erasure, ingress, phones, store, warehouse
 from smsops.erasure import ErasureError, NothingToErase
 
 PHONE = "+79123456789"
@@ -212,6 +212,31 @@ def test_erase_leaves_no_personal_string_anywhere_in_the_store(conn):
     assert (result.clicks_scrubbed, result.links_scrubbed, result.orders_scrubbed) == (1, 1, 1)
     assert (result.customer_events_scrubbed, result.consent_events_minimised) == (1, 3)
     assert result.erasure_events_recorded == 2 and result.changed and not result.dry_run
+
+
+def test_a_reply_journaled_but_not_applied_is_erased_with_the_rest(conn, home):
+    """A STOP answered a moment before the erasure sits in the ingress journal: it is applied
+    inside the erasure, so it never lands afterwards with the person's number."""
+    seed(conn)
+    journal = ingress.Journal(ingress.journal_path(home))
+    payload = {"provider": "sandbox", "provider_message_id": "SM-late-stop", "from": PHONE, "to": "SHOP",
+               "body": "STOP", "received_at": "2025-03-02T10:00:00+00:00"}  # fmt: skip
+    journal.append_sync([ingress.Entry("inbound", payload, "sandbox", PHONE, "stop")])
+    refused = {**payload, "provider_message_id": "SM-refused", "from": "not a number"}
+    journal.append_sync([ingress.Entry("inbound", {**refused, "note": f"from {PHONE}"})])
+    journal.close()
+    erase_subject(conn)
+    ingress.apply_pending(home)  # what an applier does next: nothing left to apply, the journal pruned
+    assert leftovers(conn, PERSONAL) == []
+    stop = conn.execute(
+        "select from_e164, body from inbound_messages where provider_message_id = 'SM-late-stop'"
+    )
+    assert stop.fetchone() == (erasure.pseudonym(PHONE, erasure.load_secret(home)), "")
+    assert conn.execute("select count(*) from ingress_rejects").fetchone()[0] == 1
+    jconn = ingress.connect(ingress.journal_path(home))
+    assert jconn.execute("select count(*) from entries").fetchone()[0] == 0
+    jconn.close()
+    assert PHONE.encode() not in ingress.journal_path(home).read_bytes()
 
 
 def test_erased_contact_keeps_its_id_and_only_what_is_not_personal(conn):
