@@ -192,7 +192,7 @@ class DispatchSettings:
     settle_window: float | None = None
     """After an ambiguous send (a timeout, a reset mid-request), a lookup that finds nothing is
     trusted only this long after the request started: until then the provider may still accept
-    it, and the row stays ``unknown`` (``awaiting_lookup``) and is looked up again. None: 30 s
+    it, and the row stays ``unknown`` (``awaiting_lookup``) and is looked up again. None: 5 s
     for the sandbox, :data:`SETTLE_WINDOW` for a real provider."""
     window_margin: float = 0.1
     """A dispatcher that starts after another one for the same provider (a restart) waits until
@@ -250,8 +250,9 @@ SETTLE_WINDOW = 300.0
 """Seconds after an ambiguous request's start before a real provider's "no such message" is
 believed: Twilio and SMS.ru have no idempotency key, and a request stuck in their queues or in
 a proxy can still be accepted well after our client's timeout."""
-SANDBOX_SETTLE_WINDOW = 30.0
-"""The sandbox answers within its latency (80 ms by default) or not at all."""
+SANDBOX_SETTLE_WINDOW = 5.0
+"""The sandbox accepts a request within its latency (80 ms by default, 1.5 s at most in the
+fault tests) or not at all."""
 
 
 def settle_window(settings: DispatchSettings, provider: Provider) -> float:
