@@ -94,7 +94,16 @@ def connect(path: str | os.PathLike[str], *, timeout: float = 30.0) -> sqlite3.C
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(target, timeout=timeout, isolation_level=None, check_same_thread=False)
-    conn.execute("pragma journal_mode = wal")
+    deadline = time.monotonic() + timeout
+    while True:  # SQLite refuses a switch to WAL at once, busy timeout or not, while another
+        try:  # connection holds the new file's lock (it is switching it too): wait for it
+            conn.execute("pragma journal_mode = wal")
+            break
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() >= deadline:
+                conn.close()
+                raise
+            time.sleep(0.005)
     conn.execute("pragma synchronous = normal")
     conn.execute("pragma secure_delete = on")
     conn.execute(f"pragma busy_timeout = {int(timeout * 1000)}")
