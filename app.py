@@ -1,11 +1,16 @@
 """smsops: the Streamlit entry point. Language, navigation and page config, nothing else."""
 
+from pathlib import Path
+
 import streamlit as st
 
 from smsops import i18n
 from smsops.i18n import _
 
-st.set_page_config(page_title="smsops", page_icon=":material/sms:", layout="wide")
+# The icon is a file of ours: a Material icon name would make the browser fetch it from Google,
+# and the app must load nothing from outside the machine.
+ICON = Path(__file__).parent / "smsops" / "assets" / "icon.svg"
+st.set_page_config(page_title="smsops", page_icon=str(ICON), layout="wide")
 
 # The language: a person's choice in the sidebar, else SMSOPS_LANGUAGE, else the browser's.
 choices = {"": None, "ru": "Русский", "en": "English"}
