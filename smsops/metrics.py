@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pandas as pd
 
 from smsops import warehouse
+from smsops.i18n import N_
 
 Home = str | os.PathLike[str] | None
 
@@ -144,28 +145,33 @@ def daily_activity(days: int = 30, home: Home = None) -> pd.DataFrame:
 CONSENT_MIX_SQL = """
 select
     case
-        when not phone_valid then 'No valid mobile number'
-        when opted_out then 'Opted out'
-        when is_reachable_marketing then 'Marketing opt-in'
-        when service_opt_in then 'Service messages only'
-        else 'No consent recorded'
+        when not phone_valid then 'no_valid_number'
+        when opted_out then 'opted_out'
+        when is_reachable_marketing then 'marketing_opt_in'
+        when service_opt_in then 'service_only'
+        else 'no_consent'
     end as consent_state,
     count(*) as contacts
 from dim_contacts
 group by 1
 """
 
-CONSENT_ORDER = (
-    "Marketing opt-in",
-    "Service messages only",
-    "No consent recorded",
-    "Opted out",
-    "No valid mobile number",
-)
+CONSENT_STATES = {
+    "marketing_opt_in": N_("Marketing opt-in"),
+    "service_only": N_("Service messages only"),
+    "no_consent": N_("No consent recorded"),
+    "opted_out": N_("Opted out"),
+    "no_valid_number": N_("No valid mobile number"),
+}
+"""What may be sent to a contact: its code in :func:`consent_mix`, and its label (translate with
+``i18n.label``)."""
+
+CONSENT_ORDER = tuple(CONSENT_STATES)
 
 
 def consent_mix(home: Home = None) -> pd.DataFrame:
-    """Contacts by what may be sent to them, in a fixed order with zeros kept."""
+    """Contacts by what may be sent to them (``consent_state``: a code of
+    :data:`CONSENT_STATES`), in a fixed order with zeros kept."""
     frame = warehouse.query(CONSENT_MIX_SQL, home=home)
     counts = dict(zip(frame["consent_state"], frame["contacts"], strict=True))
     return pd.DataFrame(

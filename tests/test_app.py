@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from apptest import clear_caches, metric_values, open_page
 
-from smsops import charts, metrics, warehouse
+from smsops import charts, i18n, metrics, warehouse
 
 
 @pytest.fixture(autouse=True)
@@ -13,6 +13,13 @@ def fresh_caches():
     clear_caches()
     yield
     clear_caches()
+
+
+@pytest.fixture(autouse=True)
+def english():
+    """The charts speak the current language: these tests read them in English."""
+    with i18n.language("en"):
+        yield
 
 
 def test_overview_shows_the_base_and_messaging_figures(built_env):

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from test_marts import add_settling_campaign, copy_home
 
-from smsops import abtest, charts, results, warehouse
+from smsops import abtest, charts, i18n, results, warehouse
 from smsops.policy import HOLDOUT
 
 UNKNOWN = "39999"  # an error code no provider uses
@@ -43,6 +43,13 @@ def ab_campaign(home: Path) -> int:
         if {"A", "B", HOLDOUT} <= set(rows["variant"]) and rows[rows["is_holdout"]]["converted"].any():
             return cid
     raise AssertionError("the demo has no A/B campaign with a holdout")
+
+
+@pytest.fixture(autouse=True)
+def english():
+    """What smsops.results says follows the current language: these tests read it in English."""
+    with i18n.language("en"):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +399,7 @@ def test_variants_chart_draws_interval_bars_around_each_rate():
     assert marks == ["errorbar", "point"]
     errors = layers(spec)[0]["encoding"]
     assert errors["x"]["field"] == "low" and errors["x2"]["field"] == "high"
-    assert errors["x"]["title"].startswith("Conversion rate") and errors["x"]["axis"]["format"] == "%"
+    assert errors["x"]["title"].startswith("Conversion rate") and errors["x"]["axis"]["format"] == "~%"
     with pytest.raises(ValueError, match=r"rate must be one of .*; got 'roi'"):
         charts.variants_chart(frame, "roi")
 
@@ -400,9 +407,9 @@ def test_variants_chart_draws_interval_bars_around_each_rate():
 def test_time_to_click_chart_is_a_cumulative_share_over_minutes(built_home):
     spec = charts.time_to_click_chart(results.time_to_click(ab_campaign(built_home), built_home)).to_dict()
     assert spec["title"] == "Time to first click"
-    assert spec["encoding"]["x"]["title"] == "Minutes after sending"
+    assert spec["encoding"]["x"]["title"] == "Time after sending (log scale)"
     assert spec["encoding"]["x"]["scale"]["type"] == "symlog"
-    assert spec["encoding"]["y"]["axis"]["format"] == "%"
+    assert spec["encoding"]["y"]["axis"]["format"] == "~%"
     assert spec["mark"]["interpolate"] == "step-after"
 
 
