@@ -78,8 +78,9 @@ from typing import Any, Literal
 import duckdb
 import pandas as pd
 
-from smsops import phones, store, warehouse
-from smsops.config import duckdb_settings
+from smsops import i18n, phones, store, warehouse
+from smsops.config import duckdb_settings, time_zone
+from smsops.i18n import N_, _
 
 __all__ = [
     "MAX_DEPTH",
@@ -88,10 +89,15 @@ __all__ = [
     "MAX_TEXT_LENGTH",
     "OPERATORS",
     "OP_LABELS",
+    "REACH_LABELS",
+    "READY_MADE_LABELS",
     "REASON_LABELS",
     "RFM_GROUPS",
+    "RFM_LABELS",
     "SAMPLE_COLUMNS",
+    "SAMPLE_LABELS",
     "TEMPLATE_COLUMNS",
+    "VALUE_LABELS",
     "Breakdown",
     "Field",
     "Group",
@@ -108,6 +114,7 @@ __all__ = [
     "close_connections",
     "compile",
     "count",
+    "country_name",
     "engaged_not_converted",
     "fields",
     "from_dict",
@@ -119,16 +126,19 @@ __all__ = [
     "loyal",
     "negate",
     "new_customers",
+    "reach_label",
     "ready_made",
     "recent_buyers",
     "recipients",
     "rfm_group",
     "sample",
+    "sample_table",
     "save",
     "suggest_values",
     "template_fields",
     "to_dict",
     "validate",
+    "value_label",
 ]
 
 FieldType = Literal["text", "number", "bool", "date", "timestamp"]
@@ -170,97 +180,164 @@ _ALL_OPS = frozenset(op for ops in OPERATORS.values() for op in ops)
 _NO_VALUE_OPS = frozenset({"is_empty", "is_not_empty", "is_true", "is_false"})
 
 OP_LABELS: dict[str, str] = {
-    "eq": "равно / is",
-    "neq": "не равно / is not",
-    "in": "одно из / is any of",
-    "not_in": "ни одно из / is none of",
-    "contains": "содержит / contains",
-    "starts_with": "начинается с / starts with",
-    "is_empty": "не заполнено / is empty",
-    "is_not_empty": "заполнено / is not empty",
-    "gt": "больше / greater than",
-    "gte": "не меньше / at least",
-    "lt": "меньше / less than",
-    "lte": "не больше / at most",
-    "between": "между / between",
-    "is_true": "да / yes",
-    "is_false": "нет / no",
-    "before": "раньше / before",
-    "after": "позже / after",
-    "within_last_days": "за последние N дней / within the last N days",
-    "not_within_last_days": "не за последние N дней / not within the last N days",
+    "eq": N_("is"),
+    "neq": N_("is not"),
+    "in": N_("is any of"),
+    "not_in": N_("is none of"),
+    "contains": N_("contains"),
+    "starts_with": N_("starts with"),
+    "is_empty": N_("is empty"),
+    "is_not_empty": N_("is not empty"),
+    "gt": N_("greater than"),
+    "gte": N_("at least"),
+    "lt": N_("less than"),
+    "lte": N_("at most"),
+    "between": N_("between"),
+    "is_true": N_("yes"),
+    "is_false": N_("no"),
+    "before": N_("before"),
+    "after": N_("after"),
+    "within_last_days": N_("within the last N days"),
+    "not_within_last_days": N_("not within the last N days"),
 }
+"""What each operator reads as (English; shown with ``i18n.label``)."""
 
 REASON_LABELS: dict[str, str] = {
-    "empty": "нет номера / no number",
-    "unparseable": "номер не разобран / number unreadable",
-    "too_short": "номер слишком короткий / number too short",
-    "too_long": "номер слишком длинный / number too long",
-    "invalid": "несуществующий номер / invalid number",
-    "not_mobile": "не мобильный / not a mobile",
-    "duplicate_phone": "номер у другого контакта / duplicate number",
-    "opted_out": "отписан / opted out",
-    "no_consent": "нет согласия на рекламу / no marketing consent",
+    "empty": N_("no number"),
+    "unparseable": N_("number unreadable"),
+    "too_short": N_("number too short"),
+    "too_long": N_("number too long"),
+    "invalid": N_("invalid number"),
+    "not_mobile": N_("not a mobile number"),
+    "duplicate_phone": N_("number belongs to another contact"),
+    "opted_out": N_("opted out"),
+    "no_consent": N_("no marketing consent"),
 }
-"""Labels for the reasons in :class:`Breakdown`."""
+"""Labels for the reasons in :class:`Breakdown` (a number's ``phone_reason`` among them)."""
+
+REACH_LABELS: dict[str, str] = {
+    "marketing": N_("reachable for promotions"),
+    "service_only": N_("service messages only"),
+    "unreachable": N_("unreachable"),
+}
+"""Labels for the reach of a contact (:func:`sample`'s ``reachable``, before the reason)."""
 
 RFM_GROUPS = ("champions", "loyal", "at_risk", "hibernating", "new")
 
+RFM_LABELS: dict[str, str] = {
+    "champions": N_("Champions"),
+    "loyal": N_("Loyal"),
+    "at_risk": N_("At risk"),
+    "hibernating": N_("Hibernating"),
+    "new": N_("New"),
+    "needs_attention": N_("Needs attention"),
+    "no_orders": N_("No orders yet"),
+    "unknown": N_("Unknown"),
+}
+"""Labels for the mart's ``rfm_segment`` values."""
+
+READY_MADE_LABELS: dict[str, str] = {
+    "champions": N_("Champions: recent, frequent, big spenders"),
+    "loyal": N_("Loyal customers"),
+    "at_risk": N_("At risk: good customers who stopped buying"),
+    "hibernating": N_("Hibernating: long without an order"),
+    "new": N_("New customers"),
+    "engaged_not_converted": N_("Clicked in the last 30 days, no order since"),
+    "lapsed": N_("Bought before, not in the last 180 days"),
+}
+"""Labels for :func:`ready_made`'s keys."""
+
+VALUE_LABELS: dict[str, dict[str, str]] = {
+    "rfm_segment": RFM_LABELS,
+    "gender": {"m": N_("male"), "f": N_("female")},
+    "phone_reason": REASON_LABELS,
+    "number_type": {
+        "mobile": N_("mobile"),
+        "fixed_line": N_("landline"),
+        "fixed_line_or_mobile": N_("landline or mobile"),
+        "toll_free": N_("toll-free"),
+        "premium_rate": N_("premium rate"),
+        "shared_cost": N_("shared cost"),
+        "voip": N_("VoIP"),
+        "personal_number": N_("personal number"),
+        "pager": N_("pager"),
+        "uan": N_("company number (UAN)"),
+        "voicemail": N_("voicemail"),
+        "unknown": N_("unknown"),
+    },
+    "time_zone_source": {
+        "contact": N_("the contact's city or zone"),
+        "number": N_("the number"),
+        "candidates": N_("several zones possible"),
+        "unknown": N_("unknown"),
+    },
+    "marketing_consent_source": {
+        "web_form": N_("web form"),
+        "import": N_("import"),
+        "keyword_reply": N_("reply to an SMS"),
+        "link": N_("unsubscribe link"),
+        "api": N_("API"),
+        "admin": N_("staff"),
+        "provider": N_("SMS provider"),
+    },
+}
+"""Labels for the coded values of some fields (a rule's value, a sample's cell)."""
+
 # Curated labels and palette groups for the mart's columns. A column missing here still
 # becomes a field (labelled by its name) as long as its type is one we can filter.
-_PROFILE, _NUMBER, _CONSENT = "Профиль / Profile", "Номер / Number", "Согласия / Consent"
-_PURCHASES, _ENGAGEMENT, _OTHER = "Покупки / Purchases", "Вовлечённость / Engagement", "Прочее / Other"
-_CUSTOM = "Свои поля / Custom attributes"
+_PROFILE, _NUMBER, _CONSENT = N_("Profile"), N_("Number"), N_("Consent")
+_PURCHASES, _ENGAGEMENT, _OTHER = N_("Purchases"), N_("Engagement"), N_("Other")
+_CUSTOM = N_("Custom attributes")
 _LABELS: dict[str, tuple[str, str]] = {
-    "first_name": ("Имя / First name", _PROFILE),
-    "last_name": ("Фамилия / Last name", _PROFILE),
-    "gender": ("Пол / Gender", _PROFILE),
-    "birth_date": ("Дата рождения / Birth date", _PROFILE),
-    "age": ("Возраст / Age", _PROFILE),
-    "email": ("Email", _PROFILE),
-    "city": ("Город / City", _PROFILE),
-    "region": ("Регион / Region", _PROFILE),
-    "time_zone": ("Часовой пояс / Time zone", _PROFILE),
-    "time_zone_source": ("Откуда пояс / Time zone source", _PROFILE),
-    "time_zone_candidates": ("Возможные пояса / Candidate time zones", _PROFILE),
-    "created_at": ("Добавлен / Added", _PROFILE),
-    "phone_e164": ("Номер / Phone number", _NUMBER),
-    "phone_valid": ("Номер принимает SMS / Number can receive SMS", _NUMBER),
-    "phone_reason": ("Почему номер не подходит / Why the number is unusable", _NUMBER),
-    "number_type": ("Тип номера / Number type", _NUMBER),
-    "country": ("Страна номера / Number country", _NUMBER),
-    "is_duplicate_phone": ("Номер у другого контакта / Duplicate number", _NUMBER),
-    "price_per_segment": ("Цена части SMS / Price per SMS part", _NUMBER),
-    "price_currency": ("Валюта цены / Price currency", _NUMBER),
-    "marketing_opt_in": ("Согласие на рекламу / Marketing opt-in", _CONSENT),
-    "marketing_opt_in_at": ("Дата согласия / Marketing opt-in date", _CONSENT),
-    "opted_out": ("Отписан от рекламы / Opted out of marketing", _CONSENT),
-    "opted_out_at": ("Дата отписки / Opt-out date", _CONSENT),
-    "marketing_consent_source": ("Источник согласия / Consent source", _CONSENT),
-    "service_opt_in": ("Согласие на сервисные / Service opt-in", _CONSENT),
-    "service_opted_out": ("Отказ от сервисных / Opted out of service messages", _CONSENT),
-    "is_reachable_marketing": ("Доступен для рекламы / Reachable for marketing", _CONSENT),
-    "is_reachable_service": ("Доступен для сервисных / Reachable for service", _CONSENT),
-    "orders_count": ("Заказов / Orders", _PURCHASES),
-    "revenue": ("Выручка / Revenue", _PURCHASES),
-    "average_order_value": ("Средний чек / Average order value", _PURCHASES),
-    "first_order_at": ("Первый заказ / First order", _PURCHASES),
-    "last_order_at": ("Последний заказ / Last order", _PURCHASES),
-    "days_since_last_order": ("Дней с последнего заказа / Days since last order", _PURCHASES),
-    "favourite_category": ("Любимая категория / Favourite category", _PURCHASES),
-    "r_score": ("R: давность / Recency score", _PURCHASES),
-    "f_score": ("F: частота / Frequency score", _PURCHASES),
-    "m_score": ("M: сумма / Monetary score", _PURCHASES),
-    "rfm_code": ("RFM-код / RFM code", _PURCHASES),
-    "rfm_segment": ("RFM-группа / RFM segment", _PURCHASES),
-    "messages_sent": ("Отправлено SMS / Messages sent", _ENGAGEMENT),
-    "messages_received": ("Доставлено SMS / Messages received", _ENGAGEMENT),
-    "messages_clicked": ("SMS с переходом / Messages clicked", _ENGAGEMENT),
-    "replies": ("Ответов / Replies", _ENGAGEMENT),
-    "last_sent_at": ("Последняя отправка / Last sent", _ENGAGEMENT),
-    "last_delivered_at": ("Последняя доставка / Last delivered", _ENGAGEMENT),
-    "last_clicked_at": ("Последний переход / Last click", _ENGAGEMENT),
-    "last_replied_at": ("Последний ответ / Last reply", _ENGAGEMENT),
+    "first_name": (N_("First name"), _PROFILE),
+    "last_name": (N_("Last name"), _PROFILE),
+    "gender": (N_("Gender"), _PROFILE),
+    "birth_date": (N_("Birth date"), _PROFILE),
+    "age": (N_("Age"), _PROFILE),
+    "email": (N_("Email"), _PROFILE),
+    "city": (N_("City"), _PROFILE),
+    "region": (N_("Region"), _PROFILE),
+    "time_zone": (N_("Time zone"), _PROFILE),
+    "time_zone_source": (N_("Time zone source"), _PROFILE),
+    "time_zone_candidates": (N_("Candidate time zones"), _PROFILE),
+    "created_at": (N_("Added"), _PROFILE),
+    "phone_e164": (N_("Phone number"), _NUMBER),
+    "phone_valid": (N_("Number can receive SMS"), _NUMBER),
+    "phone_reason": (N_("Why the number is unusable"), _NUMBER),
+    "number_type": (N_("Number type"), _NUMBER),
+    "country": (N_("Number country"), _NUMBER),
+    "is_duplicate_phone": (N_("Duplicate number"), _NUMBER),
+    "price_per_segment": (N_("Price per SMS part"), _NUMBER),
+    "price_currency": (N_("Price currency"), _NUMBER),
+    "marketing_opt_in": (N_("Marketing opt-in"), _CONSENT),
+    "marketing_opt_in_at": (N_("Marketing opt-in date"), _CONSENT),
+    "opted_out": (N_("Opted out of marketing"), _CONSENT),
+    "opted_out_at": (N_("Opt-out date"), _CONSENT),
+    "marketing_consent_source": (N_("Consent source"), _CONSENT),
+    "service_opt_in": (N_("Service opt-in"), _CONSENT),
+    "service_opted_out": (N_("Opted out of service messages"), _CONSENT),
+    "is_reachable_marketing": (N_("Reachable for marketing"), _CONSENT),
+    "is_reachable_service": (N_("Reachable for service messages"), _CONSENT),
+    "orders_count": (N_("Orders"), _PURCHASES),
+    "revenue": (N_("Revenue"), _PURCHASES),
+    "average_order_value": (N_("Average order value"), _PURCHASES),
+    "first_order_at": (N_("First order"), _PURCHASES),
+    "last_order_at": (N_("Last order"), _PURCHASES),
+    "days_since_last_order": (N_("Days since last order"), _PURCHASES),
+    "favourite_category": (N_("Favourite category"), _PURCHASES),
+    "r_score": (N_("R: recency score"), _PURCHASES),
+    "f_score": (N_("F: frequency score"), _PURCHASES),
+    "m_score": (N_("M: monetary score"), _PURCHASES),
+    "rfm_code": (N_("RFM code"), _PURCHASES),
+    "rfm_segment": (N_("RFM group"), _PURCHASES),
+    "messages_sent": (N_("Messages sent"), _ENGAGEMENT),
+    "messages_received": (N_("Messages received"), _ENGAGEMENT),
+    "messages_clicked": (N_("Messages clicked"), _ENGAGEMENT),
+    "replies": (N_("Replies"), _ENGAGEMENT),
+    "last_sent_at": (N_("Last sent"), _ENGAGEMENT),
+    "last_delivered_at": (N_("Last delivered"), _ENGAGEMENT),
+    "last_clicked_at": (N_("Last click"), _ENGAGEMENT),
+    "last_replied_at": (N_("Last reply"), _ENGAGEMENT),
 }
 _EXCLUDED = frozenset({"contact_id", "external_id", "attributes"})
 _PERSONAL = frozenset({"first_name", "last_name", "email", "phone_e164"})
@@ -287,7 +364,18 @@ _DUCKDB_TYPES: dict[str, FieldType] = {
 
 
 class SegmentError(ValueError):
-    """A segment that cannot be used: the message starts with the path of the bad item."""
+    """A segment that cannot be used: the message starts with the path of the bad item.
+
+    ``str()`` is the English message (the CLI, the API, logs); :meth:`translated` is the same
+    message in the current language, for those a person can meet on a page (their text is
+    marked with ``N_`` and its values are given apart)."""
+
+    def __init__(self, text: str, **values: Any) -> None:
+        self.text, self.values = text, values
+        super().__init__(text.format(**values) if values else text)
+
+    def translated(self) -> str:
+        return _(self.text).format(**self.values) if self.values else _(self.text)
 
 
 class SegmentNotFound(LookupError):
@@ -363,6 +451,11 @@ class Field:
     """The SQL expression: a quoted column, or a JSON extraction with ``params``."""
     params: tuple[Any, ...] = ()
 
+    @property
+    def shown_label(self) -> str:
+        """The label in the current language (a custom attribute's is its key, as imported)."""
+        return self.label if self.name.startswith("custom.") else _(self.label)
+
 
 # -- JSON form -----------------------------------------------------------------------------
 
@@ -391,7 +484,7 @@ def from_dict(data: Mapping[str, Any], fields: Mapping[str, Field] | None = None
     _no_extra_keys(data, {"name", "match", "rules"}, "segment")
     name = data.get("name", "")
     if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH:
-        raise SegmentError(f"name: expected text of at most {MAX_NAME_LENGTH} characters")
+        raise SegmentError(N_("name: expected text of at most {max} characters"), max=MAX_NAME_LENGTH)
     match = data.get("match", "all")
     if match not in ("all", "any"):
         raise SegmentError(f"match: expected 'all' or 'any', got {match!r}")
@@ -408,7 +501,9 @@ def from_dict(data: Mapping[str, Any], fields: Mapping[str, Field] | None = None
 def _parse_item(data: Any, path: str, depth: int, counter: list[int]) -> Rule | Group:
     counter[0] += 1
     if counter[0] > MAX_ITEMS:
-        raise SegmentError(f"{path}: a segment holds at most {MAX_ITEMS} rules and groups")
+        raise SegmentError(
+            N_("{path}: a segment holds at most {max} rules and groups"), path=path, max=MAX_ITEMS
+        )
     if not isinstance(data, Mapping):
         raise SegmentError(f"{path}: expected a rule or a group object, got {type(data).__name__}")
     if "field" in data or "op" in data:
@@ -418,7 +513,7 @@ def _parse_item(data: Any, path: str, depth: int, counter: list[int]) -> Rule | 
     if len(keys) != 1 or not keys <= {"all", "any", "not"}:
         raise SegmentError(f"{path}: expected a rule {{field, op, value}} or one of 'all', 'any', 'not'")
     if depth + 1 > MAX_DEPTH:
-        raise SegmentError(f"{path}: groups nest at most {MAX_DEPTH} levels deep")
+        raise SegmentError(N_("{path}: groups nest at most {max} levels deep"), path=path, max=MAX_DEPTH)
     (kind,) = keys
     if kind == "not":
         # NOT of a plain group is that group negated (one node, one level); NOT of anything
@@ -451,15 +546,17 @@ def validate(segment: Segment, fields: Mapping[str, Field] | None = None) -> Non
     if not isinstance(segment, Segment) or not isinstance(segment.root, Group):
         raise SegmentError("segment: expected a Segment with a Group as its root")
     if not isinstance(segment.name, str) or len(segment.name) > MAX_NAME_LENGTH:
-        raise SegmentError(f"name: expected text of at most {MAX_NAME_LENGTH} characters")
+        raise SegmentError(N_("name: expected text of at most {max} characters"), max=MAX_NAME_LENGTH)
     counter = 0
     for path, node, depth in _walk(segment.root, "rules", 1):
         if depth > MAX_DEPTH:
-            raise SegmentError(f"{path}: groups nest at most {MAX_DEPTH} levels deep")
+            raise SegmentError(N_("{path}: groups nest at most {max} levels deep"), path=path, max=MAX_DEPTH)
         if path != "rules":
             counter += 1
             if counter > MAX_ITEMS:
-                raise SegmentError(f"{path}: a segment holds at most {MAX_ITEMS} rules and groups")
+                raise SegmentError(
+                    N_("{path}: a segment holds at most {max} rules and groups"), path=path, max=MAX_ITEMS
+                )
         if isinstance(node, Group):
             if node.kind not in ("all", "any"):
                 raise SegmentError(f"{path}: a group is 'all' or 'any', got {node.kind!r}")
@@ -497,11 +594,19 @@ def _check_rule(rule: Rule, path: str, fields: Mapping[str, Field] | None) -> No
     if fields is not None:
         spec = fields.get(rule.field)
         if spec is None:
-            raise SegmentError(f"{path}.field: unknown field {rule.field!r}; segments.fields() lists them")
+            raise SegmentError(
+                N_("{path}.field: unknown field {field!r}: the contacts' data has no such column (any more)"),
+                path=path,
+                field=rule.field,
+            )
         if rule.op not in spec.ops:
             raise SegmentError(
-                f"{path}.op: {rule.op!r} does not apply to {spec.type} field {rule.field!r}; "
-                f"use one of: {', '.join(spec.ops)}"
+                N_("{path}.op: {op!r} does not apply to {type} field {field!r}; use one of: {ops}"),
+                path=path,
+                op=rule.op,
+                type=spec.type,
+                field=rule.field,
+                ops=", ".join(spec.ops),
             )
         ftype = spec.type
     _check_value(rule.op, rule.value, ftype, f"{path}.value")
@@ -516,7 +621,9 @@ def _check_value(op: str, value: Any, ftype: FieldType | None, path: str) -> Non
         if not isinstance(value, tuple) or not value:
             raise SegmentError(f"{path}: expected a non-empty list of texts")
         if len(value) > MAX_LIST_VALUES:
-            raise SegmentError(f"{path}: at most {MAX_LIST_VALUES} values, got {len(value)}")
+            raise SegmentError(
+                N_("{path}: at most {max} values, got {n}"), path=path, max=MAX_LIST_VALUES, n=len(value)
+            )
         for i, item in enumerate(value):
             _check_text(item, f"{path}[{i}]")
     elif op in ("contains", "starts_with"):
@@ -527,7 +634,12 @@ def _check_value(op: str, value: Any, ftype: FieldType | None, path: str) -> Non
         _check_date(value, path)
     elif op in ("within_last_days", "not_within_last_days"):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DAYS:
-            raise SegmentError(f"{path}: expected a whole number of days from 1 to {MAX_DAYS}, got {value!r}")
+            raise SegmentError(
+                N_("{path}: expected a whole number of days from 1 to {max}, got {value!r}"),
+                path=path,
+                max=MAX_DAYS,
+                value=value,
+            )
     elif op in ("eq", "neq"):
         if ftype == "text" or (ftype is None and isinstance(value, str)):
             _check_text(value, path)
@@ -542,22 +654,27 @@ def _check_value(op: str, value: Any, ftype: FieldType | None, path: str) -> Non
         check = _check_date if dates else _check_number
         low, high = (check(v, f"{path}[{i}]") for i, v in enumerate(value))
         if low > high:
-            raise SegmentError(f"{path}: the range is empty: {value[0]!r} is after {value[1]!r}")
+            raise SegmentError(
+                N_("{path}: the range is empty: {low!r} is after {high!r}"),
+                path=path,
+                low=value[0],
+                high=value[1],
+            )
 
 
 def _check_text(value: Any, path: str) -> str:
     if not isinstance(value, str) or not value:
-        raise SegmentError(f"{path}: expected a non-empty text, got {value!r}")
+        raise SegmentError(N_("{path}: expected a non-empty text, got {value!r}"), path=path, value=value)
     if len(value) > MAX_TEXT_LENGTH:
-        raise SegmentError(f"{path}: text longer than {MAX_TEXT_LENGTH} characters")
+        raise SegmentError(N_("{path}: text longer than {max} characters"), path=path, max=MAX_TEXT_LENGTH)
     return value
 
 
 def _check_number(value: Any, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise SegmentError(f"{path}: expected a number, got {value!r}")
+        raise SegmentError(N_("{path}: expected a number, got {value!r}"), path=path, value=value)
     if abs(value) > 1e15:
-        raise SegmentError(f"{path}: number out of range: {value!r}")
+        raise SegmentError(N_("{path}: number out of range: {value!r}"), path=path, value=value)
     return value
 
 
@@ -567,7 +684,7 @@ def _check_date(value: Any, path: str) -> date:
             return date.fromisoformat(value)
         except ValueError:
             pass
-    raise SegmentError(f"{path}: expected a date as YYYY-MM-DD, got {value!r}")
+    raise SegmentError(N_("{path}: expected a date as YYYY-MM-DD, got {value!r}"), path=path, value=value)
 
 
 # -- compiling -----------------------------------------------------------------------------
@@ -708,7 +825,7 @@ def _fields(conn: duckdb.DuckDBPyConnection, snapshot: warehouse.Snapshot) -> di
     if not columns:
         raise warehouse.WarehouseError(f"the published warehouse has no {TABLE}: run `smsops build`")
     out: dict[str, Field] = {}
-    names = {name for name, _ in columns}
+    names = {name for name, _type in columns}
     for name, data_type in columns:
         ftype = _DUCKDB_TYPES.get(data_type) or ("number" if data_type.startswith("DECIMAL") else None)
         if name in _EXCLUDED or ftype is None or not _COLUMN.fullmatch(name):
@@ -997,6 +1114,77 @@ def sample(
     return frame[list(SAMPLE_COLUMNS)].reset_index(drop=True)
 
 
+SAMPLE_LABELS: dict[str, str] = {
+    "first_name": N_("First name"),
+    "phone": N_("Phone number"),
+    "reachable": N_("Can get"),
+    "city": N_("City"),
+    "age": N_("Age"),
+    "gender": N_("Gender"),
+    "country": N_("Number country"),
+    "rfm_segment": N_("RFM group"),
+    "orders_count": N_("Orders"),
+    "revenue": N_("Revenue"),
+    "last_order_at": N_("Last order"),
+    "favourite_category": N_("Favourite category"),
+    "last_clicked_at": N_("Last click"),
+}
+"""Column headers of :func:`sample_table` (English; shown with ``_()``)."""
+
+
+def value_label(field_name: str, value: Any) -> str:
+    """A field's value as a person reads it, in the current language: a code (``needs_attention``,
+    ``m``, ``RU``) as its label, a missing value as "—", anything else as itself."""
+    if _missing(value):
+        return i18n.MISSING
+    if field_name == "country":
+        return country_name(str(value))
+    labels = VALUE_LABELS.get(field_name)
+    return i18n.label(labels, str(value)) if labels is not None else str(value)
+
+
+def country_name(code: str | None) -> str:
+    """``RU`` as "Россия" / "Russia"; ``unknown`` (no known number) as such."""
+    if code is None or code == "unknown":
+        return _("Unknown")
+    from babel import Locale
+
+    return Locale.parse(i18n.current()).territories.get(code, code)
+
+
+def reach_label(reachable: str) -> str:
+    """:func:`sample`'s ``reachable`` (``service_only: no_consent``) in words."""
+    kind, _sep, reason = reachable.partition(": ")
+    text = i18n.label(REACH_LABELS, kind)
+    return f"{text}: {i18n.label(REASON_LABELS, reason)}" if reason else text
+
+
+def sample_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """:func:`sample` as a page shows it: every cell text in the current language (codes as
+    labels, numbers, money and times by the locale, the team's zone), a gap as "—", no id.
+    The columns keep their names; :data:`SAMPLE_LABELS` holds their headers."""
+    zone = time_zone()
+    shown = {
+        "reachable": reach_label,
+        "age": lambda v: i18n.number(v, 0),
+        "orders_count": lambda v: i18n.number(v, 0),
+        "revenue": lambda v: i18n.money(v),
+        "last_order_at": lambda v: i18n.datetime_(v, tz=zone),
+        "last_clicked_at": lambda v: i18n.datetime_(v, tz=zone),
+    }
+    out = pd.DataFrame(index=frame.index)
+    for column in (c for c in SAMPLE_COLUMNS if c in frame.columns and c != "contact_id"):
+        show = shown.get(column, lambda v, c=column: value_label(c, v))
+        out[column] = pd.Series(
+            [i18n.MISSING if _missing(v) else show(v) for v in frame[column]], index=frame.index, dtype=object
+        )
+    return out
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
 def suggest_values(
     field_name: str, home: str | Path | None = None, *, limit: int = 50
 ) -> list[tuple[str, int]]:
@@ -1042,10 +1230,15 @@ _MAY_GET = {
 
 
 def template_fields(home: str | Path | None = None) -> dict[str, str]:
-    """Fields a message template may use, name -> label: :data:`TEMPLATE_COLUMNS` present in
-    the mart, then custom attributes whose key is a plain identifier (``{{ loyalty_tier }}``)."""
+    """Fields a message template may use, name -> label (in the current language):
+    :data:`TEMPLATE_COLUMNS` present in the mart, then custom attributes whose key is a plain
+    identifier (``{{ loyalty_tier }}``)."""
     with _connection(home) as (conn, snapshot):
-        return {name: label for name, (_, _, label) in _template_fields(_fields(conn, snapshot)).items()}
+        known = _fields(conn, snapshot)
+        return {
+            name: _(label) if name in _LABELS else label
+            for name, (_sql, _params, label) in _template_fields(known).items()
+        }
 
 
 def _template_fields(known: Mapping[str, Field]) -> dict[str, tuple[str, tuple[Any, ...], str]]:
@@ -1298,10 +1491,10 @@ def _store(home: str | Path | None):
 
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise SegmentError("name: a saved segment needs a name")
+        raise SegmentError(N_("name: a saved segment needs a name"))
     name = name.strip()
     if len(name) > MAX_NAME_LENGTH or any(ch < " " for ch in name):
-        raise SegmentError(f"name: at most {MAX_NAME_LENGTH} characters, no control characters")
+        raise SegmentError(N_("name: at most {max} characters, no control characters"), max=MAX_NAME_LENGTH)
     return name
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from smsops import segments, store, warehouse
+from smsops import i18n, segments, store, warehouse
 from smsops.segments import Group, Rule, Segment, SegmentError, all_of, any_of, negate
 
 NOW = datetime.now(UTC).replace(tzinfo=None)
@@ -254,7 +254,9 @@ def test_fields_come_from_the_mart_with_types_labels_and_custom_keys(fields, bui
     )
     assert {"contact_id", "external_id", "attributes"}.isdisjoint(fields)
     assert set(columns) - {"contact_id", "external_id", "attributes"} <= set(fields)
-    assert fields["city"].type == "text" and fields["city"].label == "Город / City"
+    assert fields["city"].type == "text" and fields["city"].label == "City"
+    with i18n.language("ru"):
+        assert fields["city"].shown_label == "Город"
     assert fields["age"].type == "number" and "between" in fields["age"].ops
     assert fields["marketing_opt_in"].ops == ("is_true", "is_false")
     assert fields["birth_date"].type == "date" and fields["last_order_at"].type == "timestamp"
@@ -527,7 +529,10 @@ def test_template_fields_are_message_friendly_columns_and_custom_keys(built_home
     names = segments.template_fields(built_home)
     assert {"first_name", "city", "orders_count", "favourite_category", "loyalty_tier", "store"} <= set(names)
     assert {"phone_e164", "email", "contact_id", "external_id", "marketing_opt_in"}.isdisjoint(names)
-    assert names["first_name"] == "Имя / First name"
+    with i18n.language("ru"):
+        assert segments.template_fields(built_home)["first_name"] == "Имя"
+    with i18n.language("en"):
+        assert segments.template_fields(built_home)["first_name"] == "First name"
 
 
 def test_recipients_are_everyone_who_may_get_the_kind(built_home):

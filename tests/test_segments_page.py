@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from apptest import clear_caches, open_page
+from apptest import APP, clear_caches
 from streamlit.testing.v1 import AppTest
 
 from smsops import segments
+
+
+def open_page(page: str, timeout: float = 60) -> AppTest:
+    """The app, then ``pages/<page>.py`` in it, failing on an exception. Unlike
+    ``apptest.open_page`` (which switches before the first run, so the page runs alone), app.py
+    runs first: it sets the language (``SMSOPS_LANGUAGE``) the page then speaks."""
+    at = AppTest.from_file(str(APP), default_timeout=timeout)
+    at.run()
+    at.switch_page(f"pages/{page}.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +83,40 @@ def test_switching_match_to_any_widens_the_count(built_env):
     narrow = count(at)
     at.segmented_control(key="seg_match").set_value("any").run()
     assert count(at) > narrow
+
+
+def test_the_page_reads_in_russian_with_labels_not_codes(built_env, monkeypatch):
+    monkeypatch.setenv("SMSOPS_LANGUAGE", "ru")
+    at = open_page("segments")
+    assert [t.value for t in at.title] == ["Сегменты"]
+    figures = {m.label: m.value for m in at.metric}
+    assert list(figures) == ["Контакты", "Можно отправлять рекламу", "Только сервисные", "Недоступны"]
+    assert int(figures["Контакты"].replace(" ", "")) == segments.count(segments.champions())
+    assert at.session_state["seg_name"] == "Чемпионы: покупают часто, недавно и на большие суммы"
+    # the champions rule reads as words in one language: field, operator, value
+    rule = at.session_state["seg_items"][0]["id"]
+    shown = [(s.options[s.index], s.options) for s in (
+        at.selectbox(key=f"{rule}_field"), at.selectbox(key=f"{rule}_op_rfm_segment"),
+        at.selectbox(key=f"{rule}_value_rfm_segment_eq"),
+    )]  # fmt: skip
+    assert [label for label, _ in shown] == ["RFM-группа", "равно", "Чемпионы"]
+    assert "Требуют внимания" in shown[2][1] and "needs_attention" not in shown[2][1]
+    assert not any(" / " in option for _, options in shown[:2] for option in options)
+    assert at.selectbox(key="seg_start").options[0] == "(продолжить редактирование)"
+    # the sample: labels, the locale's numbers, money and dates, "—" for a gap
+    sample = at.dataframe[0].value
+    cells = {str(v) for v in sample.to_numpy().ravel()}
+    assert not cells & {"None", "nan", "NaN", "<NA>", "NaT"}
+    assert set(sample["rfm_segment"]) == {"Чемпионы"}
+    for reach in sample["reachable"]:  # "недоступен: не мобильный номер", never "unreachable: not_mobile"
+        kind, _sep, reason = reach.partition(": ")
+        assert kind in {"можно отправлять рекламу", "только сервисные", "недоступен"}, reach
+        assert not re.search(r"[A-Za-z_]", reason), reach
+    assert {"Россия"} <= set(sample["country"]) and not set(sample["country"]) & {"RU", "unknown"}
+    assert set(sample["gender"]) <= {"мужской", "женский", "—"}
+    assert all(v == "—" or v.endswith(" ₽") for v in sample["revenue"])
+    assert any("," in v and " " in v for v in sample["revenue"])  # 12 345,00 ₽
+    reasons = at.table[0].value if at.table else None
+    if reasons is not None:
+        assert list(reasons.columns) == ["Причина", "Контакты"]
+        assert not {str(v) for v in reasons.iloc[:, 0]} & {"no_consent", "opted_out", "not_mobile"}
