@@ -332,16 +332,19 @@ def query(sql: str, params: Sequence[Any] | dict[str, Any] | None = None, home=N
 
 
 def build_in_background(
-    home: str | os.PathLike[str] | None = None, *, refresh: bool = False
+    home: str | os.PathLike[str] | None = None, *, refresh: bool = False, wait: bool = False
 ) -> subprocess.Popen:
     """Start ``smsops build`` (``--refresh`` with ``refresh``: :func:`refresh`) as a separate
-    process (a page must not run a build itself)."""
+    process (a page must not run a build itself). It gives up when another build is running,
+    unless ``wait``: then it builds after that one (which may have loaded the operational
+    store before a change the caller needs in the marts, such as an import)."""
     p = paths(home)
     p.dbt_artifacts.mkdir(parents=True, exist_ok=True)
     log = open(p.dbt_artifacts / "background-build.log", "ab")  # noqa: SIM115 — the child owns it
     env = {**os.environ, "SMSOPS_HOME": str(p.home)}
+    flags = [*([] if wait else ["--no-wait"]), *(["--refresh"] if refresh else [])]
     return subprocess.Popen(
-        [sys.executable, "-m", "smsops.cli", "build", "--no-wait", *(["--refresh"] if refresh else [])],
+        [sys.executable, "-m", "smsops.cli", "build", *flags],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
