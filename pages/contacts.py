@@ -1,11 +1,22 @@
 """Contacts: find a contact and see their card, or import a CRM export."""
 
+import time
+
+import pandas as pd
 import streamlit as st
 
-from smsops import contacts, importer, phones, warehouse
+from smsops import config, contacts, i18n, importer, phones, warehouse
+from smsops.i18n import _, ngettext
 
-st.title("Contacts")
-find_tab, import_tab = st.tabs(["Find a contact", "Import a file"])
+st.title(_("Contacts"))
+find_tab, import_tab = st.tabs([_("Find a contact"), _("Import a file")])
+
+
+def table(frame, **column_config) -> None:
+    """A frame of smsops.contacts in the person's language, its columns named."""
+    shown = contacts.shown(frame)
+    headers = {c: _(contacts.HEADERS[c]) for c in shown.columns if c in contacts.HEADERS}
+    st.dataframe(shown, hide_index=True, width="stretch", column_config=headers | column_config)
 
 
 # --- Find -------------------------------------------------------------------------------
@@ -14,23 +25,19 @@ find_tab, import_tab = st.tabs(["Find a contact", "Import a file"])
 def find() -> None:
     """Search, the result as a table and a CSV, and the chosen contact's card."""
     left, right = st.columns([3, 1])
-    text = left.text_input("Search", key="contact_search", placeholder="Name, phone number or CRM id")
-    reveal = right.toggle("Reveal phone numbers", key="reveal_numbers", help="Numbers are masked by default")
-    results = contacts.search(text, reveal=reveal)
-    st.caption(
-        f"{len(results):,} contact(s)" + (" (the newest 100)" if not text and len(results) == 100 else "")
+    text = left.text_input(_("Search"), key="contact_search", placeholder=_("Name, phone number or CRM id"))
+    reveal = right.toggle(
+        _("Reveal phone numbers"), key="reveal_numbers", help=_("Numbers are masked by default")
     )
-    st.dataframe(
-        contacts.shown(results.drop(columns=["contact_id"])),
-        hide_index=True,
-        width="stretch",
-        column_config={
-            "phone_valid": st.column_config.CheckboxColumn("Can get SMS"),
-            "created_at": st.column_config.TextColumn("Added (UTC)"),
-        },
+    results = contacts.search(text, reveal=reveal)
+    found = ngettext("{n} contact", "{n} contacts", len(results)).format(n=i18n.number(len(results)))
+    st.caption(found + (" " + _("(the newest 100)") if not text and len(results) == 100 else ""))
+    table(
+        results.drop(columns=["contact_id"]),
+        phone_valid=st.column_config.CheckboxColumn(_(contacts.HEADERS["phone_valid"])),
     )
     st.download_button(
-        "Export these contacts (CSV)",
+        _("Export these contacts (CSV)"),
         contacts.export_csv(results.drop(columns=["contact_id"])),
         file_name="contacts.csv",
         mime="text/csv",
@@ -39,52 +46,53 @@ def find() -> None:
 
     if not results.empty:
         labels = dict(zip(results["contact_id"], results["name"] + " · " + results["phone"], strict=True))
-        chosen = st.selectbox("Open a contact", list(labels), format_func=labels.get, key="contact_pick")
+        chosen = st.selectbox(_("Open a contact"), list(labels), format_func=labels.get, key="contact_pick")
         card = contacts.card(chosen)
         st.subheader(card.name)
         shown_number = card.phone_e164 if reveal else phones.mask(card.phone_e164)
         c1, c2, c3 = st.columns(3)
         number = (shown_number or contacts.MISSING).replace("*", "\\*")  # stars, not Markdown emphasis
-        c1.metric("Number", number)
-        c2.metric("Marketing", contacts.consent_label(card.marketing))
-        c3.metric("Messages", f"{len(card.messages):,}")
+        c1.metric(_("Number"), number)
+        c2.metric(_("Marketing"), contacts.consent_label(card.marketing))
+        c3.metric(_("Messages"), i18n.number(len(card.messages)))
         if not card.fields["phone_valid"]:
-            st.warning(f"This number cannot receive SMS: {card.fields['phone_reason'] or 'unknown reason'}.")
+            st.warning(
+                _("This number cannot receive SMS: {reason}.").format(reason=contacts.unusable_reason(card))
+            )
 
-        details, history, messages = st.tabs(["Details", "Consent history", "Messages and replies"])
+        details, history, messages = st.tabs([_("Details"), _("Consent history"), _("Messages and replies")])
         with details:
-            shown = {
-                k: v for k, v in card.fields.items() if v not in (None, "") and not k.startswith("phone")
-            }
-            st.json({**shown, **({"attributes": card.attributes} if card.attributes else {})})
+            table(contacts.details(card))
         with history:
             if card.consent_history.empty:
-                st.info("No consent events for this number: it can get service messages, not promotions.")
+                st.info(_("No consent events for this number: it can get service messages, not promotions."))
             else:
-                st.dataframe(
-                    contacts.shown(
-                        card.consent_history.drop(columns=["phone_e164", "event_id"], errors="ignore")
-                    ),
-                    hide_index=True,
-                    width="stretch",
-                )
+                internal = ["phone_e164", "event_id", "event_key", "contact_id"]
+                table(card.consent_history.drop(columns=internal, errors="ignore"))
         with messages:
-            st.dataframe(
-                contacts.shown(card.messages.drop(columns=["message_id"])), hide_index=True, width="stretch"
-            )
+            if card.messages.empty:
+                st.caption(_("No messages to this contact yet."))
+            else:
+                table(card.messages.drop(columns=["message_id"]))
             if not card.replies.empty:
-                st.dataframe(contacts.shown(card.replies), hide_index=True, width="stretch")
+                st.markdown("**" + _("Replies") + "**")
+                table(card.replies)
 
         with st.form("opt_out_form", clear_on_submit=True):
-            st.markdown("**Opt this number out**")
+            st.markdown("**" + _("Opt this number out") + "**")
             reason = st.text_input(
-                "Reason", key="opt_out_reason", placeholder="e.g. asked by phone on 12 March"
+                _("Reason"), key="opt_out_reason", placeholder=_("e.g. asked by phone on 12 March")
             )
+            purposes_shown = {p: i18n.label(contacts.PURPOSE_LABELS, p) for p in ("marketing", "service")}
             purposes = st.multiselect(
-                "From", ["marketing", "service"], default=["marketing"], key="opt_out_purposes"
+                _("Opt out of"),
+                list(purposes_shown),
+                default=["marketing"],
+                format_func=purposes_shown.get,
+                key="opt_out_purposes",
             )
-            by = st.text_input("Recorded by", key="opt_out_by")
-            if st.form_submit_button("Record opt-out"):
+            by = st.text_input(_("Recorded by"), key="opt_out_by")
+            if st.form_submit_button(_("Record opt-out")):
                 try:
                     written = contacts.opt_out(
                         chosen, reason=reason, requested_by=by or "staff", purposes=tuple(purposes)
@@ -93,116 +101,294 @@ def find() -> None:
                     st.error(str(exc))
                 else:
                     st.success(
-                        f"Opt-out recorded ({written} event(s)); it applies to every send from now on."
+                        ngettext(
+                            "Opt-out recorded ({n} event); it applies to every send from now on.",
+                            "Opt-out recorded ({n} events); it applies to every send from now on.",
+                            written,
+                        ).format(n=i18n.number(written))
                     )
 
 
 # --- Import -----------------------------------------------------------------------------
 
 
-@st.cache_data(ttl=120, show_spinner="Checking the file…", max_entries=8)
+@st.cache_data(ttl=120, show_spinner=_("Checking the file…"), max_entries=8)
 def check(path: str, options: importer.Options, imports_done: int):
     """A dry run of the import, cached per file and settings (and redone after an import)."""
     return importer.run_with_rejects(path, options, dry_run=True)
 
 
-@st.dialog("Import contacts")
+def forget_confirming() -> None:
+    st.session_state.pop("import_confirming", None)
+
+
+@st.dialog(_("Import contacts"), on_dismiss=forget_confirming)
 def confirm_import(path: str, options: importer.Options, expected: int) -> None:
-    st.write(f"Write **{expected:,}** new or updated contacts into the store? Rejected rows are not written.")
-    if st.button("Import", type="primary", key="import_confirmed"):
-        with st.spinner("Importing…"):
-            st.session_state["import_result"] = importer.run_with_rejects(path, options)
-            st.session_state["imports_done"] = st.session_state.get("imports_done", 0) + 1
+    if expected:
+        st.write(
+            ngettext(
+                "Write **{n}** new or updated contact into the store? Rejected rows are not written.",
+                "Write **{n}** new or updated contacts into the store? Rejected rows are not written.",
+                expected,
+            ).format(n=i18n.number(expected))
+        )
+    else:
+        st.write(_("Record the marketing consent of this file's numbers? The contacts stay as they are."))
+    if st.button(_("Import"), type="primary", key="import_confirmed"):
+        with st.spinner(_("Importing…")):
+            try:
+                result, rejects = importer.run_with_rejects(path, options)
+            except importer.ImportFailed as exc:
+                st.error(exc.translated())
+                return
+        forget_confirming()
+        # the marts include the new contacts only after a build: start one now (after any build
+        # already running, which may have read the store before this import)
+        st.session_state["last_import"] = {
+            "key": (path, options.as_json()),
+            "result": result,
+            "rejects": rejects,
+            "consent": options.consent_source is not None,
+            "build": warehouse.build_in_background(wait=True),
+            "started": time.monotonic(),
+        }
+        st.session_state["imports_done"] = st.session_state.get("imports_done", 0) + 1
         st.rerun()
 
 
+def explain_consent() -> tuple[bool, str | None, str | None]:
+    """The consent choice, with what it means: whether the people in the file agreed to
+    promotions, where, and where the proof is kept."""
+    with st.container(border=True):
+        declared = st.checkbox(
+            _("These people agreed to receive marketing SMS from us"), key="consent_declared"
+        )
+        st.caption(
+            _(
+                "Tick this only if everyone in the file agreed to get promotional messages from you "
+                "(for example, a ticked box on a signup form or a signed loyalty card form). "
+                "Without it, the imported contacts get service messages only (order status, payment "
+                "reminders, sign-in codes) and are left out of promotions. With it, each number gets a "
+                "marketing opt-in in the consent ledger; where they agreed and where the proof is kept "
+                "are stored with it, along with this file's name and checksum, as the evidence the law "
+                "on advertising (38-FZ, article 18) asks of the sender. An opt-out recorded later always "
+                "wins over an import."
+            )
+        )
+        if not declared:
+            return False, None, None
+        source = st.text_input(
+            _("Where they agreed"), key="consent_source", placeholder=_("signup form on our site")
+        )
+        proof = st.text_input(
+            _("Where the proof is kept"), key="consent_proof", placeholder=_("form URL or document")
+        )
+        if not (source or "").strip():
+            st.warning(_("Say where they agreed: without it no consent can be recorded."))
+        return True, (source or "").strip() or None, (proof or "").strip() or None
+
+
+def preview(path, options: importer.Options, declared: bool) -> None:
+    """What the import would do, and the button that starts it."""
+    try:
+        result, rejects = check(str(path), options, st.session_state.get("imports_done", 0))
+    except importer.ImportFailed as exc:
+        st.error(exc.translated())
+        return
+    p1, p2, p3, p4 = st.columns(4)
+    p1.metric(_("New"), i18n.number(result.new))
+    p2.metric(_("Updated"), i18n.number(result.updated))
+    p3.metric(_("Unchanged"), i18n.number(result.unchanged))
+    p4.metric(_("Rejected"), i18n.number(result.rejected_total))
+    if result.rejected:
+        rejected_rows(result, rejects, key="preview_rejects")
+    if result.already_imported:
+        st.info(
+            _("This file was imported before with the same settings: importing it again changes nothing.")
+        )
+        return
+    if options.consent_source:
+        st.caption(consent_outcome(result, will=True))
+    elif not declared:
+        st.caption(_("No marketing consent declared: these contacts will get service messages only."))
+    writes = result.new + result.updated
+    consent_only = not writes and options.consent_source is not None and result.consent_recorded > 0
+    if declared and options.consent_source is None:
+        return  # the warning above says what is missing
+    if writes:
+        start = ngettext("Import {n} contact", "Import {n} contacts", writes).format(n=i18n.number(writes))
+    elif consent_only:
+        start = ngettext(
+            "Record marketing consent for {n} number", "Record marketing consent for {n} numbers",
+            result.consent_recorded,
+        ).format(n=i18n.number(result.consent_recorded))  # fmt: skip
+    else:
+        return
+    # the dialog stays open across reruns until it is confirmed or dismissed
+    if st.button(start, type="primary", key="import_start"):
+        st.session_state["import_confirming"] = (str(path), options)
+    if st.session_state.get("import_confirming") == (str(path), options):
+        confirm_import(str(path), options, writes)
+
+
+def consent_outcome(result: importer.Result, *, will: bool) -> str:
+    """How many numbers get (or got) a marketing opt-in, and how many an opt-out kept out."""
+    n, skipped = result.consent_recorded, result.consent_skipped_opted_out
+    if will:
+        text = ngettext(
+            "Marketing consent will be recorded for {n} number.",
+            "Marketing consent will be recorded for {n} numbers.",
+            n,
+        ).format(n=i18n.number(n))
+    else:
+        text = ngettext(
+            "Marketing consent recorded for {n} number.", "Marketing consent recorded for {n} numbers.", n
+        ).format(n=i18n.number(n))
+    if skipped:
+        text += " " + ngettext(
+            "{n} number opted out before: an import never overrides an opt-out.",
+            "{n} numbers opted out before: an import never overrides an opt-out.",
+            skipped,
+        ).format(n=i18n.number(skipped))
+    return text
+
+
+def rejected_rows(result: importer.Result, rejects: bytes, key: str) -> None:
+    """Rejected rows by reason, and all of them with their reasons as a CSV."""
+    st.table(
+        pd.DataFrame(
+            [(importer.explain(reason), i18n.number(n)) for reason, n in result.rejected.items()],
+            columns=[_("Why rejected"), _("Rows")],
+        ),
+        hide_index=True,
+    )
+    st.download_button(_("Rejected rows with reasons (CSV)"), rejects, "rejects.csv", "text/csv", key=key)
+
+
+def follow_import(last: dict) -> None:
+    """The import just done, and the warehouse build that brings its contacts to segments."""
+    result = last["result"]
+    st.success(
+        _(
+            "Imported {file}: {new} new, {updated} updated, {unchanged} unchanged, {rejected} rejected."
+        ).format(
+            file=result.file_name,
+            new=i18n.number(result.new),
+            updated=i18n.number(result.updated),
+            unchanged=i18n.number(result.unchanged),
+            rejected=i18n.number(result.rejected_total),
+        )
+    )
+    if last["consent"]:
+        st.write(consent_outcome(result, will=False))
+    else:
+        st.write(_("No marketing consent was declared: these contacts get service messages only."))
+    if result.rejected_total:
+        rejected_rows(result, last["rejects"], key="rejects")
+    build = last["build"]
+
+    @st.fragment(run_every=2 if build.poll() is None else None)
+    def build_status() -> None:
+        """While the build runs: its progress, re-checked every 2 s without rerunning the page.
+        When it ends: when the new contacts can be targeted (or why not)."""
+        code = build.poll()
+        if code is None:
+            elapsed = time.monotonic() - last["started"]
+            previous = warehouse.current()
+            with st.status(_("Rebuilding the warehouse with the new contacts…"), expanded=True):
+                if previous is not None:
+                    st.progress(
+                        min(elapsed / max(previous.seconds, 1.0), 0.95),
+                        text=_("{elapsed} s so far; the last build took {seconds} s").format(
+                            elapsed=i18n.number(round(elapsed)), seconds=i18n.number(round(previous.seconds))
+                        ),
+                    )
+                st.write(
+                    _(
+                        "The new contacts can be targeted in segments and campaigns when this build is "
+                        "published. The rest of the app stays usable meanwhile."
+                    )
+                )
+            return
+        if not last.get("ended"):  # the build ended since the page last ran: stop polling
+            last["ended"] = True
+            st.rerun(scope="app")
+        if code == 0:
+            snapshot = warehouse.current()
+            st.success(
+                _(
+                    "The new contacts can be targeted now: the warehouse build that includes them was "
+                    "published at {time}."
+                ).format(time=i18n.datetime_(snapshot.built_at, tz=config.time_zone()))
+            )
+        else:
+            log = config.paths().dbt_artifacts / "background-build.log"
+            st.error(
+                _(
+                    "The warehouse build failed (exit {code}): the contacts are stored, but segments do "
+                    "not include them yet. See {log}."
+                ).format(code=code, log=log)
+            )
+            if st.button(_("Rebuild the warehouse now"), key="rebuild"):
+                last.update(
+                    build=warehouse.build_in_background(wait=True), started=time.monotonic(), ended=False
+                )
+                st.rerun(scope="app")
+
+    build_status()
+
+
 def import_file() -> None:
-    """Upload, map the columns, check (a dry run), confirm and import; then the outcome."""
+    """Upload, map the columns, declare consent, check (a dry run), confirm and import; then the
+    outcome and the build that brings the contacts to segments."""
     upload = st.file_uploader(
-        "A CSV export from your CRM (UTF-8 or Windows-1251; comma, semicolon or tab)",
+        _("A CSV export from your CRM (UTF-8 or Windows-1251; comma, semicolon or tab)"),
         type=["csv", "txt", "tsv"],
         key="import_upload",
     )
-    if upload is not None:
-        path = importer.save_upload(upload.name, upload.getvalue())
-        try:
-            fmt = importer.sniff(path)
-        except importer.ImportFailed as exc:
-            st.error(str(exc))
-            return
-        st.caption(f"Read as {fmt.encoding}, delimiter {fmt.delimiter!r}, {len(fmt.header)} columns.")
+    last = st.session_state.get("last_import")
+    if upload is None:
+        if last is not None:
+            follow_import(last)
+        return
+    path = importer.save_upload(upload.name, upload.getvalue())
+    try:
+        fmt = importer.sniff(path)
+    except importer.ImportFailed as exc:
+        st.error(exc.translated())
+        return
+    st.caption(
+        ngettext(
+            "Read as {encoding}, separated by {delimiter}, {n} column.",
+            "Read as {encoding}, separated by {delimiter}, {n} columns.",
+            len(fmt.header),
+        ).format(
+            encoding=importer.ENCODING_LABELS.get(fmt.encoding, fmt.encoding),
+            delimiter=i18n.label(importer.DELIMITER_LABELS, fmt.delimiter),
+            n=i18n.number(len(fmt.header)),
+        )
+    )
 
-        st.markdown("**Columns**: check what each column holds.")
-        choices = [*importer.FIELDS, "attribute", "ignore"]
-        mapping = {}
-        columns = st.columns(min(4, len(fmt.header)))
-        for i, name in enumerate(fmt.header):
-            mapping[name] = columns[i % len(columns)].selectbox(
-                name or f"(column {i + 1})", choices, index=choices.index(fmt.mapping[name]), key=f"map_{i}"
-            )
-
-        declared = st.checkbox(
-            "These people agreed to receive marketing SMS from us", key="consent_declared",
-            help="Without a declared basis, imported contacts get service messages only.",
-        )  # fmt: skip
-        source = proof = None
-        if declared:
-            source = st.text_input(
-                "Where they agreed", key="consent_source", placeholder="signup form on our site"
-            )
-            proof = st.text_input(
-                "Where the proof is kept", key="consent_proof", placeholder="form URL or document"
-            )
-        options = importer.Options(
-            mapping=mapping, consent_source=source or None, consent_proof=proof or None
+    st.markdown(_("**Columns**: check what each column holds."))
+    choices = [*importer.FIELDS, "attribute", "ignore"]
+    targets = {target: i18n.label(importer.TARGET_LABELS, target) for target in choices}
+    mapping = {}
+    columns = st.columns(min(4, len(fmt.header)))
+    for i, name in enumerate(fmt.header):
+        mapping[name] = columns[i % len(columns)].selectbox(
+            name or _("(column {n})").format(n=i + 1),
+            choices,
+            index=choices.index(fmt.mapping[name]),
+            format_func=targets.get,
+            key=f"map_{i}",
         )
 
-        try:
-            preview, preview_rejects = check(str(path), options, st.session_state.get("imports_done", 0))
-        except importer.ImportFailed as exc:
-            st.error(str(exc))
-            return
-        p1, p2, p3, p4 = st.columns(4)
-        p1.metric("New", f"{preview.new:,}")
-        p2.metric("Updated", f"{preview.updated:,}")
-        p3.metric("Unchanged", f"{preview.unchanged:,}")
-        p4.metric("Rejected", f"{preview.rejected_total:,}")
-        if preview.rejected:
-            st.table({importer.REASON_TEXT.get(r, r): n for r, n in preview.rejected.items()})
-            st.download_button(
-                "Rejected rows with reasons (CSV)",
-                preview_rejects,
-                "rejects.csv",
-                "text/csv",
-                key="preview_rejects",
-            )
-        if preview.already_imported:
-            st.info(
-                "This file was imported before with the same settings: importing it again changes nothing."
-            )
-
-        if preview.new + preview.updated and st.button(
-            f"Import {preview.new + preview.updated:,} contacts", type="primary", key="import_start"
-        ):
-            confirm_import(str(path), options, preview.new + preview.updated)
-
-    if "import_result" in st.session_state:
-        result, rejects = st.session_state["import_result"]
-        st.success(
-            f"Imported {result.file_name}: {result.new:,} new, {result.updated:,} updated, "
-            f"{result.unchanged:,} unchanged, {result.rejected_total:,} rejected."
-        )
-        if result.rejected_total:
-            st.download_button(
-                "Rejected rows with reasons (CSV)", rejects, "rejects.csv", "text/csv", key="rejects"
-            )
-        if warehouse.build_running():
-            st.info(
-                "The warehouse is being rebuilt; segments and the Overview will include these contacts after it."
-            )
-        elif st.button("Rebuild the warehouse now", key="rebuild"):
-            warehouse.build_in_background()
-            st.info("Build started; the pages switch to it when it finishes.")
+    declared, source, proof = explain_consent()
+    options = importer.Options(mapping=mapping, consent_source=source, consent_proof=proof)
+    if last is not None and last["key"] == (str(path), options.as_json()):
+        follow_import(last)  # this file, as just imported: its outcome, not a new dry run
+    else:
+        preview(path, options, declared)
 
 
 # The Import tab is drawn first: whatever the Find tab meets (a damaged store, a bad row), the

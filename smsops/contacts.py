@@ -5,7 +5,10 @@ consent history with its proof, and the messages the contact got; a manual opt-o
 export of a search. Numbers are masked unless the caller asks to reveal them.
 
 A missing value is ``None`` in every frame here, never NaN (pandas 3 reads a NULL in a text
-column as NaN, which is truthy and has no string methods); ``shown`` turns it into "—".
+column as NaN, which is truthy and has no string methods), and a coded value (a consent state,
+a message's state, a reply's keyword) is its code. :func:`shown` is the page's edge: it turns a
+frame into text in the current language (codes as labels, times in the team's zone, money and
+numbers by the locale, a gap as "—"); :data:`HEADERS` names the columns.
 """
 
 from __future__ import annotations
@@ -24,13 +27,114 @@ from typing import Any
 
 import pandas as pd
 
-from smsops import consent, phones, store
+from smsops import consent, i18n, phones, policy, segments, store
+from smsops.config import time_zone
+from smsops.i18n import N_, _
 from smsops.importer import neutralise
 
 Home = str | os.PathLike[str] | None
 _DIGITS = re.compile(r"\d")
-MISSING = "—"
+MISSING = i18n.MISSING
 """How a missing value reads on a page (a table would draw ``None``)."""
+
+CONSENT_LABELS: dict[str, str] = {
+    "opted_in": N_("opted in"),
+    "opted_out": N_("opted out"),
+    "no_consent": N_("no consent recorded"),
+}
+"""A number's consent for one purpose (:func:`consent_code`)."""
+
+PURPOSE_LABELS: dict[str, str] = {"marketing": N_("promotions"), "service": N_("service messages")}
+ACTION_LABELS: dict[str, str] = {"opt_in": N_("agreed"), "opt_out": N_("opted out")}
+KIND_LABELS: dict[str, str] = {"promo": N_("promotion"), "service": N_("service message")}
+STATE_LABELS: dict[str, str] = {
+    "planned": N_("planned"),
+    "holdout": N_("control group"),
+    "suppressed": N_("not sent"),
+    "sending": N_("sending"),
+    "submitted": N_("handed to the provider"),
+    "unknown": N_("outcome unknown"),
+    "rejected": N_("rejected"),
+    "cancelled": N_("cancelled"),
+}
+"""A message's state in the outbox."""
+STATUS_LABELS: dict[str, str] = {
+    "accepted": N_("accepted"),
+    "queued": N_("queued"),
+    "sending": N_("sending"),
+    "sent": N_("sent"),
+    "delivered": N_("delivered"),
+    "undelivered": N_("not delivered"),
+    "failed": N_("failed"),
+}
+"""The provider's last status of a message."""
+KEYWORD_LABELS: dict[str, str] = {
+    "stop": N_("opt-out (STOP)"),
+    "start": N_("opt-in (START)"),
+    "help": N_("help"),
+}
+PROOF_LABELS: dict[str, str] = {
+    "import_batch": N_("import batch"),
+    "file": N_("file"),
+    "file_sha256": N_("file SHA-256"),
+    "line": N_("line"),
+    "proof": N_("proof"),
+    "requested_by": N_("recorded by"),
+    "reason": N_("reason"),
+    "contact_id": N_("contact"),
+}
+"""Keys of a consent event's proof (others, from an API caller, read as given)."""
+
+HEADERS: dict[str, str] = {
+    "name": N_("Name"),
+    "phone": N_("Phone number"),
+    "phone_valid": N_("Can get SMS"),
+    "marketing": N_("Marketing"),
+    "city": N_("City"),
+    "external_id": N_("CRM id"),
+    "created_at": N_("Added"),
+    "purpose": N_("Applies to"),
+    "action": N_("Action"),
+    "source": N_("Source"),
+    "consent_text": N_("What they agreed to / why"),
+    "proof": N_("Proof"),
+    "occurred_at": N_("When"),
+    "recorded_at": N_("Recorded"),
+    "campaign": N_("Campaign"),
+    "kind": N_("Kind"),
+    "variant": N_("Variant"),
+    "state": N_("State"),
+    "skip_reason": N_("Why not sent"),
+    "provider_status": N_("Provider status"),
+    "error_code": N_("Error code"),
+    "segments": N_("SMS parts"),
+    "price": N_("Cost"),
+    "planned_at": N_("Planned"),
+    "submitted_at": N_("Sent"),
+    "clicks": N_("Clicks"),
+    "body": N_("Text"),
+    "received_at": N_("Received"),
+    "keyword": N_("Keyword"),
+    "field": N_("Field"),
+    "value": N_("Value"),
+}
+"""Column headers of the frames here (English; shown with ``_()``)."""
+
+_CODED: dict[str, dict[str, str]] = {
+    "marketing": CONSENT_LABELS,
+    "purpose": PURPOSE_LABELS,
+    "action": ACTION_LABELS,
+    "source": segments.VALUE_LABELS["marketing_consent_source"],
+    "kind": KIND_LABELS,
+    "state": STATE_LABELS,
+    "skip_reason": policy.SKIP_REASONS,
+    "provider_status": STATUS_LABELS,
+    "keyword": KEYWORD_LABELS,
+}
+_TIMES = frozenset(
+    {"created_at", "updated_at", "occurred_at", "recorded_at", "planned_at", "submitted_at", "received_at"}
+)
+_COUNTS = frozenset({"segments", "clicks"})
 
 
 class ContactNotFound(LookupError):
@@ -75,19 +179,45 @@ def _text(value: Any) -> str:
 
 
 def shown(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` as a page shows it: a missing value as "—" (a column with one becomes text),
-    a dict (a consent proof) as JSON text. Other columns keep their type."""
-    out = frame.copy()
+    """``frame`` as a page shows it, in the current language: codes as labels, times in the team's
+    zone, money and counts by the locale, a proof as "key: value" text, a missing value as "—"
+    (a column with one becomes text). ``phone_valid`` stays a flag; a ``currency`` column is
+    read into ``price`` and left out."""
+    out = frame.drop(columns=["currency"], errors="ignore")
+    zone = time_zone()
+    currencies = list(frame["currency"]) if "currency" in frame.columns else [None] * len(frame)
     for column in out.columns:
-        values = out[column]
-        missing = [_is_missing(v) for v in values]
-        if any(missing) or any(isinstance(v, dict | list) for v in values):
-            out[column] = pd.Series(
-                [MISSING if gap else _text(v) for v, gap in zip(values, missing, strict=True)],
-                index=out.index,
-                dtype=object,
-            )
+        values = list(out[column])
+        if column in _CODED:
+            text = [i18n.label(_CODED[column], v) if not _is_missing(v) else MISSING for v in values]
+        elif column in _TIMES:
+            text = [MISSING if _is_missing(v) else i18n.datetime_(v, tz=zone) for v in values]
+        elif column == "price":
+            text = [
+                MISSING if _is_missing(v) else i18n.money(v, c if isinstance(c, str) and c else "RUB")
+                for v, c in zip(values, currencies, strict=True)
+            ]
+        elif column in _COUNTS:
+            text = [MISSING if _is_missing(v) else i18n.number(v) for v in values]
+        elif column == "proof":
+            text = [MISSING if _is_missing(v) else _proof_text(v) for v in values]
+        elif any(_is_missing(v) for v in values) or any(isinstance(v, dict | list) for v in values):
+            text = [MISSING if _is_missing(v) else _text(v) for v in values]
+        else:
+            continue
+        out[column] = pd.Series(text, index=out.index, dtype=object)
     return out
+
+
+def _proof_text(proof: Any) -> str:
+    if not isinstance(proof, dict):
+        return _text(proof)
+    parts = [
+        f"{i18n.label(PROOF_LABELS, key)}: {_text(value)}"
+        for key, value in proof.items()
+        if not _is_missing(value) and value != ""
+    ]
+    return "; ".join(parts) or MISSING
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +271,7 @@ def search(text: str, *, limit: int = 100, reveal: bool = False, home: Home = No
         numbers = [p for p in frame["phone_e164"] if p and p.startswith("+")]
         marketing = consent.states(conn, numbers, "marketing") if numbers else {}
     frame["contact_id"] = frame["contact_id"].astype("int64")
-    frame["marketing"] = [consent_label(marketing.get(p)) for p in frame["phone_e164"]]
+    frame["marketing"] = [consent_code(marketing.get(p)) for p in frame["phone_e164"]]
     frame["phone_valid"] = frame["phone_valid"].astype(bool)
     frame["name"] = [_name(f, last) for f, last in zip(frame["first_name"], frame["last_name"], strict=True)]
     frame["phone"] = [MISSING if p is None else p if reveal else phones.mask(p) for p in frame["phone_e164"]]
@@ -154,13 +284,16 @@ def _name(first: str | None, last: str | None) -> str:
     return " ".join(part for part in (first, last) if part) or MISSING
 
 
-def consent_label(state: consent.ConsentState | None) -> str:
-    """How a number's consent for one purpose reads on a page."""
+def consent_code(state: consent.ConsentState | None) -> str:
+    """A number's consent for one purpose: ``opted_in``, ``opted_out`` or ``no_consent``."""
     if state is None or state.last_action is None:
-        return "no consent recorded"
-    if state.opted_in:
-        return "opted in"
-    return "opted out"
+        return "no_consent"
+    return "opted_in" if state.opted_in else "opted_out"
+
+
+def consent_label(state: consent.ConsentState | None) -> str:
+    """How a number's consent for one purpose reads on a page, in the current language."""
+    return i18n.label(CONSENT_LABELS, consent_code(state))
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +322,48 @@ CARD_FIELDS = (
 )  # fmt: skip
 
 
+DETAIL_LABELS: dict[str, str] = {
+    "external_id": N_("CRM id"),
+    "first_name": N_("First name"),
+    "last_name": N_("Last name"),
+    "gender": N_("Gender"),
+    "birth_date": N_("Birth date"),
+    "email": N_("Email"),
+    "city": N_("City"),
+    "region": N_("Region"),
+    "time_zone": N_("Time zone"),
+    "number_type": N_("Number type"),
+    "created_at": N_("Added"),
+    "updated_at": N_("Updated"),
+}
+"""The card's details, in the order shown (the number's own fields are shown apart)."""
+
+
+def details(card: ContactCard) -> pd.DataFrame:
+    """The card's details as ``field`` / ``value`` rows in the current language, then its custom
+    attributes under their own names; empty fields left out."""
+    zone = time_zone()
+    rows = []
+    for name, label in DETAIL_LABELS.items():
+        value = card.fields.get(name)
+        if _is_missing(value) or value == "":
+            continue
+        if name == "birth_date":
+            text = i18n.date(value)
+        elif name in _TIMES:
+            text = i18n.datetime_(value, tz=zone)
+        else:
+            text = segments.value_label(name, value)
+        rows.append((_(label), text))
+    rows += [(str(key), _text(value)) for key, value in card.attributes.items() if not _is_missing(value)]
+    return _frame(rows, ["field", "value"])
+
+
+def unusable_reason(card: ContactCard) -> str:
+    """Why the card's number cannot receive SMS, in the current language."""
+    return i18n.label(segments.REASON_LABELS, card.fields.get("phone_reason") or "invalid")
+
+
 def card(contact_id: int, *, home: Home = None) -> ContactCard:
     """The contact card: fields, attributes, current consent, its history, messages, replies."""
     with _conn(home) as conn:
@@ -196,7 +371,7 @@ def card(contact_id: int, *, home: Home = None) -> ContactCard:
             f"select {', '.join(CARD_FIELDS)} from contacts where contact_id = ?", (int(contact_id),)
         ).fetchone()
         if row is None:
-            raise ContactNotFound(f"no contact with id {contact_id}")
+            raise ContactNotFound(_("No contact with id {id}.").format(id=contact_id))
         fields = dict(zip(CARD_FIELDS, row, strict=True))
         phone = fields["phone_e164"] if (fields["phone_e164"] or "").startswith("+") else None
         history = _frame(consent.export_proof(conn, phone)) if phone else pd.DataFrame()
@@ -210,7 +385,7 @@ def card(contact_id: int, *, home: Home = None) -> ContactCard:
                 (select s.status from message_status_events s where s.message_id = m.message_id
                  order by case s.status when 'accepted' then 1 when 'queued' then 2 when 'sending' then 3
                           when 'sent' then 4 else 5 end desc, s.occurred_at desc limit 1) as provider_status,
-                m.error_code, m.segments, m.price, m.planned_at, m.submitted_at,
+                m.error_code, m.segments, m.price, m.currency, m.planned_at, m.submitted_at,
                 (select count(*) from clicks k where k.message_id = m.message_id) as clicks,
                 m.body
             from messages m join campaigns c on c.campaign_id = m.campaign_id
@@ -250,15 +425,15 @@ def opt_out(
     reason and who recorded it as proof. Takes effect for every send that starts after it."""
     reason = (reason or "").strip()
     if not reason:
-        raise ValueError("an opt-out by staff needs a reason (for example: asked by phone)")
+        raise ValueError(_("An opt-out recorded by staff needs a reason (for example: asked by phone)."))
     with _conn(home) as conn:
         row = conn.execute(
             "select phone_e164 from contacts where contact_id = ?", (int(contact_id),)
         ).fetchone()
         if row is None:
-            raise ContactNotFound(f"no contact with id {contact_id}")
+            raise ContactNotFound(_("No contact with id {id}.").format(id=contact_id))
         if not row[0] or not row[0].startswith("+"):
-            raise ValueError(f"contact {contact_id} has no valid number to opt out")
+            raise ValueError(_("This contact has no valid number to opt out."))
         now = datetime.now(UTC)
         events = [
             consent.ConsentEvent(

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from smsops import phones, store
+from smsops.i18n import N_, _
 from smsops.reference import City, cities
 
 CHUNK_ROWS = 20_000
@@ -73,6 +74,37 @@ FIELDS = (
     "birth_date",
 )
 Target = str  # a name in FIELDS, "attribute" or "ignore"
+
+TARGET_LABELS: dict[str, str] = {
+    "external_id": N_("CRM id"),
+    "phone": N_("Phone number"),
+    "first_name": N_("First name"),
+    "last_name": N_("Last name"),
+    "middle_name": N_("Middle name"),
+    "full_name": N_("Full name"),
+    "email": N_("Email"),
+    "city": N_("City"),
+    "region": N_("Region"),
+    "time_zone": N_("Time zone"),
+    "gender": N_("Gender"),
+    "birth_date": N_("Birth date"),
+    "attribute": N_("Keep as a custom attribute"),
+    "ignore": N_("Ignore"),
+}
+"""What a column can hold, as a person reads it (English; shown with ``i18n.label``)."""
+
+ENCODING_LABELS: dict[str, str] = {
+    "utf-8": "UTF-8",
+    "utf-8-sig": "UTF-8 (BOM)",
+    "utf-16": "UTF-16",
+    "cp1251": "Windows-1251",
+}
+DELIMITER_LABELS: dict[str, str] = {
+    ",": N_("comma"),
+    ";": N_("semicolon"),
+    "\t": N_("tab"),
+    "|": N_("vertical bar"),
+}
 
 _SYNONYMS: dict[str, tuple[str, ...]] = {
     "external_id": (
@@ -107,16 +139,30 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 Reason = Literal["missing_phone", "invalid_phone", "not_mobile", "malformed_row", "duplicate_in_file"]
 REASON_TEXT: dict[str, str] = {
-    "missing_phone": "no phone number in the row",
-    "invalid_phone": "the phone number is not a valid number",
-    "not_mobile": "the phone number is a landline or another number that cannot receive SMS",
-    "malformed_row": "the row has a different number of cells than the header",
-    "duplicate_in_file": "another row of the file is the same contact; the later row was kept",
+    "missing_phone": N_("no phone number in the row"),
+    "invalid_phone": N_("the phone number is not a valid number"),
+    "not_mobile": N_("the phone number is a landline or another number that cannot receive SMS"),
+    "malformed_row": N_("the row has a different number of cells than the header"),
+    "duplicate_in_file": N_("another row of the file is the same contact; the later row was kept"),
 }
+"""What each reject reason means (English; shown with ``i18n.label`` or :func:`explain`)."""
+
+_DETAIL_TEXT: dict[str, str] = {"duplicate_in_file": N_("kept line {line}")}
+"""How a reason's detail reads (the detail is the line number)."""
 
 
 class ImportFailed(ValueError):
-    """The file cannot be read as contacts at all (nothing was written)."""
+    """The file cannot be read as contacts at all (nothing was written).
+
+    ``str()`` is the English message (the CLI, logs); :meth:`translated` is the same message in
+    the current language (a page)."""
+
+    def __init__(self, text: str, **values: object) -> None:
+        self.text, self.values = text, values
+        super().__init__(text.format(**values))
+
+    def translated(self) -> str:
+        return _(self.text).format(**self.values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,25 +314,32 @@ def sniff(path: str | os.PathLike[str], mapping: Mapping[str, Target] | None = N
     """Detect how ``path`` is written and guess its column mapping (``mapping`` overrides)."""
     path = Path(path)
     if not path.is_file():
-        raise ImportFailed(f"{path}: no such file")
+        raise ImportFailed(N_("{path}: no such file"), path=str(path))
     encoding = detect_encoding(path)
     with open(path, encoding=encoding, newline="") as fh:
         sample = fh.read(SAMPLE_BYTES)
     if not sample.strip():
-        raise ImportFailed(f"{path.name}: the file is empty")
+        raise ImportFailed(N_("{file}: the file is empty"), file=path.name)
     delimiter = detect_delimiter(sample)
     header_row = next(csv.reader(io.StringIO(sample), delimiter=delimiter), [])
     header = tuple(cell.strip() for cell in header_row)
     if len(header) < 1 or not any(header):
-        raise ImportFailed(f"{path.name}: the first line should name the columns, it is empty")
+        raise ImportFailed(N_("{file}: the first line should name the columns, it is empty"), file=path.name)
     guessed = guess_mapping(header)
     for name, target in (mapping or {}).items():
         if name not in guessed:
             raise ImportFailed(
-                f"mapping names column {name!r}, which the file does not have ({', '.join(header)})"
+                N_("mapping names column {name!r}, which the file does not have ({columns})"),
+                name=name,
+                columns=", ".join(header),
             )
         if target not in (*FIELDS, "attribute", "ignore"):
-            raise ImportFailed(f"column {name!r} cannot map to {target!r}; choose one of {', '.join(FIELDS)}")
+            raise ImportFailed(
+                N_("column {name!r} cannot map to {target!r}; choose one of {fields}"),
+                name=name,
+                target=target,
+                fields=", ".join(FIELDS),
+            )
         guessed[name] = target
     return FileFormat(encoding=encoding, delimiter=delimiter, header=header, mapping=guessed)
 
@@ -526,8 +579,12 @@ def run(
     fmt = sniff(path, options.mapping)
     if fmt.unmapped_phone:
         raise ImportFailed(
-            f"{path.name}: no column is mapped to the phone number (columns: {', '.join(fmt.header)}); "
-            "name the phone column in the mapping"
+            N_(
+                "{file}: no column is mapped to the phone number (columns: {columns}); "
+                "name the phone column in the mapping"
+            ),
+            file=path.name,
+            columns=", ".join(fmt.header),
         )
     sha = file_sha256(path)
     batch_key = hashlib.sha256(f"{sha}\n{options.as_json()}".encode()).hexdigest()
@@ -544,7 +601,7 @@ def run(
         conn.execute(_STAGING_DDL)
         rows_read = _stage(conn, path, fmt, options.default_region, processes)
         if rows_read == 0:
-            raise ImportFailed(f"{path.name}: the header was read but no data rows follow it")
+            raise ImportFailed(N_("{file}: the header was read but no data rows follow it"), file=path.name)
         conn.execute("begin immediate")
         try:
             counts = _plan(conn)
@@ -621,6 +678,15 @@ _PART_DDL = f"create table rows ({', '.join(STAGING_COLUMNS)})"
 _worker_state: tuple[_RowBuilder, Path, FileFormat] | None = None
 
 
+def _unreadable(path: Path, row: int, reason: object) -> ImportFailed:
+    return ImportFailed(
+        N_("{file}: cannot read the file after row {row}: {reason}"),
+        file=path.name,
+        row=row,
+        reason=str(reason),
+    )
+
+
 class _Unreadable(Exception):
     """Raised in a worker: (rows read before the failure, what failed)."""
 
@@ -639,7 +705,7 @@ def _stage(conn: sqlite3.Connection, path: Path, fmt: FileFormat, region: str, p
             conn.executemany(insert, rows)
             total += len(rows)
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise ImportFailed(f"{path.name}: cannot read the file after row {total + 1}: {exc}") from None
+        raise _unreadable(path, total + 1, exc) from None
     return total
 
 
@@ -748,9 +814,7 @@ def _stage_in_workers(
             total += future.result()
         except _Unreadable as exc:
             read, reason = exc.args
-            raise ImportFailed(
-                f"{path.name}: cannot read the file after row {total + read + 1}: {reason}"
-            ) from None
+            raise _unreadable(path, total + read + 1, reason) from None
         conn.execute("attach database ? as part", (part,))
         try:
             conn.execute(f"insert into temp.import_staging ({columns}) select {columns} from part.rows")
@@ -776,7 +840,7 @@ def _stage_in_workers(
                 take(*pending.popleft())
         except (UnicodeDecodeError, csv.Error) as exc:  # parsing here, for a file read in rows
             pool.shutdown(wait=True, cancel_futures=True)
-            raise ImportFailed(f"{path.name}: cannot read the file after row {total + 1}: {exc}") from None
+            raise _unreadable(path, total + 1, exc) from None
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -806,7 +870,7 @@ def _plan(conn: sqlite3.Connection) -> dict:
     """)
     conn.execute("""
         update import_staging
-        set reject_reason = 'duplicate_in_file', reject_detail = 'kept line ' || d.kept_line, outcome = null
+        set reject_reason = 'duplicate_in_file', reject_detail = d.kept_line, outcome = null
         from import_duplicates as d
         where import_staging.line = d.line
     """)
@@ -891,7 +955,7 @@ def _apply(conn: sqlite3.Connection, stamp: str, counts: dict) -> None:
                 "select name, sql from sqlite_master where type = 'index' and tbl_name = 'contacts'"
                 " and sql is not null"
             ).fetchall()
-    for name, _ in indexes:
+    for name, _sql in indexes:
         conn.execute(f'drop index "{name}"')
     conn.execute(
         """
@@ -910,7 +974,7 @@ def _apply(conn: sqlite3.Connection, stamp: str, counts: dict) -> None:
         """,
         (stamp, stamp),
     )
-    for _, sql in indexes:
+    for _name, sql in indexes:
         conn.execute(sql)
     if not counts["updated"]:
         return
@@ -1010,6 +1074,14 @@ def neutralise(cell: str) -> str:
     return "'" + cell if cell.startswith(_FORMULA_START) else cell
 
 
+def explain(reason: str, detail: str | None = None) -> str:
+    """What a reject reason (and its detail) means, in the current language."""
+    text = _(REASON_TEXT[reason]) if reason in REASON_TEXT else reason
+    if detail and reason in _DETAIL_TEXT:
+        detail = _(_DETAIL_TEXT[reason]).format(line=detail)
+    return f"{text} ({detail})" if detail else text
+
+
 def _write_rejects(
     conn: sqlite3.Connection,
     fmt: FileFormat,
@@ -1036,7 +1108,7 @@ def _write_rejects(
             if len(kept) < sample:
                 kept.append(Rejected(line, reason, detail, cells))
             if out is not None:
-                explanation = REASON_TEXT.get(reason, reason) + (f" ({detail})" if detail else "")
+                explanation = explain(reason, detail)
                 out.writerow([line, reason, explanation, *(neutralise(c) for c in cells)])
     finally:
         if handle is not None:

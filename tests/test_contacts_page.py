@@ -5,10 +5,22 @@ from __future__ import annotations
 import csv
 
 import pytest
-from apptest import APP, clear_caches, open_page
+from apptest import APP, clear_caches
 from streamlit.testing.v1 import AppTest
 
-from smsops import consent, contacts, importer, store
+from smsops import consent, contacts, i18n, importer, store
+
+
+def open_page(page: str, timeout: float = 60) -> AppTest:
+    """The app, then ``pages/<page>.py`` in it, failing on an exception. Unlike
+    ``apptest.open_page`` (which switches before the first run, so the page runs alone), app.py
+    runs first: it sets the language (``SMSOPS_LANGUAGE``) the page then speaks."""
+    at = AppTest.from_file(str(APP), default_timeout=timeout)
+    at.run()
+    at.switch_page(f"pages/{page}.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
 
 
 @pytest.fixture(autouse=True)
@@ -16,6 +28,13 @@ def fresh_caches():
     clear_caches()
     yield
     clear_caches()
+
+
+@pytest.fixture(autouse=True)
+def english():
+    """What smsops.contacts says follows the current language: these tests read it in English."""
+    with i18n.language("en"):
+        yield
 
 
 @pytest.fixture
@@ -172,7 +191,7 @@ def test_search_reads_missing_numbers_and_names_as_none_never_nan(gaps):
     assert found.loc[12, "name"] == "—" and found.loc[12, "phone"] == "+7 916 ***-**-67"
     assert found.loc[13, "name"] == "Галина" and found.loc[14, "name"] == "Орлова"
     assert found.loc[11, "city"] is None and found.loc[11, "external_id"] is None
-    assert found.loc[12, "marketing"] == "opted in" and found.loc[11, "marketing"] == "no consent recorded"
+    assert found.loc[12, "marketing"] == "opted_in" and found.loc[11, "marketing"] == "no_consent"
     assert contacts.search("", reveal=True, home=gaps).set_index("contact_id").loc[11, "phone"] == "—"
     assert list(contacts.search("галина", home=gaps)["contact_id"]) == [13]
     assert list(contacts.search("орлова", home=gaps)["contact_id"]) == [14]
@@ -234,3 +253,141 @@ def test_a_failing_search_leaves_the_import_tab_usable(home):
     at.run()
     assert at.exception  # the Find tab reports the damaged store: nothing hides it
     assert at.get("file_uploader"), "the Import tab is still drawn"
+
+
+# --- In Russian: labels, not codes -----------------------------------------------------------
+
+CODES = {
+    "opted_in", "opted_out", "no_consent", "marketing", "service", "opt_in", "opt_out", "import", "admin",
+    "promo", "planned", "submitted", "suppressed", "quiet_hours", "delivered", "stop", "mobile", "m", "f",
+}  # fmt: skip
+RAW = {"None", "nan", "NaN", "<NA>", "NaT", "null"}
+
+
+def _cells(at) -> set[str]:
+    cells = set()
+    for table in [*at.dataframe, *at.table]:
+        frame = table.value
+        cells |= {str(v).strip() for v in frame.to_numpy().ravel()}
+    return cells
+
+
+def test_contacts_page_reads_in_russian_with_labels_not_codes(gaps, monkeypatch):
+    monkeypatch.setenv("SMSOPS_LANGUAGE", "ru")
+    at = open_page("contacts")
+    assert [t.value for t in at.title] == ["Контакты"]
+    assert {"Найти контакт", "Импорт файла"} <= {t.label for t in at.tabs}
+    assert any(c.value.startswith("4 контакта") for c in at.caption)
+    listed = at.dataframe[0].value.set_index("name")
+    assert listed.loc["Орлова", "marketing"] == "согласие не записано"
+    assert listed.loc["Орлова", "created_at"] == "01.03.2025, 13:00"  # 10:00 UTC in Moscow
+    at.selectbox(key="contact_pick").set_value(12).run()  # a number with consent, messages, a reply
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics == {
+        "Номер": "+7 916 \\*\\*\\*-\\*\\*-67",
+        "Согласие на рекламу": "согласие есть",
+        "Сообщения": "2",
+    }
+    messages = next(t.value for t in at.dataframe if "state" in t.value.columns)
+    assert set(messages["state"]) == {"передано оператору", "не отправлено"}
+    assert set(messages["kind"]) == {"реклама"} and "0,50 ₽" in set(messages["price"])
+    history = next(t.value for t in at.dataframe if "action" in t.value.columns)
+    assert history.iloc[0][["purpose", "action", "source"]].tolist() == [
+        "рекламные рассылки",
+        "дал согласие",
+        "импорт",
+    ]
+    cells = _cells(at)
+    assert not cells & RAW, cells & RAW
+    assert not cells & CODES, cells & CODES
+    assert "quiet_hours" not in " ".join(cells)
+    assert [b.label for b in at.button if b.label.startswith("Записать")] == ["Записать отписку"]
+    at.selectbox(key="contact_pick").set_value(11).run()  # nothing but the row itself
+    assert not at.exception, at.exception
+    assert any(w.value == "На этот номер нельзя отправить SMS: недействительный номер." for w in at.warning)
+    assert not _cells(at) & (RAW | CODES)
+
+
+# --- Import: the outcome, the build that brings the contacts to segments, the consent choice ----
+
+CRM = (
+    "Код клиента;Телефон;Имя;Фамилия;Город\r\n"
+    "K-7;+7 915 000 11 22;Дарья;Котова;Тула\r\n"
+    "K-8;+7 916 222 33 44;Егор;Лисин;Москва\r\n"
+    "K-9;нет;Жанна;Ли;\r\n"
+).encode("cp1251")
+
+
+def upload(at, data: bytes = CRM, name: str = "crm.csv"):
+    at.file_uploader(key="import_upload").set_value((name, data, "text/csv")).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def said(at) -> list[str]:
+    return [e.value for e in [*at.success, *at.info, *at.warning, *at.error, *at.markdown, *at.caption]]
+
+
+def test_an_import_shows_its_outcome_and_builds_the_warehouse_in_the_background(home):
+    at = upload(open_page("contacts"))
+    assert {m.label: m.value for m in at.metric} == {
+        "New": "2",
+        "Updated": "0",
+        "Unchanged": "0",
+        "Rejected": "1",
+    }
+    at.checkbox(key="consent_declared").check().run()
+    at.text_input(key="consent_source").input("signup form on the site").run()
+    assert any("Marketing consent will be recorded for 2 numbers." in s for s in said(at))
+    at.button(key="import_start").click().run()
+    at.button(key="import_confirmed").click().run()
+    assert not at.exception, at.exception
+
+    # the outcome of this import, not "imported before" about it
+    assert any(s.startswith("Imported crm.csv: 2 new, 0 updated, 0 unchanged, 1 rejected.") for s in said(at))
+    assert any("Marketing consent recorded for 2 numbers." in s for s in said(at))
+    assert not any("imported before" in s for s in said(at))
+    assert "import_start" not in [b.key for b in at.button]
+    # the build started by itself, and its progress says when the contacts can be targeted
+    assert [s.label for s in at.status] == ["Rebuilding the warehouse with the new contacts…"]
+    assert any(
+        "can be targeted in segments and campaigns when this build is published" in s for s in said(at)
+    )
+    build = at.session_state["last_import"]["build"]
+    try:
+        assert build.wait(timeout=300) == 0
+    finally:
+        if build.poll() is None:
+            build.kill()
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.status
+    assert any(s.startswith("The new contacts can be targeted now") for s in said(at))
+    assert not any("imported before" in s for s in said(at))
+    from smsops import warehouse
+
+    marts = warehouse.query("select first_name, is_reachable_marketing from dim_contacts order by first_name")
+    assert marts.values.tolist() == [["Дарья", True], ["Егор", True]]
+
+
+def test_a_file_imported_in_an_earlier_session_is_still_said_to_change_nothing(home, tmp_path):
+    path = tmp_path / "crm.csv"
+    path.write_bytes(CRM)
+    importer.run(path, importer.Options(mapping=importer.sniff(path).mapping), home=home)
+    at = upload(open_page("contacts"))
+    assert any("This file was imported before with the same settings" in s for s in said(at))
+    assert "import_start" not in [b.key for b in at.button]
+
+
+def test_the_consent_choice_says_what_it_means_where_it_is_made(home):
+    at = upload(open_page("contacts"))
+    explained = " ".join(c.value for c in at.caption)
+    assert "get service messages only" in explained and "left out of promotions" in explained
+    assert "where the proof is kept are stored with it" in explained and "38-FZ" in explained
+    assert any("will get service messages only" in c.value for c in at.caption)  # unticked: what it means
+    at.checkbox(key="consent_declared").check().run()
+    assert any("Say where they agreed" in w.value for w in at.warning)
+    assert "import_start" not in [b.key for b in at.button]  # no source: nothing to record it with
+    at.text_input(key="consent_source").input("loyalty card form").run()
+    assert not at.warning and "import_start" in [b.key for b in at.button]

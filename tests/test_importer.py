@@ -12,7 +12,7 @@ from datetime import datetime
 
 import pytest
 
-from smsops import importer, store, warehouse
+from smsops import i18n, importer, store, warehouse
 
 HEADER_RU = ["Телефон", "Имя", "Фамилия", "Город", "Пол", "Дата рождения", "Карта лояльности"]
 ROWS_RU = [
@@ -24,6 +24,13 @@ ROWS_RU = [
     ['=HYPERLINK("http://x")', "Хакер", "", "", "", "", ""],
     ["9161234567", "Ирина", "Ли", "Новосибирск", "F", "1985-07-01", ""],
 ]
+
+
+@pytest.fixture(autouse=True)
+def english():
+    """The rejects file explains each reason in the current language: these tests read English."""
+    with i18n.language("en"):
+        yield
 
 
 def write_csv(path, header, rows, *, encoding="utf-8", delimiter=","):
