@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 
 import pytest
 from apptest import APP, clear_caches
@@ -391,3 +393,31 @@ def test_the_consent_choice_says_what_it_means_where_it_is_made(home):
     assert "import_start" not in [b.key for b in at.button]  # no source: nothing to record it with
     at.text_input(key="consent_source").input("loyalty card form").run()
     assert not at.warning and "import_start" in [b.key for b in at.button]
+
+
+def stop(build) -> None:
+    """End a build a test started and does not need (its whole process group: the CLI and dbt)."""
+    if build.poll() is None:
+        os.killpg(build.pid, signal.SIGTERM)
+    build.wait()
+
+
+def test_consent_can_be_recorded_for_a_file_imported_without_it(home):
+    at = upload(open_page("contacts"))
+    at.button(key="import_start").click().run()
+    at.button(key="import_confirmed").click().run()
+    stop(at.session_state["last_import"]["build"])
+    assert any(
+        "No marketing consent was declared: these contacts get service messages only." in s for s in said(at)
+    )
+    at.checkbox(key="consent_declared").check().run()
+    at.text_input(key="consent_source").input("loyalty card form").run()
+    counts = {m.label: m.value for m in at.metric if m.label in ("New", "Updated", "Unchanged")}
+    assert counts == {"New": "0", "Updated": "0", "Unchanged": "2"}
+    assert at.button(key="import_start").label == "Record marketing consent for 2 numbers"
+    at.button(key="import_start").click().run()
+    at.button(key="import_confirmed").click().run()
+    stop(at.session_state["last_import"]["build"])
+    assert any("Marketing consent recorded for 2 numbers." in s for s in said(at))
+    conn = store.connect(store.store_path(home))
+    assert consent.may_send(conn, "+79150001122", "promo") == (True, None)
