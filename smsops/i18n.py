@@ -74,7 +74,8 @@ _fallback: Callable[[], str | None] | None = None
 
 class _Current:
     """The current language: this context's, else the fallback's (a fragment rerun runs in a
-    fresh thread, without the context the app's script run set), else Russian."""
+    fresh thread, without the context the app's script run set), else the deployment's
+    (``SMSOPS_LANGUAGE``), else Russian."""
 
     def get(self) -> str:
         code = _language.get()
@@ -83,7 +84,7 @@ class _Current:
                 code = _fallback()
             except Exception:  # outside an app run: no session to ask
                 code = None
-        return code if code in LANGUAGES else LANGUAGES[0]
+        return code if code in LANGUAGES else choose(None)  # the deployment's, else Russian
 
     def set(self, code: str) -> contextvars.Token[str | None]:
         return _language.set(code)
