@@ -387,11 +387,11 @@ def apply_pending(
             "select exists (select 1 from entries where entry_id > ?)", (row[0] if row else 0,)
         ).fetchone()[0]:
             through = row[0] if row else 0
-            if (
-                not nested
-                and jconn.execute(
+            if not nested and (
+                jconn.execute(
                     "select exists (select 1 from entries where entry_id <= ?)", (through,)
                 ).fetchone()[0]
+                or _log_size(jconn)  # an empty journal whose truncation met a reader: again
             ):
                 _prune(jconn, through)  # applied by someone else (an erasure) and left here
             return ApplyReport(through=through)  # nothing new: no write lock taken
@@ -444,14 +444,29 @@ def apply_pending(
             jconn.close()
 
 
+def _log_size(jconn: sqlite3.Connection) -> int:
+    """Bytes in the journal's write-ahead log (0 once truncated)."""
+    path = jconn.execute("pragma database_list").fetchone()[2]
+    try:
+        return os.path.getsize(f"{path}-wal")
+    except OSError:
+        return 0
+
+
 def _prune(jconn: sqlite3.Connection, through: int) -> None:
     """Delete applied entries (zeroed on disk); an empty journal's log is truncated too."""
     try:
         with store.transaction(jconn):
             jconn.execute("delete from entries where entry_id <= ?", (through,))
             empty = jconn.execute("select not exists (select 1 from entries)").fetchone()[0]
-        if empty:
-            jconn.execute("pragma wal_checkpoint(truncate)").fetchall()
+        if empty:  # without waiting: while a truncation waits for a reader, no writer (no
+            # webhook's answer) may go on; the idle applier tries again (apply_pending)
+            (timeout,) = jconn.execute("pragma busy_timeout").fetchone()
+            jconn.execute("pragma busy_timeout = 0")
+            try:
+                jconn.execute("pragma wal_checkpoint(truncate)").fetchall()
+            finally:
+                jconn.execute(f"pragma busy_timeout = {int(timeout)}")
     except sqlite3.OperationalError as exc:  # the next pass prunes them: they are applied already
         log.warning("could not prune the ingress journal: %s", exc)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx
+from starlette.types import Receive, Scope, Send
 
 from smsops import ingress, store, webhooks
 from smsops.providers import SANDBOX_AUTH_TOKEN, StatusUpdate, from_config
@@ -276,11 +277,30 @@ def run_unlocked(home: Path, url: str, load: Load) -> dict:
     started = time.monotonic()
     figures = generator.go()
     ended = time.monotonic()
-    figures["load_ended_s_after_lock"] = None
     applied, figures["after"] = wait_until_applied(home, load.expected(), 30)
     figures["applied_s_after_load"] = round(applied, 3)
     figures["load_s"] = round(ended - started, 3)
     return figures
+
+
+async def _no_op(scope: Scope, receive: Receive, send: Send) -> None:
+    """Reads each request and answers 200 "ok" at once: what this machine can do at best."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def run_no_op(load: Load) -> dict:
+    """The same load against an app that does nothing (uvicorn in a thread, as the receiver):
+    the floor under the receiver's figures on this machine at this moment."""
+    with serve_in_thread(_no_op) as server:
+        return Generator(server.url, load).go()
 
 
 def lost(load: Load, after: dict[str, int]) -> int:
@@ -398,6 +418,10 @@ def test_while_another_process_holds_the_write_lock_everything_is_answered_at_on
     assert figures["answered"] == figures["requests"] and not figures["errors"], report
     assert set(figures["statuses"]) <= {"200", "302"}, report  # none refused, none ≥ 500
     assert figures["statuses"]["302"] == SMALL.clicks
+    if figures["p99_ms"] > P99_MS:  # say whether the machine could have done better at all
+        floor = run_no_op(SMALL)
+        report += f"; an app that does nothing, same load, now: p99 {floor['p99_ms']} ms"
+        report += f"; load average {os.getloadavg()}"
     assert figures["p99_ms"] <= P99_MS, report
     # while the lock was held: everything answered was journaled, nothing applied
     assert figures["while_locked"] == {k: 0 for k in SMALL.expected()} | {"journal_entries": answered}
@@ -674,3 +698,40 @@ def test_a_journal_another_connection_is_making_right_now_is_waited_for_not_refu
     finally:
         conn.close()
         other.close()
+
+
+def test_a_reader_of_the_journal_never_holds_up_an_answer_and_the_log_is_truncated_after_it(home):
+    # Truncating the journal's log once it is empty waits for every reader to leave the log and,
+    # while it waits, holds off every writer: every receipt's answer. Measured before the fix:
+    # with one reader's snapshot open (an operator's `sqlite3` shell, a backup tool), each
+    # receipt after the first waited 30 s (the journal's busy timeout) for its 200.
+    outbox(home, 10)
+    app = webhooks.create_app({"sandbox": from_config("sandbox", {})}, home=home)
+    with serve_in_thread(app) as server, httpx.Client(timeout=10) as client:
+        url = server.url + "/webhooks/sandbox/status"
+
+        def post(i: int) -> float:
+            form = {"MessageSid": sid(i), "MessageStatus": "sent"}
+            headers = {"X-Twilio-Signature": request_signature(SANDBOX_AUTH_TOKEN, url, form)}
+            started = time.monotonic()
+            assert client.post(url, data=form, headers=headers).status_code == 200
+            return time.monotonic() - started
+
+        post(0)
+        assert app.state.applier.drain(timeout=20)
+        reader = sqlite3.connect(ingress.journal_path(home), isolation_level=None)
+        reader.execute("begin")
+        reader.execute("select count(*) from entries").fetchone()  # its snapshot stays open
+        took = []
+        for i in range(1, 4):
+            took.append(post(i))
+            assert app.state.applier.drain(timeout=20)  # applied and pruned: the journal is empty
+        reader.execute("commit")
+        reader.close()
+        assert max(took) < 1.0, took
+        deadline = time.monotonic() + 10
+        wal = Path(f"{ingress.journal_path(home)}-wal")
+        while wal.stat().st_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert wal.stat().st_size == 0  # truncated once nobody reads an old snapshot, unasked
+    assert counts(home)["status_events"] == 4
