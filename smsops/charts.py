@@ -300,6 +300,13 @@ BREAKDOWN_RATES = {
 }
 
 
+def _in_a_sentence(name: str) -> str:
+    """A label as it reads inside a sentence: "Country" → "country", "RFM group" stays."""
+    if len(name) > 1 and name[0].isupper() and not name[1].isupper():
+        return name[0].lower() + name[1:]
+    return name
+
+
 def breakdown_chart(
     frame: pd.DataFrame, attribute_title: str, rate: str = "click_through_rate"
 ) -> alt.TopLevelMixin:
@@ -309,7 +316,9 @@ def breakdown_chart(
     if rate not in BREAKDOWN_RATES:
         raise ValueError(f"rate must be one of {', '.join(BREAKDOWN_RATES)}; got {rate!r}")
     axis_title = _(BREAKDOWN_RATES[rate])
-    title = _("{rate} by {attribute}").format(rate=_(RATE_NAMES[rate]), attribute=attribute_title.lower())
+    title = _("{rate} by {attribute}").format(
+        rate=_(RATE_NAMES[rate]), attribute=_in_a_sentence(attribute_title)
+    )
     data = frame[["value", "delivered", rate, f"{rate}_low", f"{rate}_high"]].rename(
         columns={rate: "rate", f"{rate}_low": "low", f"{rate}_high": "high"}
     )

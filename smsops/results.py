@@ -6,34 +6,73 @@ failures with what each code means, replies, the time it took people to click, a
 per-message CSV export. All figures come from one snapshot (see ``smsops.warehouse``), so
 they agree with each other; a section whose mart the snapshot does not have yet raises
 :class:`MartMissing` with what to do.
+
+The readers return the warehouse's data (codes, numbers, the reference tables' English texts);
+:func:`labelled` and :func:`shown` turn a section's frame into what a table shows in the current
+language (:mod:`smsops.i18n`): codes as labels, numbers, money, shares and times formatted, a
+missing value as "—".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import pandas as pd
+from babel import Locale
 
-from smsops import abtest, phones, warehouse
+from smsops import abtest, config, i18n, phones, warehouse
+from smsops.i18n import N_, _, ngettext
 from smsops.policy import HOLDOUT, REMAINDER
+
+if TYPE_CHECKING:
+    from pandas.io.formats.style import Styler
 
 Home = str | os.PathLike[str] | None
 
-METRICS = {"ctr": "CTR", "conversion": "conversion rate"}
-"""What a verdict can judge: clicks per delivered message, or converted recipients per delivered."""
+METRICS = {"ctr": N_("CTR"), "conversion": N_("conversion rate")}
+"""What a verdict can judge: clicks per delivered message, or converted recipients per delivered
+(labels: translate with ``i18n.label``)."""
 
 ATTRIBUTES = {
-    "country": "Country",
-    "rfm_segment": "RFM group",
-    "gender": "Gender",
-    "age_band": "Age band",
-    "region": "Region",
+    "country": N_("Country"),
+    "rfm_segment": N_("RFM group"),
+    "gender": N_("Gender"),
+    "age_band": N_("Age band"),
+    "region": N_("Region"),
 }
 """The contact attributes ``fct_campaign_segment_performance`` breaks a campaign down by."""
+
+CAMPAIGN_STATUSES = {
+    "draft": N_("draft"),
+    "scheduled": N_("scheduled"),
+    "running": N_("sending"),
+    "paused": N_("paused"),
+    "finished": N_("finished"),
+    "cancelled": N_("cancelled"),
+}
+RFM_GROUPS = {
+    "champions": N_("Champions"),
+    "loyal": N_("Loyal"),
+    "new": N_("New"),
+    "at_risk": N_("At risk"),
+    "hibernating": N_("Hibernating"),
+    "needs_attention": N_("Needs attention"),
+    "no_orders": N_("No orders yet"),
+}
+GENDERS = {"f": N_("female"), "m": N_("male")}
+PROVIDERS = {"sandbox": N_("Sandbox (simulator)"), "twilio": "Twilio", "smsru": "SMS.ru", "smsc": "SMSC.ru"}
+KEYWORDS = {"stop": N_("opt-out (STOP)"), "start": N_("opt-in (START)"), "help": N_("help")}
+VARIANTS = {HOLDOUT: N_("control group"), REMAINDER: N_("rest of the audience")}
+"""Labels of the codes the Results page's tables hold (variant names other than these stay as
+they are)."""
+UNKNOWN_VALUE = "unknown"
+"""What the breakdown mart writes for a contact without the attribute."""
 
 FAILED_STATUSES = ("rejected", "undelivered", "failed")
 
@@ -84,10 +123,14 @@ def require_columns(needed: dict[str, Iterable[str]], section: str, home: Home =
     if missing:
         snap = warehouse.current(home)
         build = snap.build_id if snap else "?"
-        named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        named = ", ".join(missing[:3])
+        if len(missing) > 3:
+            named = _("{named} and {n} more").format(named=named, n=len(missing) - 3)
         raise MartMissing(
-            f"{section} needs {named}, which warehouse build {build} does not have: "
-            "refresh the metrics (or run `smsops build`) with the current dbt project."
+            _(
+                "{section} needs {named}, which warehouse build {build} does not have: "
+                "refresh the metrics (or run `smsops build`) with the current dbt project."
+            ).format(section=_(section), named=named, build=build)
         )
 
 
@@ -124,6 +167,17 @@ def campaigns_with_results(home: Home = None) -> pd.DataFrame:
     for column in ("revenue", "cost"):
         frame[column] = frame[column].fillna(0.0).astype(float)
     return frame
+
+
+def campaign_label(row) -> str:
+    """A row of :func:`campaigns_with_results` as a person picks it: name, id, status and
+    launch date, in the current language."""
+    return _("{name} (id {id}, {status}, launched {date})").format(
+        name=row.campaign_name,
+        id=row.campaign_id,
+        status=i18n.label(CAMPAIGN_STATUSES, row.campaign_status),
+        date=i18n.date(row.launched_at),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,8 +246,9 @@ class Funnel:
         return _rate(self.cost, self.conversions)
 
     def stages(self) -> pd.DataFrame:
-        """The funnel as rows: stage, recipients, share of sent, share of the stage before."""
-        names = ("Sent", "Delivered", "Clicked", "Converted")
+        """The funnel as rows: stage (its name in the current language), recipients, share of
+        sent, share of the stage before."""
+        names = (_("Sent"), _("Delivered"), _("Clicked"), _("Converted"))
         counts = (self.sent, self.delivered, self.clicked, self.converted)
         previous = (self.sent, *counts[:-1])
         return pd.DataFrame(
@@ -257,8 +312,9 @@ def funnel(campaign_id: int, home: Home = None) -> Funnel:
     if not row.variant_rows:
         snap = warehouse.current(home)
         raise CampaignNotInBuild(
-            f"campaign {campaign_id} is not in warehouse build {snap.build_id if snap else '?'}: "
-            "if it was launched since, refresh the metrics"
+            _(
+                "campaign {id} is not in warehouse build {build}: if it was launched since, refresh the metrics"
+            ).format(id=campaign_id, build=snap.build_id if snap else "?")
         )
     ints = {f.name for f in dataclasses.fields(Funnel)} - {
         "campaign_id", "campaign_name", "campaign_status", "launched_at", "revenue", "cost", "prefetch_clicks",
@@ -301,7 +357,7 @@ order by variant
 def variants(campaign_id: int, home: Home = None) -> pd.DataFrame:
     """One row per variant (holdout and the not-yet-sent remainder left out): counts, each rate
     with its 95% interval (``_low``/``_high``), cost per conversion and ROI."""
-    require_columns({"fct_campaign_performance": VARIANT_COLUMNS}, "Comparing variants", home)
+    require_columns({"fct_campaign_performance": VARIANT_COLUMNS}, N_("Comparing variants"), home)
     return warehouse.query(VARIANTS_SQL, [int(campaign_id), HOLDOUT, REMAINDER], home=home)
 
 
@@ -319,13 +375,20 @@ order by variant
 
 
 def _confidence(value: float) -> str:
-    return "over 99%" if value >= 0.995 else f"{value:.0%}"
+    if value >= 0.995:
+        return _("over {share}").format(share=i18n.percent(0.99, 0))
+    return i18n.percent(value, 0)
+
+
+def _pct(value: float) -> str:
+    return i18n.percent(value, 1)
 
 
 def verdict(campaign_id: int, metric: str = "ctr", home: Home = None) -> abtest.Verdict | None:
     """Which variant wins on ``metric`` (``ctr`` or ``conversion``) and how sure that is, as
-    ``abtest.compare`` decides it, with a plain message: "B beats A on CTR with 97%
-    confidence", or how many more recipients it would take. None for a single variant."""
+    ``abtest.compare`` decides it, with a plain message in the current language: "B beats A on
+    CTR with 97% confidence", or how many more recipients it would take. None for a single
+    variant."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
     frame = warehouse.query(VARIANT_COUNTS_SQL, [int(campaign_id), HOLDOUT, REMAINDER], home=home)
@@ -333,38 +396,59 @@ def verdict(campaign_id: int, metric: str = "ctr", home: Home = None) -> abtest.
         return None
     column = "clicks" if metric == "ctr" else "converted_recipients"
     counts = {r.variant: (int(getattr(r, column)), int(r.delivered)) for r in frame.itertuples(index=False)}
-    label = METRICS[metric]
+    label = i18n.label(METRICS, metric)
     result = abtest.compare(counts, metric=label)
     return dataclasses.replace(result, message=verdict_message(result, label))
 
 
 def verdict_message(result: abtest.Verdict, label: str) -> str:
-    """The verdict in one sentence a marketer can repeat."""
+    """The verdict in one sentence a marketer can repeat, in the current language."""
     best, runner = result.arms[0], result.arms[1]
     if not best.trials or not runner.trials:
-        return f"Not enough delivered messages to compare {label} yet."
+        return _("Not enough delivered messages to compare {metric} yet.").format(metric=label)
     if result.winner is not None:
-        others = " and ".join(a.name for a in result.arms[1:])
-        return (
-            f"{best.name} beats {others} on {label} with {_confidence(result.confidence)} confidence "
-            f"({best.rate:.1%} against {runner.rate:.1%} for {runner.name})."
-        )
+        others = _(" and ").join(a.name for a in result.arms[1:])
+        return _(
+            "{best} beats {others} on {metric} with {confidence} confidence "
+            "({best_rate} against {runner_rate} for {runner})."
+        ).format(
+            best=best.name, others=others, metric=label, confidence=_confidence(result.confidence),
+            best_rate=_pct(best.rate), runner_rate=_pct(runner.rate), runner=runner.name,
+        )  # fmt: skip
     if result.needed_per_arm is None:
-        return f"No difference on {label} so far: {best.name} and {runner.name} both at {best.rate:.1%}."
+        return _("No difference on {metric} so far: {best} and {runner} both at {rate}.").format(
+            metric=label, best=best.name, runner=runner.name, rate=_pct(best.rate)
+        )
     have = min(best.trials, runner.trials)
     more = result.needed_per_arm - have
-    standing = (
-        f"{best.name} {best.rate:.1%} vs {runner.name} {runner.rate:.1%}, "
-        f"{_confidence(result.confidence)} confidence"
-    )
+    standing = _("{best} {best_rate} vs {runner} {runner_rate}, {confidence} confidence").format(
+        best=best.name, best_rate=_pct(best.rate), runner=runner.name, runner_rate=_pct(runner.rate),
+        confidence=_confidence(result.confidence),
+    )  # fmt: skip
     if more <= 0:
-        return (
-            f"No significant difference on {label} ({standing}); the sample is already about the size "
+        return _(
+            "No significant difference on {metric} ({standing}); the sample is already about the size "
             "that would show one, so the variants perform about the same."
-        )
-    return (
-        f"No significant difference on {label} yet ({standing}); about {more:,} more recipients "
-        f"per variant needed ({result.needed_per_arm:,} each in all)."
+        ).format(metric=label, standing=standing)
+    return _(
+        "No significant difference on {metric} yet ({standing}); about {more} more recipients "
+        "per variant needed ({needed} each in all)."
+    ).format(
+        metric=label, standing=standing, more=i18n.number(more), needed=i18n.number(result.needed_per_arm)
+    )
+
+
+def arms_frame(result: abtest.Verdict) -> pd.DataFrame:
+    """The verdict's variants as rows (for a build without the variants mart): ``variant``,
+    ``delivered``, ``observed_rate`` and its 95% interval (``_low``/``_high``)."""
+    return pd.DataFrame(
+        {
+            "variant": [a.name for a in result.arms],
+            "delivered": [a.trials for a in result.arms],
+            "observed_rate": [a.rate for a in result.arms],
+            "observed_rate_low": [a.low for a in result.arms],
+            "observed_rate_high": [a.high for a in result.arms],
+        }
     )
 
 
@@ -397,17 +481,57 @@ class Uplift:
         return self.uplift_low > 0 or self.uplift_high < 0
 
     @property
+    def incremental_conversions_low(self) -> float | None:
+        """The low end of the 95% interval of :attr:`incremental_conversions`."""
+        return None if self.uplift_low is None else self.uplift_low * self.treatment_recipients
+
+    @property
+    def incremental_conversions_high(self) -> float | None:
+        return None if self.uplift_high is None else self.uplift_high * self.treatment_recipients
+
+    @property
     def message(self) -> str:
+        """What the uplift says, in the current language."""
         if self.uplift is None:
-            return "Uplift cannot be measured yet: no delivered messages or an empty holdout."
-        points = f"{self.uplift * 100:+.1f} percentage points"
+            return _("Uplift cannot be measured yet: no delivered messages or an empty holdout.")
+        points = _("{points} percentage points").format(points=_signed(self.uplift * 100, 1))
         interval = ""
         if self.uplift_low is not None and self.uplift_high is not None:
-            interval = f" (95% interval {self.uplift_low * 100:+.1f} to {self.uplift_high * 100:+.1f})"
+            interval = _(" (95% interval {low} to {high})").format(
+                low=_signed(self.uplift_low * 100, 1), high=_signed(self.uplift_high * 100, 1)
+            )
         if self.significant:
-            direction = "raised" if self.uplift > 0 else "lowered"
-            return f"Messaging {direction} conversion by {points}{interval} against the holdout."
-        return f"No significant uplift over the holdout yet: {points}{interval}; the interval includes zero."
+            if self.uplift > 0:
+                text = _("Messaging raised conversion by {points}{interval} against the holdout.")
+            else:
+                text = _("Messaging lowered conversion by {points}{interval} against the holdout.")
+            return text.format(points=points, interval=interval)
+        return _(
+            "No significant uplift over the holdout yet: {points}{interval}; the interval includes zero."
+        ).format(points=points, interval=interval)
+
+
+def _signed(value: float, digits: int = 0) -> str:
+    """``+1.5`` / ``−2`` in the locale's digits, with a true minus sign."""
+    rounded = round(value, digits)
+    text = i18n.number(abs(rounded), digits)
+    if rounded > 0:
+        return "+" + text
+    return "−" + text if rounded < 0 else text
+
+
+def incremental_conversions_text(lift: Uplift) -> tuple[str, str]:
+    """The uplift's extra converted recipients as a page shows them: a whole, signed estimate
+    (``+13``) and a sentence with what it is and its 95% interval."""
+    if lift.incremental_conversions is None:
+        return i18n.MISSING, _("Cannot be estimated yet: no delivered messages or an empty holdout.")
+    estimate = _signed(lift.incremental_conversions)
+    if lift.incremental_conversions_low is None or lift.incremental_conversions_high is None:
+        return estimate, _("An estimate: converted recipients beyond what the holdout's rate predicts.")
+    return estimate, _(
+        "An estimate: converted recipients beyond what the holdout's rate predicts; "
+        "95% interval {low} to {high}."
+    ).format(low=_signed(lift.incremental_conversions_low), high=_signed(lift.incremental_conversions_high))
 
 
 UPLIFT_COLUMNS = tuple(f.name for f in dataclasses.fields(Uplift))
@@ -429,7 +553,7 @@ def _opt(value, cast):
 
 def uplift(campaign_id: int, home: Home = None) -> Uplift | None:
     """Uplift over the holdout, or None when the campaign kept no holdout."""
-    require_columns({"fct_campaign_uplift": UPLIFT_COLUMNS}, "Uplift over the holdout", home)
+    require_columns({"fct_campaign_uplift": UPLIFT_COLUMNS}, N_("Uplift over the holdout"), home)
     frame = warehouse.query(UPLIFT_SQL, [int(campaign_id)], home=home)
     if frame.empty:
         return None
@@ -467,19 +591,30 @@ def breakdown(campaign_id: int, attribute: str = "country", home: Home = None) -
         raise ValueError(f"attribute must be one of {', '.join(ATTRIBUTES)}; got {attribute!r}")
     require_columns(
         {"fct_campaign_segment_performance": ("campaign_id", "attribute", *BREAKDOWN_COLUMNS)},
-        "The breakdown by segment",
+        N_("The breakdown by segment"),
         home,
     )
     frame = warehouse.query(BREAKDOWN_SQL, [int(campaign_id), attribute], home=home)
-    frame["value"] = frame["value"].fillna("unknown")
+    frame["value"] = frame["value"].fillna(UNKNOWN_VALUE)
     return frame
+
+
+def value_label(attribute: str, value: str | None) -> str:
+    """A breakdown value as a person reads it: a country's name, an RFM group's or a gender's
+    label; other values (regions, age bands) as they are; "Unknown" for a missing one."""
+    if value is None or value == UNKNOWN_VALUE or pd.isna(value):
+        return _("Unknown")
+    if attribute == "country":
+        return Locale.parse(i18n.current()).territories.get(str(value), str(value))
+    table = {"rfm_segment": RFM_GROUPS, "gender": GENDERS}.get(attribute)
+    return i18n.label(table, value) if table else str(value)
 
 
 # ---------------------------------------------------------------------------------------
 # Delivery failures
 
-UNKNOWN_CODE = "Unknown code: not in the reference table of error codes"
-NO_CODE = "The provider gave no error code"
+UNKNOWN_CODE = N_("Unknown code: not in the reference table of error codes")
+NO_CODE = N_("The provider gave no error code")
 
 FAILURES_SQL = """
 with
@@ -541,10 +676,11 @@ order by failed.messages desc, failed.error_code
 
 def failures(campaign_id: int, home: Home = None) -> pd.DataFrame:
     """Messages that were not delivered, by provider and error code, with what the code means,
-    whether it is permanent and what to do; codes the reference table lacks say so."""
+    whether it is permanent and what to do (the reference table's English: :func:`labelled`
+    translates it); codes the reference table lacks say so."""
     require_columns(
         {"sms_error_codes": ("provider", "error_code", "meaning", "is_permanent", "what_to_do")},
-        "Explaining delivery failures",
+        N_("Explaining delivery failures"),
         home,
     )
     return warehouse.query(FAILURES_SQL, [int(campaign_id), NO_CODE, UNKNOWN_CODE], home=home)
@@ -566,7 +702,7 @@ order by received_at desc, inbound_id desc
 def replies(campaign_id: int, reveal: bool = False, home: Home = None) -> pd.DataFrame:
     """Replies to the campaign, newest first, with the keyword they matched (STOP…) and
     whether they read as a complaint. Phone numbers masked unless ``reveal``."""
-    require_columns({"fct_replies": ("inbound_id", "campaign_id", *REPLY_COLUMNS)}, "Replies", home)
+    require_columns({"fct_replies": ("inbound_id", "campaign_id", *REPLY_COLUMNS)}, N_("Replies"), home)
     frame = warehouse.query(REPLIES_SQL, [int(campaign_id)], home=home)
     phone = frame.pop("phone_e164")
     frame.insert(2, "phone", phone if reveal else _masked(phone))
@@ -633,6 +769,30 @@ def minutes_until(frame: pd.DataFrame, share: float = 0.5) -> int | None:
     return None if reached.empty else int(reached["minutes"].iloc[0]) + 1
 
 
+def within(minutes: int) -> str:
+    """``within 1 minute``, ``within 47 minutes``, ``within 3 hours``, ``within 2 days``: whole
+    minutes below two hours, then hours (rounded up) below two days, then days (rounded up)."""
+    if minutes < 120:
+        return ngettext("within {n} minute", "within {n} minutes", minutes).format(n=i18n.number(minutes))
+    if minutes < 48 * 60:
+        hours = math.ceil(minutes / 60)
+        return ngettext("within {n} hour", "within {n} hours", hours).format(n=i18n.number(hours))
+    days = math.ceil(minutes / (24 * 60))
+    return ngettext("within {n} day", "within {n} days", days).format(n=i18n.number(days))
+
+
+def time_to_click_summary(frame: pd.DataFrame) -> str | None:
+    """How soon the clickers clicked (from :func:`time_to_click`) in one sentence: "Half of the
+    clickers clicked within 12 minutes of sending; 90% within 3 hours." None when nobody
+    clicked."""
+    half, most = minutes_until(frame, 0.5), minutes_until(frame, 0.9)
+    if half is None or most is None:
+        return None
+    return _("Half of the clickers clicked {half} of sending; {share} {most}.").format(
+        half=within(half), share=i18n.percent(0.9, 0), most=within(most)
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Export
 
@@ -667,3 +827,63 @@ def export_csv(campaign_id: int, reveal: bool = False, home: Home = None) -> byt
     """:func:`export_frame` as CSV (UTF-8 with a byte-order mark, so spreadsheet programs read
     Cyrillic right)."""
     return export_frame(campaign_id, reveal, home).to_csv(index=False).encode("utf-8-sig")
+
+
+# ---------------------------------------------------------------------------------------
+# Tables as the page shows them
+
+MONEY_COLUMNS = ("revenue", "cost", "cost_per_conversion")
+SHARE_ENDINGS = ("_rate", "_rate_low", "_rate_high")
+PROSE_COLUMNS = ("meaning", "what_to_do")
+"""Columns holding the reference tables' English sentences, translated by the catalogue."""
+
+
+def labelled(frame: pd.DataFrame, attribute: str | None = None) -> pd.DataFrame:
+    """``frame`` with its codes as labels in the current language: providers, reply keywords,
+    the holdout and remainder variants, the breakdown's ``value`` of ``attribute``, the error
+    codes' meanings and advice; flags as yes / no. A missing value stays missing (shown as "—")."""
+    out = frame.copy()
+    codes = {"provider": PROVIDERS, "keyword": KEYWORDS, "variant": VARIANTS}
+    for column, table in codes.items():
+        if column in out:
+            out[column] = [None if _gone(v) else (_(table[v]) if v in table else v) for v in out[column]]
+    for column in PROSE_COLUMNS:
+        if column in out:
+            out[column] = [None if _gone(v) else _(str(v)) for v in out[column]]
+    if attribute is not None and "value" in out:
+        out["value"] = [value_label(attribute, v) for v in out["value"]]
+    for column in out.columns:
+        if out[column].dtype == bool or column.startswith("is_"):
+            out[column] = [None if _gone(v) else (_("yes") if v else _("no")) for v in out[column]]
+    return out
+
+
+def _gone(value: object) -> bool:
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
+def _formatter(column: str, series: pd.Series):
+    if column in MONEY_COLUMNS:
+        return lambda v: i18n.money(v, digits=0)
+    if column.endswith(SHARE_ENDINGS):
+        return lambda v: i18n.percent(v, 1)
+    if column == "roi":
+        return lambda v: i18n.number(v, 2)
+    if pd.api.types.is_datetime64_any_dtype(series):
+        zone = config.time_zone()
+        return lambda v: i18n.datetime_(v.to_pydatetime(), tz=zone)
+    if pd.api.types.is_integer_dtype(series):
+        return i18n.number
+    if pd.api.types.is_float_dtype(series):
+        return lambda v: i18n.number(v, 0) if float(v).is_integer() else i18n.number(v, 2)
+    return lambda v: str(v)
+
+
+def shown(frame: pd.DataFrame, attribute: str | None = None) -> Styler:
+    """A section's frame as a table shows it, in the current language: codes as labels
+    (:func:`labelled`), money in roubles, rates (``*_rate``, ``*_rate_low``, ``*_rate_high``)
+    as percentages, counts grouped as the locale writes them, times in the team's zone, a
+    missing value as "—". The numbers underneath stay numbers, so a column sorts as numbers."""
+    data = labelled(frame, attribute)
+    formats = {column: _formatter(column, data[column]) for column in data.columns}
+    return data.style.format(formats, na_rep=i18n.MISSING)

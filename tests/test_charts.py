@@ -212,3 +212,15 @@ def test_consent_states_are_codes_shown_as_labels():
     assert rows[0]["state"] == "Согласие на рекламу"
     for row in rows:
         assert row["state"] != row["consent_state"] and not re.search(r"[A-Za-z]", row["state"])
+
+
+def test_breakdown_title_names_the_attribute_as_written_inside_a_sentence():
+    frame = rates("click_through_rate", [0.1], key="value").assign(delivered=[10])
+    with i18n.language("en"):
+        assert charts.breakdown_chart(frame, "Country").to_dict()["title"] == "CTR by country"
+        assert charts.breakdown_chart(frame, "RFM group").to_dict()["title"] == "CTR by RFM group"
+    with i18n.language("ru"):
+        title = charts.breakdown_chart(frame, i18n.label(results.ATTRIBUTES, "rfm_segment")).to_dict()[
+            "title"
+        ]
+        assert title == "CTR по группам: RFM-группа"

@@ -430,3 +430,112 @@ def test_breakdown_chart_titles_the_attribute_and_draws_intervals():
     assert errors["mark"]["type"] == "errorbar"
     tooltip_fields = [t["field"] for t in bars["encoding"]["tooltip"]]
     assert "delivered" in tooltip_fields
+
+
+# --- what the page shows, in both languages -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("minutes", "en", "ru"),
+    [
+        (1, "within 1 minute", "в течение 1 минуты"),
+        (2, "within 2 minutes", "в течение 2 минут"),
+        (21, "within 21 minutes", "в течение 21 минуты"),
+        (119, "within 119 minutes", "в течение 119 минут"),
+        (121, "within 3 hours", "в течение 3 часов"),
+        (60 * 21, "within 21 hours", "в течение 21 часа"),
+        (60 * 49, "within 3 days", "в течение 3 дней"),
+    ],
+)
+def test_waits_are_pluralised_in_both_languages(minutes, en, ru):
+    with i18n.language("en"):
+        assert results.within(minutes) == en
+    with i18n.language("ru"):
+        assert results.within(minutes) == ru
+
+
+def clicks(minutes: list[int]) -> pd.DataFrame:
+    """A ``time_to_click`` frame of one clicker per entry of ``minutes`` (sorted)."""
+    n = len(minutes)
+    return pd.DataFrame(
+        {"minutes": minutes, "cumulative_share": [(i + 1) / n for i in range(n)]}, dtype="float64"
+    ).astype({"minutes": "int64"})
+
+
+def test_time_to_click_summary_reads_as_a_sentence():
+    frame = clicks([0] * 5 + [3] * 4 + [200])
+    with i18n.language("en"):
+        assert results.time_to_click_summary(frame) == (
+            "Half of the clickers clicked within 1 minute of sending; 90% within 4 minutes."
+        )
+    with i18n.language("ru"):
+        assert results.time_to_click_summary(frame) == (
+            "Половина перешедших перешла по ссылке в течение 1 минуты после отправки; "
+            "90 % — в течение 4 минут."
+        )
+    assert results.time_to_click_summary(clicks([])) is None
+
+
+def lift(incremental: float, low: float, high: float, recipients: int = 1000) -> results.Uplift:
+    return results.Uplift(
+        campaign_id=1, treatment_recipients=recipients, treatment_converted=100, treatment_conversion_rate=0.1,
+        holdout_recipients=50, holdout_converted=2, holdout_conversion_rate=0.04, uplift=incremental / recipients,
+        uplift_low=low, uplift_high=high, incremental_conversions=incremental, incremental_revenue=1234.5,
+    )  # fmt: skip
+
+
+def test_incremental_conversions_are_a_whole_signed_estimate_with_their_interval():
+    with i18n.language("en"):
+        value, help_ = results.incremental_conversions_text(lift(62.6, 0.01, 0.115))
+        assert value == "+63"
+        assert help_.startswith("An estimate") and "95% interval +10 to +115" in help_
+        assert results.incremental_conversions_text(lift(-2.21, -0.2, 0.045))[0] == "−2"
+    with i18n.language("ru"):
+        value, help_ = results.incremental_conversions_text(lift(62.6, 0.01, 0.115))
+        assert value == "+63" and "95%-й интервал: от +10 до +115" in help_
+
+
+def test_every_error_code_meaning_and_advice_has_its_russian_text():
+    seed = pd.read_csv(Path(__file__).resolve().parent.parent / "dbt_project/seeds/sms_error_codes.csv")
+    catalogue = i18n._catalogue("ru")
+    texts = {*seed["meaning"], *seed["what_to_do"], results.UNKNOWN_CODE, results.NO_CODE}
+    assert not [t for t in texts if t not in catalogue]
+
+
+def test_failure_table_shows_meanings_providers_and_flags_in_russian(odd_home):
+    cid = next(
+        c for c in campaign_ids(odd_home) if (results.failures(c, odd_home)["error_code"] == UNKNOWN).any()
+    )
+    failed = results.failures(cid, odd_home)
+    with i18n.language("ru"):
+        shown = results.labelled(failed)
+        unknown = shown[failed["error_code"] == UNKNOWN].iloc[0]
+        assert unknown["meaning"] == "Неизвестный код: его нет в справочнике кодов ошибок"
+        assert pd.isna(unknown["is_permanent"]) and pd.isna(unknown["what_to_do"])  # shown as "—"
+        assert set(shown["provider"]) <= {"Песочница (симулятор)", "Twilio", "SMS.ru"}
+        assert set(shown["is_permanent"].dropna()) <= {"да", "нет"}
+        cells = results.shown(failed).to_html()
+        assert "None" not in cells and "nan" not in cells and "—" in cells
+
+
+def test_breakdown_values_read_as_names_in_the_current_language():
+    with i18n.language("ru"):
+        assert results.value_label("country", "RU") == "Россия"
+        assert results.value_label("rfm_segment", "needs_attention") == "Требуют внимания"
+        assert results.value_label("region", "Москва") == "Москва"
+        assert results.value_label("age_band", results.UNKNOWN_VALUE) == "Неизвестно"
+    with i18n.language("en"):
+        assert results.value_label("country", "KZ") == "Kazakhstan"
+        assert results.value_label("gender", "f") == "female"
+
+
+def test_campaign_picker_names_status_and_date_in_the_current_language():
+    row = pd.DataFrame(
+        {"campaign_id": [7], "campaign_name": ["Осень"], "campaign_status": ["running"],
+         "launched_at": [pd.Timestamp("2026-12-05 08:00")]}
+    ).iloc[0]  # fmt: skip
+    with i18n.language("en"):
+        assert results.campaign_label(row) == "Осень (id 7, sending, launched Dec 5, 2026)"
+    with i18n.language("ru"):
+        assert results.campaign_label(row).startswith("Осень (№ 7, ")
+        assert "sending" not in results.campaign_label(row) and "2026" in results.campaign_label(row)

@@ -3,23 +3,47 @@ the background, once however often the button is clicked."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 
 import pytest
-from apptest import clear_caches, metric_values, open_page
+from apptest import APP, clear_caches, metric_values
+from streamlit.testing.v1 import AppTest
+from test_app import assert_reads_as_russian, visible_texts
 
-from smsops import campaigns, config, results, segments, store, warehouse
+from smsops import campaigns, config, i18n, results, segments, store, warehouse
 
 TEXT = "{{ first_name | default('Здравствуйте') }}, новая коллекция уже в магазине"
 
 
-def label_of(at, campaign_id: int) -> str:
-    return next(o for o in at.selectbox(key="results_pick").options if f"(id {campaign_id}," in o)
+def open_page(page: str, timeout: float = 60) -> AppTest:
+    """The app, then ``pages/<page>.py`` in it, failing on an exception: app.py runs first, so it
+    sets the language (``SMSOPS_LANGUAGE``) the page then speaks (``apptest.open_page`` switches
+    before the first run, so the page would run alone)."""
+    at = AppTest.from_file(str(APP), default_timeout=timeout)
+    at.run()
+    at.switch_page(f"pages/{page}.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def offered(at, campaign_id: int) -> int:
+    """``campaign_id``, once the campaign picker offers it (its options are ids shown as labels)."""
+    assert any(re.search(rf"\((id|№) {campaign_id},", o) for o in at.selectbox(key="results_pick").options)
+    return campaign_id
 
 
 def messages_shown(at) -> list[str]:
     return [e.value for e in [*at.success, *at.info]]
+
+
+@pytest.fixture(autouse=True)
+def english():
+    """What smsops.results says follows the current language: these tests read it in English."""
+    with i18n.language("en"):
+        yield
 
 
 @pytest.fixture
@@ -65,7 +89,7 @@ def test_the_page_shows_the_funnel_and_verdict_of_the_picked_campaign(shown_env)
     at = open_page("results", timeout=120)
     assert any(warehouse.current().build_id in c.value for c in at.caption)
     assert any("sandbox" in c.value for c in at.caption)
-    at.selectbox(key="results_pick").set_value(label_of(at, cid)).run()
+    at.selectbox(key="results_pick").set_value(offered(at, cid)).run()
     assert not at.exception, at.exception
     shown = metric_values(at)
     assert shown["Sent"] == f"{funnel.sent:,}"
@@ -121,6 +145,44 @@ def test_refresh_builds_in_the_background_once_and_shows_a_campaign_with_nothing
         at.run()
     assert not at.button(key="refresh_metrics").disabled
     assert any(warehouse.current().build_id in c.value for c in at.caption)
-    at.selectbox(key="results_pick").set_value(label_of(at, created.campaign_id)).run()
+    at.selectbox(key="results_pick").set_value(offered(at, created.campaign_id)).run()
     assert not at.exception, at.exception
     assert any("Nothing sent yet for «Only planned»" in i.value for i in at.info)
+
+
+@pytest.fixture
+def russian(monkeypatch):
+    """The deployment speaks Russian; so does the test's own thread, where AppTest formats a
+    widget's options to set its value."""
+    monkeypatch.setenv("SMSOPS_LANGUAGE", "ru")
+    with i18n.language("ru"):
+        yield
+
+
+def test_every_campaign_section_and_table_reads_in_russian_without_codes_or_none(shown_env, russian):
+    listing = results.campaigns_with_results()
+    names = set(listing["campaign_name"])
+    at = open_page("results", timeout=120)
+    assert at.title[0].value == "Результаты"
+    ab = next(int(c) for c in listing["campaign_id"] if results.verdict(int(c), "ctr") is not None)
+    for cid in listing["campaign_id"]:
+        at.selectbox(key="results_pick").set_value(offered(at, int(cid))).run()
+        assert not at.exception, at.exception
+        assert_reads_as_russian(visible_texts(at), names)
+    at.selectbox(key="results_pick").set_value(ab).run()
+    at.segmented_control(key="results_metric").set_value("conversion").run()
+    at.toggle(key="results_reveal").set_value(True).run()
+    for attribute in results.ATTRIBUTES:
+        at.segmented_control(key="results_attribute").set_value(attribute).run()
+        assert not at.exception, at.exception
+        assert_reads_as_russian(visible_texts(at), names)
+    shown = metric_values(at)
+    funnel = results.funnel(ab)
+    assert shown["Отправлено"] == i18n.number(funnel.sent)
+    assert shown["Выручка"] == i18n.money(funnel.revenue, digits=0) and shown["Выручка"].endswith(" ₽")
+    assert shown["Доставляемость"].endswith(" %")
+    extra = next(m for m in at.metric if m.label.startswith("Доп. покупатели"))
+    assert re.fullmatch(r"[+−]?\d+", extra.value), "extra buyers: a whole, signed estimate"
+    assert "95%-й интервал" in extra.proto.help
+    assert all(len(m.label) <= 26 for m in at.metric), "metric labels short enough not to be cut"
+    assert any("в течение" in c.value for c in at.caption), "how soon people clicked, in words"
