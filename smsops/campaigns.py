@@ -84,6 +84,7 @@ from smsops import (
     consent,
     encoding,
     erasure,
+    i18n,
     links,
     phones,
     policy,
@@ -95,6 +96,7 @@ from smsops import (
     warehouse,
 )
 from smsops import config as settings
+from smsops.i18n import N_, _
 from smsops.policy import HOLDOUT, NO_QUIET_HOURS, REMAINDER, FrequencyCaps, QuietHours
 
 log = logging.getLogger(__name__)
@@ -102,23 +104,30 @@ log = logging.getLogger(__name__)
 __all__ = [
     "AWAITING_WINNER",
     "DEFAULT_ZONE",
+    "KIND_LABELS",
     "MAX_VARIANTS",
+    "STATE_LABELS",
     "STATUSES",
+    "STATUS_LABELS",
     "TRANSIENT_FAILURES",
     "Campaign",
     "CampaignError",
     "CampaignNotFound",
     "CampaignStateError",
     "PlanResult",
+    "Refused",
     "Step",
     "TestSend",
     "Variant",
+    "audience_label",
+    "audiences",
     "cancel",
     "check_before_send",
     "create",
     "defer",
     "drafts",
     "get",
+    "launch_guards",
     "launched",
     "list_all",
     "local_time",
@@ -143,6 +152,39 @@ __all__ = [
 Kind = Literal["promo", "service"]
 
 STATUSES = ("draft", "scheduled", "running", "paused", "finished", "cancelled")
+STATUS_LABELS: dict[str, str] = {
+    "draft": N_("draft"),
+    "scheduled": N_("scheduled"),
+    "running": N_("in progress"),
+    "paused": N_("paused"),
+    "finished": N_("finished"),
+    "cancelled": N_("stopped"),
+}
+"""A campaign's status as a person reads it (``i18n.label(STATUS_LABELS, status)``). Its texts
+differ from those of a message's states (:data:`STATE_LABELS`) where Russian needs another
+word for a campaign ("sending", "cancelled"): the catalogue keeps one text per English msgid."""
+KIND_LABELS: dict[str, str] = {"promo": N_("promotion"), "service": N_("service message")}
+STATE_LABELS: dict[str, str] = {
+    "planned": N_("planned"),
+    "sending": N_("sending"),
+    "submitted": N_("handed to the provider"),
+    "suppressed": N_("not sent"),
+    "holdout": N_("control group"),
+    "rejected": N_("rejected"),
+    "cancelled": N_("cancelled"),
+    "unknown": N_("outcome unknown"),
+}
+"""A message's state in the outbox (a test send's table shows it)."""
+DELIVERY_LABELS: dict[str, str] = {
+    "accepted": N_("accepted"),
+    "queued": N_("queued"),
+    "sending": N_("sending"),
+    "sent": N_("sent"),
+    "delivered": N_("delivered"),
+    "undelivered": N_("not delivered"),
+    "failed": N_("failed"),
+}
+"""The provider's latest status of a message."""
 MAX_VARIANTS = 5
 MAX_NAME_LENGTH = 200
 DEFAULT_ZONE = "Europe/Moscow"
@@ -162,7 +204,50 @@ _UNIT_SCALE = 4503599627370496.0  # 16**13, see policy.split_unit
 
 
 class CampaignError(ValueError):
-    """A campaign that cannot be created or planned as asked; the message names the input."""
+    """A campaign that cannot be created or planned as asked; the message names the input.
+
+    ``str()`` reads in English (logs, the CLI, an API's answer), :meth:`localized` in the current
+    language (a page). Raise it with the English marked for the catalogue and the values apart:
+    ``CampaignError(N_("seed number {value!r}: {reason}"), value=..., reason=...)``."""
+
+    def __init__(self, message: str = "", /, **values: Any) -> None:
+        super().__init__(message.format(**values) if values else message)
+        self.template = message
+        self.values = values
+
+    def localized(self) -> str:
+        """The message in the current language."""
+        text = _(self.template)
+        if not self.values:
+            return text
+        return text.format(
+            **{k: v.localized() if hasattr(v, "localized") else v for k, v in self.values.items()}
+        )
+
+
+class Refused(CampaignError):
+    """A launch, a schedule or a test send that a guard refuses (:mod:`smsops.composer`'s
+    :class:`~smsops.composer.Guard`: an empty message, nobody to send to, no seed numbers);
+    :attr:`guard` says why and the way out; a launch refused for having nobody to send to keeps
+    in :attr:`result` what it would have planned (its waterfall says who was left out, and why)."""
+
+    def __init__(
+        self,
+        guard: composer.Guard,
+        campaign_id: int | None = None,
+        variant: str | None = None,
+        result: PlanResult | None = None,
+    ) -> None:
+        super().__init__(f"variant {variant!r}: {guard}" if variant else str(guard))
+        self.guard = guard
+        self.campaign_id = campaign_id
+        self.variant = variant
+        self.result = result
+
+    def localized(self) -> str:
+        if self.variant:
+            return _("Variant {name}: {message}").format(name=self.variant, message=self.guard.message)
+        return self.guard.message
 
 
 class CampaignNotFound(LookupError):
@@ -235,7 +320,11 @@ class Step:
     """``audience`` for the first line, then a skip reason."""
     removed: int
     remaining: int
-    label: str
+
+    @property
+    def label(self) -> str:
+        """What the step is, in the current language."""
+        return _("in the segment now") if self.reason == "audience" else policy.explain(self.reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +350,8 @@ class PlanResult:
     """SMS segments of the rendered messages (the remainder is not rendered yet)."""
     cost: dict[str, float]
     """Their price by currency."""
+    longest: int = 0
+    """Segments of the longest rendered message."""
     remainder_cost: dict[str, dict[str, float]] = field(default_factory=dict)
     """For each variant, what the remainder would cost if it won (by currency)."""
     written: int = 0
@@ -311,7 +402,7 @@ def create(
     or more variants, and holdout + test ≤ 1."""
     name = _check_name(name)
     if kind not in ("promo", "service"):
-        raise CampaignError(f"kind: expected 'promo' or 'service', got {kind!r}")
+        raise CampaignError(N_("kind: expected 'promo' or 'service', got {kind!r}"), kind=kind)
     resolved = _resolve_segment(segment, home)
     checked = _check_variants(variants, kind, home)
     test_fraction, holdout_fraction = _check_fractions(test_fraction, holdout_fraction, kind, len(checked))
@@ -411,7 +502,7 @@ def _check_policy(quiet: Any, caps: Any) -> str:
         try:
             quiet = policy.parse_quiet_hours(quiet)
         except policy.PolicyError as exc:
-            raise CampaignError(str(exc)) from exc
+            raise CampaignError(N_("{error}"), error=exc) from exc
     elif not isinstance(quiet, QuietHours):
         raise CampaignError(f"quiet: expected QuietHours or text such as '21:00-09:00', got {quiet!r}")
     if caps is None:
@@ -461,10 +552,12 @@ def _check_window(hours: Any, auto_release: Any, test_fraction: float | None) ->
 
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise CampaignError("name: a campaign needs a name")
+        raise CampaignError(N_("name: a campaign needs a name"))
     name = name.strip()
     if len(name) > MAX_NAME_LENGTH or any(ch < " " for ch in name):
-        raise CampaignError(f"name: at most {MAX_NAME_LENGTH} characters, no control characters")
+        raise CampaignError(
+            N_("name: at most {limit} characters, no control characters"), limit=MAX_NAME_LENGTH
+        )
     return name
 
 
@@ -497,30 +590,44 @@ def _check_variants(variants: Sequence[Variant], kind: Kind, home: str | Path | 
             raise CampaignError(
                 f"variants: expected Variant(name, template_source, sender), got {variant!r:.60}"
             )
-        label = f"variant {variant.name!r}"
-        if not isinstance(variant.name, str) or not _VARIANT_NAME.fullmatch(variant.name):
-            raise CampaignError(f"{label}: a name is 1-32 letters, digits, space, '_', '.' or '-'")
-        if variant.name.lower() in _RESERVED:
-            raise CampaignError(f"{label}: {', '.join(sorted(_RESERVED))} are reserved names")
-        if any(v.name == variant.name for v in checked):
-            raise CampaignError(f"{label}: two variants have this name")
+        name = variant.name
+        if not isinstance(name, str) or not _VARIANT_NAME.fullmatch(name):
+            raise CampaignError(
+                N_("variant {name!r}: a name is 1-32 letters, digits, space, '_', '.' or '-'"), name=name
+            )
+        if name.lower() in _RESERVED:
+            raise CampaignError(
+                N_("variant {name!r}: {reserved} are reserved names"),
+                name=name,
+                reserved=", ".join(sorted(_RESERVED)),
+            )
+        if any(v.name == name for v in checked):
+            raise CampaignError(N_("variant {name!r}: two variants have this name"), name=name)
+        _check_text(variant, kind)
         try:
             template = templates.compile(composer.message_source(variant.template_source, kind), known)
         except templates.TemplateError as exc:
-            raise CampaignError(f"{label}: {exc}") from exc
+            raise CampaignError(N_("variant {name!r}: {error}"), name=name, error=exc) from exc
         if template.unknown_fields:
-            names = ", ".join(template.unknown_fields)
             raise CampaignError(
-                f"{label}: {names} is not a field of your contacts (see segments.template_fields)"
+                N_(
+                    "variant {name!r}: {fields} is not a field of your contacts (see segments.template_fields)"
+                ),
+                name=name,
+                fields=", ".join(template.unknown_fields),
             )
         try:
             sender = senders.validate(variant.sender).value
         except senders.SenderError as exc:
-            raise CampaignError(f"{label}: {exc}") from exc
+            raise CampaignError(N_("variant {name!r}: {error}"), name=name, error=exc) from exc
         if sender not in allowed:
             raise CampaignError(
-                f"{label}: sender {sender!r} is not configured for this install"
-                f" (SMSOPS_SENDERS: {', '.join(allowed) or 'none'})"
+                N_(
+                    "variant {name!r}: sender {sender!r} is not configured for this install (SMSOPS_SENDERS: {allowed})"
+                ),
+                name=name,
+                sender=sender,
+                allowed=", ".join(allowed) or "none",
             )
         checked.append(replace(variant, sender=sender))
     return checked
@@ -533,14 +640,21 @@ def _check_fractions(
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= upper:
-            raise CampaignError(f"{label}: expected a share above 0 and at most {upper:g}, got {value!r}")
+            raise CampaignError(
+                N_("{setting}: expected a share above 0 and at most {upper}, got {value!r}"),
+                setting=label,
+                upper=f"{upper:g}",
+                value=value,
+            )
     if holdout is not None and kind == "service":
-        raise CampaignError("holdout_fraction: service messages are owed to every recipient; no holdout")
+        raise CampaignError(N_("holdout_fraction: service messages are owed to every recipient; no holdout"))
     if test is not None and n_variants < 2:
-        raise CampaignError("test_fraction: a test needs 2 to 5 variants")
+        raise CampaignError(N_("test_fraction: a test needs 2 to 5 variants"))
     if test is not None and holdout is not None and test + holdout > 1:
         raise CampaignError(
-            f"test_fraction + holdout_fraction: {test} + {holdout} exceeds the whole audience"
+            N_("test_fraction + holdout_fraction: {test} + {holdout} exceeds the whole audience"),
+            test=test,
+            holdout=holdout,
         )
     return (None if test is None else float(test)), (None if holdout is None else float(holdout))
 
@@ -576,13 +690,12 @@ def plan(
     if campaign.status not in _LAUNCHABLE:
         if dry_run:
             raise CampaignStateError(
-                f"campaign {campaign_id} is {campaign.status}: there is nothing to preview"
+                N_("campaign {id} is {status}: there is nothing to preview"),
+                id=campaign_id,
+                status=campaign.status,
             )
         return replace(outcome(campaign_id, home), already_planned=True, seconds=_since(started))
-    if campaign.segment is None:
-        raise CampaignError(f"campaign {campaign_id} has no segment definition this version can read")
-    if not campaign.variants:
-        raise CampaignError(f"campaign {campaign_id} has no variants")
+    _check_launchable(campaign)
     caps = caps or campaign.caps or settings.frequency_caps()
     quiet = quiet or campaign.quiet or settings.quiet_hours()
     policy.deferral(moment, [default_zone], quiet)  # checks the zone and the quiet hours early
@@ -641,10 +754,80 @@ def plan(
                     ).to_arrow_table()
                 )
                 clock.lap("export")
-            planned = any(state == "planned" for state, *_ in summary)
+            # nobody to send to: refused, and the transaction rolled back (the campaign stays a draft)
+            _check_recipients(campaign, _summarise(campaign_id, summary))
+            planned = any(state == "planned" for state, *_rest in summary)
             written = writer.finish(campaign.campaign_id, planned, moment, clock)
         result = _result(campaign_id, summary, remainder_groups, started=started)
         return replace(result, written=written, timings={**clock.laps, "writer": writer.busy})
+
+
+def _check_launchable(campaign: Campaign) -> None:
+    """What a launch, a schedule or a test send needs before it reads anything: a segment,
+    variants, and text in every variant (:func:`smsops.composer.empty_text`)."""
+    if campaign.segment is None:
+        raise CampaignError(
+            N_("campaign {id} has no segment definition this version can read"), id=campaign.campaign_id
+        )
+    if not campaign.variants:
+        raise CampaignError(N_("campaign {id} has no variants"), id=campaign.campaign_id)
+    for variant in campaign.variants:
+        _check_text(variant, campaign.kind, campaign.campaign_id)
+
+
+def _check_text(variant: Variant, kind: Kind, campaign_id: int | None = None) -> None:
+    if isinstance(variant.template_source, str):  # anything else: templates.compile says what is wrong
+        guard = composer.empty_text(variant.template_source, kind)
+        if guard is not None:
+            raise Refused(guard, campaign_id, variant.name)
+
+
+def _check_recipients(campaign: Campaign, result: PlanResult) -> None:
+    """Refuses a launch that would send nothing (:func:`smsops.composer.no_recipients`)."""
+    guard = composer.no_recipients(result.to_send, result.audience, campaign.kind, _removed_most(result))
+    if guard is not None:
+        raise Refused(guard, campaign.campaign_id, result=result)
+
+
+def _removed_most(result: PlanResult) -> str | None:
+    steps = [s for s in result.waterfall if s.reason != "audience" and s.removed]
+    return max(steps, key=lambda s: s.removed).reason if steps else None
+
+
+def launch_guards(
+    campaign: Campaign, preview: PlanResult, *, opt_out_text: str | None = None
+) -> list[composer.Guard]:
+    """Everything a person must know before launching ``campaign`` as ``preview`` (its
+    ``plan(dry_run=True)``) would: what refuses the launch (an empty message, nobody to send
+    to), what needs their explicit yes (a long message or a large bill), and what they should
+    know (tracked links to the placeholder address, an opt-out footer that does not fit)."""
+    footer = settings.opt_out_text() if opt_out_text is None else opt_out_text
+    sources = [v.template_source for v in campaign.variants]
+    found = [composer.empty_text(source, campaign.kind) for source in sources]
+    found.append(
+        composer.no_recipients(preview.to_send, preview.audience, campaign.kind, _removed_most(preview))
+    )
+    found.append(composer.large_send(preview.longest, preview.cost))
+    found.append(composer.placeholder_links(sources))
+    per_segment = sum(preview.cost.values()) / preview.segments if preview.segments else 0.0
+    currency = next(iter(preview.cost), "RUB")
+    for variant in campaign.variants:
+        try:
+            static = templates.compile(variant.template_source).render({})
+        except templates.TemplateError:
+            continue
+        fit = composer.footer_fit(
+            static,
+            footer,
+            campaign.kind,
+            messages=preview.to_send,
+            per_segment=per_segment,
+            currency=currency,
+        )
+        if fit is not None:
+            found.append(fit)
+            break  # one is enough: the footer is the same in every variant
+    return [g for g in found if g is not None]
 
 
 def _plan_part(
@@ -1449,7 +1632,8 @@ def _history(read: pa.Table, late: pa.Table) -> pa.Table:
 
 _SUMMARY_SQL = """
     select state, skip_reason, variant, currency, count(*) as n,
-           coalesce(sum(segments), 0) as segments, coalesce(sum(price), 0) as cost, min(not_before) as first_due
+           coalesce(sum(segments), 0) as segments, coalesce(sum(price), 0) as cost, min(not_before) as first_due,
+           coalesce(max(segments), 0) as longest
     from {table}
     where campaign_id = ?
     group by state, skip_reason, variant, currency
@@ -1497,7 +1681,8 @@ def _summarise(campaign_id: int, rows: Sequence[tuple[Any, ...]]) -> PlanResult:
     cost: dict[str, float] = {}
     total = to_send = deferred = awaiting = segment_total = 0
     first_due: str | None = None
-    for state, reason, variant, currency, n, segs, price, due in rows:
+    longest = 0
+    for state, reason, variant, currency, n, segs, price, due, most in rows:
         total += n
         states[state] = states.get(state, 0) + n
         if reason is not None:
@@ -1506,6 +1691,7 @@ def _summarise(campaign_id: int, rows: Sequence[tuple[Any, ...]]) -> PlanResult:
             to_send += n
             variants[variant] = variants.get(variant, 0) + n
             segment_total += int(segs)
+            longest = max(longest, int(most or 0))
             if currency is not None:
                 cost[currency] = cost.get(currency, 0.0) + float(price)
             if state == "planned" and reason in _QUIET_REASONS:
@@ -1517,13 +1703,13 @@ def _summarise(campaign_id: int, rows: Sequence[tuple[Any, ...]]) -> PlanResult:
         else:
             key = reason or state
             removed[key] = removed.get(key, 0) + n
-    steps = [Step("audience", 0, total, "аудитория сегмента / segment audience")]
+    steps = [Step("audience", 0, total)]
     remaining = total
     order = [r for r in policy.POLICY_ORDER if r in removed]
     order += sorted((r for r in removed if r not in policy.POLICY_ORDER), key=lambda r: (-removed[r], r))
     for reason in order:
         remaining -= removed[reason]
-        steps.append(Step(reason, removed[reason], remaining, policy.explain(reason)))
+        steps.append(Step(reason, removed[reason], remaining))
     return PlanResult(
         campaign_id=campaign_id,
         audience=total,
@@ -1537,6 +1723,7 @@ def _summarise(campaign_id: int, rows: Sequence[tuple[Any, ...]]) -> PlanResult:
         awaiting_winner=awaiting,
         segments=segment_total,
         cost={c: round(v, 2) for c, v in sorted(cost.items())},
+        longest=longest,
     )
 
 
@@ -1562,7 +1749,9 @@ def release_remainder(
     campaign = get(campaign_id, home)
     variant = next((v for v in campaign.variants if v.name == winner), None)
     if variant is None:
-        raise CampaignError(f"winner: campaign {campaign_id} has no variant {winner!r}")
+        raise CampaignError(
+            N_("winner: campaign {id} has no variant {winner!r}"), id=campaign_id, winner=winner
+        )
     if campaign.status not in ("running", "paused"):
         raise CampaignStateError(
             f"campaign {campaign_id} is {campaign.status}: its remainder cannot be released"
@@ -1770,13 +1959,20 @@ def schedule(
     with _store(home) as conn, store.transaction(conn):
         campaign = _load(conn, campaign_id)
         if campaign.status not in _LAUNCHABLE:
-            raise CampaignStateError(f"campaign {campaign_id} is {campaign.status}: it cannot be scheduled")
+            raise CampaignStateError(
+                N_("campaign {id} is {status}: it cannot be scheduled"),
+                id=campaign_id,
+                status=campaign.status,
+            )
+        _check_launchable(campaign)
         when = campaign.scheduled_at if at is None else _check_time(at, "at")
         if when is None:
-            raise CampaignError(f"campaign {campaign_id}: no start time given")
+            raise CampaignError(N_("campaign {id}: no start time given"), id=campaign_id)
         if when <= moment:
             raise CampaignError(
-                f"at: {when:%Y-%m-%d %H:%M} UTC has passed (now {moment:%Y-%m-%d %H:%M} UTC): launch it now instead"
+                N_("at: {when} UTC has passed (now {now} UTC): launch it now instead"),
+                when=f"{when:%Y-%m-%d %H:%M}",
+                now=f"{moment:%Y-%m-%d %H:%M}",
             )
         conn.execute(
             "update campaigns set status = 'scheduled', scheduled_at = ? where campaign_id = ?",
@@ -1872,9 +2068,8 @@ def test_send(
     seeds = _check_seed_numbers(numbers)
     campaign = get(campaign_id, home)
     if campaign.test_of is not None:
-        raise CampaignError(f"campaign {campaign_id} is itself a test send")
-    if campaign.segment is None:
-        raise CampaignError(f"campaign {campaign_id} has no segment definition this version can read")
+        raise CampaignError(N_("campaign {id} is itself a test send"), id=campaign_id)
+    _check_launchable(campaign)
     footer = settings.opt_out_text() if opt_out_text is None else opt_out_text
     compiled = {
         v.name: templates.compile(composer.message_source(v.template_source, campaign.kind, footer))
@@ -1884,7 +2079,7 @@ def test_send(
     sample = _audience(campaign.segment, names, moment, home, limit=1).to_pylist()
     if not sample:
         raise CampaignError(
-            f"campaign {campaign_id}: its segment is empty now, so there is nobody to test with"
+            N_("campaign {id}: its segment is empty now, so there is nobody to test with"), id=campaign_id
         )
     contact_id = int(sample[0]["contact_id"])
     values = [sample[0][f"f{i}"] for i in range(len(names))]
@@ -1892,7 +2087,11 @@ def test_send(
     for name, template in compiled.items():
         done = _render_one(template, names, values)
         if done is None:
-            raise CampaignError(f"variant {name!r} cannot be personalised for contact {contact_id}")
+            raise CampaignError(
+                N_("variant {name!r} cannot be personalised for contact {contact}"),
+                name=name,
+                contact=contact_id,
+            )
         rendered[name] = done
     stamp = _stamp(moment)
     rules = json.dumps({"quiet": str(NO_QUIET_HOURS), "per_day": None, "per_week": None})
@@ -1942,16 +2141,23 @@ def _check_seed_numbers(numbers: Sequence[str] | str) -> tuple[str, ...]:
         numbers = [n for n in numbers.split(",")]
     raw = [n.strip() for n in numbers if isinstance(n, str) and n.strip()]
     if len(raw) != len([n for n in numbers if not isinstance(n, str) or n.strip()]):
-        raise CampaignError(f"numbers: expected phone numbers as text, got {list(numbers)!r:.80}")
-    if not raw:
-        raise CampaignError("numbers: give at least one seed number (SMSOPS_SEED_NUMBERS or the page)")
+        raise CampaignError(
+            N_("numbers: expected phone numbers as text, got {numbers}"), numbers=f"{list(numbers)!r:.80}"
+        )
+    guard = composer.no_seed_numbers(raw)
+    if guard is not None:
+        raise Refused(guard)
     if len(raw) > 20:
-        raise CampaignError(f"numbers: at most 20 seed numbers, got {len(raw)}")
+        raise CampaignError(N_("numbers: at most 20 seed numbers, got {n}"), n=len(raw))
     out: list[str] = []
     for value in raw:
         parsed = phones.normalize(value)
         if not parsed.valid or parsed.e164 is None:
-            raise CampaignError(f"seed number {value!r}: {parsed.reason or 'not a valid mobile number'}")
+            raise CampaignError(
+                N_("seed number {value!r}: {reason}"),
+                value=value,
+                reason=parsed.reason or "not a valid mobile number",
+            )
         if parsed.e164 not in out:
             out.append(parsed.e164)
     return tuple(out)
@@ -2166,6 +2372,27 @@ def list_all(home: str | Path | None = None) -> pd.DataFrame:
     for column in ("scheduled_at", "launched_at"):
         frame[column] = pd.to_datetime(frame[column]).dt.tz_localize("UTC")
     return frame
+
+
+READY_MADE = "Ready-made: "
+"""How :func:`audiences` keys a ready-made segment."""
+
+
+def audiences(home: str | Path | None = None) -> dict[str, segments.Segment]:
+    """What a campaign can be sent to, by a key that reads the same in every language: each
+    saved segment's latest version (``"<name> (v<version>)"``), then the ready-made ones
+    (``"Ready-made: <key>"``). :func:`audience_label` is what a person reads."""
+    found = {f"{s.name} (v{s.version})": s.segment for s in segments.list_saved(home)}
+    found.update({READY_MADE + key: segment for key, segment in segments.ready_made().items()})
+    return found
+
+
+def audience_label(key: str) -> str:
+    """An :func:`audiences` key as a person reads it, in the current language."""
+    if key.startswith(READY_MADE):
+        name = i18n.label(segments.READY_MADE_LABELS, key.removeprefix(READY_MADE))
+        return _("Ready-made: {name}").format(name=name)
+    return key
 
 
 def drafts(home: str | Path | None = None) -> list[Campaign]:

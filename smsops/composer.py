@@ -10,7 +10,13 @@ The composer works on a template (``smsops.templates``) and the recipients' fiel
 - :func:`preview` renders a handful of sampled recipients plus the worst cases (the longest
   message, and recipients whose fields are missing so their defaults show);
 - :func:`estimate` renders the message for every recipient, not a sample, and adds up the
-  segments and the bill by country.
+  segments and the bill by country;
+- the guards (:class:`Guard`) decide what stops a send or needs a person's explicit yes, each
+  with its reason and the way out: :func:`empty_text`, :func:`large_send`, :func:`footer_fit`,
+  :func:`no_recipients`, :func:`no_seed_numbers` and :func:`placeholder_links`. The pages show
+  them; :mod:`smsops.campaigns` refuses a launch on the same ones.
+
+Every text here is written in English and read in the current language (:mod:`smsops.i18n`).
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
-from smsops import encoding, pricing, senders, templates
+from smsops import config, encoding, i18n, policy, pricing, senders, templates
+from smsops.i18n import N_, _, ngettext
 
 Kind = Literal["promo", "service"]
 
@@ -77,24 +84,26 @@ def check(
         if host in SHORTENERS or any(host.endswith("." + s) for s in SHORTENERS):
             found.append(ContentWarning(
                 "shortener",
-                f"{host} is a public link shortener: operators often block such messages. "
-                "Use link(\"https://your-site/…\") and smsops shortens and tracks it on your own domain.",
+                _("{host} is a public link shortener: operators often block such messages. Use {link} and "
+                  "smsops shortens and tracks it on your own domain.").format(
+                    host=host, link='link("https://your-site/…")'
+                ),
             ))  # fmt: skip
     letters = [ch for ch in _static_text(text) if ch.isalpha()]
     if len(letters) >= 12 and sum(ch.isupper() for ch in letters) / len(letters) > 0.6:
         found.append(
             ContentWarning(
-                "all_caps", "Most of the text is in capitals: it reads as shouting and looks like spam."
+                "all_caps", _("Most of the text is in capitals: it reads as shouting and looks like spam.")
             )
         )
     if _BANGS.search(text):
         found.append(
-            ContentWarning("exclamations", "Runs like «!!!» look like spam to filters and to people.")
+            ContentWarning("exclamations", _("Runs like «!!!» look like spam to filters and to people."))
         )
     if not sender:
         found.append(
             ContentWarning(
-                "no_sender", "Choose a sender ID: without one the provider picks a number.", "error"
+                "no_sender", _("Choose a sender ID: without one the provider picks a number."), "error"
             )
         )
     else:
@@ -104,22 +113,36 @@ def check(
             found.append(ContentWarning("bad_sender", str(exc), "error"))
     for name in template.unknown_fields:
         found.append(ContentWarning(
-            "unknown_field", f"{{{{ {name} }}}} is not a field of your contacts: it will always be empty.", "error"
+            "unknown_field",
+            _("{field} is not a field of your contacts: it will always be empty.").format(field=f"{{{{ {name} }}}}"),
+            "error",
         ))  # fmt: skip
     for name in template.missing_default:
         if name in template.unknown_fields:
             continue
         missing = (empty_fields or {}).get(name)
-        share = f" ({missing:,} of {recipients:,} recipients have none)" if missing and recipients else ""
+        share = ""
+        if missing and recipients:
+            share = (
+                " ("
+                + ngettext(
+                    "{missing} of {n} recipient has none", "{missing} of {n} recipients have none", recipients
+                ).format(missing=i18n.number(missing), n=i18n.number(recipients))
+                + ")"
+            )
         found.append(ContentWarning(
             "empty_personalisation",
-            f"{{{{ {name} }}}} has no default{share}: write {{{{ {name} | default(\"…\") }}}}.",
+            _("{field} has no default{share}: write {fixed}.").format(
+                field=f"{{{{ {name} }}}}", share=share, fixed=f'{{{{ {name} | default("…") }}}}'
+            ),
             "warning" if missing or empty_fields is None else "info",
         ))  # fmt: skip
     if kind == "promo" and opt_out and opt_out.strip() and opt_out.strip() not in text:
         found.append(
             ContentWarning(
-                "opt_out_added", f"«{opt_out.strip()}» is added at the end of every promotion.", "info"
+                "opt_out_added",
+                _("«{footer}» is added at the end of every promotion.").format(footer=opt_out.strip()),
+                "info",
             )
         )
     static = encoding.analyze(_static_text(text))
@@ -128,13 +151,18 @@ def check(
         if smart.encoding == encoding.GSM7:
             found.append(ContentWarning(
                 "needless_ucs2",
-                "Only look-alike characters (" + " ".join(static.ucs2_chars) + ") force UCS-2: "
-                "smart replacement makes the message GSM-7, with more than twice the room per segment.",
+                _("Only look-alike characters ({chars}) force UCS-2: smart replacement makes the message "
+                  "GSM-7, with more than twice the room per segment.").format(chars=" ".join(static.ucs2_chars)),
             ))  # fmt: skip
     longest = max((encoding.analyze(t).segments for t in sample_texts), default=0)
     if longest > LONG_MESSAGE_SEGMENTS:
         found.append(ContentWarning(
-            "long_message", f"Up to {longest} segments per message: each one is billed as a separate SMS."
+            "long_message",
+            ngettext(
+                "Up to {n} segment per message: each one is billed as a separate SMS.",
+                "Up to {n} segments per message: each one is billed as a separate SMS.",
+                longest,
+            ).format(n=i18n.number(longest)),
         ))  # fmt: skip
     return found
 
@@ -144,15 +172,30 @@ def ucs2_reason(analysis: encoding.Analysis) -> str:
     chars = analysis.ucs2_chars
     cyrillic = [ch for ch in chars if "\u0400" <= ch <= "\u04ff"]
     others = [ch for ch in chars if ch not in cyrillic]
-    parts = ["Cyrillic letters (always UCS-2: 70 characters per SMS, 67 per part)"] if cyrillic else []
+    parts = [_("Cyrillic letters (always UCS-2: 70 characters per SMS, 67 per part)")] if cyrillic else []
     if others:
-        parts.append("these characters: " + " ".join(f"«{ch}»" for ch in others[:20]))
+        parts.append(_("these characters: {chars}").format(chars=" ".join(f"«{ch}»" for ch in others[:20])))
     return "; ".join(parts)
+
+
+def country_label(code: str | None) -> str:
+    """A destination country's name in the current language (``ZZ``, the prices' row for any
+    other country, and an unknown one read as such)."""
+    from babel import Locale
+
+    key = (code or "").upper()
+    if not key or key == pricing.DEFAULT_COUNTRY:
+        return _("other countries")
+    return Locale.parse(i18n.current()).territories.get(key, key)
 
 
 def _static_text(source: str) -> str:
     """The template without its ``{{ … }}`` and ``{% … %}`` parts (what every recipient reads)."""
     return re.sub(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", "", source, flags=re.S)
+
+
+PREVIEW_LABELS: dict[str, str] = {"sample": N_("a recipient at random"), "longest": N_("the longest message")}
+"""Why a recipient is among the previews (``missing <field>`` aside: see :attr:`PreviewRow.why_label`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +211,13 @@ class PreviewRow:
     segments: int
     price: float
     currency: str
+
+    @property
+    def why_label(self) -> str:
+        """Why this recipient is shown, in the current language."""
+        if self.why.startswith("missing "):
+            return _("without {field}").format(field=f"{{{{ {self.why.removeprefix('missing ')} }}}}")
+        return i18n.label(PREVIEW_LABELS, self.why)
 
 
 def preview(
@@ -276,4 +326,278 @@ def estimate(template: templates.Template, recipients: Iterable[Mapping[str, Any
         segments_histogram=dict(sorted(histogram.items())),
         bill=bill,
         empty_fields={name: empty.get(name, 0) for name in fields},
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Guards: what stops a send, or needs a person's explicit yes
+
+Severity = Literal["refuse", "confirm", "warn"]
+
+
+class GuardText(NamedTuple):
+    reason: str
+    way_out: str
+    confirmation: str = ""
+    """For a ``confirm`` guard: what the person says yes to (it names the figures)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Why a message should not go as it is, and the way out.
+
+    ``refuse``: it cannot go (a launch is refused); ``confirm``: it goes only after a person says
+    yes to what :attr:`confirmation` shows; ``warn``: it goes, and the person should know. The
+    texts are written when read, in the current language; ``str()`` is English (logs, the CLI)."""
+
+    code: str
+    severity: Severity
+    texts: Callable[[], GuardText] = field(repr=False, compare=False)
+
+    @property
+    def reason(self) -> str:
+        return self.texts().reason
+
+    @property
+    def way_out(self) -> str:
+        return self.texts().way_out
+
+    @property
+    def confirmation(self) -> str:
+        return self.texts().confirmation
+
+    @property
+    def message(self) -> str:
+        """The reason and the way out, in the current language."""
+        said = self.texts()
+        return f"{said.reason} {said.way_out}"
+
+    def __str__(self) -> str:
+        with i18n.language("en"):
+            return self.message
+
+
+def empty_text(body: str, kind: Kind = "promo") -> Guard | None:
+    """Refuses a message with no text of its own (empty, or only spaces): a promotion would go
+    out as the opt-out footer alone, billed for every recipient."""
+    if body.strip():
+        return None
+
+    def texts() -> GuardText:
+        if kind == "promo":
+            reason = _(
+                "The message is empty: every recipient would get the opt-out footer alone, and it would be billed."
+            )
+        else:
+            reason = _("The message is empty: there is nothing to send.")
+        return GuardText(reason, _("Write the text of the message."))
+
+    return Guard("empty_text", "refuse", texts)
+
+
+def large_send(
+    longest: int,
+    cost: Mapping[str, float] | float,
+    *,
+    max_parts: int | None = None,
+    max_cost: float | None = None,
+) -> Guard | None:
+    """Asks for a person's yes when a message runs to more than ``max_parts`` segments
+    (``SMSOPS_MAX_PARTS``) or the bill (``{currency: amount}``, or an amount in roubles) is above
+    ``max_cost`` (``SMSOPS_MAX_COST``); the texts name both figures."""
+    limit = config.max_parts() if max_parts is None else max_parts
+    ceiling = config.max_cost() if max_cost is None else max_cost
+    bill = {"RUB": float(cost)} if isinstance(cost, int | float) else {c: float(a) for c, a in cost.items()}
+    total = sum(bill.values())
+    over_parts = longest > limit
+    over_cost = ceiling is not None and total > ceiling
+    if not (over_parts or over_cost):
+        return None
+
+    def texts() -> GuardText:
+        parts = ngettext("up to {n} segment", "up to {n} segments", longest).format(n=i18n.number(longest))
+        money = ", ".join(i18n.money(amount, currency) for currency, amount in bill.items()) or i18n.money(0)
+        values = {
+            "parts": parts,
+            "bill": money,
+            "limit": i18n.number(limit),
+            "ceiling": i18n.money(ceiling) if ceiling is not None else i18n.MISSING,
+        }
+        if over_parts and over_cost:
+            reason = _(
+                "Each message has {parts} (the limit is {limit}), and the bill is {bill}, above {ceiling}."
+            )
+        elif over_parts:
+            reason = _("Each message has {parts}, over the limit of {limit}; the bill is {bill}.")
+        else:
+            reason = _("The bill is {bill}, above {ceiling}; each message has {parts}.")
+        return GuardText(
+            reason.format(**values),
+            (
+                _("Shorten the text, or confirm that you mean to send it.")
+                if over_parts
+                else _("Check the audience and the text, or confirm that you mean to send it.")
+            )
+            + " "
+            + _("The limits are SMSOPS_MAX_PARTS and SMSOPS_MAX_COST."),
+            _("Yes, send messages of {parts} for {bill}").format(**values),
+        )
+
+    return Guard("large_send", "confirm", texts)
+
+
+def footer_fit(
+    body_text: str,
+    footer: str | None,
+    kind: Kind = "promo",
+    *,
+    messages: int = 0,
+    per_segment: float = 0.0,
+    currency: str = "RUB",
+    max_parts: int | None = None,
+) -> Guard | None:
+    """Flags an opt-out footer that does not fit: it adds a segment to every message, switches
+    it to UCS-2, or takes it over ``max_parts``. ``body_text`` is the message as written, without
+    personalisation (what every recipient reads); the cost is ``messages`` × the segments the
+    footer adds × ``per_segment``."""
+    footer = (footer or "").strip()
+    body = body_text.rstrip()
+    if kind != "promo" or not footer or not body.strip():
+        return None
+    body = body.removesuffix(footer).rstrip()
+    without = encoding.analyze(body)
+    with_ = encoding.analyze(message_source(body, kind, footer))
+    limit = config.max_parts() if max_parts is None else max_parts
+    switched = without.encoding != with_.encoding
+    extra = with_.segments - without.segments
+    over = with_.segments > limit >= without.segments
+    if not (switched or extra > 0 or over):
+        return None
+    single, multi = (
+        (encoding.GSM_SINGLE, encoding.GSM_MULTI) if with_.encoding == encoding.GSM7
+        else (encoding.UCS2_SINGLE, encoding.UCS2_MULTI)
+    )  # fmt: skip
+    room = single if without.segments <= 1 else multi * without.segments
+    cut = max(0, with_.units - room)
+
+    def texts() -> GuardText:
+        values = {
+            "footer": footer,
+            "before": i18n.number(without.segments),
+            "after": ngettext("{n} segment", "{n} segments", with_.segments).format(
+                n=i18n.number(with_.segments)
+            ),
+            "cost": i18n.money(extra * messages * per_segment, currency),
+            "recipients": ngettext("for {n} recipient", "for {n} recipients", messages).format(
+                n=i18n.number(messages)
+            ),
+            "limit": i18n.number(limit),
+            "cut": ngettext("{n} character", "{n} characters", cut).format(n=i18n.number(cut)),
+        }
+        if switched:
+            reason = _(
+                "The opt-out footer «{footer}» switches the message to UCS-2 (70 characters per segment "
+                "instead of 160): {before} → {after} per message, {cost} more {recipients}."
+            )
+            way_out = _(
+                "Write the footer without Cyrillic or special characters (SMSOPS_OPT_OUT_TEXT), or "
+                "write the whole message in Cyrillic."
+            )
+        else:
+            reason = _(
+                "The opt-out footer «{footer}» does not fit: {before} → {after} per message, {cost} more "
+                "{recipients}."
+            )
+            way_out = _(
+                "Shorten the text by {cut} so that the footer fits, or use a shorter footer "
+                "(SMSOPS_OPT_OUT_TEXT)."
+            )
+        if over:
+            reason += " " + _("With it the message runs over the limit of {limit} segments.")
+        return GuardText(reason.format(**values), way_out.format(**values))
+
+    return Guard("footer_does_not_fit", "warn", texts)
+
+
+def no_recipients(
+    to_send: int, audience: int, kind: Kind = "promo", removed_most: str | None = None
+) -> Guard | None:
+    """Refuses a launch that would send nothing: the segment is empty, or the checks leave
+    nobody (``removed_most``: the skip reason that removed the most)."""
+    if to_send > 0:
+        return None
+
+    def texts() -> GuardText:
+        if audience == 0:
+            return GuardText(
+                _("Nobody is in this campaign's audience now: the launch would send nothing."),
+                _("Choose another audience, or widen the segment's conditions on the Segments page."),
+            )
+        reason = ngettext(
+            "The audience holds {n} contact, and the checks leave out every one (most for: {why}).",
+            "The audience holds {n} contacts, and the checks leave out every one (most for: {why}).",
+            audience,
+        ).format(n=i18n.number(audience), why=policy.explain(removed_most) if removed_most else i18n.MISSING)
+        if kind == "promo" and removed_most in ("no_consent", "opted_out"):
+            way_out = _(
+                "Promotions go only to contacts with a marketing opt-in: choose an audience that has "
+                "one (import their consent on the Contacts page)."
+            )
+        else:
+            way_out = _(
+                "See the steps above for why; choose another audience or change the campaign's settings."
+            )
+        return GuardText(reason, way_out)
+
+    return Guard("no_recipients", "refuse", texts)
+
+
+def no_seed_numbers(numbers: Sequence[str] | str) -> Guard | None:
+    """Refuses a test send with no numbers to go to, and says how to add them."""
+    given = numbers.split(",") if isinstance(numbers, str) else list(numbers)
+    if any(isinstance(n, str) and n.strip() for n in given):
+        return None
+    return Guard(
+        "no_seed_numbers",
+        "refuse",
+        lambda: GuardText(
+            _("No seed numbers: a test send needs at least one seed number, a phone of the team's own."),
+            _(
+                "Give them comma-separated (+79990000001, +79990000002), or set SMSOPS_SEED_NUMBERS so that "
+                "they are filled in for everyone."
+            ),
+        ),
+    )
+
+
+def placeholder_links(sources: Iterable[str], *, placeholder: bool | None = None) -> Guard | None:
+    """Warns when messages hold tracked links (``link()``) while the link base is the
+    placeholder (``SMSOPS_LINK_BASE`` unset): the links would lead nowhere."""
+    if placeholder is None:
+        placeholder = config.link_base_is_placeholder()
+    if not placeholder:
+        return None
+    linked = False
+    for source in sources:
+        try:
+            linked = bool(templates.compile(source).links)
+        except templates.TemplateError:
+            continue
+        if linked:
+            break
+    if not linked:
+        return None
+    return Guard(
+        "placeholder_link_base",
+        "warn",
+        lambda: GuardText(
+            _(
+                "Tracked links would point to {base}…, a placeholder address that leads nowhere: recipients "
+                "could not open them."
+            ).format(base=config.PLACEHOLDER_LINK_BASE),
+            _(
+                "Set SMSOPS_LINK_BASE to a short address of your own whose /l/ path reaches smsops serve "
+                "(e.g. https://go.your-shop.ru/l/), and restart smsops."
+            ),
+        ),
     )

@@ -88,14 +88,51 @@ LINK_TOKEN_LENGTH = 8
 """Characters of a tracked link's token: 62**8 (about 2**47.6) possible values per link."""
 
 
+PLACEHOLDER_LINK_BASE = "https://s.example/l/"
+"""Where tracked links point until ``SMSOPS_LINK_BASE`` is set: an address that leads nowhere."""
+
+
 def link_base() -> str:
-    """Where tracked links point: ``$SMSOPS_LINK_BASE`` (default ``https://s.example/l/``).
+    """Where tracked links point: ``$SMSOPS_LINK_BASE`` (default :data:`PLACEHOLDER_LINK_BASE`).
 
     The host must route ``/l/<token>`` to ``smsops serve``'s webhook port (a short domain of
     your own behind a reverse proxy). Each message's link is this base plus an 8-character token.
     """
-    base = os.environ.get("SMSOPS_LINK_BASE", "https://s.example/l/").strip()
+    base = os.environ.get("SMSOPS_LINK_BASE", PLACEHOLDER_LINK_BASE).strip()
     return base if base.endswith("/") else base + "/"
+
+
+def link_base_is_placeholder() -> bool:
+    """True while tracked links would point to the placeholder (``SMSOPS_LINK_BASE`` unset)."""
+    return link_base() == PLACEHOLDER_LINK_BASE
+
+
+def max_parts() -> int:
+    """SMS parts per message above which a launch needs a person's explicit yes:
+    ``$SMSOPS_MAX_PARTS`` (6)."""
+    text = os.environ.get("SMSOPS_MAX_PARTS", "").strip() or "6"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"SMSOPS_MAX_PARTS: expected a whole number of SMS parts (1 or more), got {text!r}")
+    return value
+
+
+def max_cost() -> float | None:
+    """The bill above which a launch needs a person's explicit yes, in the prices' currency:
+    ``$SMSOPS_MAX_COST`` (100000; ``off`` for no such limit)."""
+    text = os.environ.get("SMSOPS_MAX_COST", "").strip() or "100000"
+    if text.lower() in ("off", "none"):
+        return None
+    try:
+        value = float(text.replace(" ", "").replace("_", ""))
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # NaN too
+        raise ValueError(f"SMSOPS_MAX_COST: expected an amount such as 100000, or off, got {text!r}")
+    return value
 
 
 def quiet_hours() -> QuietHours:

@@ -38,8 +38,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from smsops import i18n
+from smsops.i18n import N_
 
 __all__ = [
     "EXCLUSION_REASONS",
@@ -68,45 +71,38 @@ Kind = Literal["promo", "service"]
 
 SKIP_REASONS: dict[str, str] = {
     # exclusions at planning, in the order they are checked
-    "erased": "данные удалены по запросу / the person asked to be erased",
-    "invalid_number": "нет действующего мобильного номера / no valid mobile number",
-    "opted_out": "отписан / opted out",
-    "no_consent": "нет согласия на рекламу / no current marketing opt-in",
-    "duplicate": "номер уже есть в рассылке у другого контакта / the same number is earlier in the audience",
-    "capped_daily": "лимит сообщений в день / daily frequency cap reached",
-    "capped_weekly": "лимит сообщений в неделю / weekly frequency cap reached",
-    "holdout": "контрольная группа: не отправляется / control group: recorded, never sent",
-    "render_failed": "текст не удалось составить для получателя / the message could not be personalised",
+    "erased": N_("the person asked to be erased"),
+    "invalid_number": N_("no valid mobile number"),
+    "opted_out": N_("opted out"),
+    "no_consent": N_("no current marketing opt-in"),
+    "duplicate": N_("the same number is earlier in the audience"),
+    "capped_daily": N_("daily frequency cap reached"),
+    "capped_weekly": N_("weekly frequency cap reached"),
+    "holdout": N_("control group: recorded, never sent"),
+    "render_failed": N_("the message could not be personalised"),
     # held: the row is planned and waits
-    "quiet_hours": "тихие часы получателя: отправка отложена / recipient's quiet hours: deferred",
-    "quiet_hours_candidate_zones": (
-        "тихие часы: пояс неизвестен, отправка в окно, разрешённое во всех возможных поясах номера"
-        " / quiet hours: zone unknown, deferred to a window allowed in every candidate zone of the number"
+    "quiet_hours": N_("recipient's quiet hours: deferred"),
+    "quiet_hours_candidate_zones": N_(
+        "quiet hours: zone unknown, deferred to a window allowed in every candidate zone of the number"
     ),
-    "awaiting_winner": "ждёт победителя A/B-теста / waiting for the A/B test's winner",
+    "awaiting_winner": N_("waiting for the A/B test's winner"),
     # later, at dispatch or by the user
-    "cancelled": "рассылка отменена / campaign cancelled",
-    "capped": "лимит частоты / frequency cap reached",
-    "provider_rejected": "оператор отклонил сообщение / the provider rejected the message",
-    "provider_opted_out": "получатель отписан у оператора / the recipient opted out at the provider",
-    "gave_up_after_retries": "оператор не принял сообщение после всех попыток / the provider kept refusing: gave up after the last retry",
-    "fate_unknown": "неизвестно, отправлено ли: оператор не ответил / unknown whether it was sent: the provider did not answer; not re-sent",
-    "no_sender": "не выбран отправитель / no sender for this message",
-    "awaiting_lookup": (
-        "исход неизвестен: оператор ещё может принять запрос, проверим позже"
-        " / outcome unknown: the provider may still accept the request; looked up again later"
+    "cancelled": N_("campaign cancelled"),
+    "capped": N_("frequency cap reached"),
+    "provider_rejected": N_("the provider rejected the message"),
+    "provider_opted_out": N_("the recipient opted out at the provider"),
+    "gave_up_after_retries": N_("the provider kept refusing: gave up after the last retry"),
+    "fate_unknown": N_("unknown whether it was sent: the provider did not answer; not re-sent"),
+    "no_sender": N_("no sender for this message"),
+    "awaiting_lookup": N_(
+        "outcome unknown: the provider may still accept the request; looked up again later"
     ),
-    "record_failed": (
-        "оператор ответил, но ответ не удалось записать: не отправляется повторно"
-        " / the provider answered but the answer could not be recorded; not re-sent"
-    ),
-    "unknown_given_up": (
-        "исход неизвестен, закрыто сотрудником без повторной отправки"
-        " / outcome unknown, closed by a person without a resend"
-    ),
+    "record_failed": N_("the provider answered but the answer could not be recorded; not re-sent"),
+    "unknown_given_up": N_("outcome unknown, closed by a person without a resend"),
 }
-"""Every ``skip_reason`` the outbox may hold, with what a user reads. ``capped`` is the
-demo history's undivided cap reason; ``provider_*`` are written by the dispatcher."""
+"""Every ``skip_reason`` the outbox may hold, with what a user reads: English marked with ``N_()``,
+shown with :func:`explain` (or ``i18n.label(SKIP_REASONS, code)``) in the current language.
+``capped`` is the demo history's undivided cap reason; ``provider_*`` are written by the dispatcher."""
 
 POLICY_ORDER: tuple[str, ...] = (
     "erased",
@@ -133,14 +129,25 @@ REMAINDER = "remainder"
 
 
 class PolicyError(ValueError):
-    """A policy setting or input that cannot be used; the message names it."""
+    """A policy setting or input that cannot be used; the message names it.
+
+    ``str()`` reads in English (logs, the CLI), :meth:`localized` in the current language (a
+    page): raise it with the English marked ``N_()`` and the values apart."""
+
+    def __init__(self, message: str = "", /, **values: Any) -> None:
+        super().__init__(message.format(**values) if values else message)
+        self.template = message
+        self.values = values
+
+    def localized(self) -> str:
+        text = i18n._(self.template)
+        return text.format(**self.values) if self.values else text
 
 
 def explain(reason: str | None) -> str:
-    """What a user reads for ``reason`` (the reason itself when it is not in the vocabulary)."""
-    if reason is None:
-        return ""
-    return SKIP_REASONS.get(reason, reason)
+    """What a user reads for ``reason``, in the current language (the reason itself when it is
+    not in the vocabulary, "—" for none)."""
+    return i18n.label(SKIP_REASONS, reason)
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,14 +200,16 @@ def parse_quiet_hours(text: str) -> QuietHours:
         return NO_QUIET_HOURS
     parts = [p.strip() for p in cleaned.split("-")]
     if len(parts) != 2:
-        raise PolicyError(f"quiet hours {text!r}: expected start-end such as '21:00-09:00'")
+        raise PolicyError(N_("quiet hours {text!r}: expected start-end such as '21:00-09:00'"), text=text)
     bounds = []
     for part in parts:
         try:
             hours, minutes = (int(x) for x in part.split(":"))
             bounds.append(time(hours, minutes))
         except ValueError:
-            raise PolicyError(f"quiet hours {text!r}: {part!r} is not a time of day such as 21:00") from None
+            raise PolicyError(
+                N_("quiet hours {text!r}: {part!r} is not a time of day such as 21:00"), text=text, part=part
+            ) from None
     return QuietHours(bounds[0], bounds[1])
 
 

@@ -539,8 +539,12 @@ def test_a_message_due_at_night_is_held_at_dispatch_and_deferred(home: Path) -> 
 def test_caps_hold_across_two_campaigns(home: Path) -> None:
     first = create(home)
     campaigns.plan(first.campaign_id, home=home, now=NOW)
+    # three who agreed since: the second campaign has someone to send to (else it is refused)
+    reached = {r["contact_id"] for r in outbox(home, first.campaign_id) if r["state"] == "planned"}
+    opt_in(home, [c for c in own_numbers(home, 400) if c not in reached][:3])
     second = create(home)
     result = campaigns.plan(second.campaign_id, home=home, now=NOW + timedelta(hours=3))
+    assert result.to_send == 3
     planned_first = [r for r in outbox(home, first.campaign_id) if r["state"] == "planned"]
     got_first = {r["phone_e164"] for r in planned_first}
     rows = outbox(home, second.campaign_id)
@@ -550,8 +554,10 @@ def test_caps_hold_across_two_campaigns(home: Path) -> None:
     assert result.skip_reasons["capped_daily"] == len(got_first)
     # a day later the daily cap is free again, the weekly one still counts both
     third = create(home)
-    later = campaigns.plan(third.campaign_id, home=home, now=NOW + timedelta(days=1, hours=1),
-                           caps=FrequencyCaps(per_day=1, per_week=1))  # fmt: skip
+    with pytest.raises(campaigns.Refused, match="weekly frequency cap") as refused:  # nobody is left
+        campaigns.plan(third.campaign_id, home=home, now=NOW + timedelta(days=1, hours=4),
+                       caps=FrequencyCaps(per_day=1, per_week=1))  # fmt: skip
+    later = refused.value.result
     assert "capped_daily" not in later.skip_reasons
     assert later.skip_reasons["capped_weekly"] >= len(got_first)
 
@@ -570,11 +576,13 @@ def test_caps_hold_when_another_process_plans_in_between(home: Path, monkeypatch
         return history
 
     monkeypatch.setattr(campaigns, "_cap_history", stale_history)
-    result = campaigns.plan(second.campaign_id, home=home, now=NOW)
+    # everyone the second could reach got the first meanwhile: the launch is refused, nothing written
+    with pytest.raises(campaigns.Refused, match="daily frequency cap") as refused:
+        campaigns.plan(second.campaign_id, home=home, now=NOW)
     got_first = {r["phone_e164"] for r in outbox(home, first.campaign_id) if r["state"] == "planned"}
-    got_second = {r["phone_e164"] for r in outbox(home, second.campaign_id) if r["state"] == "planned"}
-    assert got_first and not got_first & got_second
-    assert result.skip_reasons["capped_daily"] == len(got_first)
+    assert got_first and not outbox(home, second.campaign_id)
+    assert refused.value.result.skip_reasons["capped_daily"] == len(got_first)
+    assert campaigns.get(second.campaign_id, home).status == "draft"
 
 
 # -- A/B split, holdout, remainder --------------------------------------------------------------

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from smsops import composer, encoding, pricing, templates
+from smsops import composer, encoding, i18n, pricing, templates
 
 FIELDS = ("contact_id", "first_name", "last_name", "city", "country")
+
+
+@pytest.fixture(autouse=True)
+def english():
+    """The warnings speak the current language: these tests read them in English."""
+    with i18n.language("en"):
+        yield
 
 
 def tpl(source: str) -> templates.Template:
@@ -90,3 +97,18 @@ def test_the_estimate_is_exact_per_recipient_and_grouping_changes_nothing():
     )
     assert (grouped.messages, grouped.segments, grouped.total) == (each.messages, each.segments, each.total)
     assert grouped.bill.by_country == each.bill.by_country
+
+
+def test_warnings_and_previews_read_in_russian():
+    t = tpl("{{ first_name }}, СКИДКИ ДО 90% ТОЛЬКО СЕГОДНЯ!!!")
+    with i18n.language("ru"):
+        checked = composer.check(
+            t, kind="promo", sender=None, empty_fields={"first_name": 40}, recipients=100
+        )
+        found = {w.code: w.message for w in checked}
+        assert found["empty_personalisation"].startswith("У {{ first_name }} нет значения по умолчанию")
+        assert "у 40 из 100 получателей его нет" in found["empty_personalisation"]
+        assert found["exclamations"] == "Серии вроде «!!!» выглядят как спам и для фильтров, и для людей."
+        rows = composer.preview(t, [{"contact_id": 1, "first_name": None, "country": "KZ"}], sample=1)
+        assert {r.why_label for r in rows} >= {"самое длинное сообщение", "без {{ first_name }}"}
+        assert composer.country_label("KZ") == "Казахстан" and composer.country_label(None) == "другие страны"

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from smsops import policy
+from smsops import i18n, policy
 from smsops.policy import FrequencyCaps, PolicyError, QuietHours
 
 RUSSIAN_MOBILE_ZONES = (
@@ -230,11 +230,17 @@ def test_service_messages_need_no_opt_in_stop_on_opt_out_and_are_not_capped() ->
     assert verdict("service", last_day=10, last_week=10) is None
 
 
-def test_every_reason_has_a_user_facing_explanation() -> None:
+def test_every_reason_has_a_user_facing_explanation_in_english_and_russian() -> None:
     for reason in (*policy.POLICY_ORDER, *policy.HELD_REASONS):
-        assert " / " in policy.SKIP_REASONS[reason]
-    assert policy.explain("no_consent") == policy.SKIP_REASONS["no_consent"]
+        with i18n.language("en"):
+            assert policy.explain(reason) == policy.SKIP_REASONS[reason]
+        with i18n.language("ru"):
+            russian = policy.explain(reason)
+        assert russian != policy.SKIP_REASONS[reason] and any("а" <= ch <= "я" for ch in russian)
+    with i18n.language("ru"):
+        assert policy.explain("no_consent") == "нет действующего согласия на рекламу"
     assert policy.explain("something_new") == "something_new"
+    assert policy.explain(None) == "—"
     assert policy.EXCLUSION_REASONS.isdisjoint(policy.HELD_REASONS)
 
 
