@@ -5,90 +5,129 @@ from datetime import UTC, datetime, timedelta
 
 import streamlit as st
 
-from smsops import abtest, campaigns, config, dispatch, policy, segments, unsettled, warehouse
+from smsops import abtest, campaigns, composer, config, dispatch, i18n, policy, segments, unsettled, warehouse
+from smsops.i18n import _, ngettext
 
-st.title("Campaigns")
+st.title(_("Campaigns"))
 
 snapshot = warehouse.current()
 if snapshot is None:
-    st.info("The warehouse has not been built yet. Run `smsops build` (or `make run`) and reload.")
+    st.info(_("The warehouse has not been built yet. Run `smsops build` (or `make run`) and reload."))
     st.stop()
 
 zone = config.time_zone()
 provider = config.provider_name()
 if provider == "sandbox":
     st.caption(
-        ":material/science: Sending goes to the **sandbox**: a local simulator, no real SMS leaves this machine."
+        _(
+            ":material/science: Sending goes to the **sandbox**: a local simulator, no real SMS leaves this machine."
+        )
     )
 
+
+def when(moment) -> str:
+    """A moment on the team's clock."""
+    return i18n.datetime_(moment, tz=zone)
+
+
+def count_messages(n: int) -> str:
+    return ngettext("{n} message", "{n} messages", n).format(n=i18n.number(n))
+
+
+def bill(cost: dict[str, float]) -> str:
+    return ", ".join(i18n.money(amount, currency) for currency, amount in cost.items()) or i18n.money(0)
+
+
+def status_label(status: str) -> str:
+    return i18n.label(campaigns.STATUS_LABELS, status)
+
+
+KINDS = {"promo": _("Promotion"), "service": _("Service")}
+
 listing = unsettled.listing()  # campaigns.list_all() with the unknown outcomes apart from "not sent"
-when = "YYYY-MM-DD HH:mm"
-for column in ("scheduled_at", "launched_at"):
-    listing[column] = listing[column].dt.tz_convert(zone).dt.tz_localize(None)
 st.dataframe(
-    listing,
+    [
+        {
+            _("id"): str(row.campaign_id),
+            _("Campaign"): row.name,
+            _("Kind"): i18n.label(campaigns.KIND_LABELS, row.kind),
+            _("Status"): status_label(row.status),
+            _("Starts"): when(row.scheduled_at),
+            _("Launched"): when(row.launched_at),
+            _("Audience"): i18n.number(row.audience),
+            _("Waiting"): i18n.number(row.waiting),
+            _("Sent"): i18n.number(row.sent),
+            _("Delivered"): i18n.number(row.delivered),
+            _("Not sent"): i18n.number(row.not_sent),
+            _("Unknown outcome"): i18n.number(row.unknown),
+            _("Cost"): i18n.money(row.cost, row.currency if isinstance(row.currency, str) else "RUB"),
+        }
+        for row in listing.itertuples()
+    ],
     hide_index=True,
     width="stretch",
     column_config={
-        "campaign_id": st.column_config.NumberColumn("id", format="%d"),
-        "scheduled_at": st.column_config.DatetimeColumn("starts", format=when, help=f"In {zone}"),
-        "launched_at": st.column_config.DatetimeColumn("launched", format=when, help=f"In {zone}"),
-        "not_sent": st.column_config.NumberColumn("not sent", help="Not sent, each with a reason"),
-        "unknown": st.column_config.NumberColumn(
-            "unknown outcome",
-            help="May or may not have reached the recipient; never sent again by itself (see Follow)",
+        _("Starts"): st.column_config.TextColumn(help=_("In {zone}").format(zone=zone)),
+        _("Launched"): st.column_config.TextColumn(help=_("In {zone}").format(zone=zone)),
+        _("Audience"): st.column_config.TextColumn(help=_("Everyone frozen into the campaign at its launch")),
+        _("Not sent"): st.column_config.TextColumn(help=_("Not sent, each with a reason")),
+        _("Unknown outcome"): st.column_config.TextColumn(
+            help=_("May or may not have reached the recipient; never sent again by itself (see Follow)")
         ),
-        "cost": st.column_config.NumberColumn("cost", format="accounting"),
+        _("Cost"): st.column_config.TextColumn(help=_("Of the messages sent so far")),
     },
 )
 
-new_tab, launch_tab, follow_tab = st.tabs(["New campaign", "Test and launch", "Follow"])
+new_tab, launch_tab, follow_tab = st.tabs([_("New campaign"), _("Test and launch"), _("Follow")])
 
 # --- New ----------------------------------------------------------------------------------
 
 with new_tab:
-    variant_count = st.number_input("Variants (A/B test)", 1, 5, 1, key="new_variants",
-                                    help="One text box per variant below")  # fmt: skip
+    variant_count = st.number_input(_("Variants (A/B test)"), 1, 5, 1, key="new_variants",
+                                    help=_("One text box per variant below"))  # fmt: skip
     form = st.form("campaign_new")
 
 with form:
-    name = st.text_input("Name", key="new_name", placeholder="Black Friday early access")
-    kind = st.radio("Kind", ["promo", "service"], horizontal=True, key="new_kind",
-                    format_func={"promo": "Promotion", "service": "Service"}.get)  # fmt: skip
-    audiences = {f"{s.name} (v{s.version})": (s.name, s.version) for s in segments.list_saved()}
-    audiences.update({f"Ready-made: {n}": seg for n, seg in segments.ready_made().items()})
-    audience = st.selectbox("Audience", list(audiences), key="new_audience")
+    name = st.text_input(_("Campaign name"), key="new_name", placeholder=_("Black Friday early access"))
+    kind = st.radio(_("Kind"), list(KINDS), horizontal=True, key="new_kind", format_func=KINDS.get)
+    audiences = campaigns.audiences()
+    audience = st.selectbox(
+        _("Audience"), list(audiences), key="new_audience", format_func=campaigns.audience_label
+    )
     sender_choices = config.senders()
     variants = []
     for i in range(int(variant_count)):
         label = "ABCDE"[i]
         cols = st.columns([4, 1])
-        text = cols[0].text_area(f"Variant {label}", key=f"new_text_{label}", height=80,
+        text = cols[0].text_area(_("Variant {name}").format(name=label), key=f"new_text_{label}", height=80,
                                  value="{{ first_name | default('Здравствуйте') }}, ")  # fmt: skip
-        sender = cols[1].selectbox("Sender", sender_choices, key=f"new_sender_{label}")
+        sender = cols[1].selectbox(_("Sender"), sender_choices, key=f"new_sender_{label}")
         variants.append(campaigns.Variant(label, text, sender))
     c1, c2, c3 = st.columns(3)
-    test = c1.number_input("Test share, %", 5, 100, 100, 5, key="new_test",
-                           help="With 2+ variants: the rest gets the winner once the test is decided")  # fmt: skip
-    holdout = c2.number_input("Holdout (control group), %", 0, 50, 0, 1, key="new_holdout")
-    window = c3.number_input("Judge the test after, hours", 1, 336, 4, key="new_window")
-    auto_release = st.checkbox("Send the winner to the rest automatically when the test is decided",
+    test = c1.number_input(_("Test share, %"), 5, 100, 100, 5, key="new_test",
+                           help=_("With 2+ variants: the rest gets the winner once the test is decided"))  # fmt: skip
+    holdout = c2.number_input(_("Control group, %"), 0, 50, 0, 1, key="new_holdout",
+                              help=_("Recorded, never sent: what they do without the message is the baseline"))  # fmt: skip
+    window = c3.number_input(_("Judge the test after, hours"), 1, 336, 4, key="new_window")
+    auto_release = st.checkbox(_("Send the winner to the rest automatically when the test is decided"),
                                key="new_auto_release")  # fmt: skip
-    st.markdown("**When and how often**")
+    st.markdown(_("**When and how often**"))
     w1, w2, w3 = st.columns(3)
-    start = w1.radio("Start", ["now", "at a time"], horizontal=True, key="new_start",
-                     help="Launching sends at once; a scheduled campaign starts by itself")  # fmt: skip
+    starts_choices = {"now": _("now"), "at a time": _("at a time")}
+    start = w1.radio(_("Start"), list(starts_choices), horizontal=True, key="new_start", format_func=starts_choices.get,
+                     help=_("Launching sends at once; a scheduled campaign starts by itself"))  # fmt: skip
     soonest = campaigns.next_start(zone)
-    day = w2.date_input(f"Day ({zone})", soonest.date(), key="new_day")
-    clock = w3.time_input(f"Time ({zone})", soonest.time(), key="new_time", step=timedelta(minutes=15))
+    day = w2.date_input(_("Day ({zone})").format(zone=zone), soonest.date(), key="new_day")
+    clock = w3.time_input(_("Time ({zone})").format(zone=zone), soonest.time(), key="new_time",
+                          step=timedelta(minutes=15))  # fmt: skip
     q1, q2, q3 = st.columns(3)
-    quiet = q1.text_input("Quiet hours (recipient's local time)", str(config.quiet_hours()), key="new_quiet",
-                          help="start-end, e.g. 21:00-09:00; off for none")  # fmt: skip
+    quiet = q1.text_input(_("Quiet hours (recipient's local time)"), str(config.quiet_hours()), key="new_quiet",
+                          help=_("start-end, e.g. 21:00-09:00; off for none"))  # fmt: skip
     defaults = config.frequency_caps()
-    per_day = q2.number_input("Promotions per number a day (0: no cap)", 0, 50, defaults.per_day or 0,
+    per_day = q2.number_input(_("Promotions per number a day (0: no cap)"), 0, 50, defaults.per_day or 0,
                               key="new_daily")  # fmt: skip
-    per_week = q3.number_input("… a week (0: no cap)", 0, 100, defaults.per_week or 0, key="new_weekly")
-    if st.form_submit_button("Create draft"):
+    per_week = q3.number_input(_("… a week (0: no cap)"), 0, 100, defaults.per_week or 0, key="new_weekly")
+    if st.form_submit_button(_("Create draft")):
         testing = len(variants) > 1 and test < 100
         try:
             created = campaigns.create(
@@ -104,55 +143,94 @@ with form:
                 ab_window_hours=float(window) if testing else None,
                 auto_release=bool(auto_release and testing),
             )
-        except (campaigns.CampaignError, segments.SegmentError, policy.PolicyError) as exc:
+        except (campaigns.CampaignError, policy.PolicyError) as exc:
+            st.error(exc.localized())
+        except segments.SegmentError as exc:
             st.error(str(exc))
         else:
-            st.success(f"Draft «{created.name}» created (id {created.campaign_id}). Test and launch it next.")
+            st.success(
+                _("Draft «{name}» created (id {id}). Test and launch it next.").format(
+                    name=created.name, id=created.campaign_id
+                )
+            )
 
 # --- Test and launch ----------------------------------------------------------------------
 
 
-@st.dialog("Launch campaign")
-def confirm_launch(campaign_id: int, to_send: int, cost: str, starts: datetime | None) -> None:
+def show(guard: composer.Guard) -> None:
+    (st.error if guard.severity == "refuse" else st.warning)(guard.message)
+
+
+@st.dialog(_("Launch campaign"))
+def confirm_launch(
+    campaign_id: int, to_send: int, cost: str, starts: datetime | None, guards: list[composer.Guard]
+) -> None:
+    # what needs a person's yes shows its figures beside a box to tick
+    for guard in guards:
+        if guard.severity == "warn":
+            st.warning(guard.message)
+    ticked = [
+        st.checkbox(guard.confirmation, key=f"launch_confirm_{guard.code}", help=guard.reason)
+        for guard in guards
+        if guard.severity == "confirm"
+    ]
+    agreed = all(ticked)
     if starts is not None:
-        st.write(f"Schedule **{to_send:,}** messages (as of now) for **{cost}**, starting "
-                 f"**{starts:%Y-%m-%d %H:%M}** ({zone})? The audience is frozen when it starts.")  # fmt: skip
-        if st.button("Schedule", type="primary", key="launch_confirmed"):
+        st.markdown(
+            _("Schedule **{messages}** (as of now) for **{cost}**, starting **{when}** ({zone})? The audience is "
+              "frozen when it starts.").format(messages=count_messages(to_send), cost=cost, when=when(starts), zone=zone)
+        )  # fmt: skip
+        if st.button(_("Schedule"), type="primary", key="launch_confirmed", disabled=not agreed):
             try:
                 campaigns.schedule(campaign_id)  # idempotent: a second click only sets the same time
             except campaigns.CampaignError as exc:
-                st.error(str(exc))
+                st.error(exc.localized())
                 return
             st.session_state["scheduled"] = campaign_id
             st.session_state.pop("confirming", None)
             st.rerun()
         return
-    st.write(f"Plan **{to_send:,}** messages for **{cost}**? The audience is frozen now; sending starts at once "
-             "(within each recipient's allowed hours) and can be paused.")  # fmt: skip
-    if st.button("Launch", type="primary", key="launch_confirmed"):
-        result = campaigns.plan(campaign_id)  # idempotent: a second click plans nothing twice
-        st.session_state["launched"] = result
+    st.markdown(
+        _("Plan **{messages}** for **{cost}**? The audience is frozen now; sending starts at once (within each "
+          "recipient's allowed hours) and can be paused.").format(messages=count_messages(to_send), cost=cost)
+    )  # fmt: skip
+    if st.button(_("Launch"), type="primary", key="launch_confirmed", disabled=not agreed):
+        try:
+            result = campaigns.plan(campaign_id)  # idempotent: a second click plans nothing twice
+        except campaigns.CampaignError as exc:  # e.g. the audience emptied since the preview
+            st.error(exc.localized())
+            return
+        st.session_state["launched"] = (result.campaign_id, result.to_send)
         st.session_state.pop("confirming", None)
         st.rerun()
 
 
 with launch_tab:
-    drafts = {
-        f"{c.name} (id {c.campaign_id}{', scheduled' if c.status == 'scheduled' else ''})": c
-        for c in campaigns.drafts()
-    }
+    drafts = {c.campaign_id: c for c in campaigns.drafts()}
+
+    def draft_label(campaign_id: int) -> str:
+        c = drafts[campaign_id]
+        if c.status == "scheduled":
+            return _("{name} (id {id}, scheduled)").format(name=c.name, id=campaign_id)
+        return _("{name} (id {id})").format(name=c.name, id=campaign_id)
+
     if not drafts:
-        st.info("No draft campaigns. Create one in the first tab.")
+        st.info(_("No draft campaigns. Create one in the first tab."))
     else:
-        chosen = drafts[st.selectbox("Draft", list(drafts), key="launch_pick")]
+        chosen = drafts[st.selectbox(_("Draft"), list(drafts), key="launch_pick", format_func=draft_label)]
         cid = chosen.campaign_id
-        settings_line = f"Quiet hours {chosen.quiet or config.quiet_hours()}"
         caps = chosen.caps or config.frequency_caps()
-        settings_line += f" · at most {caps.per_day or '∞'} a day, {caps.per_week or '∞'} a week per number"
+        settings_line = _("Quiet hours {quiet} · at most {day} a day, {week} a week per number").format(
+            quiet=chosen.quiet or config.quiet_hours(),
+            day=i18n.number(caps.per_day) if caps.per_day else "∞",
+            week=i18n.number(caps.per_week) if caps.per_week else "∞",
+        )
         if chosen.ab_window_hours:
-            settings_line += f" · test judged after {chosen.ab_window_hours:g} h"
-            settings_line += (
-                ", winner sent automatically" if chosen.auto_release else ", winner sent on your click"
+            settings_line += " · " + _("test judged after {hours} h").format(
+                hours=i18n.number(chosen.ab_window_hours)
+            )
+            settings_line += ", " + (
+                _("winner sent automatically") if chosen.auto_release else _("winner sent on your click")
             )
         st.caption(settings_line)
         starts = None
@@ -160,99 +238,156 @@ with launch_tab:
             starts = chosen.scheduled_at.astimezone(campaigns.zone_info(zone))
         if chosen.status == "scheduled":
             st.info(
-                f"Scheduled: starts by itself at {starts:%Y-%m-%d %H:%M} ({zone}) while `smsops serve` runs."
+                _("Scheduled: starts by itself at {when} ({zone}) while `smsops serve` runs.").format(
+                    when=when(starts), zone=zone
+                )
             )
-            if st.button("Cancel the schedule", key="unschedule"):
+            if st.button(_("Cancel the schedule"), key="unschedule"):
                 campaigns.unschedule(cid)
                 st.rerun()
 
-        st.markdown("**Test send to your own numbers**")
+        st.markdown(_("**Test send to your own numbers**"))
         t1, t2 = st.columns([4, 1])
-        seeds = t1.text_input("Seed numbers, comma-separated", ", ".join(config.seed_numbers()), key="seed_numbers",
-                              help="Internal numbers; every variant goes to each, through the real provider")  # fmt: skip
-        if t2.button("Send test", key="test_send"):
+        seeds = t1.text_input(_("Seed numbers, comma-separated"), ", ".join(config.seed_numbers()), key="seed_numbers",
+                              help=_("Internal numbers; every variant goes to each, through the real provider"))  # fmt: skip
+        no_seeds = composer.no_seed_numbers(seeds)
+        if no_seeds is not None:
+            st.info(no_seeds.message, icon=":material/phone_iphone:")
+        if t2.button(_("Send test"), key="test_send", disabled=no_seeds is not None):
             try:
                 sent = campaigns.test_send(cid, seeds)
             except campaigns.CampaignError as exc:
-                st.error(str(exc))
+                st.error(exc.localized())
             else:
                 st.session_state.setdefault("test_sends", {})[cid] = sent
         sent = st.session_state.get("test_sends", {}).get(cid)
         if sent is not None:
             masked = sent.sample_phone.replace("*", r"\*")  # masked digits, not markdown emphasis
-            st.caption(f"{sent.messages} test message(s) personalised with the data of contact "
-                       f"{sent.sample_contact_id} ({masked}).")  # fmt: skip
+            st.caption(
+                ngettext(
+                    "{n} test message personalised with the data of contact {contact} ({phone}).",
+                    "{n} test messages personalised with the data of contact {contact} ({phone}).",
+                    sent.messages,
+                ).format(n=i18n.number(sent.messages), contact=sent.sample_contact_id, phone=masked)
+            )
         tests = campaigns.test_results(cid)
         if len(tests):
-            shown = tests[["number", "variant", "state", "status", "reason"]].fillna("")
-            shown["number"] = shown["number"].str.replace("*", r"\*")  # masked, not markdown emphasis
-            st.table(shown.set_index("number"))
-            st.button("Refresh the test's status", key="test_refresh")
+            st.table(
+                {
+                    _("Number"): [n.replace("*", r"\*") for n in tests["number"]],  # masked, not emphasis
+                    _("Variant"): list(tests["variant"]),
+                    _("State"): [i18n.label(campaigns.STATE_LABELS, s) for s in tests["state"]],
+                    _("Provider status"): [
+                        i18n.label(campaigns.DELIVERY_LABELS, s if isinstance(s, str) else None)
+                        for s in tests["status"]
+                    ],
+                    _("Why not sent"): [
+                        policy.explain(r if isinstance(r, str) else None) for r in tests["reason"]
+                    ],
+                    _("Sent"): [when(t) for t in tests["sent_at"]],
+                }
+            )
+            st.button(_("Refresh the test's status"), key="test_refresh")
 
         try:
             preview = campaigns.plan(cid, dry_run=True)
         except campaigns.CampaignError as exc:
-            st.error(str(exc))
+            st.error(exc.localized())
         else:
-            st.markdown("**Audience, step by step**")
+            st.markdown(_("**Audience, step by step**"))
             st.table(
-                [{"step": s.label, "removed": s.removed, "remaining": s.remaining} for s in preview.waterfall]
+                [
+                    {
+                        _("Step"): s.label,
+                        _("Removed"): i18n.number(s.removed),
+                        _("Remaining"): i18n.number(s.remaining),
+                    }
+                    for s in preview.waterfall
+                ]
             )
+            cost = bill(preview.cost)
             m1, m2, m3, m4 = st.columns(4)
-            m1.metric("To send", f"{preview.to_send:,}")
-            m2.metric("Deferred by quiet hours", f"{preview.deferred:,}")
-            m3.metric("Segments", f"{preview.segments:,}")
-            cost = ", ".join(f"{amount:,.2f} {currency}" for currency, amount in preview.cost.items()) or "0"
-            m4.metric("Cost", cost)
+            m1.metric(_("To send"), i18n.number(preview.to_send))
+            m2.metric(_("Deferred by quiet hours"), i18n.number(preview.deferred))
+            m3.metric(_("Segments"), i18n.number(preview.segments))
+            m4.metric(_("Cost"), cost)
             if preview.awaiting_winner:
-                st.caption(f"{preview.awaiting_winner:,} more will get the winning variant after the test.")
+                st.caption(
+                    ngettext(
+                        "{n} more will get the winning variant after the test.",
+                        "{n} more will get the winning variant after the test.",
+                        preview.awaiting_winner,
+                    ).format(n=i18n.number(preview.awaiting_winner))
+                )
+            guards = campaigns.launch_guards(chosen, preview)
+            for guard in guards:
+                show(guard)
+            refused = any(g.severity == "refuse" for g in guards)
             future = starts if starts is not None and chosen.scheduled_at > datetime.now(UTC) else None
-            if st.button("Schedule…" if future else "Launch…", type="primary", key="launch_start"):
+            if st.button(_("Schedule…") if future else _("Launch…"), type="primary", key="launch_start",
+                         disabled=refused):  # fmt: skip
                 st.session_state["confirming"] = cid
-            if st.session_state.get("confirming") == cid:
-                confirm_launch(cid, preview.to_send, cost, future)
-    launched = st.session_state.get("launched")
+            if st.session_state.get("confirming") == cid and not refused:
+                confirm_launch(cid, preview.to_send, cost, future, guards)
+    # said once, after the dialog closes: not again beside another draft
+    launched = st.session_state.pop("launched", None)
     if launched is not None:
-        st.success(f"Campaign {launched.campaign_id} launched: {launched.to_send:,} messages planned.")
-    if st.session_state.get("scheduled") is not None:
-        st.success(f"Campaign {st.session_state['scheduled']} scheduled.")
+        launched_id, planned = launched
+        st.success(
+            _("Campaign {id} launched: {messages} planned.").format(
+                id=launched_id, messages=count_messages(planned)
+            )
+        )
+    scheduled = st.session_state.pop("scheduled", None)
+    if scheduled is not None:
+        st.success(_("Campaign {id} scheduled.").format(id=scheduled))
 
 # --- Follow -------------------------------------------------------------------------------
 
-DECISIONS = {
-    "retry": ("Send them again", "queued to be sent again"),
-    "give_up": ("Close them unsent", "closed unsent"),
-}
-
 
 def outcomes(n: int) -> str:
-    return f"{n:,} outcome{'' if n == 1 else 's'}"
+    return ngettext("{n} outcome", "{n} outcomes", n).format(n=i18n.number(n))
 
 
-def messages(n: int) -> str:
-    return f"{n:,} message{'' if n == 1 else 's'}"
+def decided(decision: str, n: int, by: str) -> str:
+    if decision == "retry":
+        said = ngettext(
+            "{messages} queued to be sent again; recorded as decided by {name}.",
+            "{messages} queued to be sent again; recorded as decided by {name}.",
+            n,
+        )
+    else:
+        said = ngettext(
+            "{messages} closed unsent; recorded as decided by {name}.",
+            "{messages} closed unsent; recorded as decided by {name}.",
+            n,
+        )
+    return said.format(messages=count_messages(n), name=by)
 
 
 def forget_settling() -> None:
     st.session_state.pop("settling", None)
 
 
-@st.dialog("Messages with an unknown outcome", on_dismiss=forget_settling)
+@st.dialog(_("Messages with an unknown outcome"), on_dismiss=forget_settling)
 def confirm_settle(campaign_id: int, decision: str, count: int) -> None:
     if decision == "retry":
-        st.write(f"Send **{messages(count)}** again?")
+        st.markdown(_("Send **{messages}** again?").format(messages=count_messages(count)))
         st.warning(
-            "Some of them may already have reached their recipients: those people will get a second copy.",
+            _("Some of them may already have reached their recipients: those people will get a second copy."),
             icon=":material/content_copy:",
         )
     else:
-        st.write(f"Close **{messages(count)}** unsent? Nobody gets them again; they stay in the campaign as "
-                 "*outcome unknown, closed by a person*.")  # fmt: skip
-    name = st.text_input("Your name", st.session_state.get("decided_by", ""), key="settle_by",
-                         help="Recorded with the decision")  # fmt: skip
-    if st.button(DECISIONS[decision][0], type="primary", key="settle_confirmed"):
+        st.markdown(
+            _("Close **{messages}** unsent? Nobody gets them again; they stay in the campaign as *outcome unknown, "
+              "closed by a person*.").format(messages=count_messages(count))
+        )  # fmt: skip
+    name = st.text_input(_("Your name"), st.session_state.get("decided_by", ""), key="settle_by",
+                         help=_("Recorded with the decision"))  # fmt: skip
+    button = _("Send them again") if decision == "retry" else _("Close them unsent")
+    if st.button(button, type="primary", key="settle_confirmed"):
         if not name.strip():
-            st.error("Enter your name: who decided is recorded with the decision.")
+            st.error(_("Enter your name: who decided is recorded with the decision."))
             return
         st.session_state["decided_by"] = name.strip()
         # a second click (or a second tab) finds nothing left to decide and changes nothing
@@ -268,58 +403,78 @@ with follow_tab:
 
     def follow_label(campaign_id: int) -> str:
         c, pending = live[campaign_id], open_by_campaign.get(campaign_id)
-        status = f"waiting for {outcomes(pending.total)}" if pending and c.status == "finished" else c.status
-        return f"{c.name} (id {campaign_id}, {status})"
+        if pending and c.status == "finished":
+            status = _("waiting for {outcomes}").format(outcomes=outcomes(pending.total))
+        else:
+            status = status_label(c.status)
+        return _("{name} (id {id}, {status})").format(name=c.name, id=campaign_id, status=status)
 
     if not live:
-        st.info("No launched campaigns yet.")
+        st.info(_("No launched campaigns yet."))
     else:
         # picked by id: the label changes with the status, the choice must not
-        followed = live[st.selectbox("Campaign", list(live), key="follow_pick", format_func=follow_label)]
+        followed = live[st.selectbox(_("Campaign"), list(live), key="follow_pick", format_func=follow_label)]
         cid = followed.campaign_id
         progress = dispatch.progress(cid)
         pending = unsettled.count(cid)
         settled_rows = progress.done - pending.total  # an unknown outcome is not done
-        status = progress.status
+        status = status_label(progress.status)
         if pending.total:
             in_flight = progress.states.get("planned", 0) + progress.states.get("sending", 0)
-            waiting_for = f"waiting for {outcomes(pending.total)}"
-            status = f"{status} · {waiting_for}" if in_flight and status != "finished" else waiting_for
+            waiting_for = _("waiting for {outcomes}").format(outcomes=outcomes(pending.total))
+            status = (
+                f"{status} · {waiting_for}" if in_flight and progress.status != "finished" else waiting_for
+            )
         st.progress(
             settled_rows / progress.total if progress.total else 1.0,
-            text=f"{settled_rows:,} of {progress.total:,} done · {status}",
+            text=_("{done} of {total} done · {status}").format(
+                done=i18n.number(settled_rows), total=i18n.number(progress.total), status=status
+            ),
         )
         if pending.total:
             parts = []
             if pending.awaiting_lookup:
-                verb = "is" if pending.awaiting_lookup == 1 else "are"
-                parts.append(f"{pending.awaiting_lookup:,} {verb} being checked with the provider")
+                parts.append(
+                    ngettext(
+                        "{n} is being checked with the provider",
+                        "{n} are being checked with the provider",
+                        pending.awaiting_lookup,
+                    ).format(n=i18n.number(pending.awaiting_lookup))
+                )
             if pending.needs_a_person:
-                verb = "needs" if pending.needs_a_person == 1 else "need"
-                parts.append(f"{pending.needs_a_person:,} {verb} your decision")
+                parts.append(
+                    ngettext(
+                        "{n} needs your decision", "{n} need your decision", pending.needs_a_person
+                    ).format(n=i18n.number(pending.needs_a_person))
+                )
             st.warning(
-                f"**{pending.total:,} with an unknown outcome**: {', '.join(parts)}.", icon=":material/help:"
+                _("**{n} with an unknown outcome**: {parts}.").format(
+                    n=i18n.number(pending.total), parts=", ".join(parts)
+                ),
+                icon=":material/help:",
             )
             st.caption(
-                "The request for each of these messages timed out or was cut off, or the provider's answer "
-                "could not be recorded: they may or may not have reached their recipients. They are never "
-                "sent again automatically. Those being checked settle by themselves once the provider can "
-                "no longer accept them late; the others wait for your decision."
-            )
+                _("The request for each of these messages timed out or was cut off, or the provider's answer could "
+                  "not be recorded: they may or may not have reached their recipients. They are never sent again "
+                  "automatically. Those being checked settle by themselves once the provider can no longer accept "
+                  "them late; the others wait for your decision.")
+            )  # fmt: skip
         f1, f2, f3, f4 = st.columns(4)
-        f1.metric("Submitted", f"{progress.submitted:,}")
-        f2.metric("Due now", f"{progress.due:,}")
-        f3.metric("Waiting", f"{progress.waiting:,}")
-        f4.metric("Not sent", f"{settled_rows - progress.submitted:,}",
-                  help="Not sent, each with a reason; an unknown outcome is counted apart")  # fmt: skip
+        f1.metric(_("Submitted"), i18n.number(progress.submitted))
+        f2.metric(_("Due now"), i18n.number(progress.due))
+        f3.metric(_("Waiting"), i18n.number(progress.waiting))
+        f4.metric(_("Not sent"), i18n.number(settled_rows - progress.submitted),
+                  help=_("Not sent, each with a reason; an unknown outcome is counted apart"))  # fmt: skip
         if pending.needs_a_person:
-            d1, d2, _ = st.columns([1, 1, 2])
+            d1, d2, _rest = st.columns([1, 1, 2])
             if progress.status in ("running", "paused") and d1.button(
-                "Send them again…", key="settle_retry", help="Some recipients may get a second copy"
+                _("Send them again…"), key="settle_retry", help=_("Some recipients may get a second copy")
             ):
                 st.session_state["settling"] = (cid, "retry", pending.needs_a_person)
             if d2.button(
-                "Close them unsent…", key="settle_give_up", help="Nobody gets them; recorded as your decision"
+                _("Close them unsent…"),
+                key="settle_give_up",
+                help=_("Nobody gets them; recorded as your decision"),
             ):
                 st.session_state["settling"] = (cid, "give_up", pending.needs_a_person)
         settling = st.session_state.get("settling")
@@ -327,54 +482,85 @@ with follow_tab:
             confirm_settle(*settling)
         settled = st.session_state.pop("settled", None)  # said once, after the dialog closes
         if settled is not None and settled[0] == cid:
-            _, decision, changed = settled
+            _cid, decision, changed = settled
             if changed:
-                st.success(f"{messages(changed)} {DECISIONS[decision][1]}; "
-                           f"recorded as decided by {st.session_state.get('decided_by', '—')}.")  # fmt: skip
+                st.success(decided(decision, changed, st.session_state.get("decided_by", i18n.MISSING)))
             else:
-                st.info("Nothing left to decide: these messages were settled already (by a lookup or another "
-                        "person). Nothing was changed.")  # fmt: skip
+                st.info(_("Nothing left to decide: these messages were settled already (by a lookup or another "
+                          "person). Nothing was changed."))  # fmt: skip
         if progress.reasons:
-            st.table({policy.explain(r): n for r, n in progress.reasons.items()})
+            st.table(
+                [
+                    {_("Reason"): policy.explain(reason), _("Messages"): i18n.number(n)}
+                    for reason, n in progress.reasons.items()
+                ]
+            )
         metric = st.session_state.get("ab_metric") or "ctr"
         results = campaigns.variant_counts(cid, metric)
         if len(results) >= 2:
-            st.markdown("**A/B test**")
-            st.segmented_control("Judge by", ["ctr", "conversion"], default="ctr", key="ab_metric",
-                                 format_func={"ctr": "clicks (CTR)", "conversion": "conversions"}.get)  # fmt: skip
+            st.markdown(_("**A/B test**"))
+            metrics = {"ctr": _("clicks (CTR)"), "conversion": _("conversions")}
+            st.segmented_control(_("Judge by"), list(metrics), default="ctr", key="ab_metric",
+                                 format_func=metrics.get)  # fmt: skip
             verdict = abtest.compare(results, metric="CTR" if metric == "ctr" else "conversion")
-            st.table([{"variant": a.name, "delivered": a.trials, "rate": f"{a.rate:.2%}",
-                       "95% interval": f"{a.low:.2%} – {a.high:.2%}"} for a in verdict.arms])  # fmt: skip
+            st.table(
+                [
+                    {
+                        _("Variant"): a.name,
+                        _("Delivered"): i18n.number(a.trials),
+                        _("Rate"): i18n.percent(a.rate, 2),
+                        _("95% interval"): f"{i18n.percent(a.low, 2)} – {i18n.percent(a.high, 2)}",
+                    }
+                    for a in verdict.arms
+                ]
+            )
             (st.success if verdict.winner else st.info)(verdict.message)
             if metric == "ctr":
-                st.caption("Deliveries and clicks as they arrive (the operational store).")
+                st.caption(_("Deliveries and clicks as they arrive (the operational store)."))
             else:
                 st.caption(
-                    f"Conversions from warehouse build {snapshot.build_id}: refresh the build for newer ones."
+                    _(
+                        "Conversions from the warehouse build of {when}: refresh the build for newer ones."
+                    ).format(when=when(snapshot.built_at))
                 )
             waiting = progress.reasons.get("awaiting_winner", 0)
             if waiting and followed.ab_window_hours and followed.launched_at:
                 judged = followed.launched_at + timedelta(hours=followed.ab_window_hours)
-                how = "automatically" if followed.auto_release else "when you click"
-                st.caption(f"The test is judged at {judged.astimezone(campaigns.zone_info(zone)):%Y-%m-%d %H:%M} "
-                           f"({zone}); the other {waiting:,} get the winner {how}.")  # fmt: skip
+                how = _("automatically") if followed.auto_release else _("when you click")
+                st.caption(
+                    _("The test is judged at {when} ({zone}); the other {n} get the winner {how}.").format(
+                        when=when(judged), zone=zone, n=i18n.number(waiting), how=how
+                    )
+                )
             if (
                 verdict.winner
                 and waiting
-                and st.button(f"Send {verdict.winner} to the other {waiting:,}", key="release_winner")
+                and st.button(
+                    _("Send {winner} to the other {n}").format(winner=verdict.winner, n=i18n.number(waiting)),
+                    key="release_winner",
+                )
             ):
                 released = campaigns.release_remainder(cid, verdict.winner)
-                st.success(f"{released:,} messages of {verdict.winner} planned.")
+                st.success(
+                    ngettext(
+                        "{n} message of {winner} planned.", "{n} messages of {winner} planned.", released
+                    ).format(n=i18n.number(released), winner=verdict.winner)
+                )
         b1, b2, b3, b4 = st.columns(4)
-        if progress.status == "running" and b1.button("Pause", key="follow_pause"):
+        if progress.status == "running" and b1.button(_("Pause"), key="follow_pause"):
             campaigns.pause(cid)
             st.rerun()
-        if progress.status == "paused" and b1.button("Resume", key="follow_resume"):
+        if progress.status == "paused" and b1.button(_("Resume"), key="follow_resume"):
             campaigns.resume(cid)
             st.rerun()
-        if progress.status in ("running", "paused") and b2.button("Cancel the rest", key="follow_cancel"):
+        if progress.status in ("running", "paused") and b2.button(_("Cancel the rest"), key="follow_cancel"):
             campaigns.cancel(cid)
             st.rerun()
-        if b3.button("Retry the failed", key="follow_retry"):
-            st.info(f"{campaigns.retry_failed(cid):,} message(s) queued again.")
-        b4.button("Refresh", key="follow_refresh")
+        if b3.button(_("Retry the failed"), key="follow_retry"):
+            retried = campaigns.retry_failed(cid)
+            st.info(
+                ngettext("{n} message queued again.", "{n} messages queued again.", retried).format(
+                    n=i18n.number(retried)
+                )
+            )
+        b4.button(_("Refresh"), key="follow_refresh")

@@ -2,27 +2,24 @@
 
 import streamlit as st
 
-from smsops import composer, config, encoding, segments, templates, warehouse
+from smsops import campaigns, composer, config, encoding, i18n, segments, templates, warehouse
+from smsops.i18n import _, ngettext
 
-st.title("Compose")
+st.title(_("Compose"))
 
 snapshot = warehouse.current()
 if snapshot is None:
-    st.info("The warehouse has not been built yet. Run `smsops build` (or `make run`) and reload.")
+    st.info(_("The warehouse has not been built yet. Run `smsops build` (or `make run`) and reload."))
     st.stop()
 
 
 @st.cache_data(show_spinner=False)
 def audience_choices(build_id: str) -> dict[str, dict]:
     """Saved segments (latest versions) and the ready-made ones, as JSON definitions."""
-    choices = {f"{s.name} (v{s.version})": segments.to_dict(s.segment) for s in segments.list_saved()}
-    choices.update(
-        {f"Ready-made: {name}": segments.to_dict(seg) for name, seg in segments.ready_made().items()}
-    )
-    return choices
+    return {key: segments.to_dict(segment) for key, segment in campaigns.audiences().items()}
 
 
-@st.cache_data(show_spinner="Reading the audience…", max_entries=16)
+@st.cache_data(show_spinner=_("Reading the audience…"), max_entries=16)
 def audience(build_id: str, definition: dict, columns: tuple[str, ...], kind: str):
     segment = segments.from_dict(definition)
     grouped = segments.recipients(segment, columns, kind=kind, grouped=True)
@@ -35,15 +32,26 @@ def rewrite(fix) -> None:
     st.session_state["compose_text"] = fix(st.session_state["compose_text"])
 
 
+def segments_count(n: int) -> str:
+    return ngettext("{n} segment", "{n} segments", n).format(n=i18n.number(n))
+
+
+def show(guard: composer.Guard) -> None:
+    (st.error if guard.severity == "refuse" else st.warning)(guard.message)
+
+
+KINDS = {"promo": _("Promotion"), "service": _("Service")}
+
 choices = audience_choices(snapshot.build_id)
 top = st.columns([2, 1, 1])
-chosen = top[0].selectbox("Audience", list(choices), key="compose_audience")
+chosen = top[0].selectbox(
+    _("Audience"), list(choices), key="compose_audience", format_func=campaigns.audience_label
+)
 kind = top[1].segmented_control(
-    "Kind", ["promo", "service"], default="promo", key="compose_kind",
-    format_func={"promo": "Promotion", "service": "Service"}.get,
-)  # fmt: skip
+    _("Kind"), list(KINDS), default="promo", key="compose_kind", format_func=KINDS.get
+)
 kind = kind or "promo"
-sender = top[2].selectbox("Sender", config.senders(), key="compose_sender")
+sender = top[2].selectbox(_("Sender"), config.senders(), key="compose_sender")
 
 fields = segments.template_fields()
 left, right = st.columns([3, 2])
@@ -53,13 +61,17 @@ with left:
             "{{ first_name | default('Здравствуйте') }}, для вас скидка 15% до пятницы: "
             "{{ link('https://shop.example.ru/sale') }}"
         )
-    body = st.text_area("Message", key="compose_text", height=140)
-    st.caption("Fields: " + " ".join(f"`{{{{ {name} }}}}`" for name in fields))
+    body = st.text_area(_("Message"), key="compose_text", height=140)
+    st.caption(_("Fields: {fields}").format(fields=" ".join(f"`{{{{ {name} }}}}`" for name in fields)))
     opt_out = config.opt_out_text()
     if kind == "promo":
         opt_out = st.text_input(
-            "Opt-out instruction (added to every promotion)", value=opt_out, key="compose_opt_out"
+            _("Opt-out instruction (added to every promotion)"), value=opt_out, key="compose_opt_out"
         )
+    empty = composer.empty_text(body, kind)
+    if empty is not None:  # nothing to bill: the footer alone is not a message
+        show(empty)
+        st.stop()
     source = composer.message_source(body, kind, opt_out)
     try:
         template = templates.compile(source, fields)
@@ -69,21 +81,26 @@ with left:
 
     static = encoding.analyze(template.render({}))
     c1, c2, c3 = st.columns(3)
-    c1.metric("Characters (no personalisation)", static.chars)
-    c2.metric("Encoding", static.encoding)
-    c3.metric("Segments", static.segments)
+    c1.metric(_("Characters (no personalisation)"), i18n.number(static.chars))
+    c2.metric(_("Encoding"), static.encoding)
+    c3.metric(_("Segments"), i18n.number(static.segments))
     if static.ucs2_chars:
-        st.caption("UCS-2 because of " + composer.ucs2_reason(static) + ".")
+        st.caption(_("UCS-2 because of {reason}.").format(reason=composer.ucs2_reason(static)))
         saved = encoding.savings(body)
         fix1, fix2 = st.columns(2)
         fix1.button(
-            f"Replace look-alikes ({saved.original_segments} → {saved.smart_segments} segments)",
+            _("Replace look-alikes ({before} → {after})").format(
+                before=i18n.number(saved.original_segments), after=segments_count(saved.smart_segments)
+            ),
             key="fix_smart",
             on_click=rewrite,
             args=(lambda text: encoding.smart_replace(text)[0],),
         )
         fix2.button(
-            f"Transliterate ({saved.original_segments} → {saved.transliterated_segments} segments)",
+            _("Transliterate ({before} → {after})").format(
+                before=i18n.number(saved.original_segments),
+                after=segments_count(saved.transliterated_segments),
+            ),
             key="fix_translit",
             on_click=rewrite,
             args=(encoding.transliterate,),
@@ -101,36 +118,64 @@ warnings = composer.check(
     recipients=estimate.messages,
     opt_out=opt_out,
 )
+longest = max(estimate.segments_histogram, default=0)
+per_segment = estimate.total / estimate.segments if estimate.segments else 0.0
+currency = estimate.bill.currency or "RUB"
+guards = [
+    composer.large_send(longest, estimate.bill.totals),
+    composer.footer_fit(
+        templates.compile(body, fields).render({}), opt_out, kind,
+        messages=estimate.messages, per_segment=per_segment, currency=currency,
+    ),
+    composer.placeholder_links([body]),
+]  # fmt: skip
 
 with right:
-    st.subheader("The bill")
+    st.subheader(_("The bill"))
     b1, b2 = st.columns(2)
     b1.metric(
-        "Recipients",
-        f"{estimate.messages:,}",
-        help="Contacts in the audience who may get this kind of message",
+        _("Recipients"),
+        i18n.number(estimate.messages),
+        help=_("Contacts in the audience who may get this kind of message"),
     )
-    b2.metric("Segments", f"{estimate.segments:,}")
+    b2.metric(_("Segments"), i18n.number(estimate.segments))
     b1.metric(
-        "Cost", f"{estimate.total:,.0f} {estimate.bill.currency or ''}", help=f"{estimate.total:,.2f} exactly"
+        _("Cost"), i18n.money(estimate.total, currency, digits=0), help=i18n.money(estimate.total, currency)
     )
-    b2.metric("Per message", f"{estimate.total / estimate.messages:,.2f}" if estimate.messages else "—")
+    b2.metric(
+        _("Per message"),
+        i18n.money(estimate.total / estimate.messages, currency) if estimate.messages else i18n.MISSING,
+    )
     st.dataframe(
         [
-            {"country": c.country, "messages": c.messages, "segments": c.segments, "cost": c.cost}
+            {
+                _("Country"): composer.country_label(c.country),
+                _("Messages"): i18n.number(c.messages),
+                _("Segments"): i18n.number(c.segments),
+                _("Cost"): i18n.money(c.cost, c.currency),
+            }
             for c in estimate.bill.by_country
         ],
         hide_index=True,
         width="stretch",
     )
+    for guard in guards:
+        if guard is not None:
+            show(guard)
     for w in warnings:
         (st.error if w.severity == "error" else st.warning if w.severity == "warning" else st.info)(w.message)
 
-st.subheader("What recipients get")
+st.subheader(_("What recipients get"))
 for row in previews:
     with st.container(border=True):
-        st.caption(
-            f"{row.why} · {row.encoding} · {row.chars} characters · {row.segments} segment(s) · "
-            f"{row.price:.2f} {row.currency}" + (f" · {row.country}" if row.country else "")
-        )
+        said = [
+            row.why_label,
+            row.encoding,
+            ngettext("{n} character", "{n} characters", row.chars).format(n=i18n.number(row.chars)),
+            segments_count(row.segments),
+            i18n.money(row.price, row.currency),
+        ]
+        if row.country:
+            said.append(composer.country_label(row.country))
+        st.caption(" · ".join(said))
         st.text(row.text)

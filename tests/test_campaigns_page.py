@@ -9,9 +9,30 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import streamlit as st
-from apptest import metric_values, open_page
+from apptest import APP, metric_values
+from streamlit.testing.v1 import AppTest
 
-from smsops import campaigns, config, segments, store
+from smsops import campaigns, config, i18n, segments, store
+
+
+def open_page(page: str = "campaigns", timeout: float = 120) -> AppTest:
+    """The app, then ``pages/<page>.py`` in it, failing on an exception: app.py runs first, so it
+    sets the language (``SMSOPS_LANGUAGE``) the page then speaks (``apptest.open_page`` switches
+    before the first run, so the page would run alone)."""
+    at = AppTest.from_file(str(APP), default_timeout=timeout)
+    at.run()
+    at.switch_page(f"pages/{page}.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+@pytest.fixture(autouse=True)
+def english():
+    """The test reads the page in English, and so does what it calls directly (a widget's labels
+    are formatted again in the test's thread when it sets a value)."""
+    with i18n.language("en"):
+        yield
 
 
 @pytest.fixture
@@ -46,9 +67,9 @@ def test_create_check_and_launch_a_campaign_once(own_home):
     next(b for b in at.button if b.label == "Create draft").click().run()
     assert any("Draft «Page test promo» created" in s.value for s in at.success), [e.value for e in at.error]
     draft = next(c for c in campaigns.drafts() if c.name == "Page test promo")
-    at.selectbox(key="launch_pick").set_value(f"Page test promo (id {draft.campaign_id})").run()
+    at.selectbox(key="launch_pick").set_value(draft.campaign_id).run()
     steps = at.table[0].value
-    assert "remaining" in steps.columns and len(steps) >= 3
+    assert "Remaining" in steps.columns and len(steps) >= 3
     to_send = int(next(m.value for m in at.metric if m.label == "To send").replace(",", ""))
     assert to_send > 0
     at.button(key="launch_start").click().run()
@@ -85,9 +106,8 @@ def create_draft(at, name: str, **inputs) -> campaigns.Campaign:
     next(b for b in at.button if b.label == "Create draft").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     draft = next(c for c in campaigns.drafts() if c.name == name)
-    at.selectbox(key="launch_pick").set_value(
-        next(o for o in at.selectbox(key="launch_pick").options if f"(id {draft.campaign_id}" in o)
-    ).run()
+    assert any(f"(id {draft.campaign_id}" in o for o in at.selectbox(key="launch_pick").options)
+    at.selectbox(key="launch_pick").set_value(draft.campaign_id).run()
     return draft
 
 
@@ -99,10 +119,11 @@ def test_a_test_send_from_the_page_goes_to_the_seed_numbers_and_shows_their_stat
     at.button(key="test_send").click().run()
     assert not at.error, [e.value for e in at.error]
     assert any("personalised with the data of contact" in c.value for c in at.caption)
-    table = next(t.value for t in at.table if "variant" in t.value.columns)
-    numbers = sorted(n.replace("\\*", "*") for n in table.index)
+    table = next(t.value for t in at.table if "Variant" in t.value.columns)
+    numbers = sorted(n.replace("\\*", "*") for n in table["Number"])
     assert numbers == ["+7 999 ***-**-01", "+7 999 ***-**-02"]  # masked
-    assert set(table["state"]) == {"planned"}
+    assert set(table["State"]) == {"planned"}
+    assert set(table["Provider status"]) == set(table["Why not sent"]) == {"—"}  # not "None" or "nan"
     assert campaigns.get(draft.campaign_id).status == "draft"  # still a draft: the test counts nowhere
     at.text_input(key="seed_numbers").input("12345").run()
     at.button(key="test_send").click().run()
@@ -124,8 +145,9 @@ def test_a_campaign_set_to_start_later_is_scheduled_listed_and_can_be_unschedule
     stored = campaigns.get(draft.campaign_id)
     assert stored.status == "scheduled" and abs(stored.scheduled_at - later) < timedelta(minutes=1)
     listing = at.dataframe[0].value
-    row = listing[listing["campaign_id"] == draft.campaign_id].iloc[0]
-    assert str(row["scheduled_at"])[:16] == f"{local:%Y-%m-%d %H:%M}"  # shown in the team's zone
+    row = listing[listing["id"] == str(draft.campaign_id)].iloc[0]
+    assert row["Starts"] == i18n.datetime_(stored.scheduled_at, tz=config.time_zone())  # the team's clock
+    assert row["Status"] == "scheduled" and row["Launched"] == "—"
     assert not len(campaigns.outcome(draft.campaign_id).waterfall) > 1  # audience not frozen yet
     at.button(key="unschedule").click().run()
     assert campaigns.get(draft.campaign_id).status == "draft"
@@ -195,8 +217,8 @@ def test_follow_says_how_many_outcomes_are_unknown_and_does_not_read_done(own_ho
     assert at.get("progress")[0].proto.value < 100
     assert metric_values(at)["Not sent"] == "0"  # unknown is neither sent nor not sent
     listing = at.dataframe[0].value
-    row = listing[listing["campaign_id"] == cid].iloc[0]
-    assert (row["sent"], row["not_sent"], row["unknown"]) == (8, 0, 12)
+    row = listing[listing["id"] == str(cid)].iloc[0]
+    assert (row["Sent"], row["Not sent"], row["Unknown outcome"]) == ("8", "0", "12")
     assert campaigns.get(cid).status == "running"
 
 
@@ -249,3 +271,136 @@ def test_sending_unknown_outcomes_again_warns_of_a_second_copy_and_queues_them(o
         own_home, "select decision, messages from outbox_decisions where campaign_id = ?", cid
     ) == [("retry", 2)]
     assert campaigns.get(cid).status == "running"  # still one to be looked up, two to send
+
+
+# -- guards: a reason and the way out, and nothing launched that should not be --------------------
+
+NOBODY = segments.Segment("nobody", segments.all_of(segments.Rule("city", "eq", "Нигдешний")))
+TEXT = "{{ first_name | default('Здравствуйте') }}, скидка 15% для вас"
+
+
+def api_draft(name: str, segment=None, text: str = TEXT) -> campaigns.Campaign:
+    return campaigns.create(
+        name,
+        "promo",
+        segment or segments.ready_made()["champions"],
+        [campaigns.Variant("A", text, "SHOPMARKET")],
+    )
+
+
+def pick(at, campaign_id: int):
+    at.selectbox(key="launch_pick").set_value(campaign_id).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def shown(at) -> list[str]:
+    return [e.value for e in [*at.error, *at.warning, *at.info, *at.success]]
+
+
+def test_an_empty_message_is_refused_with_the_way_out_and_no_draft_is_made(own_home):
+    at = open_page()
+    at.text_input(key="new_name").input("Blank promo")
+    at.text_area(key="new_text_A").input("   ")
+    next(b for b in at.button if b.label == "Create draft").click().run()
+    said = [e.value for e in at.error]
+    assert any("The message is empty" in e and "Write the text of the message." in e for e in said), said
+    assert not any(c.name == "Blank promo" for c in campaigns.drafts())
+
+
+def test_a_launch_to_nobody_is_refused_and_a_launch_message_is_not_shown_for_another_draft(own_home):
+    nobody = api_draft("Nobody promo", NOBODY)
+    someone = api_draft("Champions promo")
+    at = pick(open_page(), someone.campaign_id)
+    at.button(key="launch_start").click().run()
+    at.button(key="launch_confirmed").click().run()
+    assert any(f"Campaign {someone.campaign_id} launched" in s.value for s in at.success)
+
+    pick(at, nobody.campaign_id)
+    assert not at.success, [s.value for s in at.success]  # said once, not beside another draft
+    assert any("Nobody is in this campaign's audience now" in e.value for e in at.error), shown(at)
+    assert at.button(key="launch_start").disabled
+    assert campaigns.get(nobody.campaign_id).status == "draft"
+
+
+def test_a_test_send_without_seed_numbers_says_so_and_how_to_add_them(own_home, monkeypatch):
+    monkeypatch.delenv("SMSOPS_SEED_NUMBERS", raising=False)
+    draft = api_draft("Seedless promo")
+    at = pick(open_page(), draft.campaign_id)
+    assert at.text_input(key="seed_numbers").value == ""
+    assert any("No seed numbers" in i.value and "SMSOPS_SEED_NUMBERS" in i.value for i in at.info), shown(at)
+    assert at.button(key="test_send").disabled
+
+
+def test_a_long_message_needs_a_yes_that_shows_its_segments_and_bill(own_home, monkeypatch):
+    monkeypatch.setenv("SMSOPS_MAX_PARTS", "1")
+    draft = api_draft("Long promo", text=TEXT + ", и ещё много слов о скидках " * 3)
+    at = pick(open_page(), draft.campaign_id)
+    assert any("over the limit of 1" in w.value for w in at.warning), shown(at)
+    at.button(key="launch_start").click().run()
+    box = at.checkbox(key="launch_confirm_large_send")
+    cost = next(m.value for m in at.metric if m.label == "Cost")
+    assert "segments" in box.label and cost in box.label  # the yes names both figures
+    assert at.button(key="launch_confirmed").disabled  # no yes, no launch
+    assert campaigns.get(draft.campaign_id).status == "draft"
+    box.check().run()
+    assert not at.button(key="launch_confirmed").disabled
+    at.button(key="launch_confirmed").click().run()
+    assert any(f"Campaign {draft.campaign_id} launched" in s.value for s in at.success)
+    assert campaigns.get(draft.campaign_id).status in ("running", "finished")
+
+
+def test_tracked_links_to_the_placeholder_address_warn_before_a_launch(own_home, monkeypatch):
+    monkeypatch.delenv("SMSOPS_LINK_BASE", raising=False)
+    draft = api_draft("Linked promo", text=TEXT + ": {{ link('https://shop.example.ru/sale') }}")
+    at = pick(open_page(), draft.campaign_id)
+    assert any("SMSOPS_LINK_BASE" in w.value and "https://s.example/l/" in w.value for w in at.warning)
+    at.button(key="launch_start").click().run()
+    assert any("SMSOPS_LINK_BASE" in w.value for w in at.warning)  # said again in the dialog
+    monkeypatch.setenv("SMSOPS_LINK_BASE", "https://go.shop.ru/l/")
+    at = pick(open_page(), draft.campaign_id)
+    assert not any("SMSOPS_LINK_BASE" in w.value for w in at.warning)
+
+
+# -- the page in Russian ------------------------------------------------------------------------
+
+RAW = {*campaigns.STATUSES, *campaigns.STATE_LABELS, "promo", "service", "None", "nan", "NaT", "no_consent"}
+
+
+def everything_shown(at) -> list[str]:
+    """Every text the page shows: headings, text, captions, messages, labels and table cells."""
+    texts = [e.value for kind in ("title", "markdown", "caption", "error", "warning", "info", "success")
+             for e in getattr(at, kind)]  # fmt: skip
+    texts += [m.label for m in at.metric] + [m.value for m in at.metric]
+    texts += [b.label for b in at.button] + [t.label for t in at.tabs]
+    for box in at.selectbox:
+        texts += [box.label, *box.options]
+    for frame in [*(d.value for d in at.dataframe), *(t.value for t in at.table)]:
+        texts += [str(c) for c in frame.columns]
+        texts += [str(v) for v in frame.to_numpy().ravel()]
+    return texts
+
+
+def test_the_campaigns_page_reads_in_russian_without_raw_codes(own_home, monkeypatch):
+    monkeypatch.setenv("SMSOPS_LANGUAGE", "ru")
+    cid = campaign_with_unknown_outcomes(own_home, awaiting_lookup=2, fate_unknown=1)
+    draft = api_draft("Рассылка для чемпионов")
+    with i18n.language("ru"):
+        at = pick(open_page(), draft.campaign_id)
+        at.selectbox(key="follow_pick").set_value(cid).run()
+        assert not at.exception, at.exception
+        texts = everything_shown(at)
+    assert at.title[0].value == "Рассылки"
+    assert [t.label for t in at.tabs] == ["Новая рассылка", "Тест и запуск", "Ход рассылки"]
+    assert not [t for t in texts if t.strip() in RAW], [t for t in texts if t.strip() in RAW]
+    assert not [t for t in texts if "None" in t or "nan" in t.split()]
+    listing = at.dataframe[0].value
+    assert set(listing["Статус"]) <= {"черновик", "запланирована", "идёт отправка", "на паузе", "завершена",
+                                     "остановлена"}  # fmt: skip
+    assert all(cost.endswith("₽") for cost in listing["Стоимость"])
+    assert any("с неизвестным исходом" in w.value for w in at.warning)
+    assert "Отправить тест" in [b.label for b in at.button]
+    english = ("Campaign", "Draft", "Launch", "message", "Segments", "Cost", "Quiet hours", "Send")
+    assert not [t for t in texts if any(word in t for word in english)], [
+        t for t in texts if any(word in t for word in english)
+    ]

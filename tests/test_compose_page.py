@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import pytest
-from apptest import clear_caches, metric_values, open_page
+from apptest import APP, clear_caches, metric_values
+from streamlit.testing.v1 import AppTest
 
-from smsops import composer, segments, templates
+from smsops import composer, i18n, segments, templates
+
+
+def open_page(page: str = "compose", timeout: float = 60) -> AppTest:
+    """The app, then ``pages/<page>.py`` in it, failing on an exception: app.py runs first, so it
+    sets the language (``SMSOPS_LANGUAGE``) the page then speaks (``apptest.open_page`` switches
+    before the first run, so the page would run alone)."""
+    at = AppTest.from_file(str(APP), default_timeout=timeout)
+    at.run()
+    at.switch_page(f"pages/{page}.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
 
 
 @pytest.fixture(autouse=True)
@@ -15,12 +28,20 @@ def fresh_caches():
     clear_caches()
 
 
+@pytest.fixture(autouse=True)
+def english():
+    """The test reads the page in English, and so does what it calls directly (a widget's labels
+    are formatted again in the test's thread when it sets a value)."""
+    with i18n.language("en"):
+        yield
+
+
 def test_compose_shows_counters_bill_and_previews(built_env):
     at = open_page("compose")
     values = metric_values(at)
     assert values["Encoding"] == "UCS-2"
     assert int(values["Recipients"].replace(",", "")) > 0
-    assert values["Cost"].endswith("RUB")
+    assert values["Cost"].startswith("RUB ")  # money as the locale writes it: "RUB 1,234"
     texts = [t.value for t in at.text]
     assert texts and all(t.endswith("Отказ: СТОП") for t in texts)  # promotions carry the opt-out
 
@@ -55,3 +76,39 @@ def test_the_bill_matches_rendering_every_recipient(built_env):
     every = segments.recipients(segment, template.fields, kind="promo", grouped=False)
     assert composer.estimate(template, grouped).segments == composer.estimate(template, every).segments
     assert composer.estimate(template, grouped).messages == len(every)
+
+
+def test_an_empty_message_is_not_billed_and_says_what_to_do(built_env):
+    at = open_page()
+    at.text_area(key="compose_text").input("  \n ").run()
+    assert not at.exception
+    assert any("The message is empty" in e.value and "Write the text" in e.value for e in at.error)
+    assert not [m for m in at.metric if m.label in ("Cost", "Recipients")]  # no bill for the footer alone
+
+
+def test_a_long_message_and_an_opt_out_footer_that_does_not_fit_show_what_they_cost(built_env, monkeypatch):
+    monkeypatch.setenv("SMSOPS_MAX_PARTS", "2")
+    at = open_page()
+    at.text_area(key="compose_text").input("Скидка " * 60).run()
+    said = [w.value for w in at.warning]
+    assert any("over the limit of 2" in w and "RUB" in w for w in said), said
+    fits_exactly = "Скидка на всё до пятницы, заходите в магазин на Ленина, 10, ждём вас с 10 до 21"
+    at.text_area(key="compose_text").input(fits_exactly[:62]).run()  # 62 + " Отказ: СТОП" > 70
+    said = [w.value for w in at.warning]
+    assert any("opt-out footer «Отказ: СТОП» does not fit" in w and "more for" in w for w in said), said
+
+
+def test_compose_reads_in_russian_with_roubles_and_no_raw_codes(built_env, monkeypatch):
+    monkeypatch.setenv("SMSOPS_LANGUAGE", "ru")
+    with i18n.language("ru"):
+        at = open_page()
+    values = metric_values(at)
+    assert at.title[0].value == "Текст"
+    assert values["Кодировка"] == "UCS-2" and values["Стоимость"].endswith("₽")
+    bill = at.dataframe[0].value
+    assert list(bill.columns) == ["Страна", "Сообщения", "Сегменты", "Стоимость"]
+    assert "Россия" in set(bill["Страна"]) and all(c.endswith("₽") for c in bill["Стоимость"])
+    captions = [c.value for c in at.caption]
+    assert any("получатель наугад" in c or "самое длинное сообщение" in c for c in captions), captions
+    shown = [*captions, *(w.value for w in [*at.warning, *at.info, *at.error]), *values, *values.values()]
+    assert not [t for t in shown if "None" in t or "nan" in t.split() or "sample" in t or "longest" in t]
