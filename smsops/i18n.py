@@ -66,7 +66,7 @@ MISSING = "—"
 LOCALE_DIR = Path(__file__).with_name("locale")
 DOMAIN = "smsops"
 
-_CODE_THEN_DIGIT = re.compile(r"^([A-Z]{3})(\d)")
+_CODE_THEN_DIGIT = re.compile(r"^(-?[A-Z]{3})(\d)")
 
 _language: contextvars.ContextVar[str | None] = contextvars.ContextVar("smsops_language", default=None)
 _fallback: Callable[[], str | None] | None = None

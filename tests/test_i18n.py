@@ -63,6 +63,7 @@ def test_numbers_money_and_missing_values_read_as_the_locale_writes_them(code, e
             i18n.number(float("nan")),
         ) == expected
         assert i18n.money(None) == i18n.date(None) == i18n.datetime_("") == "—"
+        assert i18n.money(-199018, digits=0) == {"ru": "-199 018 ₽", "en": "-RUB 199,018"}[code]
 
 
 @pytest.mark.parametrize(
