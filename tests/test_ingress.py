@@ -620,6 +620,7 @@ def test_once_applied_the_journal_holds_no_entry_and_its_log_is_truncated(home):
     report = ingress.apply_pending(home)
     assert report.applied == 200
     assert counts(home)["journal_entries"] == 0
+    assert ingress.apply_pending(home).applied == 0  # the applier's next, idle pass truncates the log
     assert wal.stat().st_size == 0  # while the receiver's writer still has the journal open
     assert b"SecretAgent" not in ingress.journal_path(home).read_bytes()  # zeroed, not only unlinked
     journal.append_sync([_click(999)])  # and the journal goes on after the truncation
