@@ -85,6 +85,8 @@ def test_a_new_user_imports_a_messy_csv_and_sees_rejects_then_finds_a_contact(ho
         page.locator(".st-key-contact_search input").press("Enter")
         wait_for_script(page)
         page.get_by_role("heading", name="Анна Иванова").wait_for()
+        wait_for_script(page)  # the card's metrics come after its heading in the same run
+        page.locator("[data-testid=stMetric]", has_text="+7 912").wait_for()
         number = page.locator("[data-testid=stMetric]", has_text="Number").inner_text()
         assert "+7 912 ***-**-89" in number
         assert (
@@ -98,7 +100,7 @@ def test_a_marketer_saves_a_segment_and_composes_a_message_for_it(built_home):
         wait_for_script(page)
         page.locator("[data-testid=stMetric]", has_text="Reachable for promotions").wait_for()
         page.locator(".st-key-seg_start").click()
-        page.get_by_role("option", name="Ready-made: lapsed").click()
+        page.get_by_role("option", name="Ready-made: Bought before, not in the last 180 days").click()
         wait_for_script(page)
         page.locator("[data-testid=stMetric]", has_text="Contacts").first.wait_for()
         contacts = page.locator("[data-testid=stMetric]", has_text="Contacts").first.inner_text()

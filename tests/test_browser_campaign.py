@@ -17,7 +17,7 @@ import httpx
 import pytest
 from browser import CHROMIUM, chromium_page, smsops_serve, streamlit_server, wait_for_script
 
-from smsops import segments, store
+from smsops import campaigns, segments, store
 
 pytestmark = [
     pytest.mark.browser,
@@ -85,7 +85,7 @@ def click_links_of_variant(home: Path, webhook_url: str, campaign_id: int, varia
 
 
 def test_a_marketer_tests_launches_and_sees_the_winner_of_an_ab_campaign(own_home, served):
-    audience = f"Ready-made: {largest_ready_made(own_home)}"
+    audience = campaigns.audience_label(campaigns.READY_MADE + largest_ready_made(own_home))
     with streamlit_server(own_home) as url, chromium_page() as page:
         page.goto(f"{url}/campaigns")
         wait_for_script(page)
