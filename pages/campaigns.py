@@ -82,25 +82,48 @@ new_tab, launch_tab, follow_tab = st.tabs([_("New campaign"), _("Test and launch
 
 # --- New ----------------------------------------------------------------------------------
 
+NEW_TEXT = "{{ first_name | default('Здравствуйте') }}, "
+audiences = campaigns.audiences()
+sender_choices = config.senders()
+
+
+def take_over_from_compose() -> None:
+    """Fill the form with what Compose handed over (its "Create a campaign from this"), once."""
+    handed = st.session_state.pop("campaign_from_compose", None)
+    if handed is None:
+        return
+    st.session_state["new_variants"] = 1
+    st.session_state["new_text_A"] = handed["text"]
+    if handed["kind"] in KINDS:
+        st.session_state["new_kind"] = handed["kind"]
+    if handed["audience"] in audiences:
+        st.session_state["new_audience"] = handed["audience"]
+    if handed["sender"] in sender_choices:
+        st.session_state["new_sender_A"] = handed["sender"]
+    st.session_state["new_from_compose"] = handed
+
+
+take_over_from_compose()
+for letter in "ABCDE":
+    st.session_state.setdefault(f"new_text_{letter}", NEW_TEXT)
+
 with new_tab:
-    variant_count = st.number_input(_("Variants (A/B test)"), 1, 5, 1, key="new_variants",
+    origin = st.empty()  # where the form's content came from, said once the form is handled
+    variant_count = st.number_input(_("Variants (A/B test)"), 1, 5, "min", key="new_variants",
                                     help=_("One text box per variant below"))  # fmt: skip
     form = st.form("campaign_new")
 
 with form:
     name = st.text_input(_("Campaign name"), key="new_name", placeholder=_("Black Friday early access"))
     kind = st.radio(_("Kind"), list(KINDS), horizontal=True, key="new_kind", format_func=KINDS.get)
-    audiences = campaigns.audiences()
     audience = st.selectbox(
         _("Audience"), list(audiences), key="new_audience", format_func=campaigns.audience_label
     )
-    sender_choices = config.senders()
     variants = []
     for i in range(int(variant_count)):
         label = "ABCDE"[i]
         cols = st.columns([4, 1])
-        text = cols[0].text_area(_("Variant {name}").format(name=label), key=f"new_text_{label}", height=80,
-                                 value="{{ first_name | default('Здравствуйте') }}, ")  # fmt: skip
+        text = cols[0].text_area(_("Variant {name}").format(name=label), key=f"new_text_{label}", height=80)
         sender = cols[1].selectbox(_("Sender"), sender_choices, key=f"new_sender_{label}")
         variants.append(campaigns.Variant(label, text, sender))
     c1, c2, c3 = st.columns(3)
@@ -148,11 +171,23 @@ with form:
         except segments.SegmentError as exc:
             st.error(str(exc))
         else:
+            st.session_state.pop("new_from_compose", None)
             st.success(
                 _("Draft «{name}» created (id {id}). Test and launch it next.").format(
                     name=created.name, id=created.campaign_id
                 )
             )
+
+handed = st.session_state.get("new_from_compose")
+if handed is not None:
+    origin.info(
+        _("From Compose: the audience «{audience}» and the text of your message ({kind}). Check them, name "
+          "the campaign and create the draft.").format(
+            audience=campaigns.audience_label(handed["audience"]),
+            kind=i18n.label(campaigns.KIND_LABELS, handed["kind"]),
+        ),
+        icon=":material/edit_note:",
+    )  # fmt: skip
 
 # --- Test and launch ----------------------------------------------------------------------
 

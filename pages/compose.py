@@ -164,6 +164,13 @@ with right:
             show(guard)
     for w in warnings:
         (st.error if w.severity == "error" else st.warning if w.severity == "warning" else st.info)(w.message)
+    if st.button(_("Create a campaign from this"), type="primary", key="compose_to_campaign",
+                 icon=":material/campaign:", help=_("Opens the new-campaign form with this audience and text")):  # fmt: skip
+        # the Campaigns page fills its form from this once, so nothing is typed twice
+        st.session_state["campaign_from_compose"] = {
+            "audience": chosen, "kind": kind, "sender": sender, "text": body,
+        }  # fmt: skip
+        st.switch_page("pages/campaigns.py")
 
 st.subheader(_("What recipients get"))
 for row in previews:
