@@ -1,11 +1,24 @@
 """Campaigns: create one, test it on the team's numbers, check its audience and bill, launch or
 schedule it, and follow it."""
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import streamlit as st
 
-from smsops import abtest, campaigns, composer, config, dispatch, i18n, policy, segments, unsettled, warehouse
+from smsops import (
+    abtest,
+    campaigns,
+    composer,
+    config,
+    dispatch,
+    i18n,
+    policy,
+    segments,
+    templates,
+    unsettled,
+    warehouse,
+)
 from smsops.i18n import _, ngettext
 
 st.title(_("Campaigns"))
@@ -83,6 +96,7 @@ new_tab, launch_tab, follow_tab = st.tabs([_("New campaign"), _("Test and launch
 # --- New ----------------------------------------------------------------------------------
 
 NEW_TEXT = "{{ first_name | default('Здравствуйте') }}, "
+LETTERS = "ABCDE"
 audiences = campaigns.audiences()
 sender_choices = config.senders()
 
@@ -103,29 +117,111 @@ def take_over_from_compose() -> None:
     st.session_state["new_from_compose"] = handed
 
 
-take_over_from_compose()
-for letter in "ABCDE":
-    st.session_state.setdefault(f"new_text_{letter}", NEW_TEXT)
+def insert_field(target: Callable[[], str], prefix: str) -> None:
+    """The palette's field, put at the end of the text (runs before the text area is drawn again)."""
+    snippet = composer.field_snippet(
+        st.session_state[f"{prefix}_field"], st.session_state.get(f"{prefix}_if_empty", "")
+    )
+    st.session_state[target()] = composer.insert(st.session_state.get(target(), ""), snippet)
 
-with new_tab:
+
+def insert_link(target: Callable[[], str], prefix: str) -> None:
+    """The palette's tracked link, put at the end of the text; the address box is emptied."""
+    try:
+        snippet = composer.link_snippet(st.session_state.get(f"{prefix}_link", ""))
+    except composer.PaletteError:
+        st.session_state[f"{prefix}_link_refused"] = True  # said beside the address box
+        return
+    st.session_state[target()] = composer.insert(st.session_state.get(target(), ""), snippet)
+    st.session_state[f"{prefix}_link"] = ""
+
+
+def palette(target: Callable[[], str], prefix: str, fields: dict[str, str]) -> None:
+    """Fields and a tracked link, inserted without writing template syntax into the text whose key
+    ``target()`` gives when the button is clicked."""
+    f1, f2, f3 = st.columns([2, 2, 1], vertical_alignment="bottom")
+    f1.selectbox(_("Field"), list(fields), key=f"{prefix}_field", format_func=fields.get,
+                 help=_("What the contact's record holds: each recipient reads their own"))  # fmt: skip
+    f2.text_input(_("If a contact has none, write"), key=f"{prefix}_if_empty", placeholder=_("(nothing)"))
+    f3.button(_("Insert field"), key=f"{prefix}_insert_field", on_click=insert_field, args=(target, prefix),
+              icon=":material/person_add:", width="stretch")  # fmt: skip
+    l1, l2 = st.columns([4, 1], vertical_alignment="bottom")
+    address = l1.text_input(_("Tracked link to"), key=f"{prefix}_link", placeholder="https://shop.example.ru/sale",
+                            help=_("Each recipient gets a short link of their own, so clicks are counted"))  # fmt: skip
+    l2.button(_("Insert link"), key=f"{prefix}_insert_link", on_click=insert_link, args=(target, prefix),
+              icon=":material/add_link:", width="stretch")  # fmt: skip
+    if address.strip() or st.session_state.pop(f"{prefix}_link_refused", False):  # not inserted: why
+        try:
+            composer.link_snippet(address)
+        except composer.PaletteError as exc:
+            st.error(str(exc))
+    st.caption(_("Template syntax works too, as typed: {example}").format(
+        example="`{{ city | default('…') }}`, `{% if … %}…{% endif %}`"))  # fmt: skip
+
+
+def insert_target() -> str:
+    """The text the palette inserts into: the variant chosen under the texts, A when there is one."""
+    shown = LETTERS[: int(st.session_state.get("new_variants") or 1)]
+    chosen = st.session_state.get("new_insert_into") or "A"
+    return f"new_text_{chosen if chosen in shown else 'A'}"
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def sample_recipients(build_id: str, definition: dict, columns: tuple[str, ...], kind: str) -> list[dict]:
+    """A few recipients of the audience to preview a variant with."""
+    return segments.recipients(segments.from_dict(definition), columns, kind=kind, limit=20)
+
+
+def preview_variant(text: str, kind: str, definition: dict, fields: dict[str, str]) -> None:
+    """What a recipient gets from a variant, right under its text, or why it cannot go."""
+    empty = composer.empty_text(text, kind)
+    if empty is not None:
+        st.warning(empty.message)
+        return
+    try:
+        template = templates.compile(composer.message_source(text, kind, config.opt_out_text()), fields)
+    except templates.TemplateError as exc:
+        st.error(str(exc))
+        return
+    rows = composer.preview(
+        template, sample_recipients(snapshot.build_id, definition, template.fields, kind), sample=1
+    )
+    if rows:
+        row = rows[0]
+        st.caption(_("What a recipient gets") + " · " + " · ".join([
+            row.encoding,
+            ngettext("{n} character", "{n} characters", row.chars).format(n=i18n.number(row.chars)),
+            ngettext("{n} segment", "{n} segments", row.segments).format(n=i18n.number(row.segments)),
+        ]))  # fmt: skip
+        st.text(row.text)
+
+
+@st.fragment
+def new_campaign() -> None:
+    """The new-campaign form. A fragment: a text, an inserted field or another audience shows its
+    preview at once without running the rest of the page; creating the draft runs it all."""
     origin = st.empty()  # where the form's content came from, said once the form is handled
     variant_count = st.number_input(_("Variants (A/B test)"), 1, 5, "min", key="new_variants",
                                     help=_("One text box per variant below"))  # fmt: skip
-    form = st.form("campaign_new")
-
-with form:
     name = st.text_input(_("Campaign name"), key="new_name", placeholder=_("Black Friday early access"))
     kind = st.radio(_("Kind"), list(KINDS), horizontal=True, key="new_kind", format_func=KINDS.get)
     audience = st.selectbox(
         _("Audience"), list(audiences), key="new_audience", format_func=campaigns.audience_label
     )
+    definition = segments.to_dict(audiences[audience])
+    fields = segments.template_fields()
     variants = []
-    for i in range(int(variant_count)):
-        label = "ABCDE"[i]
-        cols = st.columns([4, 1])
-        text = cols[0].text_area(_("Variant {name}").format(name=label), key=f"new_text_{label}", height=80)
-        sender = cols[1].selectbox(_("Sender"), sender_choices, key=f"new_sender_{label}")
-        variants.append(campaigns.Variant(label, text, sender))
+    for letter in LETTERS[: int(variant_count)]:
+        text_column, sender_column = st.columns([4, 1])
+        with text_column:
+            text = st.text_area(_("Variant {name}").format(name=letter), key=f"new_text_{letter}", height=80)
+            preview_variant(text, kind, definition, fields)
+        sender = sender_column.selectbox(_("Sender"), sender_choices, key=f"new_sender_{letter}")
+        variants.append(campaigns.Variant(letter, text, sender))
+    if len(variants) > 1:
+        st.segmented_control(_("Insert into"), [v.name for v in variants], default="A", key="new_insert_into",
+                             format_func=lambda n: _("Variant {name}").format(name=n))  # fmt: skip
+    palette(insert_target, "new", fields)
     c1, c2, c3 = st.columns(3)
     test = c1.number_input(_("Test share, %"), 5, 100, 100, 5, key="new_test",
                            help=_("With 2+ variants: the rest gets the winner once the test is decided"))  # fmt: skip
@@ -150,7 +246,7 @@ with form:
     per_day = q2.number_input(_("Promotions per number a day (0: no cap)"), 0, 50, defaults.per_day or 0,
                               key="new_daily")  # fmt: skip
     per_week = q3.number_input(_("… a week (0: no cap)"), 0, 100, defaults.per_week or 0, key="new_weekly")
-    if st.form_submit_button(_("Create draft")):
+    if st.button(_("Create draft"), type="primary", key="new_create"):
         testing = len(variants) > 1 and test < 100
         try:
             created = campaigns.create(
@@ -172,22 +268,33 @@ with form:
             st.error(str(exc))
         else:
             st.session_state.pop("new_from_compose", None)
-            st.success(
-                _("Draft «{name}» created (id {id}). Test and launch it next.").format(
-                    name=created.name, id=created.campaign_id
-                )
-            )
+            st.session_state["new_created"] = (created.name, created.campaign_id)
+            st.rerun()  # the whole page: the new draft is to be tested and launched next
+    handed = st.session_state.get("new_from_compose")
+    if handed is not None:
+        origin.info(
+            _("From Compose: the audience «{audience}» and the text of your message ({kind}). Check them, name "
+              "the campaign and create the draft.").format(
+                audience=campaigns.audience_label(handed["audience"]),
+                kind=i18n.label(campaigns.KIND_LABELS, handed["kind"]),
+            ),
+            icon=":material/edit_note:",
+        )  # fmt: skip
 
-handed = st.session_state.get("new_from_compose")
-if handed is not None:
-    origin.info(
-        _("From Compose: the audience «{audience}» and the text of your message ({kind}). Check them, name "
-          "the campaign and create the draft.").format(
-            audience=campaigns.audience_label(handed["audience"]),
-            kind=i18n.label(campaigns.KIND_LABELS, handed["kind"]),
-        ),
-        icon=":material/edit_note:",
-    )  # fmt: skip
+
+take_over_from_compose()
+for letter in LETTERS:
+    st.session_state.setdefault(f"new_text_{letter}", NEW_TEXT)
+
+with new_tab:
+    created = st.session_state.pop("new_created", None)  # said once, after the page ran again
+    if created is not None:
+        st.success(
+            _("Draft «{name}» created (id {id}). Test and launch it next.").format(
+                name=created[0], id=created[1]
+            )
+        )
+    new_campaign()
 
 # --- Test and launch ----------------------------------------------------------------------
 

@@ -601,3 +601,97 @@ def placeholder_links(sources: Iterable[str], *, placeholder: bool | None = None
             ),
         ),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The palette: fields and tracked links put into the text without writing template syntax
+
+FIELD_FILTERS: dict[str, str] = {
+    "revenue": "money",
+    "average_order_value": "money",
+    "birth_date": "date",
+    "first_order_at": "date",
+    "last_order_at": "date",
+}
+"""How the palette writes a field that is not plain text: money as money, dates as dates."""
+
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_HOST = re.compile(r"(?:[^\W_](?:[\w-]*[^\W_])?\.)+(?:[^\W\d_]{2,}|xn--[a-z0-9-]+)", re.IGNORECASE)
+_NOT_IN_ADDRESS = re.compile(r"[\s'\"\\<>{}]")
+
+
+class PaletteError(ValueError):
+    """What the palette cannot insert; the message (in the current language) says what to write."""
+
+
+def field_snippet(name: str, if_empty: str = "") -> str:
+    """The template text that puts a contact's field into the message: ``{{ first_name }}``,
+    or ``{{ first_name | default('Здравствуйте') }}`` when ``if_empty`` says what a contact
+    without it reads. Money and dates go through their filters (:data:`FIELD_FILTERS`)."""
+    if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+        raise PaletteError(_("«{name}» is not a field of your contacts.").format(name=name))
+    parts = [name]
+    if name in FIELD_FILTERS:
+        parts.append(FIELD_FILTERS[name])
+    if if_empty and if_empty.strip():
+        parts.append(f"default({_literal(if_empty.strip())})")
+    return "{{ " + " | ".join(parts) + " }}"
+
+
+def tracked_address(text: str) -> str:
+    """The address a tracked link leads to, checked and written out in full (``shop.ru/sale``
+    becomes ``https://shop.ru/sale``). Raises :class:`PaletteError` saying what to fix."""
+    from urllib.parse import urlsplit
+
+    address = (text or "").strip()
+    example = "https://shop.example.ru/sale"
+    if not address:
+        raise PaletteError(_("Give the address the link leads to, e.g. {example}.").format(example=example))
+    if _NOT_IN_ADDRESS.search(address):
+        raise PaletteError(
+            _("An address has no spaces, quotes, braces or angle brackets: check «{address}».").format(
+                address=address
+            )
+        )
+    if "://" not in address:
+        address = "https://" + address
+    parts = urlsplit(address)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise PaletteError(
+            _("A tracked link leads to a web page: start the address with https://, e.g. {example}.").format(
+                example=example
+            )
+        )
+    host = (parts.hostname or "").lower()
+    if not _HOST.fullmatch(host):
+        raise PaletteError(
+            _("«{address}» has no site name a phone can open: write it in full, e.g. {example}.").format(
+                address=text.strip(), example=example
+            )
+        )
+    if host in SHORTENERS or any(host.endswith("." + s) for s in SHORTENERS):
+        raise PaletteError(
+            _(
+                "{host} is a public link shortener: give the page's own address, smsops shortens and tracks it."
+            ).format(host=host)
+        )
+    return address
+
+
+def link_snippet(address: str) -> str:
+    """``{{ link('https://…') }}``: a tracked link to the checked :func:`tracked_address`."""
+    return "{{ link(" + _literal(tracked_address(address)) + ") }}"
+
+
+def insert(text: str, snippet: str) -> str:
+    """``text`` with ``snippet`` added at its end, a space between them where one is needed."""
+    text = text or ""
+    if not text or text[-1].isspace() or text[-1] in "«(\"'":
+        return text + snippet
+    return f"{text} {snippet}"
+
+
+def _literal(text: str) -> str:
+    """``text`` as a template string literal (quotes, backslashes and line breaks escaped)."""
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "")
+    return f"'{escaped}'"

@@ -404,3 +404,25 @@ def test_the_campaigns_page_reads_in_russian_without_raw_codes(own_home, monkeyp
     assert not [t for t in texts if any(word in t for word in english)], [
         t for t in texts if any(word in t for word in english)
     ]
+
+
+def test_the_campaign_form_inserts_from_the_palette_into_the_chosen_variant_and_previews_each(own_home):
+    at = open_page("campaigns", timeout=120)
+    at.number_input(key="new_variants").set_value(2).run()
+    before = at.text_area(key="new_text_A").value
+    at.segmented_control(key="new_insert_into").set_value("B")
+    at.selectbox(key="new_field").set_value("city")
+    at.button(key="new_insert_field").click().run()
+    assert not at.exception, at.exception
+    assert at.text_area(key="new_text_B").value.endswith(", {{ city }}")
+    assert at.text_area(key="new_text_A").value == before
+    at.text_input(key="new_link").input("https://shop.example.ru/sale")
+    at.button(key="new_insert_link").click().run()
+    assert at.text_area(key="new_text_B").value.endswith(
+        "{{ city }} {{ link('https://shop.example.ru/sale') }}"
+    )
+    previews = [t.value for t in at.text]
+    assert len(previews) == 2 and all(p.endswith("Отказ: СТОП") and "{{" not in p for p in previews)
+    assert "/xxxxxxxx" in previews[1]
+    at.text_area(key="new_text_A").input("{{ first_name ").run()  # a slip shows under its variant
+    assert any("line 1" in e.value for e in at.error), [e.value for e in at.error]

@@ -112,3 +112,28 @@ def test_compose_reads_in_russian_with_roubles_and_no_raw_codes(built_env, monke
     assert any("получатель наугад" in c or "самое длинное сообщение" in c for c in captions), captions
     shown = [*captions, *(w.value for w in [*at.warning, *at.info, *at.error]), *values, *values.values()]
     assert not [t for t in shown if "None" in t or "nan" in t.split() or "sample" in t or "longest" in t]
+
+
+def test_fields_and_tracked_links_come_from_the_palette_and_the_preview_shows_them(built_env):
+    at = open_page()
+    at.text_area(key="compose_text").input("Скидка 10% для вас,").run()
+    at.selectbox(key="compose_field").set_value("first_name")
+    at.text_input(key="compose_if_empty").input("друзья")
+    at.button(key="compose_insert_field").click().run()
+    assert (
+        at.text_area(key="compose_text").value == "Скидка 10% для вас, {{ first_name | default('друзья') }}"
+    )
+    at.text_input(key="compose_link").input("shop.example.ru/sale")
+    at.button(key="compose_insert_link").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    text = at.text_area(key="compose_text").value
+    assert text.endswith("{{ first_name | default('друзья') }} {{ link('https://shop.example.ru/sale') }}")
+    assert at.text_input(key="compose_link").value == ""  # ready for the next one
+    # right under the text: what a recipient reads, the link as long as its short link
+    preview = at.text[0].value
+    assert preview.startswith("Скидка 10% для вас, ") and "{{" not in preview and "/xxxxxxxx" in preview
+
+    at.text_input(key="compose_link").input("bit.ly/sale")
+    at.button(key="compose_insert_link").click().run()
+    assert any("public link shortener" in e.value for e in at.error)
+    assert at.text_area(key="compose_text").value == text  # nothing inserted

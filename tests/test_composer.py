@@ -112,3 +112,67 @@ def test_warnings_and_previews_read_in_russian():
         rows = composer.preview(t, [{"contact_id": 1, "first_name": None, "country": "KZ"}], sample=1)
         assert {r.why_label for r in rows} >= {"самое длинное сообщение", "без {{ first_name }}"}
         assert composer.country_label("KZ") == "Казахстан" and composer.country_label(None) == "другие страны"
+
+
+# -- the palette: fields and tracked links without writing template syntax ----------------------
+
+
+def test_the_palette_writes_a_field_as_a_template_renders_it():
+    assert composer.field_snippet("first_name") == "{{ first_name }}"
+    greeting = composer.field_snippet("first_name", "Здравствуйте")
+    assert greeting == "{{ first_name | default('Здравствуйте') }}"
+    assert tpl(greeting).render({"first_name": "Анна"}) == "Анна"
+    assert tpl(greeting).render({}) == "Здравствуйте"
+    assert not tpl(greeting).missing_default  # no "has no default" warning for what the palette wrote
+    # money and dates read as such; what a contact without them reads is written as given, quotes and all
+    assert composer.field_snippet("revenue") == "{{ revenue | money }}"
+    assert templates.compile(composer.field_snippet("revenue")).render({"revenue": 1500}) == "1\xa0500,00\xa0₽"
+    assert templates.compile(composer.field_snippet("last_order_at")).render(
+        {"last_order_at": "2025-03-04"}
+    ) == ("4 марта")
+    for odd in ("It's", "a\\b", "}} {% if x %}", "две\nстроки"):
+        assert templates.compile(composer.field_snippet("city", odd)).render({}) == odd
+    with pytest.raises(composer.PaletteError, match="not a field"):
+        composer.field_snippet("first name")
+
+
+@pytest.mark.parametrize(
+    ("typed", "address"),
+    [
+        ("https://shop.example.ru/sale", "https://shop.example.ru/sale"),
+        ("  shop.example.ru/sale?utm_source=sms ", "https://shop.example.ru/sale?utm_source=sms"),
+        ("http://shop.example.ru", "http://shop.example.ru"),
+        ("https://магазин.рф/акция", "https://магазин.рф/акция"),
+    ],
+)
+def test_a_tracked_link_is_checked_and_written_out_in_full(typed, address):
+    assert composer.tracked_address(typed) == address
+    snippet = composer.link_snippet(typed)
+    assert snippet == f"{{{{ link('{address}') }}}}"
+    assert templates.compile(snippet).links == (address,)
+
+
+@pytest.mark.parametrize(
+    ("typed", "said"),
+    [
+        ("", "Give the address"),
+        ("shop", "no site name"),
+        ("https://localhost/sale", "no site name"),
+        ("https://shop.example.ru/a b", "no spaces"),
+        ("https://shop.example.ru/'x'", "quotes"),
+        ("ftp://shop.example.ru/file", "start the address with https://"),
+        ("bit.ly/abc", "public link shortener"),
+    ],
+)
+def test_an_address_that_cannot_be_tracked_says_what_to_write(typed, said):
+    with pytest.raises(composer.PaletteError, match=said):
+        composer.link_snippet(typed)
+
+
+def test_inserting_appends_with_a_space_where_one_is_needed():
+    assert composer.insert("", "{{ city }}") == "{{ city }}"
+    assert composer.insert("Привет,", "{{ first_name }}") == "Привет, {{ first_name }}"
+    assert composer.insert("Привет, ", "{{ first_name }}") == "Привет, {{ first_name }}"
+    assert composer.insert("Ждём вас (", "{{ city }}") == "Ждём вас ({{ city }}"
+    typed = "{% if city %}Ждём в {{ city }}{% endif %}"  # Jinja as typed stays as it was
+    assert composer.insert(typed, composer.link_snippet("shop.example.ru")).startswith(typed + " {{ link(")
