@@ -11,7 +11,6 @@ from smsops import (
     campaigns,
     composer,
     config,
-    dispatch,
     i18n,
     policy,
     segments,
@@ -67,11 +66,12 @@ st.dataframe(
             _("Status"): status_label(row.status),
             _("Starts"): when(row.scheduled_at),
             _("Launched"): when(row.launched_at),
-            _("Audience"): i18n.number(row.audience),
+            _("In the segment"): i18n.number(row.audience),
+            _("Planned"): i18n.number(row.planned),
             _("Waiting"): i18n.number(row.waiting),
             _("Sent"): i18n.number(row.sent),
             _("Delivered"): i18n.number(row.delivered),
-            _("Not sent"): i18n.number(row.not_sent),
+            _("Not sent"): i18n.number(row.not_sent - row.left_out),  # of the planned, as Follow counts
             _("Unknown outcome"): i18n.number(row.unknown),
             _("Cost"): i18n.money(row.cost, row.currency if isinstance(row.currency, str) else "RUB"),
         }
@@ -82,8 +82,13 @@ st.dataframe(
     column_config={
         _("Starts"): st.column_config.TextColumn(help=_("In {zone}").format(zone=zone)),
         _("Launched"): st.column_config.TextColumn(help=_("In {zone}").format(zone=zone)),
-        _("Audience"): st.column_config.TextColumn(help=_("Everyone frozen into the campaign at its launch")),
-        _("Not sent"): st.column_config.TextColumn(help=_("Not sent, each with a reason")),
+        _("In the segment"): st.column_config.TextColumn(
+            help=_("Everyone who matched the segment at launch, frozen into the campaign")
+        ),
+        _("Planned"): st.column_config.TextColumn(
+            help=_("Planned at launch, after consent, duplicates, frequency caps and the control group")
+        ),
+        _("Not sent"): st.column_config.TextColumn(help=_("Planned but not sent, each with a reason")),
         _("Unknown outcome"): st.column_config.TextColumn(
             help=_("May or may not have reached the recipient; never sent again by itself (see Follow)")
         ),
@@ -166,6 +171,12 @@ def insert_target() -> str:
     return f"new_text_{chosen if chosen in shown else 'A'}"
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def audience_breakdown(build_id: str, definition: dict) -> segments.Breakdown:
+    """Who in the audience matches, and who can be reached (the Segments page's figures)."""
+    return segments.breakdown(segments.from_dict(definition))
+
+
 @st.cache_data(show_spinner=False, max_entries=32)
 def sample_recipients(build_id: str, definition: dict, columns: tuple[str, ...], kind: str) -> list[dict]:
     """A few recipients of the audience to preview a variant with."""
@@ -209,6 +220,11 @@ def new_campaign() -> None:
         _("Audience"), list(audiences), key="new_audience", format_func=campaigns.audience_label
     )
     definition = segments.to_dict(audiences[audience])
+    reach = composer.reach(audience_breakdown(snapshot.build_id, definition), kind)
+    st.caption(
+        f"{composer.matching_said(reach.matching)} · {composer.reachable_said(reach.reachable, kind)} · "
+        + _("the launch shows what it plans, step by step")
+    )
     fields = segments.template_fields()
     variants = []
     for letter in LETTERS[: int(variant_count)]:
@@ -447,9 +463,28 @@ with launch_tab:
                     for s in preview.waterfall
                 ]
             )
+            st.caption(
+                _("{matching} → {planned}; quiet hours delay {deferred} of them, never drop them.").format(
+                    matching=composer.matching_said(preview.audience),
+                    planned=composer.planned_said(preview.to_send),
+                    deferred=i18n.number(preview.deferred),
+                )
+            )
+            reach = composer.reach(
+                audience_breakdown(snapshot.build_id, segments.to_dict(chosen.segment)), chosen.kind
+            )
+            if reach.reachable != preview.to_send:
+                st.caption(
+                    _("Segments and Compose count {reachable} from the warehouse built {when}; the launch checks "
+                      "consent again on the live store, duplicates within this audience and the frequency caps: the "
+                      "steps above say whom each one leaves out.").format(
+                        reachable=composer.reachable_said(reach.reachable, chosen.kind), when=when(snapshot.built_at)
+                    )
+                )  # fmt: skip
             cost = bill(preview.cost)
             m1, m2, m3, m4 = st.columns(4)
-            m1.metric(_("To send"), i18n.number(preview.to_send))
+            m1.metric(_("Planned"), i18n.number(preview.to_send),
+                      help=_("After consent, opt-outs, duplicates, frequency caps and the control group"))  # fmt: skip
             m2.metric(_("Deferred by quiet hours"), i18n.number(preview.deferred))
             m3.metric(_("Segments"), i18n.number(preview.segments))
             m4.metric(_("Cost"), cost)
@@ -539,6 +574,90 @@ def confirm_settle(campaign_id: int, decision: str, count: int) -> None:
         st.rerun()
 
 
+def unknown_outcomes(pending: unsettled.Unsettled) -> None:
+    """How many messages have an unknown outcome, which settle by themselves and which need a person."""
+    parts = []
+    if pending.awaiting_lookup:
+        parts.append(
+            ngettext(
+                "{n} is being checked with the provider",
+                "{n} are being checked with the provider",
+                pending.awaiting_lookup,
+            ).format(n=i18n.number(pending.awaiting_lookup))
+        )
+    if pending.needs_a_person:
+        parts.append(
+            ngettext("{n} needs your decision", "{n} need your decision", pending.needs_a_person).format(
+                n=i18n.number(pending.needs_a_person)
+            )
+        )
+    st.warning(
+        _("**{n} with an unknown outcome**: {parts}.").format(
+            n=i18n.number(pending.total), parts=", ".join(parts)
+        ),
+        icon=":material/help:",
+    )
+    st.caption(
+        _("The request for each of these messages timed out or was cut off, or the provider's answer could "
+          "not be recorded: they may or may not have reached their recipients. They are never sent again "
+          "automatically. Those being checked settle by themselves once the provider can no longer accept "
+          "them late; the others wait for your decision.")
+    )  # fmt: skip
+
+
+def follow_counts(campaign_id: int) -> campaigns.Tally:
+    """A launched campaign's progress against what its launch planned, all from one read of its
+    outbox: sent and not sent only grow while it sends."""
+    counts = campaigns.tally(campaign_id)
+    pending = unsettled.Unsettled(campaign_id, counts.unknown)
+    status = status_label(counts.status)
+    if pending.total:
+        in_flight = counts.due + counts.waiting + counts.sending
+        waiting_for = _("waiting for {outcomes}").format(outcomes=outcomes(pending.total))
+        status = f"{status} · {waiting_for}" if in_flight and counts.status != "finished" else waiting_for
+    st.progress(
+        counts.fraction,
+        text=ngettext(
+            "{done} of {planned} planned message done · {status}",
+            "{done} of {planned} planned messages done · {status}",
+            counts.planned,
+        ).format(done=i18n.number(counts.done), planned=i18n.number(counts.planned), status=status),
+    )
+    st.caption(
+        _("At launch: {matching} → {planned}.").format(
+            matching=composer.matching_said(counts.in_segment), planned=composer.planned_said(counts.planned)
+        )
+    )
+    if counts.left_out:
+        with st.expander(_("Who was left out at launch, and why")):
+            st.table([{_("Reason"): policy.explain(reason), _("Contacts"): i18n.number(n)}
+                      for reason, n in counts.left_out.items()])  # fmt: skip
+    if pending.total:
+        unknown_outcomes(pending)
+    f1, f2, f3, f4 = st.columns(4)
+    f1.metric(_("Submitted"), i18n.number(counts.sent), help=_("Handed to the provider"))
+    f2.metric(_("Due now"), i18n.number(counts.due))
+    f3.metric(_("Waiting"), i18n.number(counts.waiting))
+    f4.metric(_("Not sent"), i18n.number(counts.not_sent),
+              help=_("Planned but not sent, each with a reason; an unknown outcome is counted apart"))  # fmt: skip
+    if pending.needs_a_person:
+        d1, d2, _rest = st.columns([1, 1, 2])
+        if counts.status in ("running", "paused") and d1.button(
+            _("Send them again…"), key="settle_retry", help=_("Some recipients may get a second copy")
+        ):
+            st.session_state["settling"] = (campaign_id, "retry", pending.needs_a_person)
+        if d2.button(
+            _("Close them unsent…"),
+            key="settle_give_up",
+            help=_("Nobody gets them; recorded as your decision"),
+        ):
+            st.session_state["settling"] = (campaign_id, "give_up", pending.needs_a_person)
+    if counts.reasons:
+        st.table([{_("Reason"): policy.explain(reason), _("Messages"): i18n.number(n)}
+                  for reason, n in counts.reasons.items()])  # fmt: skip
+    return counts
+
+
 with follow_tab:
     live = {c.campaign_id: c for c in campaigns.launched()}
     open_by_campaign = unsettled.by_campaign()
@@ -557,68 +676,7 @@ with follow_tab:
         # picked by id: the label changes with the status, the choice must not
         followed = live[st.selectbox(_("Campaign"), list(live), key="follow_pick", format_func=follow_label)]
         cid = followed.campaign_id
-        progress = dispatch.progress(cid)
-        pending = unsettled.count(cid)
-        settled_rows = progress.done - pending.total  # an unknown outcome is not done
-        status = status_label(progress.status)
-        if pending.total:
-            in_flight = progress.states.get("planned", 0) + progress.states.get("sending", 0)
-            waiting_for = _("waiting for {outcomes}").format(outcomes=outcomes(pending.total))
-            status = (
-                f"{status} · {waiting_for}" if in_flight and progress.status != "finished" else waiting_for
-            )
-        st.progress(
-            settled_rows / progress.total if progress.total else 1.0,
-            text=_("{done} of {total} done · {status}").format(
-                done=i18n.number(settled_rows), total=i18n.number(progress.total), status=status
-            ),
-        )
-        if pending.total:
-            parts = []
-            if pending.awaiting_lookup:
-                parts.append(
-                    ngettext(
-                        "{n} is being checked with the provider",
-                        "{n} are being checked with the provider",
-                        pending.awaiting_lookup,
-                    ).format(n=i18n.number(pending.awaiting_lookup))
-                )
-            if pending.needs_a_person:
-                parts.append(
-                    ngettext(
-                        "{n} needs your decision", "{n} need your decision", pending.needs_a_person
-                    ).format(n=i18n.number(pending.needs_a_person))
-                )
-            st.warning(
-                _("**{n} with an unknown outcome**: {parts}.").format(
-                    n=i18n.number(pending.total), parts=", ".join(parts)
-                ),
-                icon=":material/help:",
-            )
-            st.caption(
-                _("The request for each of these messages timed out or was cut off, or the provider's answer could "
-                  "not be recorded: they may or may not have reached their recipients. They are never sent again "
-                  "automatically. Those being checked settle by themselves once the provider can no longer accept "
-                  "them late; the others wait for your decision.")
-            )  # fmt: skip
-        f1, f2, f3, f4 = st.columns(4)
-        f1.metric(_("Submitted"), i18n.number(progress.submitted))
-        f2.metric(_("Due now"), i18n.number(progress.due))
-        f3.metric(_("Waiting"), i18n.number(progress.waiting))
-        f4.metric(_("Not sent"), i18n.number(settled_rows - progress.submitted),
-                  help=_("Not sent, each with a reason; an unknown outcome is counted apart"))  # fmt: skip
-        if pending.needs_a_person:
-            d1, d2, _rest = st.columns([1, 1, 2])
-            if progress.status in ("running", "paused") and d1.button(
-                _("Send them again…"), key="settle_retry", help=_("Some recipients may get a second copy")
-            ):
-                st.session_state["settling"] = (cid, "retry", pending.needs_a_person)
-            if d2.button(
-                _("Close them unsent…"),
-                key="settle_give_up",
-                help=_("Nobody gets them; recorded as your decision"),
-            ):
-                st.session_state["settling"] = (cid, "give_up", pending.needs_a_person)
+        counts = follow_counts(cid)
         settling = st.session_state.get("settling")
         if settling is not None and settling[0] == cid:
             confirm_settle(*settling)
@@ -630,13 +688,6 @@ with follow_tab:
             else:
                 st.info(_("Nothing left to decide: these messages were settled already (by a lookup or another "
                           "person). Nothing was changed."))  # fmt: skip
-        if progress.reasons:
-            st.table(
-                [
-                    {_("Reason"): policy.explain(reason), _("Messages"): i18n.number(n)}
-                    for reason, n in progress.reasons.items()
-                ]
-            )
         metric = st.session_state.get("ab_metric") or "ctr"
         results = campaigns.variant_counts(cid, metric)
         if len(results) >= 2:
@@ -665,7 +716,7 @@ with follow_tab:
                         "Conversions from the warehouse build of {when}: refresh the build for newer ones."
                     ).format(when=when(snapshot.built_at))
                 )
-            waiting = progress.reasons.get("awaiting_winner", 0)
+            waiting = counts.reasons.get("awaiting_winner", 0)
             if waiting and followed.ab_window_hours and followed.launched_at:
                 judged = followed.launched_at + timedelta(hours=followed.ab_window_hours)
                 how = _("automatically") if followed.auto_release else _("when you click")
@@ -689,13 +740,13 @@ with follow_tab:
                     ).format(n=i18n.number(released), winner=verdict.winner)
                 )
         b1, b2, b3, b4 = st.columns(4)
-        if progress.status == "running" and b1.button(_("Pause"), key="follow_pause"):
+        if counts.status == "running" and b1.button(_("Pause"), key="follow_pause"):
             campaigns.pause(cid)
             st.rerun()
-        if progress.status == "paused" and b1.button(_("Resume"), key="follow_resume"):
+        if counts.status == "paused" and b1.button(_("Resume"), key="follow_resume"):
             campaigns.resume(cid)
             st.rerun()
-        if progress.status in ("running", "paused") and b2.button(_("Cancel the rest"), key="follow_cancel"):
+        if counts.status in ("running", "paused") and b2.button(_("Cancel the rest"), key="follow_cancel"):
             campaigns.cancel(cid)
             st.rerun()
         if b3.button(_("Retry the failed"), key="follow_retry"):

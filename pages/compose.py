@@ -29,6 +29,12 @@ def audience(build_id: str, definition: dict, columns: tuple[str, ...], kind: st
     return grouped, sample
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def audience_breakdown(build_id: str, definition: dict) -> segments.Breakdown:
+    """Who in the audience matches, and who can be reached (the Segments page's figures)."""
+    return segments.breakdown(segments.from_dict(definition))
+
+
 def rewrite(fix) -> None:
     """A one-click fix of the message text (runs before the text area is drawn again)."""
     st.session_state["compose_text"] = fix(st.session_state["compose_text"])
@@ -152,6 +158,7 @@ with left:
         )
 
 grouped, sample = audience(snapshot.build_id, choices[chosen], template.fields, kind)
+reach = composer.reach(audience_breakdown(snapshot.build_id, choices[chosen]), kind)
 estimate = composer.estimate(template, grouped)
 previews = composer.preview(template, sample)
 warnings = composer.check(
@@ -184,9 +191,9 @@ with right:
     st.subheader(_("The bill"))
     b1, b2 = st.columns(2)
     b1.metric(
-        _("Recipients"),
+        _("Recipients reachable now"),
         i18n.number(estimate.messages),
-        help=_("Contacts in the audience who may get this kind of message"),
+        help=_("Contacts in the audience who may get this kind of message now, by the warehouse"),
     )
     b2.metric(_("Segments"), i18n.number(estimate.segments))
     b1.metric(
@@ -196,6 +203,19 @@ with right:
         _("Per message"),
         i18n.money(estimate.total / estimate.messages, currency) if estimate.messages else i18n.MISSING,
     )
+    st.caption(
+        f"{composer.reachable_said(estimate.messages, kind)} · {composer.matching_said(reach.matching)}"
+    )
+    if reach.left_out:
+        with st.expander(
+            _("Why {n} of those who match cannot get it").format(
+                n=i18n.number(reach.matching - reach.reachable)
+            )
+        ):
+            st.table({_("Reason"): [why for why, _n in reach.left_out],
+                      _("Contacts"): [i18n.number(n) for _why, n in reach.left_out]})  # fmt: skip
+            st.caption(_("A launch checks consent again on the live store, and duplicates within the audience and "
+                         "frequency caps: the campaign's Test and launch tab shows what it plans, step by step."))  # fmt: skip
     st.dataframe(
         [
             {

@@ -215,8 +215,11 @@ except segments.SegmentError as exc:
     st.stop()
 
 m1, m2, m3, m4 = st.columns(4)
-m1.metric(_("Contacts"), i18n.number(breakdown.total))
-m2.metric(_("Reachable for promotions"), i18n.number(breakdown.reachable_marketing))
+m1.metric(_("Contacts that match the segment"), i18n.number(breakdown.total),
+          help=_("Everyone the rules select, whatever their number or consent"))  # fmt: skip
+m2.metric(_("Reachable for promotions now"), i18n.number(breakdown.reachable_marketing),
+          help=_("A valid mobile number of their own and a marketing opt-in: what Compose counts as recipients. "
+                 "A launch checks consent again, and duplicates and frequency caps"))  # fmt: skip
 m3.metric(_("Service messages only"), i18n.number(breakdown.service_only))
 m4.metric(_("Unreachable"), i18n.number(breakdown.unreachable))
 

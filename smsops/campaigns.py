@@ -117,6 +117,7 @@ __all__ = [
     "PlanResult",
     "Refused",
     "Step",
+    "Tally",
     "TestSend",
     "Variant",
     "audience_label",
@@ -141,6 +142,8 @@ __all__ = [
     "retry_failed",
     "schedule",
     "start_due",
+    "still_moving",
+    "tally",
     "test_results",
     "test_send",
     "unschedule",
@@ -2313,15 +2316,24 @@ def release_due_winners(
 # Listing
 
 
+_LEFT_OUT = (
+    "state = 'holdout' or (state = 'suppressed' and segments is null and skip_reason is not 'render_failed')"
+)
+"""Outbox rows the launch did not plan: the control group, and those the checks left out (the
+planner renders only what it plans; a row stopped at sending keeps its text and its segments)."""
+
+
 def list_all(home: str | Path | None = None) -> pd.DataFrame:
     """Every campaign (test sends aside), newest first, with ``scheduled_at`` and
-    ``launched_at`` (UTC) and its outbox as it stands: ``audience`` (rows),
-    ``waiting`` (planned or being sent), ``sent`` (accepted by the provider), ``delivered``
-    (receipts so far), ``not_sent`` (suppressed, holdout, rejected, cancelled, unknown) and
-    ``cost`` of what was sent, from the operational store (fresh, no build needed)."""
+    ``launched_at`` (UTC) and its outbox as it stands: ``audience`` (rows: everyone the segment
+    held at launch), ``planned`` (what the launch planned, as :class:`Tally` counts it) and
+    ``left_out`` (the rest), ``waiting`` (planned or being sent), ``sent`` (accepted by the
+    provider), ``delivered`` (receipts so far), ``not_sent`` (suppressed, holdout, rejected,
+    cancelled, unknown: ``left_out`` included) and ``cost`` of what was sent, from the
+    operational store (fresh, no build needed)."""
     with _store(home) as conn:
         frame = pd.read_sql_query(
-            """
+            f"""
             with
             outbox as (
                 select
@@ -2329,7 +2341,8 @@ def list_all(home: str | Path | None = None) -> pd.DataFrame:
                     count(*) as audience,
                     sum(state in ('planned', 'sending')) as waiting,
                     sum(state = 'submitted') as sent,
-                    sum(state not in ('planned', 'sending', 'submitted')) as not_sent
+                    sum(state not in ('planned', 'sending', 'submitted')) as not_sent,
+                    sum({_LEFT_OUT}) as left_out
                 from messages
                 group by campaign_id
             ),
@@ -2354,6 +2367,8 @@ def list_all(home: str | Path | None = None) -> pd.DataFrame:
                 c.scheduled_at,
                 c.launched_at,
                 coalesce(o.audience, 0) as audience,
+                coalesce(o.audience - o.left_out, 0) as planned,
+                coalesce(o.left_out, 0) as left_out,
                 coalesce(o.waiting, 0) as waiting,
                 coalesce(o.sent, 0) as sent,
                 coalesce(d.delivered, 0) as delivered,
@@ -2372,6 +2387,112 @@ def list_all(home: str | Path | None = None) -> pd.DataFrame:
     for column in ("scheduled_at", "launched_at"):
         frame[column] = pd.to_datetime(frame[column]).dt.tz_localize("UTC")
     return frame
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """A launched campaign's outbox in one read, as its progress counts it.
+
+    ``planned = sent + not_sent + sum(unknown) + due + waiting + sending``. ``sent`` and
+    ``not_sent`` only grow while the campaign sends (a person's "Retry the failed" or "Send them
+    again" aside); ``planned`` is what the launch planned, so progress counts against it, not
+    against everyone who matched the segment (``in_segment``)."""
+
+    campaign_id: int
+    status: str
+    in_segment: int
+    """Everyone the segment held at launch (the outbox's rows)."""
+    planned: int
+    """What the launch planned: after consent, opt-outs, duplicates, frequency caps and the control group."""
+    sent: int
+    """Handed to the provider."""
+    not_sent: int
+    """Planned and not sent, each with a reason: rejected, cancelled, stopped at sending, closed unsent."""
+    unknown: dict[str, int]
+    """Planned messages whose outcome is not known yet, by reason (``awaiting_lookup`` settles by itself)."""
+    due: int
+    """Planned, may be sent now."""
+    waiting: int
+    """Planned, not due yet: quiet hours, a retry's back-off, an A/B remainder awaiting its winner."""
+    sending: int
+    """Handed to a dispatcher, no answer recorded yet."""
+    left_out: dict[str, int]
+    """Why the rest of the segment was not planned, by reason (largest first)."""
+    reasons: dict[str, int]
+    """Why planned messages were not sent, or wait (largest first)."""
+
+    @property
+    def done(self) -> int:
+        """Planned messages settled: sent, or not sent with a reason."""
+        return self.sent + self.not_sent
+
+    @property
+    def unsettled(self) -> int:
+        return sum(self.unknown.values())
+
+    @property
+    def fraction(self) -> float:
+        """Share of the planned messages settled (1.0 when nothing was planned)."""
+        return self.done / self.planned if self.planned else 1.0
+
+
+def tally(campaign_id: int, home: str | Path | None = None, *, now: datetime | None = None) -> Tally:
+    """The campaign's status and outbox counts, read in one statement (one consistent snapshot)."""
+    moment = _stamp(_now(now))
+    with _store(home) as conn:
+        rows = conn.execute(
+            f"""
+            select c.status, m.state, m.skip_reason, coalesce({_LEFT_OUT}, 0), count(m.message_id),
+                   coalesce(sum(m.state = 'planned' and (m.not_before is null or m.not_before <= ?)), 0)
+            from campaigns as c
+            left join messages as m on m.campaign_id = c.campaign_id
+            where c.campaign_id = ?
+            group by 1, 2, 3, 4
+            """,
+            (moment, campaign_id),
+        ).fetchall()
+    if not rows:
+        raise CampaignNotFound(f"no campaign has id {campaign_id}")
+    counts: dict[str, int] = {"in_segment": 0, "planned": 0, "sent": 0, "not_sent": 0, "due": 0, "waiting": 0,
+                              "sending": 0}  # fmt: skip
+    unknown: dict[str, int] = {}
+    left_out: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for _status, state, reason, excluded, n, due in rows:
+        if state is None:  # a campaign with no outbox
+            continue
+        counts["in_segment"] += n
+        if excluded:
+            left_out[reason or state] = left_out.get(reason or state, 0) + n
+            continue
+        counts["planned"] += n
+        if state == "submitted":
+            counts["sent"] += n
+        elif state == "planned":
+            counts["due"] += due
+            counts["waiting"] += n - due
+        elif state == "sending":
+            counts["sending"] += n
+        elif state == "unknown" and reason != "unknown_given_up":
+            unknown[reason or state] = unknown.get(reason or state, 0) + n
+        else:
+            counts["not_sent"] += n
+        if reason is not None and state != "submitted":
+            reasons[reason] = reasons.get(reason, 0) + n
+    return Tally(
+        campaign_id=campaign_id,
+        status=rows[0][0],
+        unknown=unknown,
+        left_out=dict(sorted(left_out.items(), key=lambda kv: -kv[1])),
+        reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        **counts,
+    )
+
+
+def still_moving(counts: Tally) -> bool:
+    """Whether a campaign's counts may change by themselves, so that a view of them should keep
+    reading: it is sending, or outcomes are being looked up with the provider."""
+    return counts.status == "running" or counts.unknown.get("awaiting_lookup", 0) > 0
 
 
 READY_MADE = "Ready-made: "

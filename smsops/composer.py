@@ -14,7 +14,12 @@ The composer works on a template (``smsops.templates``) and the recipients' fiel
 - the guards (:class:`Guard`) decide what stops a send or needs a person's explicit yes, each
   with its reason and the way out: :func:`empty_text`, :func:`large_send`, :func:`footer_fit`,
   :func:`no_recipients`, :func:`no_seed_numbers` and :func:`placeholder_links`. The pages show
-  them; :mod:`smsops.campaigns` refuses a launch on the same ones.
+  them; :mod:`smsops.campaigns` refuses a launch on the same ones;
+- :func:`reach` and the ``…_said`` texts: an audience's counts, each saying what it counts, in the
+  same words on every screen (match the segment, reachable now, planned);
+- the palette: :func:`field_snippet` and :func:`link_snippet` write a field or a tracked link
+  (:func:`tracked_address` checks the address) for :func:`insert` to add to a text, so nobody
+  has to learn the template syntax (which still works as typed).
 
 Every text here is written in English and read in the current language (:mod:`smsops.i18n`).
 """
@@ -28,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from smsops import config, encoding, i18n, policy, pricing, senders, templates
+from smsops import config, encoding, i18n, policy, pricing, segments, senders, templates
 from smsops.i18n import N_, _, ngettext
 
 Kind = Literal["promo", "service"]
@@ -601,6 +606,66 @@ def placeholder_links(sources: Iterable[str], *, placeholder: bool | None = None
             ),
         ),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Audience counts: each says what it counts, the same words on every screen
+
+
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """Who in an audience may get a kind of message now (by the warehouse's build), and why the
+    others cannot: the same figures the Segments page shows, from :func:`smsops.segments.breakdown`."""
+
+    kind: Kind
+    matching: int
+    """Contacts that match the segment."""
+    reachable: int
+    """Those who may get ``kind`` messages now: a valid mobile number of their own and the consent it needs."""
+    left_out: tuple[tuple[str, int], ...]
+    """Why the others cannot, as (reason in the current language, contacts), largest first."""
+
+
+def reach(breakdown: segments.Breakdown, kind: Kind) -> Reach:
+    """:class:`Reach` of a segment's :func:`~smsops.segments.breakdown` for ``kind``."""
+    if kind == "promo":
+        reachable = breakdown.reachable_marketing
+        groups = (
+            ("unreachable", breakdown.unreachable_reasons),
+            ("service_only", breakdown.service_only_reasons),
+        )
+    else:
+        reachable = breakdown.reachable_marketing + breakdown.service_only
+        groups = (("unreachable", breakdown.unreachable_reasons),)
+    left_out = [
+        (segments.reach_label(f"{group}: {reason}"), n)
+        for group, counts in groups
+        for reason, n in counts.items()
+    ]
+    return Reach(kind, breakdown.total, reachable, tuple(sorted(left_out, key=lambda item: -item[1])))
+
+
+def matching_said(n: int) -> str:
+    """``3,677 match the segment``."""
+    return ngettext("{n} matches the segment", "{n} match the segment", n).format(n=i18n.number(n))
+
+
+def reachable_said(n: int, kind: Kind) -> str:
+    """``2,386 reachable for promotions now`` (or for service messages)."""
+    if kind == "promo":
+        said = ngettext("{n} reachable for promotions now", "{n} reachable for promotions now", n)
+    else:
+        said = ngettext("{n} reachable for service messages now", "{n} reachable for service messages now", n)
+    return said.format(n=i18n.number(n))
+
+
+def planned_said(n: int) -> str:
+    """``2,429 planned after consent, duplicates and frequency caps``."""
+    return ngettext(
+        "{n} planned after consent, duplicates and frequency caps",
+        "{n} planned after consent, duplicates and frequency caps",
+        n,
+    ).format(n=i18n.number(n))
 
 
 # ---------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_create_check_and_launch_a_campaign_once(own_home):
     at.selectbox(key="launch_pick").set_value(draft.campaign_id).run()
     steps = at.table[0].value
     assert "Remaining" in steps.columns and len(steps) >= 3
-    to_send = int(next(m.value for m in at.metric if m.label == "To send").replace(",", ""))
+    to_send = int(next(m.value for m in at.metric if m.label == "Planned").replace(",", ""))
     assert to_send > 0
     at.button(key="launch_start").click().run()
     at.button(key="launch_confirmed").click().run()
@@ -213,7 +213,9 @@ def test_follow_says_how_many_outcomes_are_unknown_and_does_not_read_done(own_ho
         "**12 with an unknown outcome**: 9 are being checked with the provider, 3 need your decision." in said
     )
     assert any("never sent again automatically" in c.value for c in at.caption)
-    assert progress_text(at) == "8 of 20 done · waiting for 12 outcomes"  # not 20 of 20, not "finished"
+    assert (
+        progress_text(at) == "8 of 20 planned messages done · waiting for 12 outcomes"
+    )  # not 20 of 20, not "finished"
     assert at.get("progress")[0].proto.value < 100
     assert metric_values(at)["Not sent"] == "0"  # unknown is neither sent nor not sent
     listing = at.dataframe[0].value
@@ -246,7 +248,7 @@ def test_closing_unknown_outcomes_unsent_is_confirmed_recorded_and_finishes_the_
     decisions = "select decision, messages, decided_by from outbox_decisions where campaign_id = ?"
     assert store_rows(own_home, decisions, cid) == [("give_up", 3, "Ирина")]
     assert campaigns.get(cid).status == "finished"
-    assert not at.warning and progress_text(at).startswith("11 of 11 done · finished")
+    assert not at.warning and progress_text(at).startswith("11 of 11 planned messages done · finished")
     assert not any(getattr(b, "key", None) == "settle_give_up" for b in at.button)
 
     # the same confirmation clicked again in another tab finds nothing left and changes nothing

@@ -126,7 +126,9 @@ def test_the_palette_writes_a_field_as_a_template_renders_it():
     assert not tpl(greeting).missing_default  # no "has no default" warning for what the palette wrote
     # money and dates read as such; what a contact without them reads is written as given, quotes and all
     assert composer.field_snippet("revenue") == "{{ revenue | money }}"
-    assert templates.compile(composer.field_snippet("revenue")).render({"revenue": 1500}) == "1\xa0500,00\xa0₽"
+    assert (
+        templates.compile(composer.field_snippet("revenue")).render({"revenue": 1500}) == "1\xa0500,00\xa0₽"
+    )
     assert templates.compile(composer.field_snippet("last_order_at")).render(
         {"last_order_at": "2025-03-04"}
     ) == ("4 марта")
@@ -176,3 +178,24 @@ def test_inserting_appends_with_a_space_where_one_is_needed():
     assert composer.insert("Ждём вас (", "{{ city }}") == "Ждём вас ({{ city }}"
     typed = "{% if city %}Ждём в {{ city }}{% endif %}"  # Jinja as typed stays as it was
     assert composer.insert(typed, composer.link_snippet("shop.example.ru")).startswith(typed + " {{ link(")
+
+
+def test_an_audience_count_says_what_it_counts_and_why_the_others_are_left_out():
+    from smsops import segments
+
+    breakdown = segments.Breakdown(
+        total=3677, reachable_marketing=2386, service_only=1100, unreachable=191,
+        service_only_reasons={"no_consent": 1000, "opted_out": 100},
+        unreachable_reasons={"not_mobile": 150, "duplicate_phone": 41},
+        by_country={}, by_rfm_segment={}, build_id="b",
+    )  # fmt: skip
+    promo = composer.reach(breakdown, "promo")
+    assert (promo.matching, promo.reachable) == (3677, 2386)
+    assert sum(n for _why, n in promo.left_out) == 3677 - 2386
+    assert promo.left_out[0] == ("service messages only: no marketing consent", 1000)
+    service = composer.reach(breakdown, "service")
+    assert service.reachable == 2386 + 1100 and sum(n for _why, n in service.left_out) == 191
+    assert composer.matching_said(3677) == "3,677 match the segment"
+    assert composer.matching_said(1) == "1 matches the segment"
+    assert composer.reachable_said(2386, "promo") == "2,386 reachable for promotions now"
+    assert composer.planned_said(2429) == "2,429 planned after consent, duplicates and frequency caps"

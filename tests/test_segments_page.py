@@ -31,14 +31,16 @@ def fresh_caches():
 
 
 def count(at: AppTest) -> int:
-    return int(next(m.value for m in at.metric if m.label == "Contacts").replace(",", ""))
+    return int(
+        next(m.value for m in at.metric if m.label == "Contacts that match the segment").replace(",", "")
+    )
 
 
 def test_the_page_opens_on_champions_with_live_figures(built_env):
     at = open_page("segments")
     assert count(at) == segments.count(segments.champions()) > 0
     figures = {m.label: int(m.value.replace(",", "")) for m in at.metric}
-    assert figures["Reachable for promotions"] + figures["Service messages only"] + figures[
+    assert figures["Reachable for promotions now"] + figures["Service messages only"] + figures[
         "Unreachable"
     ] == count(at)
     sample = at.dataframe[0].value
@@ -90,8 +92,13 @@ def test_the_page_reads_in_russian_with_labels_not_codes(built_env, monkeypatch)
     at = open_page("segments")
     assert [t.value for t in at.title] == ["Сегменты"]
     figures = {m.label: m.value for m in at.metric}
-    assert list(figures) == ["Контакты", "Можно отправлять рекламу", "Только сервисные", "Недоступны"]
-    assert int(figures["Контакты"].replace(" ", "")) == segments.count(segments.champions())
+    assert list(figures) == [
+        "Подходят под сегмент",
+        "Можно отправлять рекламу сейчас",
+        "Только сервисные",
+        "Недоступны",
+    ]
+    assert int(figures["Подходят под сегмент"].replace(" ", "")) == segments.count(segments.champions())
     assert at.session_state["seg_name"] == "Чемпионы: покупают часто, недавно и на большие суммы"
     # the champions rule reads as words in one language: field, operator, value
     rule = at.session_state["seg_items"][0]["id"]
