@@ -47,6 +47,7 @@ __all__ = [
     "N_",
     "_",
     "choose",
+    "clear",
     "current",
     "date",
     "datetime_",
@@ -119,6 +120,11 @@ def choose(browser: str | None = None, *, person: str | None = None, deployment:
 def use(code: str) -> None:
     """Speak ``code`` for the rest of this context (a Streamlit script run)."""
     _current.set(code if code in LANGUAGES else LANGUAGES[0])
+
+
+def clear() -> None:
+    """Forget this context's language: the deployment's (or the fallback's) applies again."""
+    _language.set(None)
 
 
 @contextmanager

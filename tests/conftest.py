@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smsops import demo, warehouse
+from smsops import demo, i18n, warehouse
 
 # The screens speak Russian unless told otherwise; the suite reads them in English (a deployment
 # setting, so the app and `smsops run` in a browser test follow it too). Tests of the Russian
@@ -21,6 +21,15 @@ DEMO_SEED = 7
 
 def today() -> datetime:
     return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+@pytest.fixture(autouse=True)
+def _deployment_language():
+    """Each test starts and ends speaking the deployment's language: a page test that switched
+    its thread to Russian must not leave the next test reading Russian labels."""
+    i18n.clear()
+    yield
+    i18n.clear()
 
 
 @pytest.fixture

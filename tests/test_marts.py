@@ -727,7 +727,7 @@ def test_link_previews_and_head_requests_are_kept_out_of_ctr(settling):
     assert (preview.converted, preview.revenue) == (False, 0)
     no_agent = messages.loc[ids["no_agent"]]
     assert (no_agent.clicked, no_agent.clicks, no_agent.prefetch_clicks) == (True, 1, 0)
-    classified = read(home, "select method, is_prefetch, count(*) n from stg_ops__clicks"
+    classified = read(home, "select method, is_prefetch, count(*) n from int_clicks_classified"
                             " where link_token like 'settle%' group by all order by all")  # fmt: skip
     assert classified.values.tolist() == [["GET", False, 2], ["GET", True, 2], ["HEAD", True, 1]]
 

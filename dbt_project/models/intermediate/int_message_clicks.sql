@@ -1,5 +1,5 @@
 -- Clicks per message: how many people's clicks, the first and the last, and apart from them
--- how many requests came from link previews and scanners (stg_ops__clicks.is_prefetch), which
+-- how many requests came from link previews and scanners (int_clicks_classified.is_prefetch), which
 -- count as clicks only when var('count_prefetch_clicks') is true. A message whose links only
 -- a preview fetched has 0 clicks and no first click.
 
@@ -9,7 +9,7 @@ with
 
 clicks as (
 
-    select * from {{ ref('stg_ops__clicks') }}
+    select * from {{ ref('int_clicks_classified') }}
 
 ),
 

@@ -1,7 +1,7 @@
 -- The moments a promotional message "touched" its recipient, for attribution: its delivery
 -- (for the holdout: the moment it would have been sent) and every click on its links by a
 -- person (int_message_conversions gives each kind its own window; a link preview or scanner
--- fetching the link is no touch unless var('count_prefetch_clicks'): stg_ops__clicks).
+-- fetching the link is no touch unless var('count_prefetch_clicks'): int_clicks_classified).
 -- Service messages (codes, order status) are answers to what the customer did, so they
 -- attract no conversions; suppressed, failed and pending messages touch nobody.
 
@@ -28,7 +28,7 @@ final_status as (
 
 clicks as (
 
-    select * from {{ ref('stg_ops__clicks') }}
+    select * from {{ ref('int_clicks_classified') }}
     {% if not counts_prefetch_clicks() %}
     where not is_prefetch
     {% endif %}

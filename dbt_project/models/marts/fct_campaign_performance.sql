@@ -4,7 +4,7 @@
 -- undelivered or failed by their final receipt): a message still awaiting its receipt is
 -- neither delivered nor not, so it counts in `awaiting_receipt` and in no rate. The other
 -- rates are over delivered messages, except the holdout's conversion rate, which is over its
--- audience (nobody in it was sent anything). Clicks are people's (stg_ops__clicks.is_prefetch);
+-- audience (nobody in it was sent anything). Clicks are people's (int_clicks_classified.is_prefetch);
 -- link previews and scanners are counted apart in `prefetch_clicks`.
 
 with

@@ -19,7 +19,7 @@
 
 -- refs inside the incremental branch, declared for the DAG:
 -- depends_on: {{ ref('stg_ops__message_status_events') }}
--- depends_on: {{ ref('stg_ops__clicks') }}
+-- depends_on: {{ ref('int_clicks_classified') }}
 -- depends_on: {{ ref('stg_ops__inbound_messages') }}
 -- depends_on: {{ ref('stg_ops__orders') }}
 -- depends_on: {{ ref('stg_ops__consent_events') }}
@@ -113,7 +113,7 @@ status_events as (
 
 clicks as (
 
-    select * from {{ ref('stg_ops__clicks') }}
+    select * from {{ ref('int_clicks_classified') }}
 
 ),
 

@@ -1,6 +1,5 @@
--- Every request for a tracked link. `is_prefetch`: a link preview or scanner fetched it, not
--- a person: a HEAD request (a browser asks with GET), or a user agent of
--- var('link_preview_agents') (macros/clicks.sql). A GET without a user agent is a person.
+-- Every request for a tracked link, people's and link previews' alike (int_clicks_classified
+-- tells them apart).
 
 with
 
@@ -23,15 +22,6 @@ renamed as (
 
     from source
 
-),
-
-final as (
-
-    select
-        *,
-        method = 'HEAD' or {{ is_link_preview_agent('user_agent') }} as is_prefetch
-    from renamed
-
 )
 
-select * from final
+select * from renamed
