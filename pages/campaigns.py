@@ -646,15 +646,30 @@ def follow_counts(campaign_id: int) -> campaigns.Tally:
             _("Send them again…"), key="settle_retry", help=_("Some recipients may get a second copy")
         ):
             st.session_state["settling"] = (campaign_id, "retry", pending.needs_a_person)
+            st.rerun()  # the whole page, where the confirmation opens
         if d2.button(
             _("Close them unsent…"),
             key="settle_give_up",
             help=_("Nobody gets them; recorded as your decision"),
         ):
             st.session_state["settling"] = (campaign_id, "give_up", pending.needs_a_person)
+            st.rerun()
     if counts.reasons:
         st.table([{_("Reason"): policy.explain(reason), _("Messages"): i18n.number(n)}
                   for reason, n in counts.reasons.items()])  # fmt: skip
+    return counts
+
+
+FOLLOW_EVERY = timedelta(seconds=3)  # how often progress is read again while it can move by itself
+
+
+def follow_live(campaign_id: int, refreshing: bool) -> campaigns.Tally:
+    """The progress part of Follow: a fragment that runs again every ``FOLLOW_EVERY`` while the
+    campaign's counts can move (``refreshing``). When a run of its own finds that this changed,
+    the whole page runs again, so that it starts or stops refreshing (the list and buttons too)."""
+    counts = follow_counts(campaign_id)
+    if counts.moving != refreshing and not st.session_state.get("follow_inline"):
+        st.rerun()  # not from within a run of the whole page: a click later in it would be lost
     return counts
 
 
@@ -676,7 +691,13 @@ with follow_tab:
         # picked by id: the label changes with the status, the choice must not
         followed = live[st.selectbox(_("Campaign"), list(live), key="follow_pick", format_func=follow_label)]
         cid = followed.campaign_id
-        counts = follow_counts(cid)
+        looked_up = open_by_campaign[cid].awaiting_lookup if cid in open_by_campaign else 0
+        refreshing = campaigns.still_moving(followed.status, looked_up)
+        st.session_state["follow_inline"] = True  # the fragment runs within this run of the page
+        try:
+            counts = st.fragment(follow_live, run_every=FOLLOW_EVERY if refreshing else None)(cid, refreshing)
+        finally:
+            st.session_state.pop("follow_inline", None)
         settling = st.session_state.get("settling")
         if settling is not None and settling[0] == cid:
             confirm_settle(*settling)

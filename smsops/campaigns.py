@@ -2435,6 +2435,11 @@ class Tally:
         """Share of the planned messages settled (1.0 when nothing was planned)."""
         return self.done / self.planned if self.planned else 1.0
 
+    @property
+    def moving(self) -> bool:
+        """Whether these counts may change by themselves (:func:`still_moving`)."""
+        return still_moving(self.status, self.unknown.get("awaiting_lookup", 0))
+
 
 def tally(campaign_id: int, home: str | Path | None = None, *, now: datetime | None = None) -> Tally:
     """The campaign's status and outbox counts, read in one statement (one consistent snapshot)."""
@@ -2489,10 +2494,10 @@ def tally(campaign_id: int, home: str | Path | None = None, *, now: datetime | N
     )
 
 
-def still_moving(counts: Tally) -> bool:
+def still_moving(status: str, awaiting_lookup: int = 0) -> bool:
     """Whether a campaign's counts may change by themselves, so that a view of them should keep
-    reading: it is sending, or outcomes are being looked up with the provider."""
-    return counts.status == "running" or counts.unknown.get("awaiting_lookup", 0) > 0
+    reading: it is sending (``running``), or outcomes are being looked up with the provider."""
+    return status == "running" or awaiting_lookup > 0
 
 
 READY_MADE = "Ready-made: "

@@ -428,3 +428,37 @@ def test_the_campaign_form_inserts_from_the_palette_into_the_chosen_variant_and_
     assert "/xxxxxxxx" in previews[1]
     at.text_area(key="new_text_A").input("{{ first_name ").run()  # a slip shows under its variant
     assert any("line 1" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_follow_refreshes_itself_while_a_campaign_can_move_and_stops_when_it_is_finished(
+    own_home, monkeypatch
+):
+    made = []  # (fragment, run_every) as the page declares them
+    declare = st.fragment
+
+    def recording(func=None, *, run_every=None, **options):
+        if func is not None:
+            made.append((func.__name__, run_every))
+        return declare(func, run_every=run_every, **options)
+
+    monkeypatch.setattr(st, "fragment", recording)
+    cid = campaign_with_unknown_outcomes(own_home, awaiting_lookup=2)  # running, two being looked up
+    at = follow(cid)
+    refreshing = [every for name, every in made if name == "follow_live"]
+    assert refreshing and refreshing[-1] is not None and refreshing[-1].total_seconds() <= 5
+    assert progress_text(at).startswith("8 of 10 planned messages done")
+
+    # the lookups settle and the campaign finishes: the next read stops the refreshing
+    conn = store.open_store(own_home)
+    with store.transaction(conn):
+        conn.execute(
+            "update messages set state = 'submitted', skip_reason = null where campaign_id = ?", (cid,)
+        )
+        conn.execute("update campaigns set status = 'finished' where campaign_id = ?", (cid,))
+    conn.close()
+    made.clear()
+    at.run()  # what the fragment's timer does, as a whole run
+    assert not at.exception, at.exception
+    assert [every for name, every in made if name == "follow_live"][-1] is None
+    assert progress_text(at).startswith("10 of 10 planned messages done · finished")
+    assert metric_values(at)["Submitted"] == "10"

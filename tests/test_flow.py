@@ -229,7 +229,9 @@ def test_a_view_of_progress_keeps_reading_only_while_the_counts_can_move(home):
                 conn.execute("update campaigns set status = ? where campaign_id = ?", (status, cid))
         finally:
             conn.close()
-        return campaigns.still_moving(campaigns.tally(cid, home))
+        counts = campaigns.tally(cid, home)
+        assert counts.moving == campaigns.still_moving(status, counts.unknown.get("awaiting_lookup", 0))
+        return counts.moving
 
     assert moving("running") and moving("paused")  # paused: the lookup still settles by itself
     move(home, cid, "unknown", "submitted")
