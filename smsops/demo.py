@@ -9,12 +9,20 @@ receipts (some out of order), tracked links, clicks (and the link previews and s
 that fetch a few links seconds after delivery), replies (a few STOP) and orders that
 follow them.
 
+Every column real data can leave empty is empty in a small share of rows (:data:`GAPS`):
+contacts without a name, gender, birth date, email, CRM id, city or number; orders without a
+category; consent events without the wording or the proof; campaigns without a sender, a stored
+policy or a schedule; messages to invalid numbers never rendered; replies tied to no message
+or from numbers not in the base; clicks without a user agent, or recorded before the redirect
+kept the agent and the method. The pages are tested on them (tests/test_pages_nulls.py).
+
 Generation is vectorised with numpy; the result is written to a temporary file that
 replaces the store only when complete, so a crash never leaves half a demo behind.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -22,6 +30,7 @@ import re
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -102,6 +111,27 @@ PREFETCH_AGENTS = (
 )
 PREFETCH_SHARE = 0.04
 """Share of delivered messages with a link that a preview or scanner fetches."""
+
+GAPS = {
+    "no_name": 0.015,  # neither first nor last name: a number typed in at the till
+    "no_first_name": 0.015,  # a last name only
+    "no_gender": 0.03,
+    "no_external_id": 0.01,  # added by hand in the shop, never in the CRM
+    "email": 0.62,  # share of contacts *with* an email
+    "no_category": 0.03,  # orders from the old till, without a category
+    "no_consent_text": 0.3,  # opt-ins by API whose caller sent no wording
+    "no_proof": 0.5,  # opt-outs from the provider's STOP list, which sends no proof
+    "no_agent": 0.02,  # people's clicks without a user agent
+    "old_clicks": 0.5,  # clicks older than OLD_CLICK_DAYS recorded neither agent nor method
+    "unlinked_replies": 0.002,  # replies per contact the provider tied to no message
+    "unknown_senders": 0.001,  # replies per contact from numbers not in the base
+}
+"""Share of rows with a value missing, by what is missing (besides the gaps the generator has
+always made: last names, birth dates, cities, attributes, invalid and empty numbers)."""
+OLD_CLICK_DAYS = 60
+EMAIL_DOMAINS = ("mail.ru", "yandex.ru", "gmail.com", "bk.ru", "inbox.ru", "list.ru")
+UNLINKED_REPLIES = ("Спасибо", "Когда привезут заказ?", "Можно поменять размер?", "Ок, понял")
+UNKNOWN_SENDER_REPLIES = ("Кто это?", "Вы кто?", "Здравствуйте, это магазин?", "?")
 
 # A foreign number per country: a valid national pattern with random tail digits.
 FOREIGN = {
@@ -218,6 +248,29 @@ def _column(values, kind: pa.DataType) -> pa.Array:
     return pa.array(values, type=kind)
 
 
+@functools.cache
+def _login(name: str) -> str:
+    """A name as the local part of an email address: Latin letters, lower case."""
+    text = unicodedata.normalize("NFKD", encoding.transliterate(name)).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _emails(
+    rng: np.random.Generator, ids: np.ndarray, first: np.ndarray, last: np.ndarray
+) -> list[str | None]:
+    """An email for a share ``GAPS["email"]`` of the contacts, made of their names when known."""
+    n = len(ids)
+    has = (rng.random(n) < GAPS["email"]).tolist()
+    domain = rng.integers(0, len(EMAIL_DOMAINS), size=n).tolist()
+    out: list[str | None] = [None] * n
+    for i, (given, family, cid) in enumerate(zip(first.tolist(), last.tolist(), ids.tolist(), strict=True)):
+        if not has[i]:
+            continue
+        local = ".".join(filter(None, (_login(name) for name in (given, family) if name))) or "client"
+        out[i] = f"{local}{cid % 100}@{EMAIL_DOMAINS[domain[i]]}"
+    return out
+
+
 def _pick(rng: np.random.Generator, options: Sequence, size: int, p: Sequence[float] | None = None):
     arr = np.empty(len(options), dtype=object)
     arr[:] = list(options)
@@ -252,11 +305,15 @@ class _Demo:
         # link previews draw from a generator of their own, so adding them left every other
         # table as the seed made it before
         self.prefetch_rng = np.random.default_rng([seed, 14])
+        # and so do the gaps (GAPS): every value they leave is the one the seed made before
+        self.gaps = np.random.default_rng([seed, 15])
         self.as_of = np.datetime64(as_of.replace(tzinfo=None), "s")
         self.tables: dict[str, dict[str, list]] = {}
 
     # -- contacts ------------------------------------------------------------------------
     def contacts(self) -> None:
+        import pyarrow.compute as pc
+
         rng, n = self.rng, self.n
         ids = np.arange(1, n + 1)
         female = rng.random(n) < 0.56
@@ -319,6 +376,17 @@ class _Demo:
         last = np.where(latin, lat_last, last)
         no_last = rng.random(n) < 0.08  # CRMs often hold a first name only
         last = np.where(no_last, None, last)
+        gaps = self.gaps
+        no_name = gaps.random(n) < GAPS["no_name"]
+        first = np.where(no_name | (gaps.random(n) < GAPS["no_first_name"]), None, first)
+        last = np.where(no_name, None, last)
+        gender = np.where(female, "f", "m").astype(object)
+        gender[gaps.random(n) < GAPS["no_gender"]] = None
+        external_id = _keys("CRM-", ids, 7)
+        external_id = pc.if_else(
+            pa.array(gaps.random(n) < GAPS["no_external_id"]), pa.scalar(None, pa.string()), external_id
+        )
+        email = _emails(gaps, ids, first, last)
 
         age_days = (rng.gamma(6.0, 6.5, size=n) + 18) * 365.25
         birth = (self.as_of - (age_days * 86400).astype("timedelta64[s]")).astype("datetime64[D]")
@@ -341,12 +409,12 @@ class _Demo:
         created_txt = _ts_col(created)
         self.tables["contacts"] = {
             "contact_id": ids,
-            "external_id": _keys("CRM-", ids, 7),
+            "external_id": external_id,
             "first_name": first,
             "last_name": last,
-            "gender": np.where(female, "f", "m"),
+            "gender": gender,
             "birth_date": birth_txt,
-            "email": [None] * n,
+            "email": email,
             "city": city,
             "region": region,
             "time_zone": tz,
@@ -401,6 +469,14 @@ class _Demo:
         out_at = opt_in_at + ((self.as_of - opt_in_at).astype(float) * rng.random(n)).astype("timedelta64[s]")
         out_source = _pick(rng, ("link", "admin", "provider"), n, p=(0.6, 0.25, 0.15))
         add(out, "marketing", "opt_out", out_source, None, '{{"request": "demo-{i}"}}', out_at)
+        # the wording an API caller did not send; the proof a provider's STOP list does not give
+        source, action = np.array(rows["source"], dtype=object), np.array(rows["action"], dtype=object)
+        draw = self.gaps.random((2, len(source)))
+        no_text = (source == "api") & (action == "opt_in") & (draw[0] < GAPS["no_consent_text"])
+        no_proof = (source == "provider") & (draw[1] < GAPS["no_proof"])
+        for column, missing in (("consent_text", no_text), ("proof", no_proof)):
+            for i in np.flatnonzero(missing).tolist():
+                rows[column][i] = None
         self.marketing_in = opted_in & ~out
         self.tables["consent_events"] = rows
 
@@ -426,6 +502,7 @@ class _Demo:
             "category": _pick(rng, CATEGORIES, m, CATEGORY_WEIGHTS),
             "status": _pick(rng, ("paid", "cancelled", "refunded"), m, (0.93, 0.04, 0.03)),
         }
+        self._orders["category"][self.gaps.random(m) < GAPS["no_category"]] = None
 
     def customer_events(self) -> None:
         rng, n = self.rng, self.n
@@ -477,6 +554,13 @@ class _Demo:
         ("Чёрная пятница: ранний доступ", "promo", 2, 0.15, {
             "A": "{name}, ранний доступ к Чёрной пятнице открыт: до −50%! {link}"}, 0.05, 0.07, 0.12),
     )  # fmt: skip
+    UNSIGNED = "Weekend sale"
+    """Sent under the provider's default sender: no sender id stored."""
+    POLICY = json.dumps({"quiet": "21:00-09:00", "per_day": 1, "per_week": 3})
+    STORED_POLICY_DAYS = 28
+    """Campaigns launched this many days ago or later stored their quiet hours and caps …"""
+    SCHEDULED_DAYS = 9
+    """… and these were scheduled to start at their launch."""
     AUTOMATIONS = (
         ("Код подтверждения регистрации", "signup", "Код для входа в SHOPMARKET: {code}. Никому его не сообщайте."),
         ("Напоминание об оплате", "payment_due",
@@ -501,7 +585,8 @@ class _Demo:
 
         camp_rows: dict[str, list] = {k: [] for k in (
             "campaign_id", "name", "kind", "status", "sender_id", "segment", "trigger_event",
-            "test_fraction", "holdout_fraction", "created_at", "launched_at", "finished_at")}  # fmt: skip
+            "test_fraction", "holdout_fraction", "created_at", "launched_at", "finished_at", "policy",
+            "scheduled_at")}  # fmt: skip
         var_rows: dict[str, list] = {k: [] for k in ("campaign_id", "variant", "template", "sender_id")}
         batches: list[dict[str, np.ndarray]] = []
         dup_e164 = self.e164
@@ -540,7 +625,8 @@ class _Demo:
             cur = np.full(m, None, dtype=object)
             tokens = np.full(m, None, dtype=object)
             raw_tokens = rng.integers(0, 2**62, size=m)
-            for i in np.flatnonzero(state != "holdout").tolist():
+            # an invalid number is suppressed before rendering (as the planner does): no text, no link
+            for i in np.flatnonzero((state != "holdout") & (reason != "invalid_number")).tolist():
                 token = f"{raw_tokens[i]:x}"[:10] + f"{i:x}"
                 body = template.format(
                     name=names[i] or "клиент",
@@ -566,6 +652,7 @@ class _Demo:
         cid = 0
         for name, kind, days_ago, share, variants, holdout, ctr, cvr in self.CAMPAIGNS:
             cid += 1
+            sender = None if name == self.UNSIGNED else SENDER
             launched = self.as_of - np.timedelta64(days_ago, "D") + np.timedelta64(8, "h")
             # Marketers target mostly opted-in contacts; the rest shows what policy removes.
             size = max(1, int(n * share))
@@ -588,6 +675,7 @@ class _Demo:
                 plan(cid, kind, audience[sel], vname, touch[sel], variants[vname], np.zeros(sel.sum(), bool))
                 var_rows["campaign_id"].append(cid)
                 var_rows["variant"].append(vname)
+                var_rows["sender_id"].append(sender)
                 var_rows["template"].append(
                     variants[vname]
                     .replace("{name}", "{{ first_name | default('клиент') }}")
@@ -600,7 +688,7 @@ class _Demo:
             camp_rows["name"].append(name)
             camp_rows["kind"].append(kind)
             camp_rows["status"].append("finished")
-            camp_rows["sender_id"].append(SENDER)
+            camp_rows["sender_id"].append(sender)
             camp_rows["segment"].append(
                 json.dumps({"all": [{"field": "is_reachable_marketing", "op": "is_true"}]})
             )
@@ -610,6 +698,10 @@ class _Demo:
             camp_rows["created_at"].append(_ts(np.array([launched - np.timedelta64(1, "D")]))[0])
             camp_rows["launched_at"].append(_ts(np.array([launched]))[0])
             camp_rows["finished_at"].append(_ts(np.array([finished]))[0])
+            # the older campaigns predate stored policies and schedules
+            camp_rows["policy"].append(self.POLICY if days_ago <= self.STORED_POLICY_DAYS else None)
+            scheduled = days_ago <= self.SCHEDULED_DAYS
+            camp_rows["scheduled_at"].append(camp_rows["launched_at"][-1] if scheduled else None)
             self._campaign_rates[cid] = (ctr, cvr)
 
         # Event-triggered service messages over the last 90 days.
@@ -655,8 +747,9 @@ class _Demo:
             camp_rows["created_at"].append(_ts(np.array([window_start]))[0])
             camp_rows["launched_at"].append(_ts(np.array([first_touch]))[0])
             camp_rows["finished_at"].append(None)
+            camp_rows["policy"].append(None)
+            camp_rows["scheduled_at"].append(None)
             self._campaign_rates[cid] = (0.25 if "{link}" in template else 0.0, 0.0)
-        var_rows["sender_id"] = [SENDER] * len(var_rows["campaign_id"])
         self.tables["campaigns"] = camp_rows
         self.tables["campaign_variants"] = var_rows
         self._outbox = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
@@ -767,6 +860,14 @@ class _Demo:
         pre_msg = ids[previewed]
         pre_agents = _pick(pre, PREFETCH_AGENTS, len(pre_msg))
         pre_method = np.where(pre.random(len(pre_msg)) < 0.4, "HEAD", "GET")
+        # people's clicks without a user agent; the older ones recorded neither agent nor method
+        # (the redirect kept them only later): all GETs, as the warehouse reads them
+        method = np.full(len(click_msg), "GET", dtype=object)
+        draw = self.gaps.random((2, len(click_msg)))
+        old = click_when < self.as_of - np.timedelta64(OLD_CLICK_DAYS, "D")
+        bare = old & (draw[1] < GAPS["old_clicks"])
+        agents[(draw[0] < GAPS["no_agent"]) | bare] = None
+        method[bare] = None
         all_msg = np.concatenate([click_msg, pre_msg])
         self._emit(
             "links",
@@ -787,7 +888,7 @@ class _Demo:
                 "message_id": all_msg,
                 "clicked_at": _ts_col(np.concatenate([click_when, pre_at[previewed]])),
                 "user_agent": np.concatenate([agents, pre_agents]),
-                "method": np.concatenate([np.full(len(click_msg), "GET", dtype=object), pre_method]),
+                "method": np.concatenate([method, pre_method]),
             },
         )
 
@@ -802,19 +903,21 @@ class _Demo:
                       len(r_idx), (0.2, 0.08, 0.05, 0.04, 0.03, 0.2, 0.15, 0.12, 0.05, 0.08))  # fmt: skip
         keyword = np.array([_keyword(t) for t in texts.tolist()], dtype=object)
         inbound_ids = np.arange(1, len(r_idx) + 1)
+        stray = self.stray_replies()
+        every_id = np.arange(1, len(r_idx) + len(stray["body"]) + 1)
         self._emit(
             "inbound_messages",
             {
-                "inbound_id": inbound_ids,
-                "provider": ["sandbox"] * len(r_idx),
-                "provider_message_id": [f"SMIN{i:030x}" for i in inbound_ids.tolist()],
-                "from_e164": ob["e164"][r_idx],
-                "to_number": [SENDER] * len(r_idx),
-                "body": texts,
-                "keyword": keyword,
-                "contact_id": (ob["contact"][r_idx] + 1),
-                "in_reply_to": ids[r_idx],
-                "received_at": _ts_col(reply_at[r_idx]),
+                "inbound_id": every_id,
+                "provider": ["sandbox"] * len(every_id),
+                "provider_message_id": [f"SMIN{i:030x}" for i in every_id.tolist()],
+                "from_e164": [*ob["e164"][r_idx].tolist(), *stray["from"]],
+                "to_number": [SENDER] * len(r_idx) + stray["to"],
+                "body": [*texts.tolist(), *stray["body"]],
+                "keyword": [*keyword.tolist(), *map(_keyword, stray["body"])],
+                "contact_id": [*(ob["contact"][r_idx] + 1).tolist(), *stray["contact"]],
+                "in_reply_to": [*ids[r_idx].tolist(), *[None] * len(stray["body"])],
+                "received_at": _ts_col(np.concatenate([reply_at[r_idx], stray["at"]])),
             },
         )
         stops = keyword == "stop"
@@ -856,6 +959,34 @@ class _Demo:
             "amount": np.round(rng.lognormal(np.log(2600), 0.7, len(c_idx)), 2),
             "category": _pick(rng, CATEGORIES, len(c_idx), CATEGORY_WEIGHTS),
             "status": np.full(len(c_idx), "paid", dtype=object),
+        }
+        self._conversions["category"][self.gaps.random(len(c_idx)) < GAPS["no_category"]] = None
+
+    def stray_replies(self) -> dict[str, list]:
+        """Inbound messages no campaign message answers, over the last 90 days: replies the
+        provider tied to no message (from contacts with a valid number), then messages from
+        numbers not in the base (no contact, and the provider named no receiving number). None
+        is a keyword, so the consent ledger stays as it is."""
+        gaps, n = self.gaps, self.n
+        valid = np.flatnonzero(self.valid)
+        k = min(len(valid), max(1, round(n * GAPS["unlinked_replies"])))
+        who = np.sort(gaps.choice(valid, size=k, replace=False)) if k else np.array([], dtype=int)
+        start = np.maximum(self.created[who], self.as_of - np.timedelta64(90, "D"))
+        linked_at = start + ((self.as_of - start).astype(float) * gaps.random(k)).astype("timedelta64[s]")
+        u = max(1, round(n * GAPS["unknown_senders"]))
+        unknown_at = self.as_of - (gaps.random(u) * 90 * 86400).astype("timedelta64[s]")
+        return {
+            "from": [
+                *self.e164[who].tolist(),
+                *(f"+79{v:09d}" for v in gaps.integers(0, 10**9, size=u).tolist()),
+            ],
+            "to": [SENDER] * k + [None] * u,
+            "contact": [*(who + 1).tolist(), *[None] * u],
+            "body": [
+                *_pick(gaps, UNLINKED_REPLIES, k).tolist(),
+                *_pick(gaps, UNKNOWN_SENDER_REPLIES, u).tolist(),
+            ],
+            "at": np.concatenate([linked_at, unknown_at]),
         }
 
     def order_rows(self, orders: dict[str, np.ndarray], first_id: int) -> dict[str, list]:
