@@ -3,7 +3,10 @@
 - the webhook app (:func:`smsops.webhooks.create_app`: receipts, replies, link clicks) on a
   loopback port, 127.0.0.1:8600 by default;
 - with the ``sandbox`` provider, the sandbox itself where ``SANDBOX_URL`` points
-  (127.0.0.1:8765 by default), posting receipts and replies to the webhook app;
+  (127.0.0.1:8765 by default), posting receipts and replies to the webhook app. It runs in a
+  process of its own (:class:`SandboxProcess`), as a provider would: in this one its event loop
+  took the GIL from the dispatcher's and the receiver's; its limit is at least the sending rate
+  asked for (:func:`start_sandbox`);
 - the dispatcher (:mod:`smsops.dispatch`) as a service: the due rows of every running campaign,
   receipts requested at the webhook app's status route;
 - receipt lookups (:func:`receipt_lookups`): every 30 s, the messages whose receipt is overdue
@@ -24,9 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -39,10 +48,11 @@ from smsops import campaigns, dispatch, warehouse, webhooks
 from smsops import config as smsops_config
 from smsops.config import REPO_ROOT
 from smsops.providers import ConfigError, Provider, from_config
-from smsops.providers.sandbox import SandboxSettings, ServerThread, run_in_thread, serve_in_thread
+from smsops.providers.sandbox import SandboxSettings, ServerThread, serve_in_thread
 
 __all__ = [
     "DEFAULT_WEBHOOK_PORT",
+    "SandboxProcess",
     "SchedulerState",
     "ServeSettings",
     "Services",
@@ -133,7 +143,7 @@ class Services:
     provider: Provider
     webhook_url: str | None = None
     sandbox_url: str | None = None
-    servers: list[ServerThread] = field(default_factory=list)
+    servers: list[ServerThread | SandboxProcess] = field(default_factory=list)
 
     @property
     def status_callback_url(self) -> str | None:
@@ -152,9 +162,110 @@ SANDBOX_REPLY_RATE = 0.004
 """Share of delivered sandbox messages whose simulated recipient replies STOP."""
 
 
-def start_sandbox(provider: Provider, inbound_url: str | None, link_url: str | None = None) -> ServerThread:
-    """The sandbox at the address ``provider`` points at, with the provider's credentials, and
-    simulated recipients who click (links served at ``link_url``) and sometimes reply STOP.
+_SANDBOX_PROCESS = """
+import contextlib, ctypes, json, logging, os, signal, socket, sys
+with contextlib.suppress(OSError, AttributeError):  # the kernel ends it with its parent (Linux)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[2]):
+    os._exit(1)
+import uvicorn
+from smsops.providers.sandbox import SandboxSettings, create_app
+fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(sys.stdin).items()}
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+app = create_app(SandboxSettings(**fields))
+config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+uvicorn.Server(config).run(sockets=[socket.socket(fileno=int(sys.argv[1]))])
+"""
+
+
+class SandboxProcess:
+    """The sandbox served by uvicorn in a process of its own, on ``host:port`` (0: a free port;
+    :attr:`url` says which), until :meth:`close` or the death of the process that started it.
+
+    Not a thread, as the webhook app is: the sandbox does a provider's work (an answer to every
+    send, a post for every receipt), which never shares the dispatcher's GIL in production; in a
+    thread of this process it did, and took it from the dispatcher and the receiver
+    (docs/performance.md, "smsops serve as deployed"). The child imports only the sandbox, gets
+    its settings on stdin (the token stays off its command line), and runs in a session of its
+    own, so a Ctrl-C stops the dispatcher first and the sandbox after, as with a thread. The
+    socket is bound here, so a taken port fails at once. On Linux the kernel ends it when the
+    thread that started it ends (``PR_SET_PDEATHSIG``): start it from the thread that serves."""
+
+    def __init__(self, settings: SandboxSettings, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.settings = settings
+        self.host = host
+        self.port = port
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> SandboxProcess:
+        listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, self.port))
+            listener.listen(2048)
+            self.port = listener.getsockname()[1]
+            fd = listener.fileno()
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _SANDBOX_PROCESS, str(fd), str(os.getpid())],
+                stdin=subprocess.PIPE,
+                pass_fds=[fd],
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise RuntimeError(f"the sandbox cannot listen on {self.host}:{self.port} ({exc})") from None
+        finally:
+            listener.close()  # the child has its own copy
+        assert self._process.stdin is not None
+        with self._process.stdin as stdin:
+            stdin.write(json.dumps(dataclasses.asdict(self.settings)).encode("utf-8"))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/sandbox/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"the sandbox on {self.host}:{self.port} did not start")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        """Stop it (SIGTERM: its app stops, cancelling the posts still pending)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> SandboxProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_sandbox(
+    provider: Provider,
+    inbound_url: str | None,
+    link_url: str | None = None,
+    *,
+    rate_per_second: float | None = None,
+) -> SandboxProcess:
+    """The sandbox at the address ``provider`` points at, in a process of its own, with the
+    provider's credentials, and simulated recipients who click (links served at ``link_url``)
+    and sometimes reply STOP. Its rate limit is its default (1,000/s) or ``rate_per_second``,
+    the most the dispatcher is set to send, whichever is higher: a sandbox that throttled the
+    rate it was started for would only measure its own setting.
     ``SMSOPS_SANDBOX_FAULTS=off``: no simulated outages, late receipts or recipients."""
     parts = urlsplit(getattr(provider, "base_url", ""))
     settings = SandboxSettings(
@@ -164,6 +275,7 @@ def start_sandbox(provider: Provider, inbound_url: str | None, link_url: str | N
         link_url=link_url,
         click_rate=SANDBOX_CLICK_RATE,
         reply_rate=SANDBOX_REPLY_RATE,
+        rate_per_second=max(SandboxSettings().rate_per_second, rate_per_second or 0.0),
     )
     if os.environ.get("SMSOPS_SANDBOX_FAULTS", "").strip().lower() in ("off", "0", "no"):
         # a calm sandbox for browser tests: no outages, receipts at once, nobody acts by themselves
@@ -171,7 +283,7 @@ def start_sandbox(provider: Provider, inbound_url: str | None, link_url: str | N
             settings, transient_error_rate=0.0, duplicate_rate=0.0, out_of_order_rate=0.0,
             receipt_delay=(0.05, 0.2), click_rate=0.0, reply_rate=0.0,
         )  # fmt: skip
-    return run_in_thread(settings, parts.hostname or "127.0.0.1", parts.port or 80)
+    return SandboxProcess(settings, parts.hostname or "127.0.0.1", parts.port or 80).start()
 
 
 @contextlib.contextmanager
@@ -183,8 +295,10 @@ def start_services(
     port: int = DEFAULT_WEBHOOK_PORT,
     public_url: str | None = None,
     webhooks_app: bool = True,
+    rate_per_second: float | None = None,
 ) -> Iterator[Services]:
-    """Start the webhook app and, for the sandbox provider, the sandbox; stop them on exit."""
+    """Start the webhook app and, for the sandbox provider, the sandbox (admitting at least
+    ``rate_per_second``); stop them on exit."""
     services = Services(provider)
     try:
         if webhooks_app:
@@ -196,7 +310,9 @@ def start_services(
             inbound = (
                 f"{services.webhook_url}/webhooks/{provider.name}/inbound" if services.webhook_url else None
             )
-            sandbox = start_sandbox(provider, inbound, hooks.url if webhooks_app else None)
+            sandbox = start_sandbox(
+                provider, inbound, hooks.url if webhooks_app else None, rate_per_second=rate_per_second
+            )
             services.servers.append(sandbox)
             services.sandbox_url = sandbox.url
         yield services
@@ -326,8 +442,9 @@ async def run(
             handled.append(signum)
     try:
         with start_services(
-            home, provider, host=settings.host, port=settings.port, public_url=settings.public_url
-        ) as services:
+            home, provider, host=settings.host, port=settings.port, public_url=settings.public_url,
+            rate_per_second=settings.dispatch.rate_per_second,
+        ) as services:  # fmt: skip
             if ready is not None:
                 ready(services)
             options = replace(settings.dispatch, status_callback_url=services.status_callback_url)
