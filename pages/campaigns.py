@@ -144,17 +144,17 @@ def insert_link(target: Callable[[], str], prefix: str) -> None:
 def palette(target: Callable[[], str], prefix: str, fields: dict[str, str]) -> None:
     """Fields and a tracked link, inserted without writing template syntax into the text whose key
     ``target()`` gives when the button is clicked."""
-    f1, f2, f3 = st.columns([2, 2, 1], vertical_alignment="bottom")
+    f1, f2, f3 = st.columns([4, 3, 3], vertical_alignment="bottom")
     f1.selectbox(_("Field"), list(fields), key=f"{prefix}_field", format_func=fields.get,
                  help=_("What the contact's record holds: each recipient reads their own"))  # fmt: skip
     f2.text_input(_("If a contact has none, write"), key=f"{prefix}_if_empty", placeholder=_("(nothing)"))
     f3.button(_("Insert field"), key=f"{prefix}_insert_field", on_click=insert_field, args=(target, prefix),
-              icon=":material/person_add:", width="stretch")  # fmt: skip
-    l1, l2 = st.columns([4, 1], vertical_alignment="bottom")
+              width="stretch")  # fmt: skip
+    l1, l2 = st.columns([7, 3], vertical_alignment="bottom")
     address = l1.text_input(_("Tracked link to"), key=f"{prefix}_link", placeholder="https://shop.example.ru/sale",
                             help=_("Each recipient gets a short link of their own, so clicks are counted"))  # fmt: skip
     l2.button(_("Insert link"), key=f"{prefix}_insert_link", on_click=insert_link, args=(target, prefix),
-              icon=":material/add_link:", width="stretch")  # fmt: skip
+              width="stretch")  # fmt: skip
     if address.strip() or st.session_state.pop(f"{prefix}_link_refused", False):  # not inserted: why
         try:
             composer.link_snippet(address)

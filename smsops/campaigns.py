@@ -2317,10 +2317,11 @@ def release_due_winners(
 
 
 _LEFT_OUT = (
-    "state = 'holdout' or (state = 'suppressed' and segments is null and skip_reason is not 'render_failed')"
+    "state = 'holdout' or (state = 'suppressed' and provider is null and skip_reason is not 'render_failed')"
 )
-"""Outbox rows the launch did not plan: the control group, and those the checks left out (the
-planner renders only what it plans; a row stopped at sending keeps its text and its segments)."""
+"""Outbox rows the launch did not plan: the control group, and those the checks left out (never
+claimed by a dispatcher; a row stopped at sending, by an opt-out that came in meanwhile, keeps
+the provider it was claimed for)."""
 
 
 def list_all(home: str | Path | None = None) -> pd.DataFrame:

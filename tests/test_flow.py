@@ -141,7 +141,7 @@ def test_one_audience_is_counted_alike_on_every_screen_and_each_count_says_what_
 
 def outbox(home, rows: list[tuple[str, str | None, int | None]]) -> int:
     """A running campaign whose outbox holds ``rows`` of (state, skip_reason, segments), as a launch
-    leaves it: rows the checks left out have no text and no segments."""
+    leaves it: no row claimed by a dispatcher yet, those the checks left out without a text."""
     now = "2030-01-01 10:00:00"
     conn = store.open_store(home)
     try:
@@ -178,10 +178,11 @@ def move(home, cid: int, frm: str, to: str, reason: str | None = None, n: int = 
     try:
         with store.transaction(conn):
             conn.execute(
-                "update messages set state = ?, skip_reason = ? where message_id in ("
+                "update messages set state = ?, skip_reason = ?,"
+                " provider = case when ? = 'sending' then 'sandbox' else provider end where message_id in ("
                 " select message_id from messages where campaign_id = ? and state = ? order by message_id limit ?)",
-                (to, reason, cid, frm, n),
-            )
+                (to, reason, to, cid, frm, n),
+            )  # a claim names the provider, as the dispatcher's does
     finally:
         conn.close()
 
