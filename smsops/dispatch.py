@@ -525,7 +525,8 @@ class _Tally:
     finished: list[int] = field(default_factory=list)
 
 
-def _merge(into: _Tally, other: _Tally) -> None:
+def _merge(into: _Tally, other: _Tally | DispatchReport) -> None:
+    """Add ``other``'s counts (a batch's, or a helper process's report) to ``into``."""
     into.requests += other.requests
     into.submitted += other.submitted
     into.retried += other.retried
@@ -1398,18 +1399,7 @@ class _Engine:
     def report(self, started: float, stopped: str) -> DispatchReport:
         t = self.tally
         for other in self.helper_reports:
-            t.requests += other.requests
-            t.submitted += other.submitted
-            t.retried += other.retried
-            t.deferred += other.deferred
-            t.unknown += other.unknown
-            for mine, theirs in (
-                (t.rejected, other.rejected), (t.error_codes, other.error_codes),
-                (t.suppressed, other.suppressed), (t.reconciled, other.reconciled),
-            ):  # fmt: skip
-                for key, n in theirs.items():
-                    _bump(mine, key, n)
-            t.finished.extend(c for c in other.finished if c not in t.finished)
+            _merge(t, other)
             if self.send_times is not None:
                 self.send_times.extend(other.send_times)
             self.error = self.error or other.error
