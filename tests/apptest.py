@@ -22,6 +22,18 @@ def open_page(page: str | None = None, timeout: float = 60) -> AppTest:
     return at
 
 
+def open_in_app(page: str, timeout: float = 60) -> AppTest:
+    """The app, then ``pages/<page>.py`` in it; fail on an exception. Unlike :func:`open_page`,
+    app.py runs first, so the page speaks the language app.py set (``SMSOPS_LANGUAGE``) and its
+    sidebar is there, as in a browser."""
+    at = AppTest.from_file(str(APP), default_timeout=timeout)
+    at.run()
+    at.switch_page(f"pages/{page}.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
 def metric_values(at: AppTest) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}
 

@@ -7,24 +7,17 @@ import shutil
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import apptest
 import pytest
 import streamlit as st
-from apptest import APP, metric_values
+from apptest import metric_values
 from streamlit.testing.v1 import AppTest
 
 from smsops import campaigns, config, i18n, segments, store
 
 
 def open_page(page: str = "campaigns", timeout: float = 120) -> AppTest:
-    """The app, then ``pages/<page>.py`` in it, failing on an exception: app.py runs first, so it
-    sets the language (``SMSOPS_LANGUAGE``) the page then speaks (``apptest.open_page`` switches
-    before the first run, so the page would run alone)."""
-    at = AppTest.from_file(str(APP), default_timeout=timeout)
-    at.run()
-    at.switch_page(f"pages/{page}.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return apptest.open_in_app(page, timeout)
 
 
 @pytest.fixture(autouse=True)

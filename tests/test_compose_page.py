@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
+import apptest
 import pytest
-from apptest import APP, clear_caches, metric_values
+from apptest import clear_caches, metric_values
 from streamlit.testing.v1 import AppTest
 
 from smsops import composer, i18n, segments, templates
 
 
 def open_page(page: str = "compose", timeout: float = 60) -> AppTest:
-    """The app, then ``pages/<page>.py`` in it, failing on an exception: app.py runs first, so it
-    sets the language (``SMSOPS_LANGUAGE``) the page then speaks (``apptest.open_page`` switches
-    before the first run, so the page would run alone)."""
-    at = AppTest.from_file(str(APP), default_timeout=timeout)
-    at.run()
-    at.switch_page(f"pages/{page}.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return apptest.open_in_app(page, timeout)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import csv
 import os
 import signal
 
+import apptest
 import pytest
 from apptest import APP, clear_caches
 from streamlit.testing.v1 import AppTest
@@ -14,15 +15,7 @@ from smsops import consent, contacts, i18n, importer, store
 
 
 def open_page(page: str, timeout: float = 60) -> AppTest:
-    """The app, then ``pages/<page>.py`` in it, failing on an exception. Unlike
-    ``apptest.open_page`` (which switches before the first run, so the page runs alone), app.py
-    runs first: it sets the language (``SMSOPS_LANGUAGE``) the page then speaks."""
-    at = AppTest.from_file(str(APP), default_timeout=timeout)
-    at.run()
-    at.switch_page(f"pages/{page}.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return apptest.open_in_app(page, timeout)
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import itertools
 import shutil
 
+import apptest
 import pytest
 import streamlit as st
-from apptest import APP, clear_caches
+from apptest import clear_caches
 from streamlit.testing.v1 import AppTest
 
 from smsops import campaigns, i18n, segments, store
@@ -17,13 +18,7 @@ TEXT = "{{ first_name | default('Здравствуйте') }}, для пост�
 
 
 def open_page(page: str, timeout: float = 120) -> AppTest:
-    """The app, then ``pages/<page>.py`` in it (app.py runs first and sets the language)."""
-    at = AppTest.from_file(str(APP), default_timeout=timeout)
-    at.run()
-    at.switch_page(f"pages/{page}.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return apptest.open_in_app(page, timeout)
 
 
 @pytest.fixture(autouse=True)

@@ -17,10 +17,11 @@ import shutil
 import sqlite3
 from collections.abc import Iterator
 
+import apptest
 import pandas as pd
 import pyarrow as pa
 import pytest
-from apptest import APP, clear_caches
+from apptest import clear_caches
 from google.protobuf.message import Message
 from streamlit.testing.v1 import AppTest
 
@@ -34,10 +35,7 @@ NOT_TEXT = frozenset({"id", "form_id"})
 
 def open_page(page: str, timeout: float = 60) -> AppTest:
     """The app, then ``pages/<page>.py`` in it: app.py runs first and sets the language."""
-    at = AppTest.from_file(str(APP), default_timeout=timeout)
-    at.run()
-    at.switch_page(f"pages/{page}.py")
-    at.run()
+    at = apptest.open_in_app(page, timeout)
     assert_clean(at, page)
     return at
 

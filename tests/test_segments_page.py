@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import re
 
+import apptest
 import pytest
-from apptest import APP, clear_caches
+from apptest import clear_caches
 from streamlit.testing.v1 import AppTest
 
 from smsops import segments
 
 
 def open_page(page: str, timeout: float = 60) -> AppTest:
-    """The app, then ``pages/<page>.py`` in it, failing on an exception. Unlike
-    ``apptest.open_page`` (which switches before the first run, so the page runs alone), app.py
-    runs first: it sets the language (``SMSOPS_LANGUAGE``) the page then speaks."""
-    at = AppTest.from_file(str(APP), default_timeout=timeout)
-    at.run()
-    at.switch_page(f"pages/{page}.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return apptest.open_in_app(page, timeout)
 
 
 @pytest.fixture(autouse=True)
