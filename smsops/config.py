@@ -6,6 +6,7 @@ warehouse snapshots, so tests and several installs never collide.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +49,75 @@ class Paths:
     def dbt_artifacts(self) -> Path:
         return self.home / "dbt"
 
+    @property
+    def uploads(self) -> Path:
+        """Files people uploaded to import (kept until an erasure finds a number in them)."""
+        return self.home / "uploads"
+
+    @property
+    def fresh_build_marker(self) -> Path:
+        """Present while the next build must start from an empty warehouse file (after an
+        erasure or a restore): see ``smsops.warehouse.build``."""
+        return self.warehouse_dir / "fresh-build-required"
+
+    @property
+    def erasure_log(self) -> Path:
+        """One line per erasure, pseudonyms only: what a restore replays (``smsops.backup``)."""
+        return self.home / "erasures.jsonl"
+
 
 def paths(home: str | os.PathLike[str] | None = None) -> Paths:
     """Resolve the paths for ``home``, else ``$SMSOPS_HOME``, else ``./data``."""
     chosen = home if home is not None else os.environ.get("SMSOPS_HOME", "data")
     return Paths(home=Path(chosen).expanduser().resolve())
+
+
+PRIVATE_UMASK = 0o077
+"""What the command line's processes create files with: readable by their owner only."""
+
+
+def secure_home(home: str | os.PathLike[str] | None = None) -> Path:
+    """Create ``home`` readable by its owner only (0700), or take group and others' access away
+    from an existing one; it holds phone numbers. Returns the folder."""
+    folder = paths(home).home
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = folder.stat().st_mode & 0o777
+    if mode & 0o077:
+        with contextlib.suppress(PermissionError):  # not ours (a shared mount): files are still 0600
+            folder.chmod(mode & 0o700)
+    return folder
+
+
+def private_file(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and its folder, 0700) empty and readable by its owner only, unless it
+    exists; SQLite gives a store's ``-wal`` and ``-shm`` files the mode of the store itself."""
+    target = Path(path)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return target
+
+
+def sign_in_configured() -> bool:
+    """Whether the app asks who a person is before it shows anything. Not yet: smsops has no
+    sign-in (issue 19), so anyone who can open the app can launch sends and reveal numbers."""
+    return False
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback(address: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    host = address.strip().strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to an outside address
 
 
 def dbt_project_dir() -> Path:

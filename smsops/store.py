@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from smsops.config import paths
+from smsops.config import paths, private_file
 
 SCHEMA_VERSION = 2
 """1: the first schema. 2: the outbox's provider id is unique through a partial index (rows not
@@ -373,6 +373,8 @@ def connect(path: str | os.PathLike[str] | None = None, *, timeout: float = 30.0
     target = Path(path) if path is not None else store_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     new = not target.exists() or target.stat().st_size == 0
+    if new:  # readable by its owner only, and so are the -wal and -shm SQLite makes beside it
+        private_file(target)
     conn = sqlite3.connect(target, timeout=timeout, isolation_level=None)
     if new:  # only before the first table, and before WAL mode: later it cannot change
         conn.execute(f"pragma page_size = {PAGE_SIZE}")

@@ -12,6 +12,13 @@ everything and close. Old snapshots are pruned.
 The work file always has the same path (``warehouse/building.duckdb``, one build at a
 time), so dbt's profile does not change between builds and dbt can parse the project
 partially instead of whole (about 2.5 s of every build).
+
+After an erasure (or a restore) the copy is not made: the old file still holds the erased
+values, in its tables and in its free blocks. The first build that sees the store's erasure
+mark move (``dbt_plugin.erasure_mark``, recorded in the pointer) or finds
+``fresh-build-required`` starts from an empty file, clears dbt's logs and target folder
+first, and once it is published deletes every other warehouse file, the development copy
+included (DESIGN.md invariant 10). Snapshots and the pointer are readable by their owner only.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,8 +41,8 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from smsops import dbt_plugin
-from smsops.config import Paths, dbt_project_dir, duckdb_settings, paths
+from smsops import dbt_plugin, store
+from smsops.config import Paths, dbt_project_dir, duckdb_settings, paths, private_file
 
 KEEP_SNAPSHOTS = 3
 
@@ -88,6 +95,10 @@ class Snapshot:
     seconds: float
     loads: tuple[dbt_plugin.Load, ...] = field(default=(), compare=False)
     """How the build loaded each operational table (known only to the call that built it)."""
+    erasure_mark: str | None = None
+    """The store's erasure mark when the build read it (None in pointers older than it)."""
+    purged: tuple[Path, ...] = field(default=(), compare=False)
+    """Warehouse files a build after an erasure deleted (known only to the call that built it)."""
 
 
 def current(home: str | os.PathLike[str] | None = None) -> Snapshot | None:
@@ -102,6 +113,7 @@ def current(home: str | os.PathLike[str] | None = None) -> Snapshot | None:
         path=Path(data["path"]),
         built_at=datetime.fromisoformat(data["built_at"]),
         seconds=float(data["seconds"]),
+        erasure_mark=data.get("erasure_mark"),
     )
 
 
@@ -137,6 +149,37 @@ def dbt_command(args: Sequence[str], p: Paths, warehouse_path: Path) -> tuple[li
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
     }
     return argv, env
+
+
+def _store_erasure_mark(p: Paths) -> str:
+    """The operational store's erasure mark now (it moves with every erasure)."""
+    conn = store.connect(p.ops_store)
+    try:
+        store.create_schema(conn)
+        return dbt_plugin.erasure_mark(conn.cursor())
+    finally:
+        conn.close()
+
+
+def require_fresh_build(home: str | os.PathLike[str] | None = None) -> None:
+    """Make the next build start from an empty warehouse file and then delete every other
+    warehouse file (what an erasure and a restore ask for)."""
+    private_file(paths(home).fresh_build_marker)
+
+
+def _starts_fresh(p: Paths, previous: Snapshot | None, mark: str) -> bool:
+    """Whether this build must not start from a copy of the published snapshot: it holds
+    something erased since it was built."""
+    if p.fresh_build_marker.exists():
+        return True
+    return previous is not None and previous.erasure_mark != mark
+
+
+def _clear_dbt_artifacts(p: Paths) -> None:
+    """dbt's logs and target folder of earlier builds: messages of a failed test or contract
+    may quote values."""
+    for folder in (p.dbt_artifacts / "logs", p.dbt_artifacts / "target"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:
@@ -202,15 +245,24 @@ def build(
         target = p.warehouse_dir / f"wh_{build_id}.duckdb"
         work = p.warehouse_dir / WORK_FILE
         _remove(work)  # what a build that died left behind
+        mark = _store_erasure_mark(p)  # read before the load: an erasure during it moves it again
+        fresh = _starts_fresh(p, previous, mark)
+        if fresh:  # nothing of the old file may be carried over: every model is built anew
+            select = None
+            _clear_dbt_artifacts(p)
         start_from = (
-            previous.path if previous is not None and previous.path.exists() and not full_refresh else None
+            previous.path
+            if previous is not None and previous.path.exists() and not (full_refresh or fresh)
+            else None
         )
         if start_from is None and select is not None:
             raise WarehouseError(
                 "a selective build needs a published snapshot to start from: run `smsops build`"
             )
         args = [
-            "build" if tests else "run",
+            "build" if tests or start_from is None else "run",
+            # an empty file needs the seeds, which `dbt run` leaves out
+            *(["--exclude-resource-type", "test", "unit_test"] if not tests and start_from is None else []),
             *(["--full-refresh"] if full_refresh else []),
             *(["--select", *select] if select else []),
         ]
@@ -264,14 +316,26 @@ def build(
         except BaseException:
             _remove(work)
             raise
+        for path in (work, Path(str(work) + ".wal")):
+            if path.exists():
+                path.chmod(0o600)
         os.replace(work, target)
         if Path(str(work) + ".wal").exists():
             os.replace(str(work) + ".wal", str(target) + ".wal")
         seconds = round(time.perf_counter() - started, 3)
         snapshot = Snapshot(
-            build_id=build_id, path=target, built_at=datetime.now(UTC), seconds=seconds, loads=loads
+            build_id=build_id,
+            path=target,
+            built_at=datetime.now(UTC),
+            seconds=seconds,
+            loads=loads,
+            erasure_mark=mark,
         )
         _publish(p, snapshot)
+        if fresh:
+            removed = _remove_all_but(p, snapshot.path)
+            p.fresh_build_marker.unlink(missing_ok=True)
+            return replace(snapshot, purged=tuple(removed))
         _prune(p, keep=snapshot.path)
         return snapshot
 
@@ -286,7 +350,7 @@ def refresh(home: str | os.PathLike[str] | None = None, *, wait: bool = True, ec
 
 
 def _publish(p: Paths, snapshot: Snapshot) -> None:
-    tmp = p.warehouse_pointer.with_suffix(f".{os.getpid()}.tmp")
+    tmp = private_file(p.warehouse_pointer.with_suffix(f".{os.getpid()}.tmp"))
     tmp.write_text(
         json.dumps(
             {
@@ -294,10 +358,27 @@ def _publish(p: Paths, snapshot: Snapshot) -> None:
                 "path": str(snapshot.path),
                 "built_at": snapshot.built_at.isoformat(),
                 "seconds": round(snapshot.seconds, 3),
+                "erasure_mark": snapshot.erasure_mark,
             }
         )
     )
     os.replace(tmp, p.warehouse_pointer)
+
+
+def _remove_all_but(p: Paths, keep: Path) -> list[Path]:
+    """Delete every warehouse file but ``keep`` (older snapshots, the development copy, what a
+    build or DuckDB left behind). A reader still holding one keeps its open inode until it
+    closes it; new readers already follow the pointer."""
+    removed = []
+    for path in sorted(p.warehouse_dir.iterdir()):
+        if path == keep or path.name == keep.name + ".wal" or path.suffix not in (".duckdb", ".wal", ".tmp"):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _prune(p: Paths, keep: Path) -> None:
