@@ -27,15 +27,41 @@ opt-out: numbers whose latest marketing event is an opt-out are skipped and coun
 
 Re-importing the same file with the same options changes nothing: contacts come out
 unchanged, and the batch and its consent events have keys derived from the file's hash.
+
+Hostile files. No file ends an import in a traceback: either the whole file is refused with an
+:class:`ImportFailed` that names the file, the line and what to do (and nothing is written: rows
+are staged in a temporary table and applied in one transaction), or a row is rejected with its
+reason. Refused: a binary file (a NUL byte, control characters, a workbook's or an archive's
+signature), a first line wider than ``max_columns`` columns or longer than a header can be, and
+a quote that opens and never closes (named by the line where it opens: everything after it
+would be one cell). Rejected rows: a row in another encoding than the rest of the file
+(``wrong_encoding``), a quote that runs over several lines into a contact field or across
+delimiters (``unclosed_quote``: a quote left open that swallowed the next rows; a note in a
+custom column may hold line breaks), more than ``max_columns`` cells (``too_many_cells``) and
+a cell longer than ``max_cell_chars`` (``cell_too_long``).
+
+Mixed encodings. A file is read in one encoding: UTF-8 when all of it decodes as UTF-8 (or it
+starts with a UTF-8 BOM); otherwise Windows-1251, unless more of its non-ASCII lines are valid
+UTF-8 than not. The lines that are not in that encoding are rejected as ``wrong_encoding``
+("line N is not in <encoding>") instead of refusing the whole file or reading each line in
+the encoding it seems to be in: the marketer whose export got a few lines pasted in from
+another tool gets the rest imported and those lines back, readable, in the rejects file, and
+no guessed decoding can put a garbled name into an SMS.
+
+The rejects file is written in the input's encoding (with its BOM, if it had one) and
+delimiter, so a spreadsheet opens it the way it opened the export; every cell a spreadsheet
+would run, the header's included, is neutralised (:func:`neutralise`).
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import gc
 import hashlib
 import io
+import itertools
 import json
 import mmap
 import os
@@ -43,19 +69,29 @@ import re
 import sqlite3
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from smsops import phones, store
+from smsops import i18n, phones, store
 from smsops.i18n import N_, _
 from smsops.reference import City, cities
 
 CHUNK_ROWS = 20_000
 SAMPLE_BYTES = 64 * 1024
+"""How much of a file's start is read to detect its delimiter."""
+HEADER_CHARS = 1024 * 1024
+"""The longest first line (the header) a file may have."""
 DELIMITERS = ",;\t|"
+MAX_COLUMNS = 1_000
+"""The most cells a row may have (``Options.max_columns``): a wider first line refuses the file,
+a wider row is rejected as ``too_many_cells``. A CRM export has tens of columns; thousands mean
+a wrong delimiter or a file that is not a contact export."""
+MAX_CELL_CHARS = 32_767
+"""The longest a cell may be (``Options.max_cell_chars``): what an Excel cell holds. A longer
+cell rejects its row as ``cell_too_long``."""
 
 # Contact fields a column can map to. `full_name` is split into first and last name;
 # `attribute` keeps the column as a custom attribute under its header; `ignore` drops it.
@@ -136,19 +172,36 @@ _GENDER = {
 _DATE_FORMATS = ("%Y-%m-%d", "%d.%m.%Y", "%d/%m/%Y", "%d-%m-%Y", "%d.%m.%y", "%Y.%m.%d", "%m/%d/%Y")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-][0-9 \u00a0().,\-]*")  # +7 912 345-67-89, -5, -: arithmetic at most
 
-Reason = Literal["missing_phone", "invalid_phone", "not_mobile", "malformed_row", "duplicate_in_file"]
+Reason = Literal[
+    "missing_phone", "invalid_phone", "not_mobile", "malformed_row", "duplicate_in_file", "wrong_encoding",
+    "unclosed_quote", "too_many_cells", "cell_too_long",
+]  # fmt: skip
 REASON_TEXT: dict[str, str] = {
     "missing_phone": N_("no phone number in the row"),
     "invalid_phone": N_("the phone number is not a valid number"),
     "not_mobile": N_("the phone number is a landline or another number that cannot receive SMS"),
     "malformed_row": N_("the row has a different number of cells than the header"),
     "duplicate_in_file": N_("another row of the file is the same contact; the later row was kept"),
+    "wrong_encoding": N_("the line is not in the encoding of the rest of the file"),
+    "unclosed_quote": N_(
+        "a quote in the row runs over several lines, so the lines after it were read into one of its cells"
+    ),
+    "too_many_cells": N_("the row has far more cells than a contact export has columns"),
+    "cell_too_long": N_("a cell of the row is longer than any contact field can be"),
 }
 """What each reject reason means (English; shown with ``i18n.label`` or :func:`explain`)."""
 
-_DETAIL_TEXT: dict[str, str] = {"duplicate_in_file": N_("kept line {line}")}
-"""How a reason's detail reads (the detail is the line number)."""
+_DETAIL_TEXT: dict[str, str] = {
+    "duplicate_in_file": N_("kept line {line}"),
+    "malformed_row": N_("{cells} cells, the header has {columns}"),
+    "wrong_encoding": N_("line {line} is not in {encoding}; save the file again in one encoding"),
+    "unclosed_quote": N_("the quote opens on line {opened} and closes on line {closed}"),
+    "too_many_cells": N_("{cells} cells; at most {max} are read"),
+    "cell_too_long": N_("a cell of {chars} characters or more; at most {max} are read"),
+}
+"""How a reason's detail reads: the detail is a line number, or a JSON object of the values."""
 
 
 class ImportFailed(ValueError):
@@ -161,8 +214,15 @@ class ImportFailed(ValueError):
         self.text, self.values = text, values
         super().__init__(text.format(**values))
 
+    def __reduce__(self):  # keyword values: pickled (from a worker process) by hand
+        return _import_failed, (self.text, self.values)
+
     def translated(self) -> str:
         return _(self.text).format(**self.values)
+
+
+def _import_failed(text: str, values: dict[str, object]) -> ImportFailed:
+    return ImportFailed(text, **values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +234,8 @@ class Options:
     consent_proof: str | None = None  # where the proof is kept, e.g. a form URL or document id
     purpose: Literal["marketing", "service"] = "marketing"
     mapping: Mapping[str, Target] | None = None  # header -> field, overriding the guesses
+    max_columns: int = MAX_COLUMNS  # cells a row may have: more refuses the header, rejects a row
+    max_cell_chars: int = MAX_CELL_CHARS  # characters a cell may have: more rejects its row
 
     def as_json(self) -> str:
         data = {
@@ -183,6 +245,11 @@ class Options:
             "purpose": self.purpose,
             "mapping": dict(sorted((self.mapping or {}).items())),
         }
+        # the limits only when changed: a batch imported before they existed keeps its key
+        if self.max_columns != MAX_COLUMNS:
+            data["max_columns"] = self.max_columns
+        if self.max_cell_chars != MAX_CELL_CHARS:
+            data["max_cell_chars"] = self.max_cell_chars
         return json.dumps(data, ensure_ascii=False, sort_keys=True)
 
 
@@ -194,6 +261,7 @@ class FileFormat:
     delimiter: str
     header: tuple[str, ...]
     mapping: dict[str, Target]  # header -> target, guessed and then overridden
+    mixed: bool = False  # some lines are not in `encoding`: each line is decoded on its own
 
     @property
     def unmapped_phone(self) -> bool:
@@ -270,23 +338,131 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\x0c")  # NUL included
+_CONTROL = re.compile(b"[" + re.escape(_CONTROL_BYTES) + b"]")
+_NOT_CSV = (
+    (
+        b"PK\x03\x04",
+        N_(
+            "{file} is an Excel workbook (.xlsx) or another ZIP archive, not a CSV file. Save it as CSV (in Excel: File → Save As → CSV) and import that file."
+        ),
+    ),
+    (
+        b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
+        N_(
+            "{file} is an Excel 97-2003 workbook (.xls), not a CSV file. Save it as CSV (in Excel: File → Save As → CSV) and import that file."
+        ),
+    ),
+    (
+        b"%PDF",
+        N_(
+            "{file} is a PDF document, not a CSV file. Export the contacts from your CRM as CSV and import that file."
+        ),
+    ),
+)
+# a line whose first non-ASCII byte starts a UTF-8 sequence: in a Windows-1251 file it takes a
+# Cyrillic letter followed by one of ё, №, «, », … (its other bytes never continue one)
+_UTF8_CANDIDATE = re.compile(rb"(?m)^[\x00-\x09\x0b-\x7f]*+[\xc2-\xf4][\x80-\xbf]")
+_LINE_BREAK = re.compile(r"\r\n?|\n")
+
+
+def _encoding_label(encoding: str) -> str:
+    return "UTF-8" if encoding.startswith("utf-8") else ENCODING_LABELS.get(encoding, encoding)
+
+
 def detect_encoding(path: Path) -> str:
-    """``utf-8-sig`` for a BOM, ``utf-8`` when the whole file decodes as UTF-8, else ``cp1251``."""
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-        if head.startswith(codecs.BOM_UTF8):
-            return "utf-8-sig"
-        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-            return "utf-16"
-        fh.seek(0)
-        decoder = codecs.getincrementaldecoder("utf-8")()
+    """``utf-8-sig`` for a BOM, ``utf-8`` when the file is UTF-8, else ``cp1251`` (see :func:`_detect_text`)."""
+    return _detect_text(path)[0]
+
+
+def _detect_text(path: Path) -> tuple[str, bool]:
+    """(encoding, mixed) of a text file: ``utf-16`` or ``utf-8-sig`` by its BOM; ``utf-8`` when it
+    all decodes as UTF-8; else ``cp1251``, or UTF-8 when more of its non-ASCII lines are valid
+    UTF-8 than not. ``mixed`` says that some lines are not in that encoding (they are rejected).
+    Raises :class:`ImportFailed` for a file that is not text."""
+    try:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                return "utf-8", False
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return _inspect(path, fh, data)
+    except OSError as exc:
+        raise ImportFailed(
+            N_("{file}: cannot read the file ({reason})"), file=path.name, reason=exc.strerror
+        ) from None
+
+
+def _inspect(path: Path, fh: BinaryIO, data: mmap.mmap) -> tuple[str, bool]:
+    if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        if _invalid_at(data, 0, "utf-16") is not None:
+            raise ImportFailed(
+                N_(
+                    "{file}: the file starts as UTF-16 text but is not UTF-16 further on; save it again as CSV and import that file"
+                ),
+                file=path.name,
+            )
+        return "utf-16", False
+    _refuse_binary(path, data)
+    bom = data[:3] == codecs.BOM_UTF8
+    start = 3 if bom else 0
+    if _invalid_at(data, start, "utf-8") is None:
+        return ("utf-8-sig" if bom else "utf-8"), False
+    utf8 = 0
+    for candidate in _UTF8_CANDIDATE.finditer(data, start):
+        line_end = data.find(b"\n", candidate.start())
         try:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                decoder.decode(block)
-            decoder.decode(b"", final=True)
+            data[candidate.start() : None if line_end < 0 else line_end].decode("utf-8")
         except UnicodeDecodeError:
-            return "cp1251"
-    return "utf-8"
+            continue
+        utf8 += 1
+    if utf8 == 0:  # Windows-1251 throughout, but for a byte that has no letter in it
+        return "cp1251", data.find(b"\x98", start) >= 0
+    other = 0
+    fh.seek(start)
+    for line in fh:
+        if not line.isascii():
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                other += 1
+    return ("utf-8-sig" if bom else "utf-8") if bom or utf8 > other else "cp1251", True
+
+
+def _invalid_at(data: mmap.mmap, start: int, encoding: str) -> int | None:
+    """Where ``data[start:]`` stops being ``encoding``, or None when it is that throughout."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    for at in range(start, len(data), 1 << 20):
+        try:
+            decoder.decode(data[at : at + (1 << 20)])
+        except UnicodeDecodeError as exc:
+            return at + exc.start
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return len(data)
+    return None
+
+
+def _refuse_binary(path: Path, data: mmap.mmap) -> None:
+    """Raise :class:`ImportFailed` for a file that is not text: a known binary format, a NUL byte
+    anywhere, or control characters in more than 1% of its first bytes."""
+    for signature, message in _NOT_CSV:
+        if data[: len(signature)] == signature:
+            raise ImportFailed(message, file=path.name)
+    at = data.find(b"\x00")
+    if at < 0:
+        head = data[:SAMPLE_BYTES]
+        if len(head) - len(head.translate(None, _CONTROL_BYTES)) <= len(head) // 100:
+            return
+        at = _CONTROL.search(head).start()
+    raise ImportFailed(
+        N_(
+            "{file}: line {line} holds bytes that text never has: this is a binary file, not a CSV "
+            "export. Export the contacts from your CRM as CSV (or save the workbook as CSV) and import that file."
+        ),
+        file=path.name,
+        line=data[:at].count(b"\n") + 1,
+    )
 
 
 def detect_delimiter(sample: str) -> str:
@@ -310,19 +486,28 @@ def detect_delimiter(sample: str) -> str:
     return best
 
 
-def sniff(path: str | os.PathLike[str], mapping: Mapping[str, Target] | None = None) -> FileFormat:
-    """Detect how ``path`` is written and guess its column mapping (``mapping`` overrides)."""
+def sniff(
+    path: str | os.PathLike[str],
+    mapping: Mapping[str, Target] | None = None,
+    *,
+    max_columns: int = MAX_COLUMNS,
+) -> FileFormat:
+    """Detect how ``path`` is written and guess its column mapping (``mapping`` overrides).
+    Raises :class:`ImportFailed` for a file that cannot be read as a CSV with a header."""
     path = Path(path)
     if not path.is_file():
         raise ImportFailed(N_("{path}: no such file"), path=str(path))
-    encoding = detect_encoding(path)
-    with open(path, encoding=encoding, newline="") as fh:
-        sample = fh.read(SAMPLE_BYTES)
+    encoding, mixed = _detect_text(path)
+    with _text_lines(path, encoding, mixed) as (lines, _strays):
+        sample = _sample(lines)
     if not sample.strip():
         raise ImportFailed(N_("{file}: the file is empty"), file=path.name)
     delimiter = detect_delimiter(sample)
-    header_row = next(csv.reader(io.StringIO(sample), delimiter=delimiter), [])
-    header = tuple(cell.strip() for cell in header_row)
+    first = sample
+    if _LINE_BREAK.search(sample) is None and len(sample) >= SAMPLE_BYTES:  # a first line past the sample
+        with _text_lines(path, encoding, mixed) as (lines, _strays):
+            first = lines.readline(HEADER_CHARS) if hasattr(lines, "readline") else next(lines)[:HEADER_CHARS]
+    header = _header(path, first, delimiter, max_columns)
     if len(header) < 1 or not any(header):
         raise ImportFailed(N_("{file}: the first line should name the columns, it is empty"), file=path.name)
     guessed = guess_mapping(header)
@@ -341,7 +526,107 @@ def sniff(path: str | os.PathLike[str], mapping: Mapping[str, Target] | None = N
                 fields=", ".join(FIELDS),
             )
         guessed[name] = target
-    return FileFormat(encoding=encoding, delimiter=delimiter, header=header, mapping=guessed)
+    return FileFormat(encoding=encoding, delimiter=delimiter, header=header, mapping=guessed, mixed=mixed)
+
+
+def _header(path: Path, text: str, delimiter: str, max_columns: int) -> tuple[str, ...]:
+    """The cells of the first line of ``text`` (the file's start); :class:`ImportFailed` when it is
+    no header a CSV export has."""
+    if _LINE_BREAK.search(text) is None and len(text) >= HEADER_CHARS:
+        raise ImportFailed(
+            N_(
+                "{file}: the first line is longer than {chars} characters, far longer than a header naming "
+                "the columns; check that the file is a contact export whose first line names its columns"
+            ),
+            file=path.name,
+            chars=HEADER_CHARS,
+        )
+    # a line break after the text: a quote still open at its end takes it in
+    reader = csv.reader(itertools.chain(io.StringIO(text, newline=""), ["\n"]), delimiter=delimiter)
+    try:
+        row = next(reader, [])
+    except csv.Error as exc:
+        raise ImportFailed(
+            N_("{file}: cannot read the first line: {reason}"), file=path.name, reason=str(exc)
+        ) from None
+    if reader.line_num > 1:
+        raise ImportFailed(
+            N_(
+                "{file}: a quote opens on line 1 and does not close on it; a header names its columns on "
+                "one line. Close the quote (or remove it) and import again."
+            ),
+            file=path.name,
+        )
+    if len(row) > max_columns:
+        raise ImportFailed(
+            N_(
+                "{file}: the first line has {columns} columns, more than the {max} an import reads; check "
+                "that it is a contact export and that its columns are separated by {delimiter}"
+            ),
+            file=path.name,
+            columns=len(row),
+            max=max_columns,
+            delimiter=repr(delimiter),
+        )
+    return tuple(cell.strip() for cell in row)
+
+
+def _sample(lines) -> str:
+    """The first ``SAMPLE_BYTES`` characters of a file's text."""
+    if hasattr(lines, "read"):
+        return lines.read(SAMPLE_BYTES)
+    parts, size = [], 0
+    for line in lines:
+        parts.append(line)
+        size += len(line)
+        if size >= SAMPLE_BYTES:
+            break
+    return "".join(parts)[:SAMPLE_BYTES]
+
+
+@contextlib.contextmanager
+def _text_lines(path: Path, encoding: str, mixed: bool) -> Iterator[tuple[Iterator[str], list[int]]]:
+    """The file's lines as text, and a list that collects the numbers of the lines not in
+    ``encoding`` (when ``mixed``) as they are read; the caller empties it."""
+    strays: list[int] = []
+    if not mixed:
+        with open(path, encoding=encoding, newline="") as fh:
+            yield fh, strays
+        return
+    with open(path, "rb") as fh:
+        yield _mixed_lines(fh, encoding, strays), strays
+
+
+def _mixed_lines(fh: BinaryIO, encoding: str, strays: list[int]) -> Iterator[str]:
+    """Each line of a file in two encodings, decoded in ``encoding`` when it is in it, else as well
+    as it can be (in the other one) and its number put in ``strays``."""
+    utf8 = encoding != "cp1251"
+    number = 0
+    for block in fh:
+        if block.startswith(codecs.BOM_UTF8) and number == 0:
+            block = block[3:]
+        parts = block.splitlines(keepends=True) if b"\r" in block.rstrip(b"\r\n") else (block,)
+        for raw in parts:
+            number += 1
+            if raw.isascii():
+                yield raw.decode("ascii")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if utf8:
+                    strays.append(number)
+                    yield raw.decode("cp1251", "replace")
+                    continue
+                try:
+                    yield raw.decode("cp1251")
+                except UnicodeDecodeError:  # a byte Windows-1251 has no letter for
+                    strays.append(number)
+                    yield raw.decode("cp1251", "replace")
+                continue
+            if not utf8:
+                strays.append(number)
+            yield text
 
 
 # ---------------------------------------------------------------------------------------
@@ -406,7 +691,7 @@ _CITY_INDEX = {_key(c.city): c for c in cities()}
 STAGING_COLUMNS = (
     "line", "external_id", "first_name", "last_name", "email", "city", "region", "time_zone", "gender",
     "birth_date", "phone_raw", "phone_e164", "phone_valid", "phone_reason", "number_type", "phone_country",
-    "phone_time_zones", "attributes", "cells", "reject_reason", "outcome",
+    "phone_time_zones", "attributes", "cells", "reject_reason", "outcome", "reject_detail",
 )  # fmt: skip
 # The fields a row builder reads, in the order it unpacks them.
 _BUILT_FIELDS = (
@@ -417,15 +702,30 @@ _MALFORMED_GAP = (None,) * 17  # external_id … attributes of a row with the wr
 _MEMO_SIZE = 50_000  # entries per memo of a row builder: cleared when full, so memory stays flat
 
 
+class _Broken(list):
+    """The cells of a row rejected while it was read, with the reason and its detail (JSON)."""
+
+    def __init__(self, cells: list[str], reason: str, **detail: object) -> None:
+        super().__init__(cells)
+        self.reason, self.detail = reason, json.dumps(detail, ensure_ascii=False)
+
+
 class _RowBuilder:
     """Turns one CSV row into a staging row. Built once per file, called per row.
 
     Values that repeat across rows (cities, genders, birth dates, attribute sets, time zone
     lists) are worked out once and remembered in small memos."""
 
-    def __init__(self, fmt: FileFormat, default_region: str) -> None:
+    def __init__(
+        self,
+        fmt: FileFormat,
+        default_region: str,
+        max_columns: int = MAX_COLUMNS,
+        max_cell_chars: int = MAX_CELL_CHARS,
+    ) -> None:
         self.width = len(fmt.header)
         self.region = default_region
+        self.max_columns, self.max_cell_chars = max_columns, max_cell_chars
         self.index: dict[str, int] = {}
         self.attributes: list[tuple[int, str]] = []
         for i, name in enumerate(fmt.header):
@@ -456,8 +756,11 @@ class _RowBuilder:
 
     def __call__(self, line: int, cells: list[str], phone: phones.PhoneNumber | None) -> tuple:
         raw_cells = _pack(cells)
-        if len(cells) != self.width:
-            return (line, *_MALFORMED_GAP, raw_cells, "malformed_row", None)
+        # a row longer than a cell may be, or one read as broken, is looked at closer
+        if len(cells) != self.width or len(raw_cells) > self.max_cell_chars or cells.__class__ is _Broken:
+            rejected = self._rejected(line, cells, raw_cells)
+            if rejected is not None:
+                return rejected
         external_id, first, last, middle, full, email, city, region, zone, gender, birth = (
             (cells[i].strip() or None) if i >= 0 else None for i in self.positions
         )
@@ -497,7 +800,7 @@ class _RowBuilder:
         if phone is None:
             return (
                 line, external_id, first, last, email and email.lower(), city, region, zone, gender, birth_date,
-                None, None, 0, "empty", None, None, None, attributes, raw_cells, "missing_phone", None,
+                None, None, 0, "empty", None, None, None, attributes, raw_cells, "missing_phone", None, None,
             )  # fmt: skip
         if phone.valid:
             reason = None
@@ -511,8 +814,25 @@ class _RowBuilder:
         return (
             line, external_id, first, last, email and email.lower(), city, region, zone, gender, birth_date,
             phone.raw, phone.e164, int(phone.valid), phone.reason, phone.number_type, phone.country, zones,
-            attributes, raw_cells, reason, None if reason else "new",
+            attributes, raw_cells, reason, None if reason else "new", None,
         )  # fmt: skip
+
+    def _rejected(self, line: int, cells: list[str], raw_cells: str) -> tuple | None:
+        """The staging row of a row rejected for its shape, or None when its shape is fine."""
+        if cells.__class__ is _Broken:
+            reason, detail = cells.reason, cells.detail
+        elif len(cells) > self.max_columns:
+            reason, detail = "too_many_cells", {"cells": len(cells), "max": self.max_columns}
+        elif len(cells) != self.width:
+            reason, detail = "malformed_row", {"cells": len(cells), "columns": self.width}
+        else:
+            longest = max(map(len, cells))
+            if longest <= self.max_cell_chars:
+                return None
+            reason, detail = "cell_too_long", {"chars": longest, "max": self.max_cell_chars}
+        if not isinstance(detail, str):
+            detail = json.dumps(detail)
+        return (line, *_MALFORMED_GAP, raw_cells, reason, None, detail)
 
 
 _MISSING = object()
@@ -529,15 +849,97 @@ def _attributes_json(
     return json.dumps(attributes, ensure_ascii=False, sort_keys=True) if attributes else None
 
 
-def _rows(path: Path, fmt: FileFormat) -> Iterator[tuple[int, list[str]]]:
+def _rows(
+    path: Path, fmt: FileFormat, max_cell_chars: int = MAX_CELL_CHARS
+) -> Iterator[tuple[int, list[str]]]:
     """(line number, cells) for each data row; blank lines are skipped."""
-    with open(path, encoding=fmt.encoding, newline="") as fh:
-        reader = csv.reader(fh, delimiter=fmt.delimiter)
+    with _text_lines(path, fmt.encoding, fmt.mixed) as (lines, strays):
+        yield from _records(path, lines, fmt, strays, max_cell_chars)
+
+
+def _records(
+    path: Path,
+    lines: Iterable[str],
+    fmt: FileFormat,
+    strays: list[int],
+    max_cell_chars: int,
+    *,
+    header: bool = True,
+    before: int = 0,
+) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) for each data row of ``lines`` (after the header, when ``header``;
+    ``before`` lines precede them). A row that cannot be a contact is given as :class:`_Broken`;
+    a quote that never closes raises :class:`ImportFailed`. Blank lines are skipped."""
+    ended: list[bool] = []
+
+    def end_of_file() -> Iterator[str]:  # a quote still open takes this line break in
+        ended.append(True)
+        yield "\n"
+
+    reader = csv.reader(itertools.chain(lines, end_of_file()), delimiter=fmt.delimiter)
+    if header:
         next(reader, None)
-        for cells in reader:
-            if not cells or not any(c.strip() for c in cells):
-                continue
-            yield reader.line_num, cells
+        strays.clear()
+    end = reader.line_num
+    while True:
+        try:
+            for cells in reader:
+                start, end = end + 1, reader.line_num
+                if end > start:  # a quoted cell holds a line break
+                    cells = _over_lines(path, fmt, cells, before + start, before + end, bool(ended))
+                if strays:
+                    cells = _Broken(
+                        cells,
+                        "wrong_encoding",
+                        line=before + strays[0],
+                        encoding=_encoding_label(fmt.encoding),
+                    )
+                    strays.clear()
+                if not cells or not any(c.strip() for c in cells):
+                    continue
+                yield before + start, cells
+            return
+        except csv.Error as exc:
+            start, end = end + 1, reader.line_num
+            strays.clear()
+            if end > start:
+                raise _quote_never_closes(path, before + start) from None
+            if "field larger than field limit" not in str(exc):
+                raise
+            # the reader goes on with the next line: only this row is lost (its cells too long to keep)
+            yield (
+                before + start,
+                _Broken([], "cell_too_long", chars=csv.field_size_limit(), max=max_cell_chars),
+            )
+
+
+def _over_lines(
+    path: Path, fmt: FileFormat, cells: list[str], start: int, end: int, at_end: bool
+) -> list[str]:
+    """A row whose quoted cells hold line breaks: kept when they are notes in custom columns,
+    rejected as ``unclosed_quote`` when a quote left open seems to have swallowed the next rows."""
+    broken = [i for i, cell in enumerate(cells) if "\n" in cell or "\r" in cell]
+    if not broken:
+        return cells
+    first = len(cells) - 1 if at_end else broken[0]
+    opened = start + sum(len(_LINE_BREAK.findall(cell)) for cell in cells[:first])
+    if at_end:
+        raise _quote_never_closes(path, opened)
+    fields = {i for i, name in enumerate(fmt.header) if fmt.mapping.get(name) in FIELDS}
+    if any(i in fields or i >= len(fmt.header) or fmt.delimiter in cells[i] for i in broken):
+        return _Broken(cells, "unclosed_quote", opened=opened, closed=end)
+    return cells
+
+
+def _quote_never_closes(path: Path, line: int) -> ImportFailed:
+    return ImportFailed(
+        N_(
+            "{file}: the quote that opens on line {line} never closes, so every line after it would be "
+            "read into one cell. Close the quote (or remove it) and import again."
+        ),
+        file=path.name,
+        line=line,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -549,7 +951,6 @@ _STAGING_DDL = f"""
 create temp table if not exists import_staging (
     line integer primary key,
     {", ".join(c + (" integer" if c == "phone_valid" else " text") for c in STAGING_COLUMNS[1:])},
-    reject_detail text,
     match_id integer
 )
 """
@@ -576,7 +977,7 @@ def run(
     started = time.perf_counter()
     options = options or Options()
     path = Path(path)
-    fmt = sniff(path, options.mapping)
+    fmt = sniff(path, options.mapping, max_columns=options.max_columns)
     if fmt.unmapped_phone:
         raise ImportFailed(
             N_(
@@ -599,7 +1000,7 @@ def run(
         conn.execute("drop table if exists temp.import_staging")
         conn.execute("drop table if exists temp.import_duplicates")
         conn.execute(_STAGING_DDL)
-        rows_read = _stage(conn, path, fmt, options.default_region, processes)
+        rows_read = _stage(conn, path, fmt, options, processes)
         if rows_read == 0:
             raise ImportFailed(N_("{file}: the header was read but no data rows follow it"), file=path.name)
         conn.execute("begin immediate")
@@ -691,8 +1092,10 @@ class _Unreadable(Exception):
     """Raised in a worker: (rows read before the failure, what failed)."""
 
 
-def _stage(conn: sqlite3.Connection, path: Path, fmt: FileFormat, region: str, processes: int | None) -> int:
-    build = _RowBuilder(fmt, region)
+def _stage(
+    conn: sqlite3.Connection, path: Path, fmt: FileFormat, options: Options, processes: int | None
+) -> int:
+    build = _RowBuilder(fmt, options.default_region, options.max_columns, options.max_cell_chars)
     if processes is None:
         processes = min(2, os.cpu_count() or 1) if path.stat().st_size >= PARALLEL_BYTES else 1
     if processes > 1:
@@ -700,7 +1103,7 @@ def _stage(conn: sqlite3.Connection, path: Path, fmt: FileFormat, region: str, p
     insert = _STAGING_INSERT.format(table="temp.import_staging")
     total = 0
     try:
-        for chunk in _chunks(_rows(path, fmt), CHUNK_ROWS):
+        for chunk in _chunks(_rows(path, fmt, build.max_cell_chars), CHUNK_ROWS):
             rows = build.chunk(chunk)
             conn.executemany(insert, rows)
             total += len(rows)
@@ -723,7 +1126,7 @@ def _chunks(rows: Iterator[tuple[int, list[str]]], size: int) -> Iterator[list[t
 def _byte_ranges(path: Path, fmt: FileFormat, size: int) -> list[tuple[int, int, int]] | None:
     """(start, end, lines before start) of pieces of about ``size`` bytes that each begin at a
     row, or None when the file cannot be cut safely by bytes."""
-    if fmt.encoding not in _SPLITTABLE_ENCODINGS:
+    if fmt.encoding not in _SPLITTABLE_ENCODINGS or fmt.mixed:
         return None
     with open(path, "rb") as fh:
         if os.fstat(fh.fileno()).st_size == 0:
@@ -751,25 +1154,22 @@ def _init_worker(build: _RowBuilder, path: Path, fmt: FileFormat) -> None:
 
 
 def _range_rows(
-    path: Path, fmt: FileFormat, start: int, end: int, line: int
+    path: Path, fmt: FileFormat, max_cell_chars: int, start: int, end: int, line: int
 ) -> Iterator[tuple[int, list[str]]]:
     """(line number, cells) for each data row in bytes ``start:end`` (``line`` lines precede them)."""
     with open(path, "rb") as fh:
         fh.seek(start)
         data = fh.read(end - start)
     encoding = "utf-8" if fmt.encoding == "utf-8-sig" else fmt.encoding  # the BOM is before the header
-    reader = csv.reader(io.StringIO(data.decode(encoding), newline=""), delimiter=fmt.delimiter)
-    for cells in reader:
-        if not cells or not any(c.strip() for c in cells):
-            continue
-        yield line + reader.line_num, cells
+    lines = io.StringIO(data.decode(encoding), newline="")
+    yield from _records(path, lines, fmt, [], max_cell_chars, header=False, before=line)
 
 
 def _stage_task(task: tuple[int, int, int] | list[tuple[int, list[str]]], part: str) -> int:
     """Worker side: build the rows of one task (a byte range or parsed rows) into ``part``."""
     assert _worker_state is not None
     build, path, fmt = _worker_state
-    rows = _range_rows(path, fmt, *task) if isinstance(task, tuple) else iter(task)
+    rows = _range_rows(path, fmt, build.max_cell_chars, *task) if isinstance(task, tuple) else iter(task)
     conn = sqlite3.connect(part, isolation_level=None)
     total = 0
     gc.disable()  # a task makes ~10^6 short-lived objects and no cycles: the collector only costs (~25%)
@@ -803,7 +1203,9 @@ def _stage_in_workers(
     from concurrent.futures import ProcessPoolExecutor
 
     ranges = _byte_ranges(path, fmt, TASK_BYTES)
-    tasks = iter(ranges) if ranges is not None else _chunks(_rows(path, fmt), CHUNK_ROWS)
+    tasks = (
+        iter(ranges) if ranges is not None else _chunks(_rows(path, fmt, build.max_cell_chars), CHUNK_ROWS)
+    )
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     columns = ", ".join(STAGING_COLUMNS)
     total = 0
@@ -1070,16 +1472,26 @@ def _record_consent(
 
 
 def neutralise(cell: str) -> str:
-    """A cell a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@`` first) made inert."""
-    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+    """A cell a spreadsheet would run made inert, as OWASP advises against CSV injection: one
+    that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'``.
+    A number written with a sign stays as it is (``+7 912 345-67-89``, ``-5``, ``-``): digits,
+    spaces, brackets, dots, commas and dashes make arithmetic at most, never a call."""
+    if cell.startswith(_FORMULA_START) and not (cell[0] in "+-" and _PLAIN_NUMBER.fullmatch(cell)):
+        return "'" + cell
+    return cell
 
 
 def explain(reason: str, detail: str | None = None) -> str:
     """What a reject reason (and its detail) means, in the current language."""
     text = _(REASON_TEXT[reason]) if reason in REASON_TEXT else reason
     if detail and reason in _DETAIL_TEXT:
-        detail = _(_DETAIL_TEXT[reason]).format(line=detail)
+        values = json.loads(detail) if detail.startswith("{") else {"line": detail}
+        shown = {k: i18n.number(v) if isinstance(v, int) and k in _COUNTS else v for k, v in values.items()}
+        detail = _(_DETAIL_TEXT[reason]).format(**shown)
     return f"{text} ({detail})" if detail else text
+
+
+_COUNTS = frozenset({"cells", "columns", "max", "chars"})  # detail values shown as numbers (not lines)
 
 
 def _write_rejects(
@@ -1095,20 +1507,24 @@ def _write_rejects(
     out = None
     handle = None
     if target is not None:
+        # as the input was written (its encoding, BOM and delimiter), so that a spreadsheet opens
+        # it as it opened the export; a character the encoding lacks (from a line in another
+        # encoding) becomes "?"
         if isinstance(target, str | os.PathLike):
-            handle = open(target, "w", encoding="utf-8-sig", newline="")  # noqa: SIM115 — closed below
-            out = csv.writer(handle)
+            handle = open(target, "w", encoding=fmt.encoding, errors="replace", newline="")  # noqa: SIM115 — closed below
         else:
-            handle = io.TextIOWrapper(target, encoding="utf-8-sig", newline="", write_through=True)
-            out = csv.writer(handle)
-        out.writerow(["line", "reason", "explanation", *fmt.header])
+            handle = io.TextIOWrapper(
+                target, encoding=fmt.encoding, errors="replace", newline="", write_through=True
+            )
+        out = csv.writer(handle, delimiter=fmt.delimiter)
+        out.writerow([neutralise(c) for c in ("line", "reason", "explanation", *fmt.header)])
     try:
         for line, reason, detail, cells_json in rows:
             cells = _unpack(cells_json)
             if len(kept) < sample:
                 kept.append(Rejected(line, reason, detail, cells))
             if out is not None:
-                explanation = explain(reason, detail)
+                explanation = neutralise(explain(reason, detail))
                 out.writerow([line, reason, explanation, *(neutralise(c) for c in cells)])
     finally:
         if handle is not None:
