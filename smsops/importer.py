@@ -360,9 +360,26 @@ _NOT_CSV = (
         ),
     ),
 )
-# a line whose first non-ASCII byte starts a UTF-8 sequence: in a Windows-1251 file it takes a
-# Cyrillic letter followed by one of ё, №, «, », … (its other bytes never continue one)
-_UTF8_CANDIDATE = re.compile(rb"(?m)^[\x00-\x09\x0b-\x7f]*+[\xc2-\xf4][\x80-\xbf]")
+# Each byte as its part in UTF-8 (ASCII but the line feed left out), to find lines that may be
+# UTF-8 in a file that is not: C a continuation, 2/3/4 a lead of that many bytes, X neither.
+_UTF8_ROLE = bytes(
+    10
+    if b == 10
+    else ord("C")
+    if b < 0xC0
+    else ord("2")
+    if b < 0xE0
+    else ord("3")
+    if b < 0xF0
+    else ord("4")
+    if b < 0xF5
+    else ord("X")
+    if b >= 0x80
+    else 0
+    for b in range(256)
+)
+_ASCII_BUT_LINE_FEED = bytes(b for b in range(128) if b != 10)
+_UTF8_ROLES = re.compile(rb"(?:2C|3CC|4CCC)+")  # a line's non-ASCII bytes, all in UTF-8 sequences
 _LINE_BREAK = re.compile(r"\r\n?|\n")
 
 
@@ -382,14 +399,24 @@ def _detect_text(path: Path) -> tuple[str, bool]:
     Raises :class:`ImportFailed` for a file that is not text."""
     try:
         with open(path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size == 0:
+            stat = os.fstat(fh.fileno())
+            if stat.st_size == 0:
                 return "utf-8", False
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return _inspect(path, fh, data)
+            # the same file is looked at twice (to show its columns, then to import it): once is enough
+            key = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if key not in _DETECTED:
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    if len(_DETECTED) >= 64:
+                        _DETECTED.clear()
+                    _DETECTED[key] = _inspect(path, fh, data)
+            return _DETECTED[key]
     except OSError as exc:
         raise ImportFailed(
             N_("{file}: cannot read the file ({reason})"), file=path.name, reason=exc.strerror
         ) from None
+
+
+_DETECTED: dict[tuple, tuple[str, bool]] = {}
 
 
 def _inspect(path: Path, fh: BinaryIO, data: mmap.mmap) -> tuple[str, bool]:
@@ -407,17 +434,9 @@ def _inspect(path: Path, fh: BinaryIO, data: mmap.mmap) -> tuple[str, bool]:
     start = 3 if bom else 0
     if _invalid_at(data, start, "utf-8") is None:
         return ("utf-8-sig" if bom else "utf-8"), False
-    utf8 = 0
-    for candidate in _UTF8_CANDIDATE.finditer(data, start):
-        line_end = data.find(b"\n", candidate.start())
-        try:
-            data[candidate.start() : None if line_end < 0 else line_end].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        utf8 += 1
-    if utf8 == 0:  # Windows-1251 throughout, but for a byte that has no letter in it
+    if not _may_hold_utf8_lines(data, start):  # Windows-1251 throughout, but for a byte it has no letter for
         return "cp1251", data.find(b"\x98", start) >= 0
-    other = 0
+    utf8 = other = 0
     fh.seek(start)
     for line in fh:
         if not line.isascii():
@@ -425,7 +444,26 @@ def _inspect(path: Path, fh: BinaryIO, data: mmap.mmap) -> tuple[str, bool]:
                 line.decode("utf-8")
             except UnicodeDecodeError:
                 other += 1
+            else:
+                utf8 += 1
+    if utf8 == 0:
+        return "cp1251", data.find(b"\x98", start) >= 0
     return ("utf-8-sig" if bom else "utf-8") if bom or utf8 > other else "cp1251", True
+
+
+def _may_hold_utf8_lines(data: mmap.mmap, start: int) -> bool:
+    """Whether a line of ``data[start:]`` may be UTF-8 with non-ASCII letters: one whose non-ASCII
+    bytes all form UTF-8 sequences. In Windows-1251 text that takes a line whose every Cyrillic
+    letter is followed by one of ё, №, «, » and the like: rare, and then each line is checked."""
+    roles = b"\n" + data[start:].translate(_UTF8_ROLE, _ASCII_BUT_LINE_FEED)
+    for lead in (b"\n2C", b"\n3CC", b"\n4CCC"):
+        at = roles.find(lead)
+        while at >= 0:
+            end = roles.find(b"\n", at + 1)
+            if _UTF8_ROLES.fullmatch(roles, at + 1, len(roles) if end < 0 else end):
+                return True
+            at = roles.find(lead, at + 1)
+    return False
 
 
 def _invalid_at(data: mmap.mmap, start: int, encoding: str) -> int | None:

@@ -414,3 +414,35 @@ def test_consent_can_be_recorded_for_a_file_imported_without_it(home):
     assert any("Marketing consent recorded for 2 numbers." in s for s in said(at))
     conn = store.connect(store.store_path(home))
     assert consent.may_send(conn, "+79150001122", "promo") == (True, None)
+
+
+# --- Import: a hostile file is said to be unreadable, never shown as a traceback (issue 16, item 4) ----
+
+
+@pytest.mark.parametrize(
+    ("data", "said_"),
+    [
+        (b"phone;name\n\x00\x01\x02\x03\x04", "export.csv: line 2 holds bytes that text never has"),
+        (b"PK\x03\x04\x14\x00\x06\x00" + bytes(range(256)), "export.csv is an Excel workbook (.xlsx)"),
+        (
+            'Телефон;Имя\n+79150001122;"Дарья\n+79162223344;Егор\n'.encode("cp1251"),
+            "export.csv: the quote that opens on line 2 never closes",
+        ),
+        (
+            b"phone," + b",".join(b"c%d" % i for i in range(100_000)) + b"\n",
+            "the first line has 100001 columns",
+        ),
+    ],
+)
+def test_the_import_tab_says_why_a_hostile_file_cannot_be_imported(home, data, said_):
+    at = upload(open_page("contacts"), data, "export.csv")
+    assert [e.value for e in at.error if said_ in e.value], [e.value for e in at.error]
+    assert "import_start" not in [b.key for b in at.button]
+
+
+def test_the_import_tab_lists_lines_in_another_encoding_as_rejected(home):
+    data = CRM + "K-10;+7 917 555 66 77;Злата;Ёжикова;Омск\r\n".encode()
+    at = upload(open_page("contacts"), data)
+    assert {m.label: m.value for m in at.metric}["Rejected"] == "2"
+    reasons = at.table[0].value.iloc[:, 0].tolist()
+    assert "the line is not in the encoding of the rest of the file" in reasons
