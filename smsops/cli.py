@@ -56,13 +56,73 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
+    """A person's SQL on the published warehouse, bounded (``warehouse.user_query``). This process
+    runs nothing else, so it also caps its own memory (a string built by one DuckDB function
+    escapes DuckDB's memory limit) and exits if a statement ignores the interrupt at its time limit
+    (one long string function does)."""
+    import resource
+    import threading
+
     try:
-        frame = warehouse.query(args.sql)
+        memory = _size(args.memory)
+    except ValueError as exc:
+        print(f"smsops query: {exc}", file=sys.stderr)
+        return 2
+    cap = memory + 2**30  # DuckDB's own limit, plus Python, pandas and the rows fetched
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, min(cap, resource.getrlimit(resource.RLIMIT_DATA)[1])))
+
+    def overrun() -> None:
+        print(f"smsops query: stopped at the time limit ({args.timeout:g} s)", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    watchdog = threading.Timer(args.timeout + 5, overrun)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        result = warehouse.user_query(
+            args.sql, limit=args.limit, seconds=args.timeout, memory_limit=args.memory
+        )
     except warehouse.WarehouseError as exc:
         print(f"smsops query: {exc}", file=sys.stderr)
         return 1
-    frame.to_csv(sys.stdout, index=False)
+    finally:
+        watchdog.cancel()
+    result.frame.to_csv(sys.stdout, index=False)
+    if result.truncated:
+        print(
+            f"smsops query: only the first {result.limit:,} rows are shown: the query returned more"
+            " (--limit N shows more)",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"give a whole number ≥ 1, not {text!r}")
+    return int(text)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"give a number of seconds > 0, not {text!r}")
+    return seconds
+
+
+def _size(text: str) -> int:
+    """Bytes in a size such as '512MB', '1GB' or '1.5GiB' (as DuckDB reads memory_limit)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"--memory {text!r}: give a size such as 512MB or 2GB")
+    unit = match.group(2).upper()
+    power = "KMGT".index(unit[0]) + 1
+    return int(float(match.group(1)) * (1024 if "I" in unit else 1000) ** power)
 
 
 def _segments(args: argparse.Namespace) -> int:
@@ -562,8 +622,26 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("-v", "--verbose", action="store_true", help="show dbt's output")
     b.set_defaults(func=_build)
 
-    q = sub.add_parser("query", help="run a read-only SQL query against the warehouse; prints CSV")
+    q = sub.add_parser(
+        "query",
+        help="run one read-only SQL query against the published warehouse; prints CSV",
+        description="Reads the published warehouse and nothing else (no files, extensions or other"
+        " databases); one SELECT (or WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN), bounded in rows,"
+        " time and memory.",
+    )
     q.add_argument("sql")
+    q.add_argument(
+        "--limit", type=_positive_int, default=warehouse.USER_ROW_LIMIT,
+        help=f"rows printed at most (default {warehouse.USER_ROW_LIMIT:,}); a note on standard error says when more were left out",
+    )  # fmt: skip
+    q.add_argument(
+        "--timeout", type=_positive_seconds, default=warehouse.USER_SECONDS,
+        help=f"seconds the query may run (default {warehouse.USER_SECONDS:g})",
+    )  # fmt: skip
+    q.add_argument(
+        "--memory", default=warehouse.USER_MEMORY_LIMIT,
+        help=f"DuckDB's memory limit for the query (default {warehouse.USER_MEMORY_LIMIT})",
+    )  # fmt: skip
     q.set_defaults(func=_query)
 
     g = sub.add_parser("segments", help="count a message's SMS segments, encoding and cost")

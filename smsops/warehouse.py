@@ -23,12 +23,15 @@ included (DESIGN.md invariant 10). Snapshots and the pointer are readable by the
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -43,6 +46,7 @@ import pandas as pd
 
 from smsops import dbt_plugin, store
 from smsops.config import Paths, dbt_project_dir, duckdb_settings, paths, private_file
+from smsops.i18n import N_, _
 
 KEEP_SNAPSHOTS = 3
 
@@ -404,12 +408,230 @@ def connect(home: str | os.PathLike[str] | None = None) -> Iterator[duckdb.DuckD
 
 
 def query(sql: str, params: Sequence[Any] | dict[str, Any] | None = None, home=None) -> pd.DataFrame:
-    """Run one read-only query against the published snapshot, fully fetched."""
+    """Run one read-only query of the app's own against the published snapshot, fully fetched
+    (SQL a person typed goes through :func:`user_query`)."""
     with connect(home) as conn:
         try:
             return conn.execute(sql, params or []).df()
         except duckdb.Error as exc:
             raise WarehouseError(f"query failed: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------
+# SQL a person typed (`smsops query`): bounded, and reading the published warehouse only
+# (DESIGN.md invariant 11). The app's own SQL goes through :func:`query` above.
+
+USER_ROW_LIMIT = 100_000
+"""Rows :func:`user_query` returns at most unless told otherwise (``smsops query --limit``)."""
+USER_SECONDS = 30.0
+"""Time a user's query may run, fetching included, unless told otherwise (``--timeout``)."""
+USER_MEMORY_LIMIT = "1GB"
+"""DuckDB's memory limit for a user's query (``--memory``)."""
+
+# What a user's statement may be: a read. DESCRIBE, SHOW and SUMMARIZE parse as SELECT.
+_READS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+_WHY_NOT = {
+    duckdb.StatementType.COPY: N_("writes files"),
+    duckdb.StatementType.COPY_DATABASE: N_("writes files"),
+    duckdb.StatementType.EXPORT: N_("writes files"),
+    duckdb.StatementType.ATTACH: N_("opens another database"),
+    duckdb.StatementType.DETACH: N_("closes the warehouse"),
+    duckdb.StatementType.LOAD: N_("installs or loads an extension"),
+    duckdb.StatementType.EXTENSION: N_("installs or loads an extension"),
+    duckdb.StatementType.SET: N_("changes a setting, and the limits are fixed"),
+    duckdb.StatementType.VARIABLE_SET: N_("changes a setting, and the limits are fixed"),
+    duckdb.StatementType.PRAGMA: N_(
+        "can change settings, and the limits are fixed (for information, select * from"
+        " pragma_table_info('name'), describe, show tables and summarize work)"
+    ),
+    duckdb.StatementType.CALL: N_("can change state (select * from the table function works)"),
+}
+_CHANGES = N_("changes data, and the warehouse is read-only")
+_LEADING_COMMENTS = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
+# Settings applied before the configuration is locked; their order matters (the temporary
+# directory cannot be changed once external access is off, nothing once locked).
+_LOCKDOWN = (
+    "set temp_directory = ''",  # no spilling to disk: a query over its memory limit fails instead
+    "set autoinstall_known_extensions = false",
+    "set autoload_known_extensions = false",
+    "set allow_community_extensions = false",
+    "set python_enable_replacements = false",  # no reading the caller's Python variables
+    "set enable_external_access = false",  # no files, no other databases, no extensions
+)
+
+
+class QueryRefused(WarehouseError):
+    """A user's query that is not run, or is stopped: it would write, read outside the
+    warehouse, change a setting, or it went past its time or memory limit. The message
+    names what and why; :meth:`localized` reads it in the current language."""
+
+    def __init__(self, message: str, /, **values: Any) -> None:
+        super().__init__(message.format(**values) if values else message)
+        self.template = message
+        self.values = values
+
+    def localized(self) -> str:
+        """The message in the current language."""
+        values = {k: _(v) if k == "reason" else v for k, v in self.values.items()}
+        return _(self.template).format(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    """What :func:`user_query` fetched: at most ``limit`` rows of the published snapshot."""
+
+    frame: pd.DataFrame
+    limit: int
+    truncated: bool
+    """True when the query had more rows than ``limit`` (only the first ``limit`` are here)."""
+    build_id: str
+
+
+def user_query(
+    sql: str,
+    *,
+    limit: int = USER_ROW_LIMIT,
+    seconds: float = USER_SECONDS,
+    memory_limit: str = USER_MEMORY_LIMIT,
+    threads: int | None = None,
+    home: str | os.PathLike[str] | None = None,
+) -> QueryResult:
+    """Run one SQL statement a person typed against the published snapshot, bounded.
+
+    Only a read (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) runs, on a connection that
+    sees the snapshot and nothing else: no files (``enable_external_access=false``), no
+    extensions, no other databases, and its limits (memory, threads, time) locked. It is
+    stopped after ``seconds`` (timer thread and DuckDB's own ``max_execution_time``), and
+    ``limit + 1`` rows at most are fetched, chunk by chunk. Raises :class:`QueryRefused` for
+    what it refuses or stops, :class:`WarehouseError` for any other failure.
+    """
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"limit must be a whole number of rows ≥ 1, got {limit!r}")
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    snapshot = current(home)
+    if snapshot is None:
+        raise WarehouseError("the warehouse has not been built yet: run `smsops build`")
+    conn = _bounded_connection(snapshot.path, seconds, memory_limit, threads)
+
+    def stop() -> None:
+        with contextlib.suppress(duckdb.Error):  # already closed
+            conn.interrupt()
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    try:
+        _check_read_only(conn, sql)
+        timer.start()
+        try:
+            frame, truncated = _fetch_at_most(conn.execute(sql), limit)
+        except duckdb.InterruptException as exc:
+            raise QueryRefused(
+                N_("the query was stopped at its time limit ({seconds:g} s): narrow it down, or allow"
+                   " more time with --timeout"),
+                seconds=seconds,
+            ) from exc  # fmt: skip
+        except duckdb.OutOfMemoryException as exc:
+            raise QueryRefused(
+                N_("the query was stopped at its memory limit ({memory}): narrow it down, or allow"
+                   " more with --memory"),
+                memory=memory_limit,
+            ) from exc  # fmt: skip
+        except duckdb.PermissionException as exc:
+            raise QueryRefused(
+                N_("refused: the query reaches outside the warehouse ({detail}); smsops query reads"
+                   " the published warehouse and nothing else"),
+                detail=_first_line(exc),
+            ) from exc  # fmt: skip
+        except duckdb.Error as exc:
+            if "configuration has been locked" in str(exc):
+                raise QueryRefused(
+                    N_(
+                        "refused: the query changes a setting ({detail}); the limits of smsops query are fixed"
+                    ),
+                    detail=_first_line(exc),
+                ) from exc
+            raise WarehouseError(f"query failed: {exc}") from exc
+    finally:
+        timer.cancel()
+        conn.close()
+    return QueryResult(frame=frame, limit=limit, truncated=truncated, build_id=snapshot.build_id)
+
+
+def _bounded_connection(
+    path: Path, seconds: float, memory_limit: str, threads: int | None
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory database with ``path`` attached read-only as its default catalog, then
+    external access switched off, the limits set and the configuration locked. (Attaching
+    instead of opening ``path`` also keeps clear of DuckDB's per-file instance cache, whose
+    other connections in this process have other settings.)"""
+    if threads is None:
+        threads = int(duckdb_settings()["threads"])
+    try:
+        conn = duckdb.connect(":memory:", config={"memory_limit": memory_limit, "threads": threads})
+    except duckdb.Error as exc:
+        raise ValueError(
+            f"memory limit {memory_limit!r}: give a size such as '512MB' or '2GB' ({exc})"
+        ) from None
+    try:
+        quoted = str(path).replace("'", "''")
+        conn.execute(f"attach '{quoted}' as warehouse (read_only)")
+        conn.execute("use warehouse")
+        for statement in _LOCKDOWN:
+            conn.execute(statement)
+        conn.execute(f"set max_execution_time = {max(1, round(seconds * 1000))}")
+        conn.execute("set lock_configuration = true")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_read_only(conn: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse, before anything runs, what is not one read."""
+    try:
+        statements = conn.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise WarehouseError(f"query failed: {exc}") from exc
+    if len(statements) != 1:
+        raise QueryRefused(
+            N_("refused: smsops query runs one statement at a time, got {count}"), count=len(statements)
+        )
+    kind = statements[0].type
+    if kind not in _READS:
+        raise QueryRefused(
+            N_("refused: {statement} {reason}; smsops query is read-only: it runs one SELECT (or WITH,"
+               " DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) on the published warehouse"),
+            statement=_keyword(statements[0].query) or kind.name.replace("_", " "),
+            reason=_WHY_NOT.get(kind, _CHANGES),
+        )  # fmt: skip
+
+
+def _keyword(sql: str) -> str:
+    """The statement's first word in capitals ("COPY", "FORCE INSTALL" …), after any comments."""
+    match = re.match(r"(?:force\s+)?[a-z]+", sql[_LEADING_COMMENTS.match(sql).end() :], re.IGNORECASE)
+    return match.group().upper() if match else ""
+
+
+def _fetch_at_most(result: duckdb.DuckDBPyConnection, limit: int) -> tuple[pd.DataFrame, bool]:
+    """The first ``limit`` rows of a streaming ``result`` and whether there were more; never
+    more than one chunk past ``limit + 1`` rows is fetched."""
+    chunks: list[pd.DataFrame] = []
+    rows = 0
+    while rows <= limit:
+        chunk = result.fetch_df_chunk(16)  # 16 vectors: up to 32,768 rows
+        if not len(chunk):
+            if not chunks:
+                chunks.append(chunk)  # the columns of an empty result
+            break
+        chunks.append(chunk)
+        rows += len(chunk)
+    frame = chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
+    return frame.iloc[:limit], rows > limit
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def build_in_background(
