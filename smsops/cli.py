@@ -213,11 +213,101 @@ def _contacts_erase(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     print("\n".join(erasure.summary_lines(result)))
-    if result.changed:
-        removed = warehouse.purge_snapshots()
-        print(f"removed {len(removed)} older warehouse file(s) that still held the erased data")
-        print("the published warehouse still holds it until the next build: run `smsops build`")
     return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    """A consistent copy of the operational store and its erasure key, taken while smsops runs."""
+    from smsops import backup
+    from smsops.i18n import _
+
+    try:
+        result = backup.backup(args.dest)
+    except (backup.BackupError, OSError) as exc:
+        print(f"smsops backup: {exc}", file=sys.stderr)
+        return 2
+    print(
+        _("backed up the operational store ({size} MB, {erasures} erasures in its ledger) to {path}").format(
+            size=f"{result.bytes / 1e6:,.1f}", erasures=result.erasures, path=result.path
+        )
+    )
+    if not result.key_included:
+        print(
+            _("the erasure key comes from $SMSOPS_ERASURE_SECRET: keep that secret with the backup"),
+            file=sys.stderr,
+        )
+    print(_("the warehouse is not backed up: `smsops build` makes it again after a restore"))
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    """Bring a backup back, then erase again everyone erased since it was taken."""
+    from smsops import backup, erasure
+    from smsops.i18n import _
+
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print(
+                "smsops restore: "
+                + _("not confirmed (no terminal); add --yes to replace the operational store"),
+                file=sys.stderr,
+            )
+            return 1
+        answer = input(_("Replace the operational store with the backup? Changes since it are lost. [y/N] "))
+        if answer.strip().lower() not in ("y", "yes", "д", "да"):
+            print(_("nothing restored"))
+            return 1
+    try:
+        result = backup.restore(args.src)
+    except (backup.BackupError, erasure.ErasureError, OSError) as exc:
+        print(f"smsops restore: {exc}", file=sys.stderr)
+        return 2
+    print(_("restored the operational store as it was at {time} UTC").format(time=result.taken_at))
+    print(
+        _("{n} erasure(s) made since replayed ({contacts} contact(s) erased again)").format(
+            n=result.erasures_replayed, contacts=result.contacts_erased
+        )
+    )
+    print(_("{n} consent event(s) recorded since carried over").format(n=result.consent_events_carried))
+    if result.purged is not None:
+        print("\n".join(erasure.purged_lines(result.purged)))
+    print(_("run `smsops build`: the warehouse is built anew from the restored store"))
+    return 0
+
+
+def _warn_if_exposed(command: str, address: str, port: int) -> None:
+    """Say on stderr and in the log who can reach an app without sign-in on ``address``."""
+    import logging
+    from datetime import UTC, datetime
+
+    from smsops import config
+    from smsops.i18n import _
+
+    if config.is_loopback(address) or config.sign_in_configured():
+        return
+    if command == "run":
+        text = _(
+            "WARNING: the app listens on {address}, reachable from other machines, and smsops has no"
+            " sign-in yet (issue 19): anyone who can open http://{address}:{port} can launch paid sends"
+            " to the whole base, reveal and export phone numbers, change consent and erase contacts."
+            " Bind it to 127.0.0.1 and put a reverse proxy with TLS and access control in front."
+        )
+    else:
+        text = _(
+            "WARNING: smsops serve listens on {address}:{port}, reachable from other machines."
+            " Providers' webhooks are checked by their signatures, but smsops has no sign-in yet (issue 19): keep the app"
+            " itself (`smsops run`) on 127.0.0.1, or anyone who can open it can launch sends and read"
+            " phone numbers. Expose only /webhooks/ and /l/ through a reverse proxy with TLS."
+        )
+    text = text.format(address=address, port=port)
+    if command == "serve":  # its log goes to stderr (and to serve.log when `smsops run` started it)
+        logging.getLogger("smsops.cli").warning("%s", text)
+        return
+    print(text, file=sys.stderr, flush=True)
+    log = config.paths().home / "serve.log"  # the log of the services `smsops run` starts beside it
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} WARNING smsops.cli: {text}\n")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -508,6 +598,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request drowns what matters
+    _warn_if_exposed("serve", args.host, args.port)
     try:
         settings = serve.ServeSettings(
             host=args.host,
@@ -546,6 +637,7 @@ def _run(args: argparse.Namespace) -> int:
         rc = _build(argparse.Namespace(full_refresh=False, refresh=False, no_wait=False, verbose=False))
         if rc:
             return rc
+    _warn_if_exposed("run", args.address, args.port)
     if not args.no_serve:
         _start_serve_beside_the_app()
     url = f"http://{args.address}:{args.port}"
@@ -682,6 +774,18 @@ def parser() -> argparse.ArgumentParser:
     ce.add_argument("--yes", action="store_true", help="erase without asking for confirmation")
     ce.set_defaults(func=_contacts_erase)
 
+    bk = sub.add_parser(
+        "backup", help="copy the operational store and its erasure key to a new folder, while smsops runs"
+    )
+    bk.add_argument("dest", help="a new or empty folder, outside SMSOPS_HOME")
+    bk.set_defaults(func=_backup)
+    rs = sub.add_parser(
+        "restore", help="bring a backup back, then erase again everyone erased since it was taken"
+    )
+    rs.add_argument("src", help="the folder `smsops backup` wrote")
+    rs.add_argument("--yes", action="store_true", help="replace the store without asking for confirmation")
+    rs.set_defaults(func=_restore)
+
     s = sub.add_parser("status", help="show the store's row counts and the published warehouse build")
     s.set_defaults(func=_status)
 
@@ -750,8 +854,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from smsops import config
+
     args = parser().parse_args(argv)
-    return args.func(args)
+    # what this process (and the app, dbt and the workers it starts) creates is its owner's only
+    before = os.umask(config.PRIVATE_UMASK)
+    try:
+        if config.paths().home.exists():  # made by the command when it needs it, 0700 by the umask
+            config.secure_home()
+        return args.func(args)
+    finally:
+        os.umask(before)
 
 
 if __name__ == "__main__":

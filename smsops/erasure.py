@@ -56,10 +56,16 @@ other contact may receive, and rewriting it could turn an opt-out into an opt-in
 Idempotent: rows already scrubbed are not touched again, so a second erasure changes nothing,
 reports zero counts and the first erasure's key. A dry run does all of it and rolls back.
 
-Leftovers the store cannot reach: the connection is put in ``secure_delete`` mode for the
-erasure and the WAL is checkpointed and truncated afterwards (best effort while other
-processes read), so old values do not linger in free pages; warehouse snapshots built before
-the erasure keep the old data until they are pruned; the provider's own logs are outside.
+Leftovers outside the store's tables (DESIGN.md invariant 10). The connection is put in
+``secure_delete`` mode for the erasure; once it has committed, :func:`purge` rewrites the store
+without its free pages (``vacuum``) and truncates its log, deletes the ingress journal's applied
+entries and scrubs the others (``smsops.ingress.scrub``), deletes every file under
+``SMSOPS_HOME`` that holds one of the numbers in any usual form (``+7 912 …``, ``8 (912) …``)
+in UTF-8 or UTF-16 (uploads, rejects files, temporary files) or scrubs it when it is a log, and
+deletes every warehouse file but the published snapshot; the next build starts from an empty
+warehouse file and then deletes that one too (``smsops.warehouse.build``). Each erasure is also
+appended to ``erasures.jsonl`` (pseudonyms and contact ids only), which a restore of an older
+backup replays (``smsops.backup``). The provider's own logs are outside our reach.
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ import secrets
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -83,6 +89,7 @@ import phonenumbers
 
 from smsops import consent, ingress, phones, store
 from smsops.config import paths
+from smsops.i18n import _, ngettext
 
 __all__ = [
     "ERASED_REASON",
@@ -92,13 +99,19 @@ __all__ = [
     "ErasureError",
     "ErasureResult",
     "NothingToErase",
+    "Purged",
+    "append_log",
     "erase",
+    "erase_again",
     "erased_numbers",
     "erased_proof",
+    "install_secret",
     "is_erased_number",
     "is_pseudonym",
     "load_secret",
     "pseudonym",
+    "purge",
+    "purged_lines",
     "summary_lines",
 ]
 
@@ -168,6 +181,8 @@ class ErasureResult:
     numbers_in_use: int = 0
     """Numbers left in clear in the ledger because a contact outside the erasure holds them."""
     dry_run: bool = False
+    purged: Purged | None = None
+    """What went outside the store's tables (None for a dry run or inside a caller's transaction)."""
 
     @property
     def changed(self) -> bool:
@@ -249,7 +264,7 @@ def _read_key(path: Path) -> bytes:
 
 def _store_home(conn: sqlite3.Connection) -> Path | None:
     """The folder of the store ``conn`` is connected to (None for an in-memory store)."""
-    for _, name, file in conn.execute("pragma database_list").fetchall():
+    for _seq, name, file in conn.execute("pragma database_list").fetchall():
         if name == "main" and file:
             return Path(file).parent
     return None
@@ -436,8 +451,12 @@ def _stamp(now: datetime | None) -> str:
     return now.isoformat(sep=" ")
 
 
-def _plan(conn: sqlite3.Connection, secret: bytes, number: str | None, contact_id: int | None) -> _Plan:
-    if number is not None:
+def _plan(
+    conn: sqlite3.Connection, secret: bytes, numbers: Sequence[str], contact_ids: Sequence[int]
+) -> _Plan:
+    """Who an erasure covers: every contact holding one of ``numbers``, and ``contact_ids``."""
+    held: set[int] = set()
+    for number in numbers:
         alias = pseudonym(number, secret)
         ids = [
             r[0]
@@ -456,19 +475,19 @@ def _plan(conn: sqlite3.Connection, secret: bytes, number: str | None, contact_i
             ).fetchone()[0]
             if not known:
                 raise NothingToErase(f"nothing to erase: no contact or record holds {phones.mask(number)}")
-    else:
-        ids = [
-            r[0] for r in conn.execute("select contact_id from contacts where contact_id = ?", (contact_id,))
-        ]
-        if not ids:
+        held.update(ids)
+    for contact_id in contact_ids:
+        if conn.execute("select 1 from contacts where contact_id = ?", (contact_id,)).fetchone() is None:
             raise NothingToErase(f"nothing to erase: there is no contact {contact_id}")
+        held.add(contact_id)
+    ids = sorted(held)
     marks = _marks(ids)
     people = conn.execute(
         f"select first_name, last_name, email, phone_raw, external_id, phone_e164"
         f" from contacts where contact_id in ({marks})",
         ids,
     ).fetchall()
-    found = {number} if number is not None else set()
+    found = set(numbers)
     found.update(row[5] for row in people)
     for sql in (
         f"select distinct phone_e164 from messages where contact_id in ({marks})",
@@ -774,6 +793,11 @@ def erase(
     """Erase a data subject: every contact holding ``phone_e164`` (any form a CRM writes),
     or the contact ``contact_id``. One transaction; ``dry_run`` reports and rolls back.
 
+    Outside a caller's transaction, an erasure that changed something then purges what lies
+    outside the store's tables (:func:`purge`: its free pages, the ingress journal, uploads,
+    logs, older warehouse files; the next build starts from an empty file) and is appended to
+    the erasure log that a restore replays (:mod:`smsops.backup`); ``purged`` says what went.
+
     Raises :class:`NothingToErase` when nothing in the store matches, and
     :class:`ErasureError` for a bad request or a missing or unsafe erasure key."""
     if (phone_e164 is None) == (contact_id is None):
@@ -787,14 +811,46 @@ def erase(
         raise ErasureError("requested_by must name who asked for the erasure (a person or a ticket)")
     if reason is not None and not isinstance(reason, str):
         raise ErasureError(f"reason must be text or None, got {type(reason).__name__}")
-    stamp = _stamp(now)
     secret = _secret(conn, create=True)
     assert secret is not None
+    nested = conn.in_transaction
+    result, plan = _run(
+        conn,
+        secret,
+        numbers=[number] if number is not None else [],
+        contact_ids=[contact_id] if contact_id is not None else [],
+        requested_by=requested_by.strip(),
+        reason=reason,
+        stamp=_stamp(now),
+        dry_run=dry_run,
+    )
+    if dry_run or nested:
+        return result
+    if result.changed:
+        _log_erasure(conn, plan, result, requested_by.strip(), reason)
+    purged = purge(conn, {*plan.aliases, *([number] if number else [])}, plan.redact)
+    return replace(result, purged=purged)
+
+
+def _run(
+    conn: sqlite3.Connection,
+    secret: bytes,
+    *,
+    numbers: Sequence[str],
+    contact_ids: Sequence[int],
+    requested_by: str,
+    reason: str | None,
+    stamp: str,
+    dry_run: bool = False,
+    key: str | None = None,
+) -> tuple[ErasureResult, _Plan]:
+    """The erasure itself, in the store (see :func:`erase`); ``key`` names the erasure in the
+    ledger (a replay gives the original's, so the ledger comes out as it was)."""
     nested = conn.in_transaction
     with _secure_delete(conn):
         with store.transaction(conn, keep=not dry_run):
             _apply_journal(conn)
-            plan = _plan(conn, secret, number, contact_id)
+            plan = _plan(conn, secret, numbers, contact_ids)
             counts = {
                 "contacts_erased": _scrub_contacts(conn, plan, stamp),
                 "messages_scrubbed": _scrub_messages(conn, plan),
@@ -807,13 +863,13 @@ def erase(
             }
             _scrub_ingress_rejects(conn, plan)
             if any(counts.values()):
-                key = secrets.token_hex(8)
-                recorded = _record_erasure(conn, plan, key, stamp, requested_by.strip(), reason)
+                key = key or secrets.token_hex(8)
+                recorded = _record_erasure(conn, plan, key, stamp, requested_by, reason)
             else:
                 key, recorded = _earlier_key(conn, plan), 0
         if not dry_run and not nested:
             conn.execute("pragma wal_checkpoint(truncate)").fetchall()
-    return ErasureResult(
+    result = ErasureResult(
         **counts,
         erasure_key=key,
         erasure_events_recorded=recorded,
@@ -821,6 +877,261 @@ def erase(
         numbers_in_use=len(plan.aliases) - len(plan.released),
         dry_run=dry_run,
     )
+    return result, plan
+
+
+# ---------------------------------------------------------------------------------------
+# Outside the store's tables: free pages, the journal, files, older warehouse files
+
+
+_SEPARATORS = (" ", "\t", "-", "(", ")", ".", "\u00a0")
+_LOG_SUFFIXES = (".log", ".out", ".err")
+
+
+def _loose(e164: str, encoding: str | None = None) -> re.Pattern:
+    """The number as people write it, with or without its prefix (``+7``, ``7``, ``8`` for
+    Russia) and with spaces, dashes, dots or brackets between digits: a text pattern, or with
+    ``encoding`` a pattern over that encoding's bytes."""
+    parsed = phonenumbers.parse(e164)
+    code, national = str(parsed.country_code), str(parsed.national_number)
+
+    def lit(text: str) -> Any:
+        return re.escape(text if encoding is None else text.encode(encoding))
+
+    def raw(text: str) -> Any:
+        return text if encoding is None else text.encode("ascii")
+
+    sep = raw("(?:") + raw("|").join(lit(c) for c in _SEPARATORS) + raw("){0,3}")
+    digit = raw("(?:") + raw("|").join(lit(str(d)) for d in range(10)) + raw(")")
+    prefixes = [f"+{code}", code, *(["8"] if code == "7" else [])]
+    prefix = raw("(?:(?:") + raw("|").join(lit(item) for item in prefixes) + raw(")") + sep + raw(")?")
+    body = sep.join(lit(d) for d in national)
+    return re.compile(raw("(?<!") + digit + raw(")") + prefix + body + raw("(?!") + digit + raw(")"))
+
+
+def _text_scrubber(numbers: Iterable[str], redact: Callable[[str], str]) -> Callable[[str], str]:
+    """``redact`` (each number's usual forms become its pseudonym), then every other way of
+    writing the numbers (``8 (912) 345-67-89``) becomes ``[erased]``."""
+    patterns = [_loose(number) for number in numbers]
+
+    def scrub(text: str) -> str:
+        text = redact(text)
+        for pattern in patterns:
+            text = pattern.sub(REDACTED, text)
+        return text
+
+    return scrub
+
+
+def _holds(data: bytes, numbers: Iterable[str]) -> bool:
+    return any(
+        _loose(number, encoding).search(data)
+        for number in numbers
+        for encoding in ("utf-8", "utf-16-le", "utf-16-be")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """What an erasure removed outside the store's tables (paths relative to ``SMSOPS_HOME``)."""
+
+    store_vacuumed: bool = False
+    """The store was rewritten without its free pages (False: busy; erasing again retries)."""
+    journal_deleted: int = 0
+    """Ingress journal entries deleted (already applied to the store)."""
+    journal_scrubbed: int = 0
+    """Ingress journal entries not yet applied, the number cut out of them."""
+    files_deleted: tuple[str, ...] = ()
+    """Files that held the number: uploads, rejects files, temporary files."""
+    files_scrubbed: tuple[str, ...] = ()
+    """Logs that held the number: the lines are kept, the number is cut out."""
+    snapshots_deleted: tuple[str, ...] = ()
+    """Warehouse files other than the published one (older snapshots, the development copy)."""
+
+
+def purge(
+    conn: sqlite3.Connection, numbers: Iterable[str], redact: Callable[[str], str] | None = None
+) -> Purged | None:
+    """Remove what an erasure of ``numbers`` leaves outside the store's tables under the home of
+    the store ``conn`` is connected to (None for a store in memory): the store's free pages and
+    log (``vacuum``), journal entries (applied ones deleted, others scrubbed), files holding a
+    number in any usual form and encoding (logs scrubbed line by line, other files deleted), and
+    every warehouse file but the published one, whose turn comes at the next build (it starts
+    from an empty file, then deletes the rest)."""
+    from smsops import warehouse  # dbt's adapter comes with it: only when erasing
+
+    home = _store_home(conn)
+    if home is None:
+        return None
+    numbers = sorted({n for n in numbers if n and not is_pseudonym(n)})
+    scrub = _text_scrubber(numbers, redact or (lambda text: text))
+    try:
+        conn.execute("vacuum")
+        conn.execute("pragma wal_checkpoint(truncate)").fetchall()
+        vacuumed = True
+    except sqlite3.OperationalError:
+        vacuumed = False
+    deleted = scrubbed = 0
+    journal = ingress.journal_path(home)
+    if journal.exists():
+        jconn = ingress.connect(journal)
+        try:
+            jid = ingress.journal_id(jconn)
+        finally:
+            jconn.close()
+        row = conn.execute(
+            "select applied_through from ingress_cursor where journal_id = ?", (jid,)
+        ).fetchone()
+        deleted, scrubbed = ingress.scrub(journal, scrub, applied_through=row[0] if row else 0)
+    files_deleted, files_scrubbed = _purge_files(home, numbers, scrub)
+    snapshots = warehouse.purge_snapshots(home)
+    warehouse.require_fresh_build(home)
+    return Purged(
+        store_vacuumed=vacuumed,
+        journal_deleted=deleted,
+        journal_scrubbed=scrubbed,
+        files_deleted=tuple(files_deleted),
+        files_scrubbed=tuple(files_scrubbed),
+        snapshots_deleted=tuple(str(path.relative_to(home)) for path in snapshots),
+    )
+
+
+def _purge_files(home: Path, numbers: list[str], scrub: Callable[[str], str]) -> tuple[list[str], list[str]]:
+    """Files under ``home`` holding one of ``numbers``: logs are scrubbed, the rest deleted.
+    The databases are not read here: the store and the journal are scrubbed in place, and
+    warehouse files are deleted whole (now, or after the next build for the published one)."""
+    p = paths(home)
+    skipped = {
+        p.ops_store,
+        ingress.journal_path(home),
+        home / KEY_FILE,
+        p.erasure_log,
+    }
+    skipped |= {Path(f"{path}{suffix}") for path in list(skipped) for suffix in ("-wal", "-shm", "-journal")}
+    deleted: list[str] = []
+    scrubbed: list[str] = []
+    if not numbers:
+        return deleted, scrubbed
+    for folder, _dirs, names in os.walk(home):
+        for name in names:
+            path = Path(folder, name)
+            if path in skipped or name.endswith((".duckdb", ".duckdb.wal")) or path.is_symlink():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:  # gone while walking, or not a regular file
+                continue
+            if not _holds(data, numbers):
+                continue
+            relative = str(path.relative_to(home))
+            if _is_log(path):
+                text = scrub(data.decode("utf-8", errors="surrogateescape"))
+                cleaned = text.encode("utf-8", errors="surrogateescape")
+                if not _holds(cleaned, numbers):
+                    _rewrite(path, cleaned)
+                    scrubbed.append(relative)
+                    continue
+            path.unlink(missing_ok=True)
+            deleted.append(relative)
+            parent = path.parent
+            while parent != home and parent.is_relative_to(p.uploads) and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+    return deleted, scrubbed
+
+
+def _is_log(path: Path) -> bool:
+    return path.parent.name == "logs" or any(suffix in _LOG_SUFFIXES for suffix in path.suffixes)
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    """Replace ``path``'s content with ``data`` in one step, keeping its mode (a writer that
+    still appends to the old file writes to a file no longer reachable)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# The erasure log (what a restore replays: smsops.backup)
+
+
+def _log_erasure(
+    conn: sqlite3.Connection, plan: _Plan, result: ErasureResult, requested_by: str, reason: str | None
+) -> None:
+    home = _store_home(conn)
+    if home is None or result.erasure_key is None:
+        return
+    (at,) = conn.execute(
+        "select max(recorded_at) from consent_events where event_key >= ? and event_key < ?",
+        (f"erasure:{result.erasure_key}:", f"erasure:{result.erasure_key};"),
+    ).fetchone()
+    if at is None:  # every number still held by another contact: only the contacts were erased
+        (at,) = conn.execute(
+            f"select max(updated_at) from contacts where contact_id in ({_marks(plan.contact_ids)})",
+            plan.contact_ids,
+        ).fetchone()
+    record = {
+        "key": result.erasure_key,
+        "at": at,
+        "pseudonyms": sorted(plan.aliases[number] for number in plan.released),
+        "contact_ids": list(plan.contact_ids),
+        "requested_by": plan.redact(requested_by),
+        "reason": plan.redact(reason) if reason is not None else None,
+    }
+    append_log(paths(home).erasure_log, [record])
+
+
+def append_log(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append erasure records to the log at ``path`` (made 0600), synced to disk."""
+    lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as fh:
+        fh.write(lines)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def erase_again(
+    conn: sqlite3.Connection,
+    *,
+    numbers: Sequence[str],
+    contact_ids: Sequence[int],
+    requested_by: str,
+    reason: str | None,
+    at: str,
+    key: str | None,
+) -> tuple[ErasureResult, Callable[[str], str]]:
+    """An erasure made before, made again in a store that lost it (a restored backup): the
+    contacts holding ``numbers`` and ``contact_ids``, recorded under the original ``key`` and
+    time ``at``, so the ledger comes out as that erasure left it. Returns the result and the
+    erasure's redaction (for :func:`purge`); nothing outside the store is touched here."""
+    secret = _secret(conn, create=False)
+    if secret is None:
+        raise ErasureError(
+            f"there is no erasure key ({KEY_FILE} or ${SECRET_ENV}) to recognise erased numbers with:"
+            " restore the key that was backed up with the store"
+        )
+    result, plan = _run(
+        conn,
+        secret,
+        numbers=numbers,
+        contact_ids=contact_ids,
+        requested_by=requested_by,
+        reason=reason,
+        stamp=at,
+        key=key,
+    )
+    return result, plan.redact
+
+
+def install_secret(conn: sqlite3.Connection) -> bytes | None:
+    """The erasure secret of the install ``conn``'s store belongs to, None when there is none."""
+    return _secret(conn, create=False)
 
 
 def summary_lines(result: ErasureResult) -> list[str]:
@@ -847,5 +1158,36 @@ def summary_lines(result: ErasureResult) -> list[str]:
         )
     if not result.dry_run:
         lines.append(f"  erasure {result.erasure_key} recorded in the consent ledger")
-        lines.append("  the marts keep the old data until the next `smsops build`")
+    if result.purged is not None:
+        lines += purged_lines(result.purged)
+    return lines
+
+
+def purged_lines(purged: Purged) -> list[str]:
+    """What :func:`purge` removed, as a person reads it."""
+    lines = [
+        _("  the store rewritten without its free pages")
+        if purged.store_vacuumed
+        else _("  the store is busy: its free pages may still hold old values; erase again later"),
+        ngettext(
+            "  {n} ingress journal entry deleted, {m} scrubbed",
+            "  {n} ingress journal entries deleted, {m} scrubbed",
+            purged.journal_deleted,
+        ).format(n=purged.journal_deleted, m=purged.journal_scrubbed),
+    ]
+    lines += [_("  deleted {path}: it held the number").format(path=path) for path in purged.files_deleted]
+    lines += [_("  scrubbed {path}: the number cut out").format(path=path) for path in purged.files_scrubbed]
+    lines.append(
+        ngettext(
+            "  {n} older warehouse snapshot or copy deleted",
+            "  {n} older warehouse snapshots and copies deleted",
+            len(purged.snapshots_deleted),
+        ).format(n=len(purged.snapshots_deleted))
+    )
+    lines.append(
+        _(
+            "  the published warehouse holds the old data until the next `smsops build`, which starts"
+            " from an empty file and then deletes the old one"
+        )
+    )
     return lines

@@ -38,14 +38,14 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from smsops import consent, store
-from smsops.config import paths
+from smsops.config import paths, private_file
 from smsops.providers import StatusUpdate
 
 __all__ = [
@@ -92,7 +92,7 @@ def _now() -> str:
 def connect(path: str | os.PathLike[str], *, timeout: float = 30.0) -> sqlite3.Connection:
     """Open the journal (made if missing): WAL, zeroed deletes, its schema and id."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private_file(target)  # readable by its owner only (SQLite gives its -wal and -shm the same mode)
     conn = sqlite3.connect(target, timeout=timeout, isolation_level=None, check_same_thread=False)
     deadline = time.monotonic() + timeout
     while True:  # SQLite refuses a switch to WAL at once, busy timeout or not, while another
@@ -588,3 +588,32 @@ def stops_since(jconn: sqlite3.Connection, after: int) -> Iterator[tuple[int, st
         " where keyword in ('stop', 'start') and entry_id > ? order by entry_id",
         (after,),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Erasure
+
+
+def scrub(
+    path: str | os.PathLike[str], redact: Callable[[str], str], *, applied_through: int
+) -> tuple[int, int]:
+    """After an erasure: delete the entries the store has applied (``applied_through``) and
+    pass the others' number and payload through ``redact``; then rewrite the file (``vacuum``)
+    and truncate its log, so no copy of an erased number is left in the journal's pages or log.
+    Returns ``(deleted, rewritten)``. The log stays when a reader holds it; the next idle pass
+    of the applier truncates it."""
+    jconn = connect(path)
+    try:
+        with store.transaction(jconn):
+            deleted = jconn.execute("delete from entries where entry_id <= ?", (applied_through,)).rowcount
+            changes = []
+            for entry_id, phone, payload in jconn.execute("select entry_id, phone, payload from entries"):
+                cleaned = (redact(phone) if phone else phone, redact(payload))
+                if cleaned != (phone, payload):
+                    changes.append((*cleaned, entry_id))
+            jconn.executemany("update entries set phone = ?, payload = ? where entry_id = ?", changes)
+        jconn.execute("vacuum")
+        jconn.execute("pragma wal_checkpoint(truncate)").fetchall()
+    finally:
+        jconn.close()
+    return deleted, len(changes)
