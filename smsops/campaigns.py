@@ -1216,11 +1216,12 @@ def _decide(
         select
             aud.contact_id,
             ct.phone_e164,
-            ct.country,
+            cast(ct.country as varchar) as country,
             d.not_before as deferred_to,
             d.reason as quiet_reason,
             case
-                when coalesce(ct.phone_reason = 'erased', false)
+                -- cast: a column of the store read with no value in it comes as integers
+                when coalesce(cast(ct.phone_reason as varchar) = 'erased', false)
                     or starts_with(ct.phone_e164, '{erasure.PSEUDONYM_PREFIX}')
                     or er.phone_e164 is not null then 'erased'
                 when ct.phone_e164 is null or coalesce(ct.phone_valid, 0) <> 1 then 'invalid_number'
