@@ -23,7 +23,12 @@ The journal has an id of its own (``meta.journal_id``): a journal file deleted a
 starts a new cursor rather than having its entries taken for ones already applied.
 
 Opt-outs take effect at once (invariant 2): the dispatcher reads STOP replies from the journal
-before they are applied (:func:`stops_since`), see :class:`smsops.dispatch.Revocations`.
+before they are applied (:func:`stops_since`), see :class:`smsops.revocations.Revocations`. So
+that it need not read the journal after every commit of receipts, a writer that journals a
+STOP or START counts it in a small file of its own beside the journal (:func:`keyword_writes`):
+``begun`` before the journal's transaction, ``done`` after it. A reader that sees the two equal
+and unchanged since its last read of the journal has missed no STOP; any other reading sends it
+to the journal.
 """
 
 from __future__ import annotations
@@ -91,6 +96,44 @@ def _now() -> str:
 
 def connect(path: str | os.PathLike[str], *, timeout: float = 30.0) -> sqlite3.Connection:
     """Open the journal (made if missing): WAL, zeroed deletes, its schema and id."""
+    conn = _open(path, timeout)
+    if conn.execute("select count(*) from sqlite_master where name = 'meta'").fetchone()[0] == 0:
+        with store.transaction(conn):
+            for ddl in _SCHEMA:
+                conn.execute(ddl)
+            conn.execute(
+                "insert into meta (key, value) values ('journal_id', ?) on conflict do nothing",
+                (uuid.uuid4().hex,),
+            )
+    return conn
+
+
+def keywords_path(journal: str | os.PathLike[str]) -> Path:
+    """The journal's count of STOP/START writes, beside it (``ingress-keywords.sqlite``)."""
+    path = Path(journal)
+    return path.with_name(f"{path.stem}-keywords{path.suffix}")
+
+
+def connect_keywords(journal: str | os.PathLike[str], *, timeout: float = 30.0) -> sqlite3.Connection:
+    """Open the count of STOP/START writes of the journal at ``journal`` (made if missing)."""
+    conn = _open(keywords_path(journal), timeout)
+    if conn.execute("select count(*) from sqlite_master where name = 'keyword_writes'").fetchone()[0] == 0:
+        with store.transaction(conn):
+            conn.execute(
+                "create table if not exists keyword_writes"
+                " (id integer primary key check (id = 1), begun integer not null, done integer not null) strict"
+            )
+            conn.execute("insert into keyword_writes values (1, 0, 0) on conflict do nothing")
+    return conn
+
+
+def keyword_writes(kconn: sqlite3.Connection) -> tuple[int, int]:
+    """``(begun, done)``: journal transactions holding a STOP or START, started and finished.
+    Unequal while one is under way (or after a writer died in one: then always unequal)."""
+    return kconn.execute("select begun, done from keyword_writes").fetchone()
+
+
+def _open(path: str | os.PathLike[str], timeout: float) -> sqlite3.Connection:
     target = Path(path)
     private_file(target)  # readable by its owner only (SQLite gives its -wal and -shm the same mode)
     conn = sqlite3.connect(target, timeout=timeout, isolation_level=None, check_same_thread=False)
@@ -107,14 +150,6 @@ def connect(path: str | os.PathLike[str], *, timeout: float = 30.0) -> sqlite3.C
     conn.execute("pragma synchronous = normal")
     conn.execute("pragma secure_delete = on")
     conn.execute(f"pragma busy_timeout = {int(timeout * 1000)}")
-    if conn.execute("select count(*) from sqlite_master where name = 'meta'").fetchone()[0] == 0:
-        with store.transaction(conn):
-            for ddl in _SCHEMA:
-                conn.execute(ddl)
-            conn.execute(
-                "insert into meta (key, value) values ('journal_id', ?) on conflict do nothing",
-                (uuid.uuid4().hex,),
-            )
     return conn
 
 
@@ -212,6 +247,7 @@ class Journal:
 
     def _run(self) -> None:
         conn: sqlite3.Connection | None = None
+        kconn: sqlite3.Connection | None = None
         try:
             while True:
                 first = self._queue.get()
@@ -231,34 +267,47 @@ class Journal:
                 try:
                     if conn is None:
                         conn = connect(self.path)
-                    self._write(conn, batch)
+                    if kconn is None:
+                        kconn = connect_keywords(self.path)
+                    self._write(conn, kconn, batch)
                     error: BaseException | None = None
                 except Exception as exc:  # answered 503: the sender retries, nothing was kept
                     log.exception("could not journal %d requests at %s", len(batch), self.path)
                     error = exc
-                    if conn is not None:
-                        conn.close()
-                        conn = None
+                    for c in (conn, kconn):
+                        if c is not None:
+                            c.close()
+                    conn = kconn = None
                 _settle_all(batch, error)
                 if stop:
                     return
         finally:
-            if conn is not None:
-                conn.close()
+            for c in (conn, kconn):
+                if c is not None:
+                    c.close()
 
-    def _write(self, conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
+    def _write(
+        self, conn: sqlite3.Connection, kconn: sqlite3.Connection, batch: list[tuple[Any, ...]]
+    ) -> None:
         now = _now()
         rows = [
             (e.kind, e.provider, e.phone, e.keyword, json.dumps(e.payload, ensure_ascii=False), now)
             for entries, _, _ in batch
             for e in entries
         ]
-        with store.transaction(conn):
-            conn.executemany(
-                "insert into entries (kind, provider, phone, keyword, payload, received_at)"
-                " values (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        keywords = any(row[3] in ("stop", "start") for row in rows)
+        if keywords:  # counted before and after: a reader in between goes to the journal
+            kconn.execute("update keyword_writes set begun = begun + 1")
+        try:
+            with store.transaction(conn):
+                conn.executemany(
+                    "insert into entries (kind, provider, phone, keyword, payload, received_at)"
+                    " values (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+        finally:
+            if keywords:
+                kconn.execute("update keyword_writes set done = done + 1")
         self.commits += 1
         self.appended += len(rows)
         self.committed.set()
@@ -354,6 +403,42 @@ def _apply_click(conn: sqlite3.Connection, payload: dict[str, Any]) -> None:
 _APPLY = {"status": _apply_status, "inbound": _apply_inbound, "click": _apply_click}
 
 
+def _runs(entries: list[tuple[int, str, str]]) -> Iterator[list[tuple[int, str, str]]]:
+    """The batch in order, consecutive receipts together, every other entry alone."""
+    run: list[tuple[int, str, str]] = []
+    for entry in entries:
+        if entry[1] == "status":
+            run.append(entry)
+            continue
+        if run:
+            yield run
+            run = []
+        yield [entry]
+    if run:
+        yield run
+
+
+def _apply_receipts(conn: sqlite3.Connection, run: list[tuple[int, str, str]]) -> bool:
+    """Apply consecutive receipt entries in one savepoint and one call to ``record_status``
+    (two statements for the lot, where one at a time costs two savepoints and two statements a
+    receipt): True if that worked, False (nothing applied) to apply them one by one."""
+    from smsops import webhooks
+
+    try:
+        updates = [
+            StatusUpdate(p, sid, status, code, datetime.fromisoformat(at))
+            for _, _, payload in run
+            for p, sid, status, code, at in json.loads(payload)["updates"]
+        ]
+        with store.transaction(conn):
+            webhooks.record_status(conn, updates)
+    except Exception as exc:
+        if _busy(exc):
+            raise
+        return False
+    return True
+
+
 def _busy(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and (
         "locked" in str(exc).lower() or "busy" in str(exc).lower()
@@ -366,12 +451,14 @@ def apply_pending(
     limit: int = APPLY_BATCH,
     conn: sqlite3.Connection | None = None,
     jconn: sqlite3.Connection | None = None,
+    truncate: bool = True,
 ) -> ApplyReport:
     """Apply up to ``limit`` journal entries to the store in one transaction, then prune them
     from the journal. Raises ``sqlite3.OperationalError`` when the store stays busy (nothing is
     applied then; call again). Inside a transaction the caller holds (an erasure applies the
     journal first), the entries are applied in a savepoint and left in the journal: the next
-    applier prunes them once the caller's transaction, cursor included, is committed."""
+    applier prunes them once the caller's transaction, cursor included, is committed. An idle
+    call (nothing new) truncates the journal's log unless ``truncate`` is False."""
     own_conn, own_jconn = conn is None, jconn is None
     nested = conn is not None and conn.in_transaction
     conn = conn or store.open_store(home)
@@ -391,9 +478,10 @@ def apply_pending(
                 jconn.execute(
                     "select exists (select 1 from entries where entry_id <= ?)", (through,)
                 ).fetchone()[0]
-                or _log_size(jconn)  # idle: the applied entries' log is truncated now
+                or (truncate and _log_size(jconn))  # idle: the applied entries' log is truncated now
             ):
-                _prune(jconn, through)  # applied (by someone else too, an erasure): prune, truncate
+                # applied (by someone else too, an erasure): prune, and truncate when asked
+                _prune(jconn, through, truncate=truncate)
             return ApplyReport(through=through)  # nothing new: no write lock taken
         with store.transaction(conn):  # the store's write lock: one applier at a time
             row = conn.execute(
@@ -406,22 +494,27 @@ def apply_pending(
             ).fetchall()
             if not entries:
                 return ApplyReport(through=through)
-            for entry_id, kind, payload in entries:
-                try:
-                    with store.transaction(conn):  # a savepoint: a refused entry rolls back alone
-                        _APPLY[kind](conn, json.loads(payload))
-                    applied += 1
-                    kinds[kind] = kinds.get(kind, 0) + 1
-                except Exception as exc:
-                    if _busy(exc):
-                        raise
-                    log.error("journal entry %s (%s) could not be applied: %s", entry_id, kind, exc)
-                    conn.execute(
-                        "insert into ingress_rejects (journal_id, entry_id, kind, payload, error, recorded_at)"
-                        " values (?, ?, ?, ?, ?, ?) on conflict do nothing",
-                        (jid, entry_id, kind, payload, f"{type(exc).__name__}: {exc}"[:2000], _now()),
-                    )
-                    rejected += 1
+            for run in _runs(entries):
+                if len(run) > 1 and _apply_receipts(conn, run):  # the common case: all at once
+                    applied += len(run)
+                    kinds["status"] = kinds.get("status", 0) + len(run)
+                    continue
+                for entry_id, kind, payload in run:  # one by one: a refused entry rolls back alone
+                    try:
+                        with store.transaction(conn):  # a savepoint
+                            _APPLY[kind](conn, json.loads(payload))
+                        applied += 1
+                        kinds[kind] = kinds.get(kind, 0) + 1
+                    except Exception as exc:
+                        if _busy(exc):
+                            raise
+                        log.error("journal entry %s (%s) could not be applied: %s", entry_id, kind, exc)
+                        conn.execute(
+                            "insert into ingress_rejects (journal_id, entry_id, kind, payload, error,"
+                            " recorded_at) values (?, ?, ?, ?, ?, ?) on conflict do nothing",
+                            (jid, entry_id, kind, payload, f"{type(exc).__name__}: {exc}"[:2000], _now()),
+                        )
+                        rejected += 1
             through = entries[-1][0]
             conn.execute(
                 "insert into ingress_cursor (journal_id, applied_through, applied_at) values (?, ?, ?)"
@@ -485,10 +578,16 @@ class Applier:
         *,
         interval: float = 0.2,
         busy_timeout: float = 2.0,
+        truncate_every: float = 2.0,
     ) -> None:
         self.home = home
         self.journal = journal
         self.interval = interval
+        self.truncate_every = truncate_every
+        """Seconds between two truncations of the journal's log at least: while receipts arrive
+        the applier is idle between most batches, and a checkpoint at each idle pass was a
+        tenth of the receiver's CPU (docs/performance.md, "smsops serve as deployed")."""
+        self._truncated = time.monotonic()
         self.busy_timeout = busy_timeout
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -531,7 +630,10 @@ class Applier:
                         store.create_schema(conn)
                     if jconn is None:
                         jconn = connect(journal_path(self.home))
-                    report = apply_pending(self.home, conn=conn, jconn=jconn)
+                    truncate = time.monotonic() - self._truncated >= self.truncate_every
+                    report = apply_pending(self.home, conn=conn, jconn=jconn, truncate=truncate)
+                    if truncate and not (report.applied or report.rejected):
+                        self._truncated = time.monotonic()
                 except Exception as exc:
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     if not _busy(exc):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -67,37 +68,51 @@ def _stamp(when: datetime) -> str:
     return when.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
 
 
+_STATUS_SQL = """
+    insert into message_status_events (message_id, provider, provider_message_id, status, error_code,
+                                       occurred_at, received_at)
+    select m.message_id, m.provider, m.provider_message_id, json_extract(j.value, '$[2]'),
+           json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]'), ?
+    from json_each(?) as j
+    join messages as m on m.provider = json_extract(j.value, '$[0]')
+                      and m.provider_message_id = json_extract(j.value, '$[1]')
+    where true
+    on conflict (message_id, status) do nothing
+"""
+_ORPHAN_SQL = """
+    insert into orphan_status_events (provider, provider_message_id, status, error_code, occurred_at,
+                                      received_at)
+    select json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),
+           json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]'), ?
+    from json_each(?) as j
+    where not exists (
+        select 1 from messages as m
+        where m.provider = json_extract(j.value, '$[0]') and m.provider_message_id = json_extract(j.value, '$[1]')
+    )
+    on conflict (provider, provider_message_id, status) do nothing
+"""
+
+
 def record_status(conn: sqlite3.Connection, updates: list[StatusUpdate]) -> tuple[int, int]:
-    """Store receipts in one transaction: ``(stored, orphaned)``. A receipt for a provider id the
-    outbox does not know yet is kept in ``orphan_status_events`` until :func:`adopt_orphans`."""
-    stored = orphaned = 0
+    """Store receipts in one transaction: ``(stored, orphaned)``, each a count of rows written
+    (a receipt already stored is a no-op). A receipt for a provider id the outbox does not know
+    yet is kept in ``orphan_status_events`` until :func:`adopt_orphans`. Two statements for the
+    lot, the batch as one JSON text."""
+    if not updates:
+        return 0, 0
     received = _stamp(datetime.now(UTC))
+    rows = []
+    for update in updates:
+        status = _STORED_STATUS.get(update.status, update.status)
+        error = update.error_code if status != "failed" or update.status != "canceled" else "canceled"
+        rows.append((update.provider, update.provider_message_id, status, error, _stamp(update.occurred_at)))
+    batch = json.dumps(rows)
     with store.transaction(conn):
-        for update in updates:
-            status = _STORED_STATUS.get(update.status, update.status)
-            error = update.error_code if status != "failed" or update.status != "canceled" else "canceled"
-            row = conn.execute(
-                "select message_id from messages where provider = ? and provider_message_id = ?",
-                (update.provider, update.provider_message_id),
-            ).fetchone()
-            if row is None:
-                conn.execute(
-                    "insert into orphan_status_events (provider, provider_message_id, status, error_code,"
-                    " occurred_at, received_at) values (?, ?, ?, ?, ?, ?)"
-                    " on conflict (provider, provider_message_id, status) do nothing",
-                    (update.provider, update.provider_message_id, status, error,
-                     _stamp(update.occurred_at), received),
-                )  # fmt: skip
-                orphaned += 1
-                continue
-            cur = conn.execute(
-                "insert into message_status_events (message_id, provider, provider_message_id, status,"
-                " error_code, occurred_at, received_at) values (?, ?, ?, ?, ?, ?, ?)"
-                " on conflict (message_id, status) do nothing",
-                (row[0], update.provider, update.provider_message_id, status, error,
-                 _stamp(update.occurred_at), received),
-            )  # fmt: skip
-            stored += cur.rowcount
+        before = conn.total_changes
+        conn.execute(_STATUS_SQL, (received, batch))
+        stored = conn.total_changes - before
+        conn.execute(_ORPHAN_SQL, (received, batch))
+        orphaned = conn.total_changes - before - stored
     return stored, orphaned
 
 
@@ -377,6 +392,7 @@ def create_app(
     store.open_store(home).close()
     journal = ingress.Journal(ingress.journal_path(home))
     ingress.connect(journal.path).close()  # made now: a dispatcher may watch it before any request
+    ingress.connect_keywords(journal.path).close()
     applier = ingress.Applier(home, journal) if apply else None
 
     @contextlib.asynccontextmanager

@@ -608,6 +608,36 @@ def test_entries_the_store_refuses_are_kept_in_rejects_and_the_ones_behind_them_
     assert ingress.apply_pending(home).applied == 0  # the rejects are not tried again and again
 
 
+def test_receipts_applied_together_still_refuse_a_bad_one_alone_and_keep_orphans(home):
+    outbox(home, 4)
+    now = datetime.now(UTC)
+    journal = ingress.Journal(ingress.journal_path(home))
+    receipts = [StatusUpdate("sandbox", sid(i), "delivered", None, now) for i in range(4)]
+    journal.append_sync(
+        [
+            ingress.status_entry("sandbox", [receipts[0], receipts[0]]),  # a repeat in one post
+            ingress.status_entry("sandbox", [receipts[1]]),
+            ingress.status_entry("sandbox", [StatusUpdate("sandbox", sid(2), "not-a-status", None, now)]),
+            ingress.status_entry("sandbox", [receipts[2], StatusUpdate("sandbox", "SMunknown", "sent", None, now)]),
+            _click(0),
+            ingress.status_entry("sandbox", [receipts[3]]),
+            ingress.status_entry("sandbox", [receipts[3]]),  # a provider's retry
+        ]
+    )  # fmt: skip
+    journal.close()
+    report = ingress.apply_pending(home)
+    assert (report.applied, report.rejected, report.through) == (6, 1, 7)
+    conn = store.connect(store.store_path(home))
+    try:
+        stored = conn.execute("select provider_message_id, status from message_status_events").fetchall()
+        orphans = conn.execute("select provider_message_id, status from orphan_status_events").fetchall()
+        (rejected,) = conn.execute("select entry_id from ingress_rejects").fetchone()
+    finally:
+        conn.close()
+    assert sorted(stored) == [(sid(i), "delivered") for i in range(4)]
+    assert orphans == [("SMunknown", "sent")] and rejected == 3
+
+
 def test_once_applied_the_journal_holds_no_entry_and_its_log_is_truncated(home):
     outbox(home, 200)
     journal = ingress.Journal(ingress.journal_path(home))

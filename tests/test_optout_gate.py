@@ -3,6 +3,8 @@ also for rows already claimed and checked (DESIGN.md invariant 2; smsops.revocat
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import httpx
@@ -12,6 +14,7 @@ from smsops import consent, dispatch, ingress, store, webhooks
 from smsops.dispatch import DispatchSettings
 from smsops.providers.sandbox import run_in_thread, serve_in_thread
 from smsops.providers.twilio import request_signature
+from smsops.revocations import Revocations
 from tests.test_dispatch import (
     FAST,
     Recording,
@@ -126,3 +129,82 @@ def test_a_start_after_a_journaled_stop_lets_the_number_through_again(home, sand
     finally:
         hooks.close()
     assert {r["state"] for r in outbox(home, cid)} == {"submitted"}
+
+
+def _stop(phone: str) -> ingress.Entry:
+    payload = {"provider": "sandbox", "provider_message_id": "SM1", "from": phone, "to": "SHOP", "body": "STOP",
+               "received_at": "2026-12-07T10:00:00+00:00"}  # fmt: skip
+    return ingress.Entry("inbound", payload, "sandbox", phone, "stop")
+
+
+def _receipt(n: int) -> ingress.Entry:
+    return ingress.Entry("status", {"updates": [["sandbox", f"SM{n:032x}", "delivered", None,
+                                                 "2026-12-07T10:00:00+00:00"]]}, "sandbox")  # fmt: skip
+
+
+@pytest.fixture
+def gate(home):
+    conn = store.open_store(home)
+    revocations = Revocations(conn, ingress.journal_path(home))
+    yield revocations
+    revocations.close()
+    conn.close()
+
+
+def test_receipts_journaled_cost_the_gate_no_read_of_the_journal_and_a_stop_is_seen_at_once(home, gate):
+    journal = ingress.Journal(ingress.journal_path(home))
+    try:
+        phone = numbers(1)[0]
+        reads = gate.journal_reads
+        for n in range(50):  # a campaign's receipts: each its own journal commit
+            journal.append_sync([_receipt(n)])
+            assert gate.verdict(phone, gate.mark) is None
+        assert gate.journal_reads == reads
+        journal.append_sync([_stop(phone)])
+        assert gate.verdict(phone, gate.mark) == "opted_out"  # the very next check
+        assert gate.journal_reads == reads + 1
+    finally:
+        journal.close()
+
+
+def test_a_stop_committed_while_its_writer_has_not_counted_it_done_still_stops_the_send(home, gate):
+    """A writer counts ``begun``, commits the STOP, then counts ``done``: a check in between
+    must read the journal although ``done`` has not moved."""
+    phone = numbers(1)[0]
+    assert gate.verdict(phone, gate.mark) is None
+    kconn = ingress.connect_keywords(ingress.journal_path(home))
+    jconn = ingress.connect(ingress.journal_path(home))
+    try:
+        kconn.execute("update keyword_writes set begun = begun + 1")
+        assert gate.verdict(phone, gate.mark) is None  # under way, nothing committed yet
+        jconn.execute(
+            "insert into entries (kind, provider, phone, keyword, payload, received_at)"
+            " values ('inbound', 'sandbox', ?, 'stop', '{}', '2026-12-07 10:00:00')",
+            (phone,),
+        )
+        assert gate.verdict(phone, gate.mark) == "opted_out"
+        kconn.execute("update keyword_writes set done = done + 1")
+        assert gate.verdict(phone, gate.mark) == "opted_out"
+    finally:
+        kconn.close()
+        jconn.close()
+
+
+def test_an_opt_out_another_process_records_is_seen_by_the_next_check(home, gate):
+    phone, other = numbers(2)
+    checked = gate.mark
+    assert gate.verdict(phone, checked) is None
+    subprocess.run(
+        [sys.executable, "-c", _OPT_OUT, str(home), phone], check=True, timeout=60, capture_output=True
+    )
+    assert gate.verdict(phone, checked) == "recheck"
+    assert gate.verdict(other, checked) is None
+
+
+_OPT_OUT = """
+import sys
+from datetime import UTC, datetime
+from smsops import consent, store
+conn = store.open_store(sys.argv[1])
+consent.record_many(conn, [consent.ConsentEvent(sys.argv[2], "marketing", "opt_out", "admin", datetime.now(UTC))])
+"""
