@@ -70,9 +70,11 @@ backup replays (``smsops.backup``). The provider's own logs are outside our reac
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -90,6 +92,8 @@ import phonenumbers
 from smsops import consent, ingress, phones, store
 from smsops.config import paths
 from smsops.i18n import _, ngettext
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ERASED_REASON",
@@ -888,6 +892,7 @@ _SEPARATORS = (" ", "\t", "-", "(", ")", ".", "\u00a0")
 _LOG_SUFFIXES = (".log", ".out", ".err")
 
 
+@functools.lru_cache(maxsize=256)
 def _loose(e164: str, encoding: str | None = None) -> re.Pattern:
     """The number as people write it, with or without its prefix (``+7``, ``7``, ``8`` for
     Russia) and with spaces, dashes, dots or brackets between digits: a text pattern, or with
@@ -947,6 +952,8 @@ class Purged:
     """Logs that held the number: the lines are kept, the number is cut out."""
     snapshots_deleted: tuple[str, ...] = ()
     """Warehouse files other than the published one (older snapshots, the development copy)."""
+    failed: tuple[str, ...] = ()
+    """Steps that could not be done, with why (erasing again retries them)."""
 
 
 def purge(
@@ -972,20 +979,35 @@ def purge(
     except sqlite3.OperationalError:
         vacuumed = False
     deleted = scrubbed = 0
+    failed: list[str] = []
+    files_deleted: list[str] = []
+    files_scrubbed: list[str] = []
+    snapshots: list[Path] = []
     journal = ingress.journal_path(home)
-    if journal.exists():
-        jconn = ingress.connect(journal)
-        try:
-            jid = ingress.journal_id(jconn)
-        finally:
-            jconn.close()
-        row = conn.execute(
-            "select applied_through from ingress_cursor where journal_id = ?", (jid,)
-        ).fetchone()
-        deleted, scrubbed = ingress.scrub(journal, scrub, applied_through=row[0] if row else 0)
-    files_deleted, files_scrubbed = _purge_files(home, numbers, scrub)
-    snapshots = warehouse.purge_snapshots(home)
+    try:
+        if journal.exists():
+            jconn = ingress.connect(journal)
+            try:
+                jid = ingress.journal_id(jconn)
+            finally:
+                jconn.close()
+            row = conn.execute(
+                "select applied_through from ingress_cursor where journal_id = ?", (jid,)
+            ).fetchone()
+            deleted, scrubbed = ingress.scrub(journal, scrub, applied_through=row[0] if row else 0)
+    except sqlite3.Error as exc:  # the erasure itself is committed: say what is left, go on
+        failed.append(f"{journal.name}: {exc}")
+    try:
+        files_deleted, files_scrubbed = _purge_files(home, numbers, scrub)
+    except OSError as exc:
+        failed.append(f"files: {exc}")
+    try:
+        snapshots = warehouse.purge_snapshots(home)
+    except OSError as exc:
+        failed.append(f"warehouse: {exc}")
     warehouse.require_fresh_build(home)
+    for problem in failed:
+        log.error("erasure: could not purge %s", problem)
     return Purged(
         store_vacuumed=vacuumed,
         journal_deleted=deleted,
@@ -993,6 +1015,7 @@ def purge(
         files_deleted=tuple(files_deleted),
         files_scrubbed=tuple(files_scrubbed),
         snapshots_deleted=tuple(str(path.relative_to(home)) for path in snapshots),
+        failed=tuple(failed),
     )
 
 
@@ -1176,6 +1199,7 @@ def purged_lines(purged: Purged) -> list[str]:
         ).format(n=purged.journal_deleted, m=purged.journal_scrubbed),
     ]
     lines += [_("  deleted {path}: it held the number").format(path=path) for path in purged.files_deleted]
+    lines += [_("  NOT purged, erase again: {problem}").format(problem=problem) for problem in purged.failed]
     lines += [_("  scrubbed {path}: the number cut out").format(path=path) for path in purged.files_scrubbed]
     lines.append(
         ngettext(

@@ -69,6 +69,9 @@ REFRESH_SOURCES = (
     "consent_events",
 )
 
+# ``dbt_plugin.erasure_mark`` of a store in which nobody was ever erased.
+NO_ERASURES = "0|None|0"
+
 # The file a build works on before it becomes a snapshot (see the module docstring).
 WORK_FILE = "building.duckdb"
 
@@ -176,7 +179,11 @@ def _starts_fresh(p: Paths, previous: Snapshot | None, mark: str) -> bool:
     something erased since it was built."""
     if p.fresh_build_marker.exists():
         return True
-    return previous is not None and previous.erasure_mark != mark
+    if previous is None:
+        return False
+    if previous.erasure_mark is None:  # a pointer from before the mark: only if anyone was erased
+        return mark != NO_ERASURES
+    return previous.erasure_mark != mark
 
 
 def _clear_dbt_artifacts(p: Paths) -> None:
@@ -323,6 +330,13 @@ def build(
         for path in (work, Path(str(work) + ".wal")):
             if path.exists():
                 path.chmod(0o600)
+        if fresh:  # say why each table was read whole: not "never loaded" but what made the build fresh
+            why = (
+                "an erasure since the last load"
+                if previous is not None and previous.erasure_mark != mark
+                else "a fresh build was asked for (an erasure or a restore)"
+            )
+            loads = tuple(replace(load, reason=why) if load.how == "full" else load for load in loads)
         os.replace(work, target)
         if Path(str(work) + ".wal").exists():
             os.replace(str(work) + ".wal", str(target) + ".wal")

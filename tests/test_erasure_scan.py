@@ -5,8 +5,11 @@ with a rejects file), sent a campaign through the sandbox (outbox, attempts, rec
 and replied to (through the webhook app and its journal, one reply still unapplied), logged,
 built twice, copied to a development warehouse and backed up. Then it is erased, the warehouse is
 built, and every byte of every file under ``SMSOPS_HOME`` is searched for the number as people
-write it: `E.164 (``+7916…``), without the ``+`` and nationally with ``8``, in UTF-8 and UTF-16 (LE and BE).
-Then the backup taken before the erasure is restored, built and searched again.
+write it: E.164 (``+7916…``), without the ``+``, and nationally with ``8``, each in UTF-8 and in
+UTF-16 (LE and BE). Then the backup taken before the erasure is restored, built and searched
+again. Before erasure purged outside the store's tables, the scan found the number in the
+ingress journal, the services' log, the upload, the snapshot published before the erasure and
+the one built after it (a copy of the old file).
 """
 
 from __future__ import annotations
