@@ -27,27 +27,45 @@ from __future__ import annotations
 
 import re
 import statistics
-from collections.abc import Callable, Iterable, Mapping
+import threading
+import time
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from functools import update_wrapper
 from typing import Any
 
 import jinja2
-from jinja2 import meta, nodes
-from jinja2.runtime import ChainableUndefined, Undefined
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2 import meta, nodes, pass_environment, pass_eval_context
+from jinja2.runtime import ChainableUndefined, LoopContext, Undefined
+from jinja2.sandbox import (
+    ImmutableSandboxedEnvironment,
+    SandboxedEscapeFormatter,
+    SandboxedFormatter,
+    SecurityError,
+)
+from jinja2.utils import Namespace
+from jinja2.visitor import NodeTransformer
+from markupsafe import Markup
 
 from smsops import config
 from smsops.encoding import analyze
+from smsops.i18n import N_, _
 
 __all__ = [
+    "MAX_ITEMS",
+    "MAX_LOOP_STEPS",
+    "MAX_OUTPUT_CHARS",
+    "MAX_RENDER_SECONDS",
     "MAX_SOURCE_CHARS",
     "LengthProfile",
     "LinkSettingsError",
     "Template",
     "TemplateError",
     "TemplateInputError",
+    "TemplateLimitError",
     "TemplateRenderError",
     "TemplateSecurityError",
     "TemplateSyntaxError",
@@ -74,6 +92,10 @@ NBSP = "\u00a0"
 
 class TemplateError(Exception):
     """Base class for errors raised by :mod:`smsops.templates`."""
+
+    def localized(self) -> str:
+        """The message in the current language (where it has a translation)."""
+        return str(self)
 
 
 class TemplateInputError(TemplateError, TypeError):
@@ -104,6 +126,22 @@ class TemplateSecurityError(TemplateError):
 
 class TemplateRenderError(TemplateError, ValueError):
     """A template that failed for one contact, e.g. comparing a text field with a number."""
+
+
+class TemplateLimitError(TemplateError, ValueError):
+    """A template that went past a bound of one render (DESIGN.md invariant 11): its time, its
+    length, its loops, the size of a value or number it builds, its nesting; or that ran out of
+    memory. :attr:`limit` says which ("time", "length", "loops", "size", "number", "nesting",
+    "memory"); the message names it and what to change."""
+
+    def __init__(self, message: str, /, *, limit: str, **values: Any) -> None:
+        super().__init__(message.format(**values) if values else message)
+        self.limit = limit
+        self.template = message
+        self.values = values
+
+    def localized(self) -> str:
+        return _(self.template).format(**self.values) if self.values else _(self.template)
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,14 +340,412 @@ _FILTERS: dict[str, Callable[..., Any]] = {
 # A value each filter accepts, to check literal arguments at compile time.
 _FILTER_SAMPLES: dict[str, Any] = {"money": 1, "date": date(2025, 1, 1), "plural": 1}
 _DEFAULT_FILTERS = frozenset({"default", "d"})
-_MAX_REPEAT = 10_000
 _MEMO_SIZE = 4_096  # filtered values remembered per field of a fast template
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox that raises our error on unsafe access and bounds ``*`` and ``**``."""
+# ---------------------------------------------------------------------------------------
+# Bounds of one render (DESIGN.md invariant 11): a template a person wrote runs within limits of
+# time, length, loops and value sizes, whatever it or a contact holds. The fast path needs none of
+# this (text and fields only); the Jinja path pays for it only in loops, calls, ``~``, ``+``, ``*``,
+# ``%``, ``**`` and the few filters that can make text longer than their input.
 
-    intercepted_binops = frozenset({"*", "**"})
+MAX_OUTPUT_CHARS = 4_590
+"""Longest message a template may render: three times what 10 GSM-7 parts hold (10 × 153)."""
+MAX_LOOP_STEPS = 10_000
+"""Loop iterations and calls one render may make, all loops together."""
+MAX_RENDER_SECONDS = 0.25
+"""Time one render may take, counted from its first loop iteration or call."""
+MAX_ITEMS = 10_000
+"""Items a list, tuple, dict or namespace built by a template may hold, nested ones counted."""
+MAX_INT_BITS = 4_096
+"""Largest whole number a template may compute (about 1,233 digits)."""
+
+
+class _Budget:
+    """What one render has used so far; created at its first loop iteration or call."""
+
+    __slots__ = ("chars", "deadline", "steps")
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.chars = 0
+        self.deadline = time.perf_counter() + MAX_RENDER_SECONDS
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_LOOP_STEPS:
+            raise TemplateLimitError(
+                N_("the template loops or calls more than {steps:,} times for one message: loop over less"),
+                limit="loops",
+                steps=MAX_LOOP_STEPS,
+            )
+        if not self.steps & 15 and time.perf_counter() > self.deadline:
+            raise TemplateLimitError(
+                N_("the template took longer than {seconds:g} s to render one message: simplify its loops"),
+                limit="time",
+                seconds=MAX_RENDER_SECONDS,
+            )
+
+    def emit(self, chars: int) -> None:
+        self.chars += chars
+        if self.chars > MAX_OUTPUT_CHARS:
+            raise _too_long()
+
+
+class _State(threading.local):
+    budget: _Budget | None = None
+
+
+_state = _State()
+
+
+def _budget() -> _Budget:
+    budget = _state.budget
+    if budget is None:
+        budget = _state.budget = _Budget()
+    return budget
+
+
+def _too_long() -> TemplateLimitError:
+    return TemplateLimitError(
+        N_("the message would be longer than {chars:,} characters ({parts} SMS parts): shorten the"
+           " template or what its loops repeat"),
+        limit="length",
+        chars=MAX_OUTPUT_CHARS,
+        parts=MAX_OUTPUT_CHARS // 153,
+    )  # fmt: skip
+
+
+def _too_wide(width: int) -> TemplateLimitError:
+    return TemplateLimitError(
+        N_("the template pads, repeats or formats text to {width:,} characters: keep it under {chars:,}"),
+        limit="length",
+        width=width,
+        chars=MAX_OUTPUT_CHARS,
+    )
+
+
+def _limit_from(exc: BaseException) -> TemplateLimitError:
+    """RecursionError, MemoryError or OverflowError as the template error that names it."""
+    if isinstance(exc, RecursionError):
+        return TemplateLimitError(
+            N_("the template nests too deeply (RecursionError): use fewer nested brackets, blocks or"
+               " macro calls"),
+            limit="nesting",
+        )  # fmt: skip
+    if isinstance(exc, MemoryError):
+        return TemplateLimitError(
+            N_("the template ran out of memory (MemoryError): make what it builds smaller"), limit="memory"
+        )
+    return TemplateLimitError(
+        N_("a number in the template is too large ({error}: {detail})"),
+        limit="number",
+        error=type(exc).__name__,
+        detail=str(exc),
+    )
+
+
+def _items(value: Any) -> int:
+    """Items in ``value`` and in everything it holds (a value held twice counts twice); stops
+    counting past :data:`MAX_ITEMS`, so it is cheap whatever ``value`` is."""
+    count = 0
+    stack = [value]
+    while stack and count <= MAX_ITEMS:
+        item = stack.pop()
+        cls = item.__class__
+        if cls is list or cls is tuple or cls is set or cls is frozenset:
+            count += len(item)
+            stack.extend(item)
+        elif cls is dict:
+            count += len(item)
+            stack.extend(item.values())
+        elif cls is _Namespace:
+            held = object.__getattribute__(item, "_held")
+            count += len(held)
+            stack.extend(held.values())
+    return count
+
+
+def _checked(value: Any) -> Any:
+    """``value`` when it is within the bounds on what a template builds, else the error."""
+    cls = value.__class__
+    if cls is str or cls is Markup:
+        if len(value) > MAX_OUTPUT_CHARS:
+            raise _too_wide(len(value))
+    elif cls is int:
+        if value.bit_length() > MAX_INT_BITS:
+            raise _too_big()
+    elif cls in _CONTAINERS and _items(value) > MAX_ITEMS:
+        raise _too_many()
+    return value
+
+
+def _too_many() -> TemplateLimitError:
+    return TemplateLimitError(
+        N_("the template builds a list of more than {items:,} items: keep it smaller"),
+        limit="size",
+        items=MAX_ITEMS,
+    )
+
+
+def _too_big() -> TemplateLimitError:
+    return TemplateLimitError(
+        N_("the template computes a number of more than {bits:,} bits"), limit="number", bits=MAX_INT_BITS
+    )
+
+
+# Called from the code Jinja generates (see _bound_tree): loops, output inside loops, ``~``,
+# and list, tuple and dict literals.
+
+
+def _loop_items(iterable: Any) -> Iterator[Any]:
+    budget = _budget()
+    for item in iterable:
+        budget.step()
+        yield item
+
+
+def _emitted(value: Any) -> str:
+    text = _jinja_text(value)
+    _budget().emit(len(text))
+    return text
+
+
+def _joined(*parts: Any) -> str:
+    return _checked("".join([part if part.__class__ is str else str(part) for part in parts]))
+
+
+_built = _checked
+
+
+def _jinja_text(value: Any) -> str:
+    """:func:`_text` for the Jinja path, where a value may be one a template built."""
+    if value.__class__ is str:
+        if len(value) > MAX_OUTPUT_CHARS:
+            raise _too_long()
+        return value if value.isprintable() else value.translate(_CONTROLS)
+    return _text(_checked(value))
+
+
+class _Namespace(Namespace):
+    """Jinja's ``namespace()``, whose attributes are bounded like any value a template builds."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        self = args[0]
+        held = {name: _checked(value) for name, value in dict(*args[1:], **kwargs).items()}
+        Namespace.__init__(self, held)
+        object.__setattr__(self, "_held", held)
+        _checked(self)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        object.__getattribute__(self, "_held")[name] = value
+        try:
+            _checked(self)
+        except TemplateLimitError:
+            del object.__getattribute__(self, "_held")[name]
+            raise
+        super().__setitem__(name, value)
+
+
+_CONTAINERS = frozenset({list, tuple, dict, set, frozenset, _Namespace})
+
+
+def _range(*args: Any) -> range:
+    """``range()`` for templates: no longer than a render may loop."""
+    numbers = range(*args)
+    if len(numbers) > MAX_LOOP_STEPS:
+        raise TemplateLimitError(
+            N_("range() of {count:,} numbers is longer than a template may loop ({steps:,})"),
+            limit="loops",
+            count=len(numbers),
+            steps=MAX_LOOP_STEPS,
+        )
+    return numbers
+
+
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _check_percent(text: str) -> None:
+    """Refuse a ``%`` format whose width or precision is past the bound, or taken from an argument."""
+    for width, precision in _PERCENT_SPEC.findall(text):
+        for number in (width, precision):
+            if number == "*":
+                raise TemplateLimitError(
+                    N_("the template takes a width from an argument (%*): write the width out"),
+                    limit="length",
+                )
+            if number and (len(number) > 12 or int(number) > MAX_OUTPUT_CHARS):
+                raise _too_wide(int(number) if len(number) <= 18 else 10**18)
+
+
+def _check_spec(spec: str) -> None:
+    """Refuse a ``str.format`` spec (``>900``, ``.500f`` …) whose width or precision is past the bound."""
+    for number in re.findall(r"\d+", spec):
+        if len(number) > 12 or int(number) > MAX_OUTPUT_CHARS:
+            raise _too_wide(int(number) if len(number) <= 18 else 10**18)
+
+
+class _BoundedFormatter(SandboxedFormatter):
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        _check_spec(format_spec)
+        return _checked(super().format_field(value, format_spec))
+
+
+class _BoundedEscapeFormatter(SandboxedEscapeFormatter):
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        _check_spec(format_spec)
+        return _checked(super().format_field(value, format_spec))
+
+
+def _check_text_call(method: Any, text: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Before a str method runs: no width past the bound (``ljust``, ``center``, ``zfill`` …), no
+    ``replace`` that would make text past it."""
+    for arg in (*args, *kwargs.values()):
+        if arg.__class__ is int and arg > MAX_OUTPUT_CHARS:
+            raise _too_wide(arg)
+    if (
+        method.__name__ == "replace"
+        and len(args) >= 2
+        and isinstance(args[0], str)
+        and isinstance(args[1], str)
+    ):
+        grows = len(args[1]) - len(args[0])
+        if grows > 0 and len(text) + (text.count(args[0]) * grows) > MAX_OUTPUT_CHARS:
+            raise _too_long()
+
+
+# Jinja's filters that can make text longer than their input, bounded first.
+
+
+def _bounded_filters(filters: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+    center, indent, fmt, replace = filters["center"], filters["indent"], filters["format"], filters["replace"]
+    join, wordwrap, tojson = filters["join"], filters["wordwrap"], filters["tojson"]
+    batch, slice_ = filters["batch"], filters["slice"]
+
+    def do_center(value: Any, width: int = 80) -> str:
+        if isinstance(width, int) and width > MAX_OUTPUT_CHARS:
+            raise _too_wide(width)
+        return center(value, width)
+
+    def do_indent(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+        if isinstance(width, int) and width > MAX_OUTPUT_CHARS:
+            raise _too_wide(width)
+        return _checked(indent(s, _checked(width), first, blank))
+
+    def do_format(value: Any, *args: Any, **kwargs: Any) -> str:
+        _check_percent(str(value))
+        return _checked(fmt(value, *args, **kwargs))
+
+    @pass_eval_context
+    def do_replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: int | None = None) -> str:
+        if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
+            _check_text_call(str.replace, s, (old, new), {})
+        return _checked(replace(eval_ctx, s, old, new, count))
+
+    @pass_eval_context
+    def do_join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> str:
+        return _checked(join(eval_ctx, value, d, attribute))
+
+    @pass_environment
+    def do_wordwrap(environment: Any, s: Any, width: int = 79, *args: Any, **kwargs: Any) -> str:
+        return _checked(wordwrap(environment, s, width, *args, **kwargs))
+
+    @pass_eval_context
+    def do_tojson(eval_ctx: Any, value: Any, indent: int | None = None) -> Any:
+        if isinstance(indent, int) and indent > 100:
+            raise _too_wide(indent)
+        return _checked(tojson(eval_ctx, _checked(value), indent))
+
+    def do_batch(value: Any, linecount: int, fill_with: Any = None) -> Any:
+        if isinstance(linecount, int) and linecount > MAX_ITEMS:
+            raise _too_many()
+        return batch(
+            value, linecount, _checked(fill_with) if fill_with.__class__ in _CONTAINERS else fill_with
+        )
+
+    @pass_eval_context
+    def do_slice(eval_ctx: Any, value: Any, slices: int, fill_with: Any = None) -> Any:
+        if isinstance(slices, int) and slices > MAX_ITEMS:
+            raise _too_many()
+        return slice_(eval_ctx, value, slices, fill_with)
+
+    return {
+        "center": do_center, "indent": do_indent, "format": do_format, "replace": do_replace,
+        "join": do_join, "wordwrap": do_wordwrap, "tojson": do_tojson, "batch": do_batch, "slice": do_slice,
+    }  # fmt: skip
+
+
+class _Bounds(NodeTransformer):
+    """Rewrites a parsed template so that the code Jinja generates counts loop iterations and the
+    output inside loops, and checks what ``~`` and list, tuple and dict literals build."""
+
+    def __init__(self) -> None:
+        self.loops = 0
+
+    def visit_For(self, node: nodes.For) -> nodes.For:
+        node.iter = _call("_loop_items", self.visit(node.iter), lineno=node.lineno)
+        if node.test is not None:
+            node.test = self.visit(node.test)
+        self.loops += 1
+        node.body = [self.visit(child) for child in node.body]
+        self.loops -= 1
+        node.else_ = [self.visit(child) for child in node.else_]
+        return node
+
+    def visit_Output(self, node: nodes.Output) -> nodes.Output:
+        if not self.loops:
+            return self.generic_visit(node)
+        node.nodes = [
+            _call(
+                "_emitted",
+                nodes.Const(child.data) if isinstance(child, nodes.TemplateData) else self.visit(child),
+                lineno=child.lineno,
+            )
+            for child in node.nodes
+        ]
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Expr:
+        return _call("_joined", *[self.visit(child) for child in node.nodes], lineno=node.lineno)
+
+    def _literal(self, node: nodes.Expr) -> nodes.Expr:
+        node = self.generic_visit(node)
+        if getattr(node, "ctx", "load") != "load":
+            return node
+        try:
+            node.as_const()
+        except nodes.Impossible:
+            return _call("_built", node, lineno=node.lineno)
+        return node
+
+    visit_List = visit_Tuple = visit_Dict = _literal
+
+
+def _call(name: str, *args: nodes.Expr, lineno: int | None = None) -> nodes.Call:
+    call = nodes.Call(nodes.ImportedName(f"{__name__}.{name}"), list(args), [], None, None)
+    call.set_environment(_ENV)
+    return call.set_lineno(lineno or 1)
+
+
+class _Links:
+    """``link()`` in a compiled template: the placeholder of each literal address."""
+
+    __slots__ = ("placeholders",)
+
+    def __init__(self, placeholders: Mapping[str, str]) -> None:
+        self.placeholders = placeholders
+
+    def __call__(self, url: Any = None) -> str | None:
+        return self.placeholders.get(url)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox that raises our errors on unsafe access and keeps what a template
+    computes within the bounds above: calls count against the render's budget, and ``*``, ``**``,
+    ``+``, ``%`` and ``str.format`` are checked before they run."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Undefined:
         raise TemplateSecurityError(
@@ -320,20 +756,88 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
-                sized = isinstance(seq, str | list | tuple) and isinstance(times, int)
-                if sized and len(seq) * times > _MAX_REPEAT:
-                    raise TemplateSecurityError(
-                        f"the template repeats a value {times} times: keep results under {_MAX_REPEAT} items"
+                if isinstance(seq, str | list | tuple) and isinstance(times, int):
+                    bound = MAX_OUTPUT_CHARS if isinstance(seq, str) else MAX_ITEMS
+                    if len(seq) * times > bound:
+                        raise TemplateLimitError(
+                            N_(
+                                "the template repeats a value {times:,} times: keep the result under {bound:,}"
+                            ),
+                            limit="length" if isinstance(seq, str) else "size",
+                            times=times,
+                            bound=bound,
+                        )
+            ints = isinstance(left, int) and isinstance(right, int)
+            if ints and left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise _too_big()
+        elif operator == "**":
+            if isinstance(left, int | float) and isinstance(right, int | float):
+                if abs(right) > 100:
+                    raise TemplateLimitError(
+                        N_("the template raises a number to the power {power}: keep it ≤ 100"),
+                        limit="number",
+                        power=right,
                     )
-        elif isinstance(left, int | float) and isinstance(right, int | float) and abs(right) > 100:
-            raise TemplateSecurityError(f"the template raises a number to the power {right}: keep it ≤ 100")
-        return super().call_binop(context, operator, left, right)
+                if (
+                    isinstance(left, int)
+                    and isinstance(right, int)
+                    and left.bit_length() * right > MAX_INT_BITS
+                ):
+                    raise _too_big()
+        elif operator == "%" and isinstance(left, str):
+            _check_percent(left)
+        return _checked(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        if __obj.__class__ is _Links:  # ours, and as cheap as a dict lookup: not counted
+            return __obj(*args, **kwargs)
+        budget = _state.budget
+        if budget is None:
+            budget = _state.budget = _Budget()
+        budget.step()
+        if __obj.__class__ is LoopContext:  # loop(children) in a recursive loop
+            if args:
+                args = (_loop_items(args[0]), *args[1:])
+        else:
+            owner = getattr(__obj, "__self__", None)
+            if owner.__class__ is str or owner.__class__ is Markup:
+                _check_text_call(__obj, owner, args, kwargs)
+        return _checked(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """``str.format`` and ``format_map`` as Jinja's sandbox runs them, with widths bounded."""
+        if not isinstance(value, types.MethodType | types.BuiltinMethodType) or value.__name__ not in (
+            "format",
+            "format_map",
+        ):
+            return None
+        owner = value.__self__
+        if not isinstance(owner, str):
+            return None
+        formatter: SandboxedFormatter
+        if isinstance(owner, Markup):
+            formatter = _BoundedEscapeFormatter(self, escape=owner.escape)
+        else:
+            formatter = _BoundedFormatter(self)
+        is_map = value.__name__ == "format_map"
+
+        def wrapper(*args: Any, **kwargs: Any) -> str:
+            if is_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one mapping")
+                kwargs, args = args[0], ()
+            return _checked(type(owner)(formatter.vformat(owner, args, kwargs)))
+
+        return update_wrapper(wrapper, value)
 
 
-_ENV = _Sandbox(autoescape=False, undefined=_Missing, finalize=_text)
+_ENV = _Sandbox(autoescape=False, undefined=_Missing, finalize=_jinja_text)
 _ENV.filters.update(_FILTERS)
+_ENV.filters.update(_bounded_filters(_ENV.filters))
 _ENV.globals.pop("lipsum", None)  # lorem ipsum has no place in an SMS
 _ENV.globals["link"] = lambda url=None: ""  # replaced per template, listed here so it is no field
+_ENV.globals["range"] = _range
+_ENV.globals["namespace"] = _Namespace
 _GLOBALS = frozenset(_ENV.globals)
 
 
@@ -363,15 +867,20 @@ class Template:
     _render: Callable[[Mapping[str, Any]], str] = field(repr=False, compare=False)
 
     def render(self, contact: Mapping[str, Any]) -> str:
-        """The message for ``contact``; missing fields render as their default or ""."""
+        """The message for ``contact``; missing fields render as their default or "".
+
+        Raises :class:`TemplateLimitError` when the message would be longer than
+        :data:`MAX_OUTPUT_CHARS` or the render goes past another bound."""
         try:
-            return self._render(contact)
+            return self._render(contact)  # both renderers check the length (MAX_OUTPUT_CHARS)
         except AttributeError:
             if not isinstance(contact, Mapping):
                 raise TemplateInputError(
                     f"a contact must be a mapping of field names to values, got {type(contact).__name__}"
                 ) from None
             raise
+        except (RecursionError, MemoryError, OverflowError) as exc:
+            raise _limit_from(exc) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +932,13 @@ def compile(  # shadows the builtin on purpose: callers write templates.compile(
     placeholder = _placeholder(link_base)
 
     try:
+        return _compile(source, known, placeholder, fast)
+    except (RecursionError, MemoryError, OverflowError) as exc:
+        raise _limit_from(exc) from None
+
+
+def _compile(source: str, known: frozenset[str] | None, placeholder: str, fast: bool) -> Template:
+    try:
         tree = _ENV.parse(source)
     except jinja2.TemplateSyntaxError as exc:
         raise _syntax_error(exc, source) from None
@@ -450,8 +966,16 @@ def compile(  # shadows the builtin on purpose: callers write templates.compile(
     renderer = _fast_renderer(tree, placeholders) if fast else None
     is_fast = renderer is not None
     if renderer is None:
-        jinja_template = _ENV.from_string(tree, globals={"link": placeholders.get})
+        _Bounds().visit(tree)
+        jinja_template = _ENV.from_string(tree, globals={"link": _Links(placeholders)})
         renderer = _jinja_renderer(jinja_template, used)
+    try:  # what goes past a bound with no field at all does for every contact: say so now
+        if len(renderer({})) > MAX_OUTPUT_CHARS:
+            raise _too_long()
+    except TemplateLimitError:
+        raise
+    except TemplateError:
+        pass  # depends on the contact: reported for each one that fails
 
     return Template(
         source=source,
@@ -664,6 +1188,8 @@ def _guess_column(text: str, hints: Iterable[str]) -> int:
 
 
 def _jinja_renderer(template: jinja2.Template, used: tuple[str, ...]) -> Callable[[Mapping[str, Any]], str]:
+    root, new_context = template.root_render_func, template.new_context
+
     def render_jinja(contact: Mapping[str, Any]) -> str:
         context = {}
         get = contact.get
@@ -671,12 +1197,20 @@ def _jinja_renderer(template: jinja2.Template, used: tuple[str, ...]) -> Callabl
             value = get(name)
             if value is not None:
                 context[name] = value
+        _state.budget = None  # a fresh budget, made at the first loop iteration or call
         try:
-            return template.render(context)
+            # joined at C speed: output inside loops is counted as it is made (_emitted), and the
+            # few pieces outside loops are each bounded, so the text is checked once, whole
+            text = "".join(root(new_context(context)))
+            if len(text) > MAX_OUTPUT_CHARS:
+                raise _too_long()
+            return text
         except TemplateError:
             raise
         except SecurityError as exc:
             raise TemplateSecurityError(f"{exc}: use contact fields, filters and link() only") from None
+        except (RecursionError, MemoryError, OverflowError) as exc:
+            raise _limit_from(exc) from None
         except Exception as exc:
             raise TemplateRenderError(
                 f"the template failed for this contact ({type(exc).__name__}: {exc});"
@@ -708,7 +1242,7 @@ def _fast_renderer(
             else:
                 parts.append(part)
 
-    constants: dict[str, Any] = {"_text": _text, "_field": _field}
+    constants: dict[str, Any] = {"_text": _text, "_field": _field, "_too_long": _too_long}
     lines = ["def render_fast(contact):", "    get = contact.get"]
     pieces = []
     for i, part in enumerate(parts):
@@ -735,7 +1269,12 @@ def _fast_renderer(
             constants[f"F{i}"] = how
             lines.append(f"    v{i} = F{i}(v{i})")
         pieces.append(f"{{v{i}}}")
-    lines.append(f'    return f"{"".join(pieces)}"')
+    lines += [
+        f'    text = f"{"".join(pieces)}"',
+        f"    if len(text) > {MAX_OUTPUT_CHARS}:",
+        "        raise _too_long()",
+        "    return text",
+    ]
     namespace = dict(constants)
     exec("\n".join(lines), namespace)  # names and literals enter only as repr() or via the namespace
     return namespace["render_fast"]

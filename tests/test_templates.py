@@ -340,7 +340,10 @@ def test_a_megabyte_template_is_rejected_naming_its_length():
     with pytest.raises(TemplateTooLongError, match="1,000,000 characters") as caught:
         templates.compile("a" * 1_000_000)
     assert isinstance(caught.value, ValueError)
-    assert templates.compile("a" * templates.MAX_SOURCE_CHARS).render({}) == "a" * 10_000
+    longest = templates.MAX_OUTPUT_CHARS
+    assert templates.compile("a" * longest).render({}) == "a" * longest
+    with pytest.raises(templates.TemplateLimitError, match="longer than 4,590 characters"):
+        templates.compile("a" * templates.MAX_SOURCE_CHARS)  # source fits, but no message is that long
 
 
 def test_fields_given_as_one_string_are_rejected():
@@ -394,9 +397,9 @@ def test_sandbox_blocks_internals_reached_through_values_at_render_time(source, 
 
 
 def test_sandbox_bounds_repetition_and_powers():
-    with pytest.raises(TemplateSecurityError, match="repeats"):
+    with pytest.raises(templates.TemplateLimitError, match="repeats"):
         render("{{ 'x' * 1000000 }}")
-    with pytest.raises(TemplateSecurityError, match="power"):
+    with pytest.raises(templates.TemplateLimitError, match="power"):
         render("{{ 9 ** 999999 }}")
     assert render("{{ '-' * 3 }}") == "---"
 
