@@ -56,45 +56,54 @@ def status_label(status: str) -> str:
 
 KINDS = {"promo": _("Promotion"), "service": _("Service")}
 
+
+def campaign_list(listing) -> None:
+    """Every campaign with its counts, one row each."""
+    st.dataframe(
+        [
+            {
+                _("id"): str(row.campaign_id),
+                _("Campaign"): row.name,
+                _("Kind"): i18n.label(campaigns.KIND_LABELS, row.kind),
+                _("Status"): status_label(row.status),
+                _("Starts"): when(row.scheduled_at),
+                _("Launched"): when(row.launched_at),
+                _("In the segment"): i18n.number(row.audience),
+                _("Planned"): i18n.number(row.planned),
+                _("Waiting"): i18n.number(row.waiting),
+                _("Sent"): i18n.number(row.sent),
+                _("Delivered"): i18n.number(row.delivered),
+                _("Not sent"): i18n.number(row.not_sent - row.left_out),  # of the planned, as Follow counts
+                _("Unknown outcome"): i18n.number(row.unknown),
+                _("Cost"): i18n.money(row.cost, row.currency if isinstance(row.currency, str) else "RUB"),
+            }
+            for row in listing.itertuples()
+        ],
+        hide_index=True,
+        width="stretch",
+        column_config={
+            _("Starts"): st.column_config.TextColumn(help=_("In {zone}").format(zone=zone)),
+            _("Launched"): st.column_config.TextColumn(help=_("In {zone}").format(zone=zone)),
+            _("In the segment"): st.column_config.TextColumn(
+                help=_("Everyone who matched the segment at launch, frozen into the campaign")
+            ),
+            _("Planned"): st.column_config.TextColumn(
+                help=_("Planned at launch, after consent, duplicates, frequency caps and the control group")
+            ),
+            _("Not sent"): st.column_config.TextColumn(help=_("Planned but not sent, each with a reason")),
+            _("Unknown outcome"): st.column_config.TextColumn(
+                help=_("May or may not have reached the recipient; never sent again by itself (see Follow)")
+            ),
+            _("Cost"): st.column_config.TextColumn(help=_("Of the messages sent so far")),
+        },
+    )
+
+
 listing = unsettled.listing()  # campaigns.list_all() with the unknown outcomes apart from "not sent"
-st.dataframe(
-    [
-        {
-            _("id"): str(row.campaign_id),
-            _("Campaign"): row.name,
-            _("Kind"): i18n.label(campaigns.KIND_LABELS, row.kind),
-            _("Status"): status_label(row.status),
-            _("Starts"): when(row.scheduled_at),
-            _("Launched"): when(row.launched_at),
-            _("In the segment"): i18n.number(row.audience),
-            _("Planned"): i18n.number(row.planned),
-            _("Waiting"): i18n.number(row.waiting),
-            _("Sent"): i18n.number(row.sent),
-            _("Delivered"): i18n.number(row.delivered),
-            _("Not sent"): i18n.number(row.not_sent - row.left_out),  # of the planned, as Follow counts
-            _("Unknown outcome"): i18n.number(row.unknown),
-            _("Cost"): i18n.money(row.cost, row.currency if isinstance(row.currency, str) else "RUB"),
-        }
-        for row in listing.itertuples()
-    ],
-    hide_index=True,
-    width="stretch",
-    column_config={
-        _("Starts"): st.column_config.TextColumn(help=_("In {zone}").format(zone=zone)),
-        _("Launched"): st.column_config.TextColumn(help=_("In {zone}").format(zone=zone)),
-        _("In the segment"): st.column_config.TextColumn(
-            help=_("Everyone who matched the segment at launch, frozen into the campaign")
-        ),
-        _("Planned"): st.column_config.TextColumn(
-            help=_("Planned at launch, after consent, duplicates, frequency caps and the control group")
-        ),
-        _("Not sent"): st.column_config.TextColumn(help=_("Planned but not sent, each with a reason")),
-        _("Unknown outcome"): st.column_config.TextColumn(
-            help=_("May or may not have reached the recipient; never sent again by itself (see Follow)")
-        ),
-        _("Cost"): st.column_config.TextColumn(help=_("Of the messages sent so far")),
-    },
-)
+if listing.empty:  # a fresh install: say so, not an empty grid
+    st.caption(_("No campaigns yet: create the first one below, or from Compose."))
+else:
+    campaign_list(listing)
 
 new_tab, launch_tab, follow_tab = st.tabs([_("New campaign"), _("Test and launch"), _("Follow")])
 
@@ -378,8 +387,9 @@ with launch_tab:
         chosen = drafts[st.selectbox(_("Draft"), list(drafts), key="launch_pick", format_func=draft_label)]
         cid = chosen.campaign_id
         caps = chosen.caps or config.frequency_caps()
+        quiet = chosen.quiet or config.quiet_hours()
         settings_line = _("Quiet hours {quiet} · at most {day} a day, {week} a week per number").format(
-            quiet=chosen.quiet or config.quiet_hours(),
+            quiet=quiet if quiet.start != quiet.end else _("off"),  # none, not "00:00-00:00"
             day=i18n.number(caps.per_day) if caps.per_day else "∞",
             week=i18n.number(caps.per_week) if caps.per_week else "∞",
         )

@@ -15,9 +15,10 @@ if snapshot is None:
     st.stop()
 
 
-@st.cache_data(show_spinner=False)
-def audience_choices(build_id: str) -> dict[str, dict]:
-    """Saved segments (latest versions) and the ready-made ones, as JSON definitions."""
+@st.cache_data(show_spinner=False, max_entries=16)
+def audience_choices(build_id: str, saved: tuple[tuple[str, int], ...]) -> dict[str, dict]:
+    """Saved segments (latest versions) and the ready-made ones, as JSON definitions; read again
+    when a segment is saved (``saved``: each one's name and version), not only after a build."""
     return {key: segments.to_dict(segment) for key, segment in campaigns.audiences().items()}
 
 
@@ -92,7 +93,7 @@ def show(guard: composer.Guard) -> None:
 
 KINDS = {"promo": _("Promotion"), "service": _("Service")}
 
-choices = audience_choices(snapshot.build_id)
+choices = audience_choices(snapshot.build_id, tuple((s.name, s.version) for s in segments.list_saved()))
 top = st.columns([2, 1, 1])
 chosen = top[0].selectbox(
     _("Audience"), list(choices), key="compose_audience", format_func=campaigns.audience_label
@@ -124,48 +125,46 @@ with left:
         show(empty)
         st.stop()
     source = composer.message_source(body, kind, opt_out)
-    try:  # a template past a bound (time, length, loops, nesting) is refused here, before any planning
+    try:
         template = templates.compile(source, fields)
-        static = encoding.analyze(template.render({}))
     except templates.TemplateError as exc:
-        st.error(exc.localized())
+        st.error(str(exc))
         st.stop()
 
+    static = encoding.analyze(template.render({}))
     c1, c2, c3 = st.columns(3)
     c1.metric(_("Characters (no personalisation)"), i18n.number(static.chars))
     c2.metric(_("Encoding"), static.encoding)
     c3.metric(_("Segments"), i18n.number(static.segments))
     if static.ucs2_chars:
         st.caption(_("UCS-2 because of {reason}.").format(reason=composer.ucs2_reason(static)))
-        saved = encoding.savings(body)
+        # the message as sent, as the Segments figure above counts it; offered where it saves
+        saved = composer.rewrites(body, kind, opt_out, fields)
         fix1, fix2 = st.columns(2)
-        fix1.button(
-            _("Replace look-alikes ({before} → {after})").format(
-                before=i18n.number(saved.original_segments), after=segments_count(saved.smart_segments)
-            ),
-            key="fix_smart",
-            on_click=rewrite,
-            args=(lambda text: encoding.smart_replace(text)[0],),
-        )
-        fix2.button(
-            _("Transliterate ({before} → {after})").format(
-                before=i18n.number(saved.original_segments),
-                after=segments_count(saved.transliterated_segments),
-            ),
-            key="fix_translit",
-            on_click=rewrite,
-            args=(encoding.transliterate,),
-        )
+        if saved.saves(saved.written, saved.smart):
+            fix1.button(
+                _("Replace look-alikes ({before} → {after})").format(
+                    before=i18n.number(saved.written.segments), after=segments_count(saved.smart.segments)
+                ),
+                key="fix_smart",
+                on_click=rewrite,
+                args=(lambda text: encoding.smart_replace(text)[0],),
+            )
+        if saved.saves(saved.written, saved.transliterated):
+            fix2.button(
+                _("Transliterate ({before} → {after})").format(
+                    before=i18n.number(saved.written.segments),
+                    after=segments_count(saved.transliterated.segments),
+                ),
+                key="fix_translit",
+                on_click=rewrite,
+                args=(encoding.transliterate,),
+            )
 
 grouped, sample = audience(snapshot.build_id, choices[chosen], template.fields, kind)
 reach = composer.reach(audience_breakdown(snapshot.build_id, choices[chosen]), kind)
-try:  # a template can fail, or go past a bound, on one recipient's values
-    estimate = composer.estimate(template, grouped)
-    previews = composer.preview(template, sample)
-except templates.TemplateError as exc:
-    with under_text:
-        st.error(exc.localized())
-    st.stop()
+estimate = composer.estimate(template, grouped)
+previews = composer.preview(template, sample)
 warnings = composer.check(
     template,
     kind=kind,

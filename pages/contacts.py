@@ -295,20 +295,23 @@ def follow_import(last: dict) -> None:
         if code is None:
             elapsed = time.monotonic() - last["started"]
             previous = warehouse.current()
-            with st.status(_("Rebuilding the warehouse with the new contacts…"), expanded=True):
-                if previous is not None:
-                    st.progress(
-                        min(elapsed / max(previous.seconds, 1.0), 0.95),
-                        text=_("{elapsed} s so far; the last build took {seconds} s").format(
-                            elapsed=i18n.number(round(elapsed)), seconds=i18n.number(round(previous.seconds))
-                        ),
-                    )
-                st.write(
-                    _(
-                        "The new contacts can be targeted in segments and campaigns when this build is "
-                        "published. The rest of the app stays usable meanwhile."
-                    )
+            # not a `with` block: leaving one marks the status complete while the build still runs
+            status = st.status(_("Rebuilding the warehouse with the new contacts…"), expanded=True)
+            if previous is not None:
+                status.progress(
+                    min(elapsed / max(previous.seconds, 1.0), 0.95),
+                    text=_("{elapsed} s so far; the last build took {seconds} s").format(
+                        elapsed=i18n.number(round(elapsed)), seconds=i18n.number(round(previous.seconds))
+                    ),
                 )
+            else:  # the first build of this install: nothing to measure it against
+                status.caption(_("{elapsed} s so far").format(elapsed=i18n.number(round(elapsed))))
+            status.write(
+                _(
+                    "The new contacts can be targeted in segments and campaigns when this build is "
+                    "published. The rest of the app stays usable meanwhile."
+                )
+            )
             return
         if not last.get("ended"):  # the build ended since the page last ran: stop polling
             last["ended"] = True

@@ -114,16 +114,17 @@ def refresh_status(shown_build: str) -> None:
     proc = st.session_state.get("refresh_proc")
     started = st.session_state.get("refresh_started")
     if build_is_running():
-        with st.status(_("Refreshing metrics: dbt is building a new snapshot…")):
-            if started is not None:  # this session started it: show how far along it should be
-                elapsed = time.monotonic() - started
-                st.progress(
-                    min(elapsed / max(snapshot.seconds, 1.0), 0.95),
-                    text=_("{elapsed} s so far; the last build took {seconds} s").format(
-                        elapsed=i18n.number(elapsed, 0), seconds=i18n.number(snapshot.seconds, 0)
-                    ),
-                )
-            st.write(_("Other pages stay usable; the figures here switch when the build is published."))
+        # not a `with` block: leaving one marks the status complete while the build still runs
+        status = st.status(_("Refreshing metrics: dbt is building a new snapshot…"))
+        if started is not None:  # this session started it: show how far along it should be
+            elapsed = time.monotonic() - started
+            status.progress(
+                min(elapsed / max(snapshot.seconds, 1.0), 0.95),
+                text=_("{elapsed} s so far; the last build took {seconds} s").format(
+                    elapsed=i18n.number(elapsed, 0), seconds=i18n.number(snapshot.seconds, 0)
+                ),
+            )
+        status.write(_("Other pages stay usable; the figures here switch when the build is published."))
     elif latest is not None and latest.build_id != shown_build:
         st.session_state.pop("refresh_proc", None)
         st.session_state.pop("refresh_started", None)

@@ -183,6 +183,43 @@ def ucs2_reason(analysis: encoding.Analysis) -> str:
     return "; ".join(parts)
 
 
+@dataclass(frozen=True, slots=True)
+class Rewrites:
+    """A message (its opt-out footer included, no personalisation) as written, and after each
+    one-click rewrite of its text."""
+
+    written: encoding.Analysis
+    smart: encoding.Analysis
+    """After :func:`smsops.encoding.smart_replace` of the text."""
+    transliterated: encoding.Analysis
+    """After :func:`smsops.encoding.transliterate` of the text (the footer stays as it is)."""
+
+    @staticmethod
+    def saves(before: encoding.Analysis, after: encoding.Analysis) -> bool:
+        """Whether a rewrite is worth offering: fewer segments, or GSM-7 where it was not."""
+        return after.segments < before.segments or (after.encoding == "GSM-7" != before.encoding)
+
+
+def rewrites(
+    body: str, kind: Kind, opt_out: str | None, fields: Iterable[str] | Mapping[str, str]
+) -> Rewrites:
+    """What each rewrite of ``body`` would make of the message a recipient gets: analysed as
+    sent (fields and links rendered, the footer added), as the Segments figure beside it is, not
+    as the template's source. A rewrite that breaks the template counts as no change."""
+
+    def analysis(text: str) -> encoding.Analysis:
+        try:
+            return encoding.analyze(templates.compile(message_source(text, kind, opt_out), fields).render({}))
+        except templates.TemplateError:
+            return analysis(body) if text != body else encoding.analyze(message_source(body, kind, opt_out))
+
+    return Rewrites(
+        written=analysis(body),
+        smart=analysis(encoding.smart_replace(body)[0]),
+        transliterated=analysis(encoding.transliterate(body)),
+    )
+
+
 def country_label(code: str | None) -> str:
     """A destination country's name in the current language (``ZZ``, the prices' row for any
     other country, and an unknown one read as such)."""

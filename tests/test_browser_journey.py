@@ -77,12 +77,15 @@ def no_exception(page, where: str) -> None:
     assert not errors.count(), f"{where}: {errors.first.inner_text()[:500]}"
 
 
-def metric(page, label: str) -> str:
-    """The value of the metric labelled exactly ``label``."""
+def metric(page, label: str, first: bool = False) -> str:
+    """The value of the metric labelled exactly ``label`` (the first of them with ``first``)."""
     label_el = page.locator("[data-testid=stMetricLabel]", has_text=re.compile(f"^{re.escape(label)}$"))
-    (value,) = (
+    values = (
         page.locator("[data-testid=stMetric]").filter(has=label_el).locator("[data-testid=stMetricValue]")
     ).all_inner_texts()
+    if first:
+        return values[0]
+    (value,) = values
     return value
 
 
@@ -283,6 +286,11 @@ def journey(page, shot, url: str, hooks: str, sandbox: str, home: Path, export: 
     no_exception(page, "import")
     shot("import-built")
 
+    # a look at Compose before there is a segment to send to (its list must not stay so)
+    page.goto(f"{url}/compose")
+    wait_for_script(page)
+    no_exception(page, "compose before a segment")
+
     # -- a segment of the fair's visitors, from the custom column -------------------------------
     page.goto(f"{url}/segments")
     wait_for_script(page)
@@ -329,6 +337,10 @@ def journey(page, shot, url: str, hooks: str, sandbox: str, home: Path, export: 
                     f"скидка 20% до воскресенья {{{{ link('{SHOP}') }}}}"), body  # fmt: skip
     metric_shows(page, "Recipients reachable now", str(FAIR_VISITORS))
     shown = main_text(page)
+    parts = metric(page, "Segments", first=True)  # of the message as sent, as a rewrite's button counts
+    assert all(before == parts for before in re.findall(r"(?:look-alikes|Transliterate) \((\d+) →", shown)), (
+        shown
+    )
     personalised = re.findall(
         r"^(\w+), на ярмарке вы просили .* http://127\.0\.0\.1:\d+/l/\w+ Отказ: СТОП$", shown, re.M
     )
@@ -340,7 +352,7 @@ def journey(page, shot, url: str, hooks: str, sandbox: str, home: Path, export: 
     page.locator(".st-key-new_name input").wait_for()
     wait_for_script(page)
     assert page.locator(".st-key-new_text_A textarea").input_value() == body
-    assert "From Compose" in main_text(page)
+    assert "From Compose" in main_text(page) and "No campaigns yet" in main_text(page)
     type_into(page, "new_name", CAMPAIGN)
     type_into(page, "new_quiet", "off")  # the test runs at any hour
     shot("campaign-form")
@@ -352,6 +364,7 @@ def journey(page, shot, url: str, hooks: str, sandbox: str, home: Path, export: 
     page.get_by_role("tab", name="Test and launch").click()
     wait_for_script(page)
     assert page.locator(".st-key-seed_numbers input").input_value() == SEED  # as deployed
+    assert "Quiet hours off ·" in main_text(page)
     click(page, "test_send")
     page.get_by_text("personalised with the data of contact").wait_for(timeout=30_000)
     until(page, lambda: "delivered" in seed_table(page), "test_refresh", 60, "the test's receipt")
@@ -416,3 +429,4 @@ def journey(page, shot, url: str, hooks: str, sandbox: str, home: Path, export: 
     high = len(delivered) / max(1, len(settled) - len(late))
     rounding = 0.0005  # the page shows a rate to a tenth of a percent
     assert low - rounding <= shown_rate <= min(1.0, high) + rounding, said
+    print(said)
