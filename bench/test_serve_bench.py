@@ -16,8 +16,9 @@ one run, in this order:
    ``R × SMSOPS_BENCH_SERVE_SECONDS`` messages (written with SQL as ``campaigns.plan`` writes
    them; recipients in a zone where it is early afternoon, so quiet hours never bind); once
    serve answers, the campaign is set running and the clock starts. ``C`` is serve's default
-   (32) raised to 12% of the rate: the sandbox answers in 20–80 ms, so 32 requests in flight
-   cannot pass ~640/s whatever the rate asked (``SMSOPS_BENCH_SERVE_CONCURRENCY`` overrides).
+   for the rate (15% of it, at least 32: the sandbox answers in 20–80 ms, and 32 requests in
+   flight cannot pass ~640/s), given on the command line only to earlier code and when
+   ``SMSOPS_BENCH_SERVE_CONCURRENCY`` overrides it.
    With ``SMSOPS_BENCH_SERVE_BEFORE``, the same again with an earlier version of the code first.
 
 What is measured, all from the store except the arrivals:
@@ -86,12 +87,12 @@ FINAL = ("delivered", "undelivered", "failed")
 
 
 def concurrency_for(rate: int) -> int:
-    """Requests in flight: ``SMSOPS_BENCH_SERVE_CONCURRENCY``, else serve's default (32), raised
-    to what the rate needs at the sandbox's slowest answer (80 ms) plus half again."""
+    """Requests in flight: ``SMSOPS_BENCH_SERVE_CONCURRENCY``, else serve's default for the rate
+    (:func:`smsops.dispatch.concurrency_for`: rate × 0.1 s × 1.5, at least 32)."""
     given = os.environ.get("SMSOPS_BENCH_SERVE_CONCURRENCY")
     if given:
         return int(given)
-    return max(32, math.ceil(rate * 0.08 * 1.5))
+    return dispatch.concurrency_for(rate)
 
 
 # What runs in the serve process: logs when each send reaches the sandbox's app (wall clock, so
@@ -359,8 +360,9 @@ def run_serve(tmp: Path, rate: int, concurrency: int, code: str | None = None) -
     }
     command = [
         str(Path(sys.executable).with_name("smsops")), "serve", "--port", str(port), "--rate", str(rate),
-        "--concurrency", str(concurrency),
     ]  # fmt: skip
+    if code or os.environ.get("SMSOPS_BENCH_SERVE_CONCURRENCY"):  # else serve's own default, as deployed
+        command += ["--concurrency", str(concurrency)]
     log = (tmp / "serve.log").open("w")
     serve = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     watcher = Watcher(home, cid)

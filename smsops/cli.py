@@ -387,8 +387,8 @@ def _campaign_send(args: argparse.Namespace) -> int:
         provider = serve.load_provider(args.provider)
         settings = dispatch.DispatchSettings(
             rate_per_second=args.rate,
-            concurrency=args.concurrency,
-            clients=max(1, args.concurrency),
+            concurrency=args.concurrency or dispatch.concurrency_for(args.rate),
+            clients=args.concurrency or dispatch.concurrency_for(args.rate),
             processes=args.processes or dispatch.processes_for(args.rate),
         )
     except (ProviderError, dispatch.DispatchError) as exc:
@@ -401,7 +401,7 @@ def _campaign_send(args: argparse.Namespace) -> int:
     )
     with contextlib.ExitStack() as stack:
         if provider.is_sandbox and not serve.sandbox_reachable(provider):
-            sandbox = stack.enter_context(serve.start_sandbox(provider, None))
+            sandbox = stack.enter_context(serve.start_sandbox(provider, None, rate_per_second=args.rate))
             print(f"no sandbox was running: started one at {sandbox.url} for this run", file=sys.stderr)
         if serve.webhook_reachable(webhook_url):
             callback = f"{webhook_url.rstrip('/')}/webhooks/{provider.name}/status"
@@ -607,8 +607,8 @@ def _serve(args: argparse.Namespace) -> int:
             public_url=args.public_url,
             dispatch=dispatch.DispatchSettings(
                 rate_per_second=args.rate,
-                concurrency=args.concurrency,
-                clients=max(1, args.concurrency),
+                concurrency=args.concurrency or dispatch.concurrency_for(args.rate),
+                clients=args.concurrency or dispatch.concurrency_for(args.rate),
                 processes=args.processes or dispatch.processes_for(args.rate),
             ),
         )
@@ -693,6 +693,8 @@ def streamlit_argv(address: str, port: int, *extra: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
+    from smsops.i18n import _
+
     ap = argparse.ArgumentParser(prog="smsops", description="Self-hosted SMS campaigns over a dbt warehouse.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -794,7 +796,12 @@ def parser() -> argparse.ArgumentParser:
     cs = cp_sub.add_parser("send", help="send a running campaign's due messages now, with a progress bar")
     cs.add_argument("id", type=int, help="the campaign's id")
     cs.add_argument("--rate", type=float, default=100.0, help="messages per second at most (default 100)")
-    cs.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default 32)")
+    cs.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help=_("requests in flight at most (default: the rate × 0.15 s, at least 32)"),
+    )
     cs.add_argument("--processes", type=int,
                     help="dispatcher processes, a core each (default: one per 2,500 msg/s of --rate, at most the cores)")  # fmt: skip
     cs.add_argument("--provider", help="sandbox, twilio or smsru (default: $SMSOPS_PROVIDER, else sandbox)")
@@ -838,7 +845,12 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--provider", help="sandbox, twilio or smsru (default: $SMSOPS_PROVIDER, else sandbox)")
     sv.add_argument("--public-url", help="the address providers reach the webhook app at, behind a proxy")
     sv.add_argument("--rate", type=float, default=100.0, help="messages per second at most (default 100)")
-    sv.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default 32)")
+    sv.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help=_("requests in flight at most (default: the rate × 0.15 s, at least 32)"),
+    )
     sv.add_argument("--processes", type=int,
                     help="dispatcher processes, a core each (default: one per 2,500 msg/s of --rate, at most the cores)")  # fmt: skip
     sv.set_defaults(func=_serve)

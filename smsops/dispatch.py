@@ -281,6 +281,19 @@ def processes_for(rate_per_second: float, cpus: int | None = None) -> int:
     return max(1, min(cores or 1, math.ceil(rate_per_second / ONE_PROCESS_RATE)))
 
 
+EXPECTED_LATENCY = 0.1
+"""Seconds a provider takes to answer a send, for :func:`concurrency_for`: the sandbox answers in
+20–80 ms; a real provider's answers vary more, and more requests in flight than the rate needs
+cost little (the rate window still bounds the sends)."""
+
+
+def concurrency_for(rate_per_second: float) -> int:
+    """Requests in flight a rate needs when answers take :data:`EXPECTED_LATENCY`, with half again
+    for headroom, and at least 32: the rate × latency requests are always waiting for an answer, so
+    32 in flight cap ~640 msg/s at 20–80 ms answers whatever the rate asked."""
+    return max(32, math.ceil(rate_per_second * EXPECTED_LATENCY * 1.5))
+
+
 @dataclass(frozen=True, slots=True)
 class DispatchReport:
     """What one :func:`run` did (this run only; :func:`progress` tells the campaign's state)."""
@@ -1637,7 +1650,15 @@ class _Engine:
         task = asyncio.create_task(self.reconcile(row, interrupted, grace, state, settle_from))
         self.reconciling.add(task)
         task.add_done_callback(self.reconciling.discard)
-        task.add_done_callback(lambda _: self.looking.discard(row.message_id))
+        task.add_done_callback(lambda done: self.looked_up(row.message_id, done))
+
+    def looked_up(self, message_id: int, task: asyncio.Task[bool]) -> None:
+        """A reconciliation ended. One that recorded an outcome keeps its row in :attr:`looking`
+        until :meth:`flush` has written it: until then the store still shows the row as it was
+        (``unknown``, its lookup due), and the watcher would ask the provider about the same
+        attempt again, its second outcome refused as no longer this dispatcher's claim."""
+        if task.cancelled() or task.exception() is not None or not task.result():
+            self.looking.discard(message_id)
 
     async def reconcile(
         self,
@@ -1646,15 +1667,16 @@ class _Engine:
         grace: float,
         state: str = "sending",
         settle_from: datetime | None = None,
-    ) -> None:
+    ) -> bool:
         """Ask the provider what became of a request with no clear answer. "Nothing" is believed
         only once the settle window since the request's start has passed; until then the row is
-        ``unknown`` (``awaiting_lookup``) and the watcher asks again when it has."""
+        ``unknown`` (``awaiting_lookup``) and the watcher asks again when it has. True when an
+        outcome was recorded."""
         if grace:
             await asyncio.sleep(grace)
         if not (row.phone and row.sender and row.body):
             self.record(_Outcome("reconciled", row, verdict="absent", interrupted=interrupted, state=state))
-            return
+            return True
         request = SendRequest(row.message_id, row.phone, row.sender, row.body)
         client = self.clients[row.message_id % len(self.clients)]
         found: list[StatusUpdate] | None = []
@@ -1666,7 +1688,7 @@ class _Engine:
                 except AuthenticationError as exc:
                     log.error("reconciling message %s: %s", row.message_id, exc)
                     self.error = str(exc)
-                    return  # stays 'sending': reconciled by the next run
+                    return False  # stays 'sending': reconciled by the next run
                 except (ProviderUnavailable, httpx.HTTPError) as exc:
                     log.warning("reconciling message %s: %s", row.message_id, exc)
                     if attempt + 1 == _LOOKUP_TRIES:
@@ -1685,6 +1707,7 @@ class _Engine:
                 state=state, not_after=not_after,
             )
         )  # fmt: skip
+        return True
 
     # -- background tasks --------------------------------------------------------------
 
@@ -1704,6 +1727,7 @@ class _Engine:
         except BaseException:
             self.pending[:0] = batch  # nothing of it was written: the next flush tries again
             raise
+        self.looking.difference_update(o.row.message_id for o in batch if o.kind == "reconciled")
         _merge(self.tally, scratch)
         await self.call(self.db.after_flush, accepted, statuses)
         await self.finish(touched)

@@ -28,7 +28,7 @@ import httpx
 import pytest
 from zones import zone_where_it_is
 
-from smsops import campaigns, consent, dispatch, serve, store, unsettled, webhooks
+from smsops import campaigns, cli, consent, dispatch, serve, store, unsettled, webhooks
 from smsops.dispatch import DispatchSettings, SlidingWindow
 from smsops.providers import (
     Provider,
@@ -842,3 +842,50 @@ def test_serve_runs_webhooks_sandbox_and_dispatcher_until_stopped(home, monkeypa
         conn.close()
     with pytest.raises(httpx.HTTPError):  # everything stopped
         httpx.get(f"{services.sandbox_url}/sandbox/health", timeout=1)
+
+
+class SlowLookups(Recording):
+    """The real adapter, whose lookups take ``delay`` seconds (a provider slow to answer them),
+    counting them by message."""
+
+    def __init__(self, inner: Provider, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+        self.lookups: Counter[int] = Counter()
+
+    async def find(self, client, request, since):
+        self.lookups[request.message_id] += 1
+        await asyncio.sleep(self.delay)
+        return await self.inner.find(client, request, since)
+
+
+def test_an_unknown_row_is_looked_up_once_until_the_outcome_of_its_lookup_is_written(home, caplog):
+    """Every send is answered 5xx and never accepted: each row is looked up after its settle
+    window, found absent, sent again. A lookup that ends just before the dispatcher's next look
+    for rows due one must not be asked again while its outcome waits to be written (it was:
+    two lookups of the same attempt, the second one's outcome refused as "no longer this
+    dispatcher's claim")."""
+    phones = numbers(12)
+    cid = make_campaign(home, phones)
+    failing = replace(FAST, transient_error_rate=1.0, ambiguous_error_rate=0.0)
+    settings = replace(QUICK, settle_window=0.6, max_attempts=3, linger=30)
+    with run_in_thread(failing) as server:
+        provider = SlowLookups(provider_at(server.url), delay=0.47)  # the watcher looks every 0.5 s
+        with caplog.at_level("WARNING", logger="smsops.dispatch"):
+            report = dispatch.run_sync(home, provider, settings, campaign_id=cid)
+    claims = [r.getMessage() for r in caplog.records if "no longer this dispatcher's claim" in r.getMessage()]
+    assert claims == []
+    assert report.requests == 3 * len(phones)
+    # each attempt: a lookup within its settle window (unless it took longer), one after it
+    assert max(provider.lookups.values()) <= 2 * 3
+    assert {r["skip_reason"] for r in outbox(home, cid)} == {"gave_up_after_retries"}
+
+
+@pytest.mark.parametrize(("rate", "expected"), [(100, 32), (500, 75), (1_000, 150), (2_000, 300)])
+def test_requests_in_flight_follow_the_rate_unless_given(rate, expected):
+    """At 20–80 ms answers 32 requests in flight cap ~640 msg/s: `smsops serve` and `campaign
+    send` take rate × 0.1 s × 1.5 (at least 32) unless --concurrency says otherwise."""
+    assert dispatch.concurrency_for(rate) == expected
+    args = cli.parser().parse_args(["serve", "--rate", str(rate)])
+    assert args.concurrency is None
+    assert cli.parser().parse_args(["serve", "--rate", str(rate), "--concurrency", "7"]).concurrency == 7
