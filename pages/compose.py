@@ -133,7 +133,8 @@ with left:
 
     static = encoding.analyze(template.render({}))
     c1, c2, c3 = st.columns(3)
-    c1.metric(_("Characters (no personalisation)"), i18n.number(static.chars))
+    c1.metric(_("Characters"), i18n.number(static.chars),
+              help=_("Of the text without personalisation: each recipient's fields add their own"))  # fmt: skip
     c2.metric(_("Encoding"), static.encoding)
     c3.metric(_("Segments"), i18n.number(static.segments))
     if static.ucs2_chars:
