@@ -2,7 +2,13 @@
 segment of the imported contacts, compose a text with a field and a tracked link from the
 palette, create the campaign from Compose, test-send it to a seed number, launch it, let
 `smsops serve` send it through the sandbox, refresh the metrics, and read on the Results page a
-delivery that agrees with what the sandbox itself delivered (issue 15, item 8)."""
+delivery that agrees with what the sandbox itself delivered (issue 15, item 8).
+
+The sandbox runs as `smsops serve` starts it for a user, faults and all: receipts come late,
+twice or out of order, and a simulated outage may answer 5xx for a message it accepted (the
+outbox then learns its fate only from a lookup). So Results may count fewer deliveries than the
+sandbox's own record: at most those whose receipt was late for the build, which the sandbox's
+journal of every receipt it posted says, message by message. The tolerance is that count."""
 
 from __future__ import annotations
 
@@ -41,7 +47,8 @@ NAMES = ("Анна", "Борис", "Вера", "Глеб", "Дарья", "Его
 def crm_export() -> bytes:
     """A CRM's export as a Russian shop has it: semicolons, Windows-1251, a custom column
     («Источник»), a contact without a first name, a number that cannot be a phone. Among the
-    fair's visitors, three numbers the sandbox does not deliver to (…97, …98, …99)."""
+    fair's visitors, two numbers the sandbox refuses (…13 unsubscribed there, …14 not a mobile)
+    and three it does not deliver to (…97, …98, …99)."""
     rows = [("Имя", "Фамилия", "Телефон", "Город", "Источник")]
     for i in range(24):
         ending = {21: "97", 22: "98", 23: "99"}.get(i, f"{i + 10:02d}")
@@ -228,17 +235,14 @@ class Shots:
 
     def __init__(self, page, folder: Path) -> None:
         self.page, self.folder, self.n = page, folder, 0
-        self.started = time.monotonic()
         folder.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, name: str) -> None:
         self.n += 1
-        print(f"{time.monotonic() - self.started:6.1f} s  {name}")
         self.page.screenshot(path=str(self.folder / f"{self.n:02d}-{name}.png"), full_page=True)
 
 
 def test_a_new_user_imports_targets_composes_tests_launches_and_reads_the_delivery(tmp_path, monkeypatch):
-    started = time.monotonic()
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("SMSOPS_HOME", str(home))
@@ -251,16 +255,15 @@ def test_a_new_user_imports_targets_composes_tests_launches_and_reads_the_delive
     export.write_bytes(crm_export())
     with (
         streamlit_server(home) as url,
-        smsops_serve(home, port, SMSOPS_SANDBOX_FAULTS="on", SANDBOX_URL=sandbox) as hooks,
+        smsops_serve(home, port, SMSOPS_SANDBOX_FAULTS="on", SANDBOX_URL=sandbox),
         chromium_page() as page,
     ):
-        print(f"servers up after {time.monotonic() - started:.1f} s")
         page.set_viewport_size({"width": 1400, "height": 1800})
         shot = Shots(page, tmp_path / "journey")
-        journey(page, shot, url, hooks, sandbox, home, export)
+        journey(page, shot, url, sandbox, home, export)
 
 
-def journey(page, shot, url: str, hooks: str, sandbox: str, home: Path, export: Path) -> None:
+def journey(page, shot, url: str, sandbox: str, home: Path, export: Path) -> None:
     # -- import the CRM export, with marketing consent ------------------------------------------
     page.goto(f"{url}/contacts")
     wait_for_script(page)
@@ -429,4 +432,5 @@ def journey(page, shot, url: str, hooks: str, sandbox: str, home: Path, export: 
     high = len(delivered) / max(1, len(settled) - len(late))
     rounding = 0.0005  # the page shows a rate to a tenth of a percent
     assert low - rounding <= shown_rate <= min(1.0, high) + rounding, said
-    print(said)
+    accepted, sent = {m["sid"] for m in record}, number(metric(page, "Sent"))
+    assert len(accepted & known) <= sent <= len(accepted), said  # sent: what the outbox knows was
