@@ -57,6 +57,10 @@ def status_label(status: str) -> str:
 KINDS = {"promo": _("Promotion"), "service": _("Service")}
 
 
+def launched(row) -> bool:
+    return row.status not in ("draft", "scheduled")
+
+
 def campaign_list(listing) -> None:
     """Every campaign with its counts, one row each."""
     st.dataframe(
@@ -68,8 +72,9 @@ def campaign_list(listing) -> None:
                 _("Status"): status_label(row.status),
                 _("Starts"): when(row.scheduled_at),
                 _("Launched"): when(row.launched_at),
-                _("In the segment"): i18n.number(row.audience),
-                _("Planned"): i18n.number(row.planned),
+                # frozen at launch: a draft has no audience of its own yet, not an empty one
+                _("In the segment"): i18n.number(row.audience) if launched(row) else i18n.MISSING,
+                _("Planned"): i18n.number(row.planned) if launched(row) else i18n.MISSING,
                 _("Waiting"): i18n.number(row.waiting),
                 _("Sent"): i18n.number(row.sent),
                 _("Delivered"): i18n.number(row.delivered),
@@ -248,13 +253,15 @@ def new_campaign() -> None:
                              format_func=lambda n: _("Variant {name}").format(name=n))  # fmt: skip
     palette(insert_target, "new", fields)
     c1, c2, c3 = st.columns(3)
-    test = c1.number_input(_("Test share, %"), 5, 100, 100, 5, key="new_test",
-                           help=_("With 2+ variants: the rest gets the winner once the test is decided"))  # fmt: skip
-    holdout = c2.number_input(_("Control group, %"), 0, 50, 0, 1, key="new_holdout",
+    holdout = c1.number_input(_("Control group, %"), 0, 50, 0, 1, key="new_holdout",
                               help=_("Recorded, never sent: what they do without the message is the baseline"))  # fmt: skip
-    window = c3.number_input(_("Judge the test after, hours"), 1, 336, 4, key="new_window")
-    auto_release = st.checkbox(_("Send the winner to the rest automatically when the test is decided"),
-                               key="new_auto_release")  # fmt: skip
+    test, window, auto_release = 100, 4, False  # one text: no test to share out, judge or release
+    if len(variants) > 1:
+        test = c2.number_input(_("Test share, %"), 5, 100, 100, 5, key="new_test",
+                               help=_("The rest gets the winner once the test is decided"))  # fmt: skip
+        window = c3.number_input(_("Judge the test after, hours"), 1, 336, 4, key="new_window")
+        auto_release = st.checkbox(_("Send the winner to the rest automatically when the test is decided"),
+                                   key="new_auto_release")  # fmt: skip
     st.markdown(_("**When and how often**"))
     w1, w2, w3 = st.columns(3)
     starts_choices = {"now": _("now"), "at a time": _("at a time")}
