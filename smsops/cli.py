@@ -69,7 +69,11 @@ def _query(args: argparse.Namespace) -> int:
         print(f"smsops query: {exc}", file=sys.stderr)
         return 2
     cap = memory + 2**30  # DuckDB's own limit, plus Python, pandas and the rows fetched
-    resource.setrlimit(resource.RLIMIT_DATA, (cap, min(cap, resource.getrlimit(resource.RLIMIT_DATA)[1])))
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    for lower in (soft, hard):
+        if lower != resource.RLIM_INFINITY:
+            cap = min(cap, lower)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
 
     def overrun() -> None:
         print(f"smsops query: stopped at the time limit ({args.timeout:g} s)", file=sys.stderr, flush=True)
