@@ -12,6 +12,7 @@ from smsops import (
     composer,
     config,
     i18n,
+    jobs,
     policy,
     segments,
     templates,
@@ -35,6 +36,23 @@ if provider == "sandbox":
             ":material/science: Sending goes to the **sandbox**: a local simulator, no real SMS leaves this machine."
         )
     )
+
+
+FRESH = 3.0  # seconds a background read of the outbox (the list, A/B counts) is shown before it is read again
+
+
+def waiting(status: jobs.Status, what: str) -> None:
+    """Background work this page needs, not done yet: its progress, followed every second; the
+    page runs again once it is done."""
+
+    @st.fragment(run_every=1)
+    def follow() -> None:
+        now = jobs.get(status.key) or status
+        if not now.running:
+            st.rerun(scope="app")
+        st.progress(now.fraction, text=_(now.step) if now.step else what)
+
+    follow()
 
 
 def when(moment) -> str:
@@ -104,11 +122,19 @@ def campaign_list(listing) -> None:
     )
 
 
-listing = unsettled.listing()  # campaigns.list_all() with the unknown outcomes apart from "not sent"
-if listing.empty:  # a fresh install: say so, not an empty grid
+# campaigns.list_all() with the unknown outcomes apart from "not sent": read in the background
+# (seconds on a large outbox), again every few seconds, and at once when a campaign is added or moves
+listed = jobs.run(
+    jobs.key("campaign list", *campaigns.signature()), lambda report: unsettled.listing(), fresh_for=FRESH
+)
+if not listed.ready:
+    waiting(listed, _("Reading the campaigns…"))
+elif listed.error is not None:
+    raise listed.error
+elif listed.result.empty:  # a fresh install: say so, not an empty grid
     st.caption(_("No campaigns yet: create the first one below, or from Compose."))
 else:
-    campaign_list(listing)
+    campaign_list(listed.result)
 
 new_tab, launch_tab, follow_tab = st.tabs([_("New campaign"), _("Test and launch"), _("Follow")])
 
@@ -369,18 +395,42 @@ def confirm_launch(
           "recipient's allowed hours) and can be paused.").format(messages=count_messages(to_send), cost=cost)
     )  # fmt: skip
     if st.button(_("Launch"), type="primary", key="launch_confirmed", disabled=not agreed):
-        try:
-            result = campaigns.plan(campaign_id)  # idempotent: a second click plans nothing twice
-        except campaigns.CampaignError as exc:  # e.g. the audience emptied since the preview
-            st.error(exc.localized())
-            return
-        st.session_state["launched"] = (result.campaign_id, result.to_send)
+        # in the background (a million recipients take seconds), once: a second click, or another
+        # person's, finds the launch running; and campaigns.plan plans nothing twice anyway
+        jobs.start(
+            jobs.key("launch", campaign_id), lambda report: campaigns.plan(campaign_id, progress=report)
+        )
+        st.session_state["launching"] = campaign_id
         st.session_state.pop("confirming", None)
         st.rerun()
 
 
+def launch_progress() -> int | None:
+    """The launch this session started: its progress while it runs, then what it planned (or why
+    it was refused), said once. The campaign it is launching, while it runs."""
+    campaign_id = st.session_state.get("launching")
+    if campaign_id is None:
+        return None
+    status = jobs.wait(jobs.key("launch", campaign_id))
+    if status is not None and not status.ready:
+        waiting(status, _("Launching campaign {id}…").format(id=campaign_id))
+        return campaign_id
+    st.session_state.pop("launching", None)
+    if status is None:
+        return None
+    jobs.forget(status.key)
+    if isinstance(status.error, campaigns.CampaignError):  # e.g. the audience emptied since the preview
+        st.error(status.error.localized())
+    elif status.error is not None:
+        raise status.error
+    else:
+        st.session_state["launched"] = (status.result.campaign_id, status.result.to_send)
+    return None
+
+
 with launch_tab:
-    drafts = {c.campaign_id: c for c in campaigns.drafts()}
+    launching = launch_progress()
+    drafts = {c.campaign_id: c for c in campaigns.drafts() if c.campaign_id != launching}
 
     def draft_label(campaign_id: int) -> str:
         c = drafts[campaign_id]
@@ -464,11 +514,20 @@ with launch_tab:
             )
             st.button(_("Refresh the test's status"), key="test_refresh")
 
-        try:
-            preview = campaigns.plan(cid, dry_run=True)
-        except campaigns.CampaignError as exc:
-            st.error(exc.localized())
+        # a dry run of the launch, in the background (seconds on a large audience), kept a minute
+        checked = jobs.run(
+            jobs.key("preview", cid, snapshot.build_id),
+            lambda report: campaigns.plan(cid, dry_run=True, progress=report),
+            fresh_for=60,
+        )
+        if not checked.ready:
+            waiting(checked, _("Checking the audience and the bill…"))
+        elif isinstance(checked.error, campaigns.CampaignError):
+            st.error(checked.error.localized())
+        elif checked.error is not None:
+            raise checked.error
         else:
+            preview = checked.result
             st.markdown(_("**Audience, step by step**"))
             st.table(
                 [
@@ -727,7 +786,19 @@ with follow_tab:
                 st.info(_("Nothing left to decide: these messages were settled already (by a lookup or another "
                           "person). Nothing was changed."))  # fmt: skip
         metric = st.session_state.get("ab_metric") or "ctr"
-        results = campaigns.variant_counts(cid, metric)
+        results = {}
+        if len(followed.variants) >= 2:  # an A/B test: its counts, read in the background
+            counted = jobs.run(
+                jobs.key("ab", cid, metric),
+                lambda report: campaigns.variant_counts(cid, metric),
+                fresh_for=FRESH,
+            )
+            if not counted.ready:
+                waiting(counted, _("Counting the variants' results…"))
+            elif counted.error is not None:
+                raise counted.error
+            else:
+                results = counted.result
         if len(results) >= 2:
             st.markdown(_("**A/B test**"))
             metrics = {"ctr": _("clicks (CTR)"), "conversion": _("conversions")}

@@ -14,6 +14,10 @@ from smsops import demo, i18n, warehouse
 # setting, so the app and `smsops run` in a browser test follow it too). Tests of the Russian
 # screens set SMSOPS_LANGUAGE=ru themselves.
 os.environ.setdefault("SMSOPS_LANGUAGE", "en")
+# A page waits this long for its background work (smsops.jobs) before it shows progress instead:
+# long here, so that a page test reads the result in the run it checks (tests/test_jobs.py and the
+# page bench use the deployment's default)
+os.environ.setdefault("SMSOPS_JOB_WAIT", "60")
 
 DEMO_CONTACTS = 3_000
 DEMO_SEED = 7

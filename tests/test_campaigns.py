@@ -1155,3 +1155,40 @@ def test_the_scheduled_refresh_builds_every_interval_but_never_two_at_once(home:
     assert build.wait(timeout=300) == 0
     assert warehouse.current(home).build_id != before
     assert serve.scheduler_tick(home, state, refresh_minutes=10, now=300.0) == {}  # not due yet
+
+
+def test_ab_counts_take_each_messages_last_final_receipt(home: Path) -> None:
+    """Delivered, then a later failure: not delivered; a failure, then a later delivery: delivered."""
+    campaign = create(
+        home, variants=(("A", TEXT_A), ("B", TEXT_B)), test_fraction=0.5, ab_window_hours=2,
+        caps=FrequencyCaps(None, None),
+    )  # fmt: skip
+    campaigns.plan(campaign.campaign_id, home=home, now=NOW)
+    deliver(home, campaign.campaign_id, "B")
+    before = campaigns.variant_counts(campaign.campaign_id, home=home)
+    conn = store.connect(store.store_path(home))
+    try:
+        with conn:
+            ids = [r[0] for r in conn.execute(
+                "select message_id from messages where campaign_id = ? and variant in ('A', 'B') and state = 'submitted'"
+                " order by message_id", (campaign.campaign_id,))]  # fmt: skip
+            later_failure, earlier_failure = ids[0], ids[1]
+            conn.execute(
+                "insert into message_status_events (message_id, provider, status, occurred_at, received_at)"
+                " values (?, 'sandbox', 'undelivered', '2030-01-01 00:00:05', '2030-01-01 00:00:05')",
+                (later_failure,),
+            )
+            conn.execute(
+                "insert into message_status_events (message_id, provider, status, occurred_at, received_at)"
+                " values (?, 'sandbox', 'failed', '2029-12-31 23:59:00', '2029-12-31 23:59:00')",
+                (earlier_failure,),
+            )
+            variant_of = dict(conn.execute(
+                "select message_id, variant from messages where message_id in (?, ?)", (later_failure, earlier_failure)
+            ).fetchall())  # fmt: skip
+    finally:
+        conn.close()
+    after = campaigns.variant_counts(campaign.campaign_id, home=home)
+    lost = variant_of[later_failure]
+    assert after[lost][1] == before[lost][1] - 1
+    assert sum(d for _, d in after.values()) == sum(d for _, d in before.values()) - 1

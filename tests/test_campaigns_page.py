@@ -4,6 +4,7 @@ and settle the messages whose outcome is unknown."""
 from __future__ import annotations
 
 import shutil
+import time
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -13,7 +14,7 @@ import streamlit as st
 from apptest import metric_values
 from streamlit.testing.v1 import AppTest
 
-from smsops import campaigns, config, i18n, segments, store
+from smsops import campaigns, config, i18n, jobs, segments, store
 
 
 def open_page(page: str = "campaigns", timeout: float = 120) -> AppTest:
@@ -455,3 +456,29 @@ def test_follow_refreshes_itself_while_a_campaign_can_move_and_stops_when_it_is_
     assert [every for name, every in made if name == "follow_live"][-1] is None
     assert progress_text(at).startswith("10 of 10 planned messages done · finished")
     assert metric_values(at)["Submitted"] == "10"
+
+
+def test_a_launch_runs_in_the_background_with_progress_and_is_said_once_done(own_home, monkeypatch):
+    """A click answers at once: the launch (seconds on a large audience) runs in the background, the
+    page shows its progress and then what it planned, and a draft being launched is not offered."""
+    draft = api_draft("Background launch")
+    at = pick(open_page(), draft.campaign_id)
+    monkeypatch.setenv("SMSOPS_JOB_WAIT", "0")  # what a deployment does: show progress, not wait
+    at.button(key="launch_start").click().run()
+    at.button(key="launch_confirmed").click().run()
+    assert not at.exception, at.exception
+    status = jobs.get(jobs.key("launch", draft.campaign_id))
+    assert status is not None
+    if status.running:  # caught while it plans: progress, and the draft is no longer offered
+        assert at.get("progress")
+        offered = [b for b in at.selectbox if b.key == "launch_pick"]
+        assert not offered or not any(f"id {draft.campaign_id}" in o for o in offered[0].options)
+    deadline = time.monotonic() + 60
+    while (status := jobs.get(jobs.key("launch", draft.campaign_id))) is not None and status.running:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    at.run()
+    assert any(f"Campaign {draft.campaign_id} launched" in s.value for s in at.success), shown(at)
+    assert campaigns.get(draft.campaign_id).status in ("running", "finished")
+    at.run()
+    assert not any(f"Campaign {draft.campaign_id} launched" in s.value for s in at.success)  # said once

@@ -410,7 +410,7 @@ OPERATOR_CASES = [
 
 
 @pytest.mark.parametrize(
-    ("rule", "where"), OPERATOR_CASES, ids=lambda c: f"{c.field}-{c.op}" if isinstance(c, Rule) else None
+    ("rule", "where"), OPERATOR_CASES, ids=lambda c: f"{c.field}-{c.op}" if isinstance(c, Rule) else "sql"
 )
 def test_each_operator_counts_what_hand_written_sql_counts(rule, where, built_home, total):
     expected = hand_count(where, built_home)
