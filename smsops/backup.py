@@ -57,6 +57,7 @@ FORMAT = "smsops-backup"
 VERSION = 1
 MANIFEST = "smsops-backup.json"
 STORE_FILE = "ops.sqlite"
+STAGING_FILE = "ops.sqlite.restoring"
 
 
 class BackupError(RuntimeError):
@@ -245,21 +246,32 @@ def restore(src: str | os.PathLike[str], home: str | os.PathLike[str] | None = N
     if backed_key.exists() and not key_file.exists():
         p.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         shutil.copyfile(backed_key, private_file(key_file))
+    if (records or erased_ids) and erasure.load_secret(p.home, create=False) is None:
+        raise BackupError(
+            _(
+                "erasures are to be replayed but there is no erasure key ({path} or $SMSOPS_ERASURE_SECRET):"
+                " put the install's key back first; nothing was restored"
+            ).format(path=key_file)
+        )
+    # The backup is brought up to date (erasures replayed, consent carried over) in a private
+    # copy first: the live store never holds a forgotten person again, not even for a moment,
+    # and a restore that fails half-way leaves it as it was.
+    staging = p.home / STAGING_FILE
+    _remove_staging(staging)
+    private_file(staging)
     source = sqlite3.connect(f"{(folder / STORE_FILE).as_uri()}?mode=ro", uri=True)
-    conn = store.connect(p.ops_store)
+    work = sqlite3.connect(staging, isolation_level=None)
     try:
-        try:
-            source.backup(conn)  # written through the live store's pager: its log stays coherent
-        except sqlite3.Error as exc:
-            raise BackupError(
-                _("the backup could not be written into {path}: {error}").format(path=p.ops_store, error=exc)
-            ) from None
-        store.create_schema(conn)
-        replayed = replay(conn, records, erased_ids)
-        carried = _carry_over(conn, carried_events)
+        source.backup(work)
+        store.create_schema(work)
+        replayed = replay(work, records, erased_ids)
+        carried = _carry_over(work, carried_events)
+        work.execute("vacuum")
+        _write_into_the_store(work, p.ops_store)
     finally:
         source.close()
-        conn.close()
+        work.close()
+        _remove_staging(staging)
     # what the warehouse holds is newer than the store now, or erased: build it anew
     private_file(p.fresh_build_marker)
     return RestoreResult(
@@ -428,6 +440,35 @@ def replay(
 
 def _exists(conn: sqlite3.Connection, contact_id: int) -> bool:
     return conn.execute("select 1 from contacts where contact_id = ?", (contact_id,)).fetchone() is not None
+
+
+def _remove_staging(staging: Path) -> None:
+    for path in (staging, Path(f"{staging}-journal"), Path(f"{staging}-wal"), Path(f"{staging}-shm")):
+        path.unlink(missing_ok=True)
+
+
+def _write_into_the_store(work: sqlite3.Connection, path: Path) -> None:
+    """Make the store at ``path`` hold what ``work`` holds: through the store's own pager (its
+    log and any reader stay coherent), or, when its page size differs from the backup's (a store
+    made by an older smsops), by replacing the file with nothing else running."""
+    live = store.connect(path)
+    try:
+        work.backup(live)
+        live.execute("pragma wal_checkpoint(truncate)").fetchall()
+        return
+    except sqlite3.Error:
+        pass
+    finally:
+        live.close()
+    copy = private_file(path.with_name(path.name + ".new"))
+    out = sqlite3.connect(copy)
+    try:
+        work.backup(out)
+    finally:
+        out.close()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    os.replace(copy, path)
 
 
 def _carry_over(conn: sqlite3.Connection, events: list[tuple]) -> int:

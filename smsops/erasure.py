@@ -266,12 +266,18 @@ def _read_key(path: Path) -> bytes:
     return text.encode()
 
 
-def _store_home(conn: sqlite3.Connection) -> Path | None:
-    """The folder of the store ``conn`` is connected to (None for an in-memory store)."""
+def _store_file(conn: sqlite3.Connection) -> Path | None:
+    """The file of the store ``conn`` is connected to (None for an in-memory store)."""
     for _seq, name, file in conn.execute("pragma database_list").fetchall():
         if name == "main" and file:
-            return Path(file).parent
+            return Path(file)
     return None
+
+
+def _store_home(conn: sqlite3.Connection) -> Path | None:
+    """The folder of the store ``conn`` is connected to (None for an in-memory store)."""
+    file = _store_file(conn)
+    return file.parent if file is not None else None
 
 
 def _has_erasures(conn: sqlite3.Connection) -> bool:
@@ -998,7 +1004,7 @@ def purge(
     except sqlite3.Error as exc:  # the erasure itself is committed: say what is left, go on
         failed.append(f"{journal.name}: {exc}")
     try:
-        files_deleted, files_scrubbed = _purge_files(home, numbers, scrub)
+        files_deleted, files_scrubbed = _purge_files(home, numbers, scrub, _store_file(conn))
     except OSError as exc:
         failed.append(f"files: {exc}")
     try:
@@ -1019,13 +1025,16 @@ def purge(
     )
 
 
-def _purge_files(home: Path, numbers: list[str], scrub: Callable[[str], str]) -> tuple[list[str], list[str]]:
+def _purge_files(
+    home: Path, numbers: list[str], scrub: Callable[[str], str], own: Path
+) -> tuple[list[str], list[str]]:
     """Files under ``home`` holding one of ``numbers``: logs are scrubbed, the rest deleted.
     The databases are not read here: the store and the journal are scrubbed in place, and
     warehouse files are deleted whole (now, or after the next build for the published one)."""
     p = paths(home)
     skipped = {
         p.ops_store,
+        own,  # the store the erasure ran in (a restore's private copy is not ops.sqlite)
         ingress.journal_path(home),
         home / KEY_FILE,
         p.erasure_log,

@@ -188,7 +188,11 @@ def test_an_opt_out_recorded_after_the_backup_is_not_forgotten_by_the_restore(co
     taken = backup.backup(away / "b", home)
     consent.record_many(
         conn,
-        [consent.ConsentEvent("+79990001122", "marketing", "opt_out", "keyword_reply", "2025-03-05 10:00:00")],
+        [
+            consent.ConsentEvent(
+                "+79990001122", "marketing", "opt_out", "keyword_reply", "2025-03-05 10:00:00"
+            )
+        ],
     )
     result = backup.restore(taken.path, home)
     assert result.consent_events_carried == 1
@@ -228,3 +232,15 @@ def test_cli_backs_up_and_restores_and_asks_before_replacing_the_store(conn, hom
     assert "1 erasure(s) made since replayed" in done.stdout and "smsops build" in done.stdout
     bad = smsops(home, "restore", str(away / "nowhere"), "--yes")
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_without_the_erasure_key_nothing_is_restored_rather_than_the_person(conn, home, away):
+    taken = backup.backup(away / "b", home)  # before any erasure: no key to copy yet
+    assert not taken.key_included
+    erase_subject(conn)
+    after_erasure = dump(home)
+    (home / erasure.KEY_FILE).unlink()
+    with pytest.raises(BackupError, match="no erasure key"):
+        backup.restore(taken.path, home)
+    assert dump(home) == after_erasure
+    assert not (home / backup.STAGING_FILE).exists()
