@@ -19,7 +19,7 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -146,6 +146,32 @@ def _fold(text: str | None) -> str | None:
     return text.casefold().replace("ё", "е") if text else text
 
 
+def _initials(text: str) -> set[str]:
+    """The letters a name that :func:`_name_matcher` finds for ``text`` can start with."""
+    first = (_fold(text) or " ")[0]
+    found = {first, first.upper()}
+    if first == "е":
+        found |= {"ё", "Ё"}
+    return found
+
+
+def _name_matcher(text: str) -> Callable[[str | None, str | None], bool]:
+    """Whether a contact's first name, last name, "first last" or "last first" starts with
+    ``text``, case- and ё-insensitively."""
+    needle = _fold(text) or ""
+
+    def matches(first: str | None, last: str | None) -> bool:
+        first, last = _fold(first) or "", _fold(last) or ""
+        return (
+            first.startswith(needle)
+            or last.startswith(needle)
+            or f"{first} {last}".startswith(needle)
+            or f"{last} {first}".startswith(needle)
+        )
+
+    return matches
+
+
 @contextmanager
 def _conn(home: Home) -> Iterator[sqlite3.Connection]:
     conn = store.connect(store.store_path(home))
@@ -234,6 +260,9 @@ class Query:
 
     @property
     def is_number(self) -> bool:
+        """Mostly digits and no letters: "+7 912", "8 (912) 345", not "CRM-0001234"."""
+        if any(ch.isalpha() for ch in self.text):
+            return False
         return len(self.digits) >= 4 and len(self.digits) >= len(self.text.replace(" ", "")) // 2
 
 
@@ -249,15 +278,18 @@ def search(text: str, *, limit: int = 100, reveal: bool = False, home: Home = No
             digits = query.digits
             if digits[0] == "8" and len(digits) <= 11 and digits[1:2] == "9":
                 digits = "7" + digits[1:]  # a Russian mobile written with the trunk prefix 8
-            where, params = "phone_e164 like ?", [f"%{digits}%"]
+            where, params = "external_id = ? or phone_e164 like ?", [query.text, f"%{digits}%"]
         else:
-            name = _fold(query.text)
+            # one call per contact, not four folds and two concatenations (1M contacts: seconds)
+            conn.create_function("name_matches", 2, _name_matcher(query.text), deterministic=True)
+            # only names that start with the first letter in either case go to Python (and ё for е)
+            initials = sorted(_initials(query.text))
+            marks = ", ".join("?" * len(initials))
             where = (
-                "external_id = ? or fold(first_name) like ? or fold(last_name) like ?"
-                " or fold(coalesce(first_name, '') || ' ' || coalesce(last_name, '')) like ?"
-                " or fold(coalesce(last_name, '') || ' ' || coalesce(first_name, '')) like ?"
+                f"external_id = ? or ((substr(first_name, 1, 1) in ({marks}) or substr(last_name, 1, 1) in ({marks}))"
+                " and name_matches(first_name, last_name))"
             )
-            params = [query.text, f"{name}%", f"{name}%", f"{name}%", f"{name}%"]
+            params = [query.text, *initials, *initials]
         frame = _query(
             conn,
             f"""

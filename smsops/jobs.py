@@ -19,6 +19,7 @@ survive the server (sending) belongs to ``smsops serve``, not here.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -187,6 +188,17 @@ def _run(job: _Job, work: Callable[[Report], Any]) -> None:
     job.fraction = 1.0
     job.finished_at = time.time()
     job.done.set()
+
+
+@atexit.register
+def _drain(timeout: float = 30.0) -> None:
+    """At exit, let running jobs end (up to ``timeout`` s): a daemon thread cut off inside DuckDB
+    or SQLite at interpreter shutdown can abort the process."""
+    deadline = time.monotonic() + timeout
+    with _lock:
+        threads = [job.thread for job in _jobs.values() if job.running]
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _forget_old() -> None:
