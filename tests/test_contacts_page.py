@@ -53,6 +53,16 @@ def test_search_finds_by_name_number_and_id(base):
     assert len(contacts.search("", home=base)) == 2
 
 
+def test_search_by_full_name_in_either_order_and_an_id_that_holds_digits(base):
+    assert list(contacts.search("анна иванова", home=base)["name"]) == ["Анна Иванова"]
+    assert list(contacts.search("Иванова Анна", home=base)["name"]) == ["Анна Иванова"]
+    assert list(contacts.search("ИВАНОВА", home=base)["name"]) == ["Анна Иванова"]
+    assert contacts.search("Анна Петрова", home=base).empty
+    # mostly digits, yet an id: letters make it one, not a piece of a phone number
+    assert contacts.Query.parse("K-2000123").is_number is False
+    assert contacts.Query.parse("+7 (912) 345").is_number is True
+
+
 def test_numbers_are_masked_unless_revealed(base):
     masked = contacts.search("Анна", home=base)["phone"].iloc[0]
     assert masked == "+7 912 ***-**-89"
