@@ -10,6 +10,7 @@ Conventions: timestamps are UTC text ``YYYY-MM-DD HH:MM:SS[.ffffff]``; booleans 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sqlite3
@@ -372,9 +373,16 @@ def connect(path: str | os.PathLike[str] | None = None, *, timeout: float = 30.0
     """Open the store for a short unit of work: WAL, a busy timeout, foreign-key pragmas."""
     target = Path(path) if path is not None else store_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    new = not target.exists() or target.stat().st_size == 0
+    try:
+        found = target.stat()
+    except FileNotFoundError:
+        found = None
+    new = found is None or found.st_size == 0
     if new:  # readable by its owner only, and so are the -wal and -shm SQLite makes beside it
         private_file(target)
+    elif found.st_mode & 0o077:  # written by another tool (or an older smsops): close it
+        with contextlib.suppress(OSError):
+            target.chmod(0o600)
     conn = sqlite3.connect(target, timeout=timeout, isolation_level=None)
     if new:  # only before the first table, and before WAL mode: later it cannot change
         conn.execute(f"pragma page_size = {PAGE_SIZE}")

@@ -293,6 +293,13 @@ def test_after_an_erasure_and_a_build_no_file_under_the_home_holds_the_number(er
     assert snapshots == [warehouse.current(home).path.name]  # older ones and the dev copy are gone
 
 
+def test_snapshots_the_pointer_the_store_and_the_journal_are_their_owners_only(erased):
+    home, _, _ = erased  # built in this process, whose umask lets others read what it creates
+    private = [warehouse.current(home).path, home / "warehouse" / "current.json", home / "ops.sqlite"]
+    private += [home / "ingress.sqlite", home / "erasures.jsonl", home / erasure.KEY_FILE]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in private} == {p.name: "0o600" for p in private}
+
+
 def test_the_erasure_says_what_it_purged(erased):
     _, output, _ = erased
     assert "older warehouse snapshot" in output and "journal entr" in output
