@@ -55,6 +55,14 @@ def waiting(status: jobs.Status, what: str) -> None:
     follow()
 
 
+def changed(campaign_id: int) -> None:
+    """A person changed the campaign's outbox: its counts and the list are read again now, not
+    after a few seconds."""
+    jobs.forget_all(jobs.key("tally", campaign_id))
+    jobs.forget_all(jobs.key("campaign list"))
+    jobs.forget_all(jobs.key("ab", campaign_id))
+
+
 def when(moment) -> str:
     """A moment on the team's clock."""
     return i18n.datetime_(moment, tz=zone)
@@ -644,8 +652,9 @@ def confirm_settle(campaign_id: int, decision: str, count: int) -> None:
             return
         st.session_state["decided_by"] = name.strip()
         # a second click (or a second tab) finds nothing left to decide and changes nothing
-        changed = unsettled.decide(campaign_id, decision, by=name)
-        st.session_state["settled"] = (campaign_id, decision, changed)
+        changed_rows = unsettled.decide(campaign_id, decision, by=name)
+        changed(campaign_id)
+        st.session_state["settled"] = (campaign_id, decision, changed_rows)
         forget_settling()
         st.rerun()
 
@@ -684,7 +693,19 @@ def unknown_outcomes(pending: unsettled.Unsettled) -> None:
 def follow_counts(campaign_id: int) -> campaigns.Tally:
     """A launched campaign's progress against what its launch planned, all from one read of its
     outbox: sent and not sent only grow while it sends."""
-    counts = campaigns.tally(campaign_id)
+    # one read of a large outbox takes a moment: kept for a few seconds (reruns between the
+    # fragment's own runs reuse it), read again at once when a campaign moves (pause, finish…)
+    counted = jobs.run(
+        jobs.key("tally", campaign_id, *campaigns.signature()),
+        lambda report: campaigns.tally(campaign_id),
+        fresh_for=FRESH - 0.5,
+    )
+    if not counted.ready:
+        waiting(counted, _("Counting the campaign's messages…"))
+        st.stop()  # Follow is the page's last part: nothing below it needs the counts
+    if counted.error is not None:
+        raise counted.error
+    counts = counted.result
     pending = unsettled.Unsettled(campaign_id, counts.unknown)
     status = status_label(counts.status)
     if pending.total:
@@ -779,9 +800,9 @@ with follow_tab:
             confirm_settle(*settling)
         settled = st.session_state.pop("settled", None)  # said once, after the dialog closes
         if settled is not None and settled[0] == cid:
-            _cid, decision, changed = settled
-            if changed:
-                st.success(decided(decision, changed, st.session_state.get("decided_by", i18n.MISSING)))
+            _cid, decision, count = settled
+            if count:
+                st.success(decided(decision, count, st.session_state.get("decided_by", i18n.MISSING)))
             else:
                 st.info(_("Nothing left to decide: these messages were settled already (by a lookup or another "
                           "person). Nothing was changed."))  # fmt: skip
@@ -843,6 +864,7 @@ with follow_tab:
                 )
             ):
                 released = campaigns.release_remainder(cid, verdict.winner)
+                changed(cid)
                 st.success(
                     ngettext(
                         "{n} message of {winner} planned.", "{n} messages of {winner} planned.", released
@@ -851,15 +873,19 @@ with follow_tab:
         b1, b2, b3, b4 = st.columns(4)
         if counts.status == "running" and b1.button(_("Pause"), key="follow_pause"):
             campaigns.pause(cid)
+            changed(cid)
             st.rerun()
         if counts.status == "paused" and b1.button(_("Resume"), key="follow_resume"):
             campaigns.resume(cid)
+            changed(cid)
             st.rerun()
         if counts.status in ("running", "paused") and b2.button(_("Cancel the rest"), key="follow_cancel"):
             campaigns.cancel(cid)
+            changed(cid)
             st.rerun()
         if b3.button(_("Retry the failed"), key="follow_retry"):
             retried = campaigns.retry_failed(cid)
+            changed(cid)
             st.info(
                 ngettext("{n} message queued again.", "{n} messages queued again.", retried).format(
                     n=i18n.number(retried)

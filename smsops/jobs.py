@@ -169,6 +169,14 @@ def forget(key: str) -> None:
             del _jobs[key]
 
 
+def forget_all(prefix: str) -> None:
+    """Drop every finished job whose key starts with ``prefix`` (after a change that makes their
+    results wrong, such as a person's action on the campaign they count)."""
+    with _lock:
+        for key in [k for k, j in _jobs.items() if k.startswith(prefix) and not j.running]:
+            del _jobs[key]
+
+
 def running(prefix: str = "") -> list[Status]:
     """The jobs running now whose key starts with ``prefix``."""
     with _lock:
