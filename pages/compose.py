@@ -125,13 +125,13 @@ with left:
         show(empty)
         st.stop()
     source = composer.message_source(body, kind, opt_out)
-    try:
+    try:  # a template past a bound (time, length, loops, nesting) is refused here, before any planning
         template = templates.compile(source, fields)
+        static = encoding.analyze(template.render({}))
     except templates.TemplateError as exc:
-        st.error(str(exc))
+        st.error(exc.localized())
         st.stop()
 
-    static = encoding.analyze(template.render({}))
     c1, c2, c3 = st.columns(3)
     c1.metric(_("Characters"), i18n.number(static.chars),
               help=_("Of the text without personalisation: each recipient's fields add their own"))  # fmt: skip
@@ -164,8 +164,13 @@ with left:
 
 grouped, sample = audience(snapshot.build_id, choices[chosen], template.fields, kind)
 reach = composer.reach(audience_breakdown(snapshot.build_id, choices[chosen]), kind)
-estimate = composer.estimate(template, grouped)
-previews = composer.preview(template, sample)
+try:  # a template can fail, or go past a bound, on one recipient's values
+    estimate = composer.estimate(template, grouped)
+    previews = composer.preview(template, sample)
+except templates.TemplateError as exc:
+    with under_text:
+        st.error(exc.localized())
+    st.stop()
 warnings = composer.check(
     template,
     kind=kind,
