@@ -205,7 +205,11 @@ def test_a_journal_entry_the_store_refuses_is_kept_aside_and_the_rest_is_applied
 
 @pytest.mark.parametrize(
     ("body", "status"),
-    [(b"%zz=\xff\xfe", 400), (b"MessageSid=" + b"x" * (webhooks.MAX_BODY_BYTES + 1), 413)],
+    [
+        (b"%zz=\xff\xfe", 400),
+        (b"MessageSid=SM1&MessageStatus", 400),  # a field without '=': strict parsing
+        (b"MessageSid=" + b"x" * (webhooks.MAX_BODY_BYTES + 1), 413),
+    ],
 )
 def test_a_body_that_is_not_a_form_or_too_big_is_refused_and_nothing_is_stored(receiver, body, status):
     url, conn, _ = receiver
