@@ -36,7 +36,7 @@ format: setup
 	$(BIN)/ruff format .
 
 test: setup chromium lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 bench: setup  ## benchmarks (not part of `make test`); figures go to docs/performance.md
 	$(BIN)/pytest -m bench -p no:cacheprovider -s bench

@@ -32,7 +32,7 @@ import pytest
 from conftest import copy_big_home  # bench/conftest.py
 from streamlit.testing.v1 import AppTest
 
-from smsops import campaigns, i18n, segments
+from smsops import campaigns, i18n, jobs, segments, warehouse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import apptest
@@ -42,6 +42,7 @@ pytestmark = pytest.mark.bench
 ROUNDS = int(os.environ.get("SMSOPS_BENCH_PAGE_ROUNDS", "5"))
 PAGES = ["overview", "segments", "compose", "contacts", "campaigns", "results"]
 TARGET_WARM, TARGET_COLD, TARGET_CLICK, TARGET_DIALOG = 0.5, 1.5, 1.0, 2.0
+TARGET_BACKGROUND = float("inf")  # work off the page: measured, with progress shown meanwhile
 
 rows: list[tuple[str, str, float, float, float]] = []
 """(page, what, median s, slowest s, target s) for the table."""
@@ -178,22 +179,52 @@ def test_campaigns_actions(home):
     launched = launched_campaigns()
     at, _ = fresh("campaigns")
     seconds = [timed(lambda: at.selectbox(key="launch_pick").set_value(draft.campaign_id).run())]
-    record("campaigns", "pick a 1M-contact draft (waterfall, bill)", seconds, TARGET_CLICK)
+    record("campaigns", "pick a 1M-contact draft (the page answers)", seconds, TARGET_CLICK)
+    # its dry run goes on in the background; the page shows progress and reruns when it is done
+    started = time.perf_counter()
+    background = until_done(jobs.key("preview", draft.campaign_id, warehouse.current().build_id))
+    record(
+        "campaigns",
+        "… its waterfall and bill, in the background",
+        [background + seconds[0]],
+        TARGET_BACKGROUND,
+    )
+    record("campaigns", "… the page with them", [timed(at.run)], TARGET_CLICK)
+    print(f"(waited {time.perf_counter() - started:.1f} s for the dry run)")
     record(
         "campaigns",
         "open the launch dialog",
         [timed(lambda: at.button(key="launch_start").click().run())],
         TARGET_DIALOG,
     )
-    seconds = choose_each(at, "follow_pick", launched)
-    if seconds:
-        record("campaigns", "follow a campaign", seconds, TARGET_CLICK)
+    for box in at.checkbox:  # the bill of a million messages asks for a yes
+        if box.key and box.key.startswith("launch_confirm_"):
+            box.check()
+    at.run()
     record(
         "campaigns",
-        "launch (plan 1M in the page)",
+        "launch (the page answers)",
         [timed(lambda: at.button(key="launch_confirmed").click().run())],
         TARGET_CLICK,
     )
+    background = until_done(jobs.key("launch", draft.campaign_id))
+    record("campaigns", "… the launch of 1M recipients, in the background", [background], TARGET_BACKGROUND)
+    record("campaigns", "… the page saying it launched", [timed(at.run)], TARGET_CLICK)
+    assert any("запущена" in s.value or "launched" in s.value for s in at.success), [
+        s.value for s in at.success
+    ]
+    seconds = choose_each(at, "follow_pick", launched)
+    if seconds:
+        record("campaigns", "follow a campaign", seconds, TARGET_CLICK)
+
+
+def until_done(key: str, timeout: float = 600) -> float:
+    """Seconds until the background job ``key`` finished."""
+    started = time.perf_counter()
+    while (status := jobs.get(key)) is not None and status.running:
+        assert time.perf_counter() - started < timeout
+        time.sleep(0.05)
+    return time.perf_counter() - started
 
 
 def test_results_actions(home):
@@ -208,4 +239,5 @@ def test_zz_table():
     print("\n| Page | What | Median | Slowest | Target |\n|---|---|---|---|---|")
     for page, what, median, slowest, target in rows:
         mark = "" if slowest <= target else " **over**"
-        print(f"| {page} | {what} | {median:.3f} s | {slowest:.3f} s{mark} | ≤ {target:g} s |")
+        bound = "in the background, with progress" if target == TARGET_BACKGROUND else f"≤ {target:g} s"
+        print(f"| {page} | {what} | {median:.3f} s | {slowest:.3f} s{mark} | {bound} |")
