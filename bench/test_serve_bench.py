@@ -486,3 +486,80 @@ def test_serve_as_deployed_at_the_configured_rate(rate, tmp_path):
         )
     if system["receipts_after_30s"].split("/")[0] != system["receipts_after_30s"].split("/")[1]:
         print(f"RECEIPTS MISSING: {system['receipts_after_30s']} recorded 30 s after the campaign ended")
+
+
+def test_the_opt_out_gate_per_check_while_receipts_are_journaled(tmp_path):
+    """The opt-out gate's check (``Revocations.verdict``) in a process like serve's: a thread
+    journals a receipt every ~2 ms and another keeps Python busy (the receiver's and the applier's
+    threads). Beside it, in the same run, the floor of the gate before 84c4fdf: two
+    ``pragma data_version`` reads a check, each of which hands the GIL over and waits for it."""
+    import threading
+
+    from smsops import ingress
+    from smsops.revocations import Revocations
+
+    conn = store.open_store(tmp_path)
+    path = ingress.journal_path(tmp_path)
+    journal = ingress.Journal(path)
+    gate = Revocations(conn, path)
+    jconn = ingress.connect(path)
+    stop = threading.Event()
+
+    def receipts() -> None:
+        n = 0
+        while not stop.is_set():
+            update = ["sandbox", f"SM{n:032x}", "delivered", None, "2026-12-07T10:00:00+00:00"]
+            journal.append_sync([ingress.Entry("status", {"updates": [update]}, "sandbox")])
+            n += 1
+            time.sleep(0.002)
+
+    def busy() -> None:
+        while not stop.is_set():
+            sum(range(2000))
+
+    def timed(check, n: int) -> dict:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        for _ in range(n):
+            check()
+        return {
+            "wall_us": round((time.perf_counter() - wall) / n * 1e6, 2),
+            "cpu_us": round((time.thread_time() - cpu) / n * 1e6, 2),
+        }
+
+    threads = [threading.Thread(target=receipts), threading.Thread(target=busy)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        journal_reads = gate.journal_reads
+        verdict = timed(lambda: gate.verdict("+79120000001", gate.mark), 20_000)
+        pragmas = timed(
+            lambda: (
+                conn.execute("pragma data_version").fetchone(),
+                jconn.execute("pragma data_version").fetchone(),
+            ),
+            2_000,
+        )
+        commits = journal.commits
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        journal.close()
+        gate.close()
+        jconn.close()
+        conn.close()
+    print(
+        "\n"
+        + json.dumps(
+            {
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+                "gate_verdict": verdict,
+                "two_pragma_reads": pragmas,
+                "journal_commits_meanwhile": commits,
+                "journal_reads_by_the_gate": gate.journal_reads - journal_reads,
+            },
+            indent=2,
+        )
+    )
+    assert gate.journal_reads == journal_reads  # receipts alone never send the gate to the journal
