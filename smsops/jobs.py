@@ -32,7 +32,7 @@ T = TypeVar("T")
 Report = Callable[[float, str], None]
 """``report(fraction, step)``: how far a job has come (0–1) and what it is doing now."""
 
-WAIT = 0.8
+WAIT = 0.4
 """Seconds a page waits for a job before it shows its progress instead; ``SMSOPS_JOB_WAIT``
 overrides it (the tests set it long, so that a page shows its result in the run under test)."""
 
