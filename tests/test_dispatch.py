@@ -677,6 +677,8 @@ RUNNER = textwrap.dedent(
     settings = dispatch.DispatchSettings(
         rate_per_second=100, concurrency=8, clients=4, batch_size=10, exclusive=False
     )
+    print("ready", flush=True)
+    sys.stdin.readline()  # both start together, however long each took to import
     report = dispatch.run_sync(home, from_config("sandbox", {"SANDBOX_URL": url}), settings, campaign_id=campaign)
     print(report.requests)
     """
@@ -691,11 +693,17 @@ def test_two_dispatchers_at_once_never_send_a_message_twice(home):
         runners = [
             subprocess.Popen(
                 [sys.executable, "-c", RUNNER, str(home), server.url, str(cid)],
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
             )
             for _ in range(2)
         ]
+        for runner in runners:
+            assert runner.stdout.readline().strip() == "ready"
+        for runner in runners:
+            runner.stdin.write("go\n")
+            runner.stdin.flush()
         requests = [int(p.communicate(timeout=60)[0]) for p in runners]
         received = Counter(m["to"] for m in sandbox_messages(server.url))
     assert sum(requests) == 300 and min(requests) > 0  # both took part
@@ -782,17 +790,19 @@ def test_kill_9_mid_campaign_then_restart_loses_and_duplicates_nothing(home, pro
 
 
 def test_helper_processes_share_the_work_and_the_rate(home, sandbox):
-    phones = numbers(120)
+    # six seconds of sending: a helper process that takes a few seconds to start on a loaded
+    # machine still finds work to share (at 2 s it sometimes found the campaign done)
+    phones = numbers(240)
     cid = make_campaign(home, phones)
-    settings = DispatchSettings(rate_per_second=60, concurrency=8, clients=4, processes=2, batch_size=10)
+    settings = DispatchSettings(rate_per_second=40, concurrency=8, clients=4, processes=2, batch_size=10)
     report = dispatch.run_sync(
         home, provider_at(sandbox.url), settings, campaign_id=cid, record_send_times=True
     )
-    assert report.submitted == 120 and report.requests == 120 and status_of(home, cid) == "finished"
+    assert report.submitted == 240 and report.requests == 240 and status_of(home, cid) == "finished"
     assert sorted(m["to"] for m in sandbox_messages(sandbox.url)) == sorted(phones)
     dispatchers = Counter(a["dispatcher"] for a in rows(home, "select dispatcher from send_attempts"))
-    assert len(dispatchers) == 2 and min(dispatchers.values()) > 10
-    assert max_in_any_window(list(report.send_times)) <= 60  # 30 each
+    assert len(dispatchers) == 2 and min(dispatchers.values()) >= 10
+    assert max_in_any_window(list(report.send_times)) <= 40  # 20 each
 
 
 def test_serve_runs_webhooks_sandbox_and_dispatcher_until_stopped(home, monkeypatch):
