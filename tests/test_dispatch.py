@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from sandboxes import FAST
 from zones import zone_where_it_is
 
 from smsops import campaigns, cli, consent, dispatch, serve, store, unsettled, webhooks
@@ -36,18 +37,10 @@ from smsops.providers import (
     SendResult,
     from_config,
 )
-from smsops.providers.sandbox import SandboxSettings, create_app, run_in_thread, serve_in_thread
+from smsops.providers.sandbox import create_app, run_in_thread, serve_in_thread
 from smsops.providers.transport import LeanClient
 
 SENDER = "SHOPMARKET"
-FAST = SandboxSettings(
-    latency=(0.0, 0.0),
-    transient_error_rate=0.0,
-    duplicate_rate=0.0,
-    out_of_order_rate=0.0,
-    receipt_delay=(0.01, 0.05),
-    rate_per_second=100_000,
-)
 QUICK = DispatchSettings(
     rate_per_second=1_000, concurrency=8, clients=4, backoff_base=0.05, unknown_grace=0.0, linger=10,
     settle_window=0.0,

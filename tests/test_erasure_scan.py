@@ -27,25 +27,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sandboxes import FAST
 
 from smsops import consent, demo, dispatch, erasure, importer, ingress, store, warehouse, webhooks
 from smsops.dispatch import DispatchSettings
 from smsops.providers import from_config
-from smsops.providers.sandbox import SandboxSettings, run_in_thread, serve_in_thread
+from smsops.providers.sandbox import run_in_thread, serve_in_thread
 
 PHONE = "+79163217458"  # in no file of the project (its docs use +79123456789 as an example)
 WRITTEN = (PHONE, PHONE[1:], "8" + PHONE[2:])
 ENCODINGS = ("utf-8", "utf-16-le", "utf-16-be")
 FIRST, LAST, EMAIL = "Зольтан", "Эрасуров", "zoltan.erasurov@example.org"
 SENDER = "SHOPMARKET"
-FAST = SandboxSettings(
-    latency=(0.0, 0.0),
-    transient_error_rate=0.0,
-    duplicate_rate=0.0,
-    out_of_order_rate=0.0,
-    receipt_delay=(0.01, 0.05),
-    rate_per_second=100_000,
-)
 
 
 def scan(home: Path, forms: tuple[str, ...] = WRITTEN) -> dict[str, list[str]]:
