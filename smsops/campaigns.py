@@ -2355,21 +2355,30 @@ def list_all(home: str | Path | None = None) -> pd.DataFrame:
         frame = pd.read_sql_query(
             f"""
             with
+            -- states from the (campaign, state) index alone; what needs other columns seeks the
+            -- rows of the states concerned (a third faster than one scan of every row's columns)
             outbox as (
                 select
                     campaign_id,
                     count(*) as audience,
                     sum(state in ('planned', 'sending')) as waiting,
                     sum(state = 'submitted') as sent,
-                    sum(state not in ('planned', 'sending', 'submitted')) as not_sent,
-                    sum({_LEFT_OUT}) as left_out
+                    sum(state not in ('planned', 'sending', 'submitted')) as not_sent
                 from messages
+                group by campaign_id
+            ),
+            left_out as (
+                select campaign_id, count(*) as left_out
+                from messages
+                where campaign_id in (select campaign_id from campaigns)
+                    and state in ('holdout', 'suppressed')
+                    and ({_LEFT_OUT})
                 group by campaign_id
             ),
             costs as (
                 select campaign_id, round(sum(price), 2) as cost, min(currency) as currency
                 from messages
-                where state = 'submitted'
+                where campaign_id in (select campaign_id from campaigns) and state = 'submitted'
                 group by campaign_id
             ),
             delivered as (
@@ -2387,8 +2396,8 @@ def list_all(home: str | Path | None = None) -> pd.DataFrame:
                 c.scheduled_at,
                 c.launched_at,
                 coalesce(o.audience, 0) as audience,
-                coalesce(o.audience - o.left_out, 0) as planned,
-                coalesce(o.left_out, 0) as left_out,
+                coalesce(o.audience - coalesce(l.left_out, 0), 0) as planned,
+                coalesce(l.left_out, 0) as left_out,
                 coalesce(o.waiting, 0) as waiting,
                 coalesce(o.sent, 0) as sent,
                 coalesce(d.delivered, 0) as delivered,
@@ -2397,6 +2406,7 @@ def list_all(home: str | Path | None = None) -> pd.DataFrame:
                 k.currency
             from campaigns as c
             left join outbox as o on o.campaign_id = c.campaign_id
+            left join left_out as l on l.campaign_id = c.campaign_id
             left join costs as k on k.campaign_id = c.campaign_id
             left join delivered as d on d.campaign_id = c.campaign_id
             where c.test_of is null
