@@ -21,6 +21,8 @@ exactly once (DESIGN.md invariant 8).
   (302) to the address stored for that token, never one taken from the request: no open
   redirect. Unknown tokens get 404. The address is read on a worker thread (and cached), so a
   redirect never waits for the store's writer.
+- ``POST /segment/v1/{batch,identify,track}``: contacts, events and orders in the Segment spec,
+  when ``SMSOPS_SEGMENT_WRITE_KEY`` is set (:mod:`smsops.collect`; 404 otherwise).
 - ``GET /healthz``.
 
 No route does SQLite work on the event loop.
@@ -46,7 +48,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import URL
 from starlette.types import Receive, Scope, Send
 
-from smsops import consent, ingress, phones, store
+from smsops import collect, consent, ingress, phones, store
 from smsops.providers import (
     CallbackError,
     InboundMessage,
@@ -273,8 +275,10 @@ class _WebhookApp:
         reader: _Reader,
         public_url: str | None,
         fallback: Starlette,
+        segment: collect.Endpoint | None = None,
     ) -> None:
         self.providers = providers
+        self.segment = segment
         self.journal = journal
         self.reader = reader
         self.public_url = public_url.rstrip("/") if public_url else None
@@ -299,6 +303,9 @@ class _WebhookApp:
                 return
             if method in ("GET", "HEAD") and (match := _CLICK_PATH.fullmatch(path)):
                 await self.click(scope, send, match.group(1), method)
+                return
+            if self.segment is not None and path.startswith("/segment/"):
+                await self.segment(scope, receive, send, path)
                 return
             if method in ("GET", "HEAD") and path == "/healthz":
                 await _answer(send, 200, _TEXT, "ok")
@@ -420,7 +427,9 @@ def create_app(
     fallback = Starlette(routes=[], lifespan=lifespan)
     fallback.state.journal = journal
     fallback.state.applier = applier
-    return _WebhookApp(providers, journal, _Reader(path), public_url, fallback)
+    key = collect.write_key_from_env()
+    segment = collect.Endpoint(key, path) if key else None
+    return _WebhookApp(providers, journal, _Reader(path), public_url, fallback, segment)
 
 
 def describe(providers: Mapping[str, Any]) -> list[str]:
