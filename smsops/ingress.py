@@ -1,8 +1,9 @@
 """The ingress journal: what providers and recipients sent us, kept before it is answered.
 
-A receipt, a reply or a click is checked by the webhook app (signature, size, form) and then
-appended to the journal, a SQLite file of its own (``$SMSOPS_HOME/ingress.sqlite``, WAL) that
-only the receivers write and the applier prunes. Answering therefore never waits on the
+A receipt, a reply, a click or a Segment batch (:mod:`smsops.collect`) is checked by the
+webhook app (signature or write key, size, form) and then appended to the journal, a SQLite file
+of its own (``$SMSOPS_HOME/ingress.sqlite``, WAL) that only the receivers write and the applier
+prunes. Answering therefore never waits on the
 operational store's write lock, which a launch, a build's load or an erasure may hold for a
 minute (DESIGN.md invariant 8): a 2xx means *journaled*, and the journal survives the process
 (``kill -9`` included; a power cut may lose the last commits, as with the store itself).
@@ -65,14 +66,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["status", "inbound", "click"]
+Kind = Literal["status", "inbound", "click", "segment"]
 
 _SCHEMA = (
     "create table if not exists meta (key text primary key, value text not null) strict",
     # autoincrement: an id is never handed out twice, even after every entry was pruned
     """create table if not exists entries (
         entry_id     integer primary key autoincrement,
-        kind         text not null check (kind in ('status', 'inbound', 'click')),
+        kind         text not null check (kind in ('status', 'inbound', 'click', 'segment')),
         provider     text,
         phone        text,
         keyword      text check (keyword in ('stop', 'start', 'help')),
@@ -105,7 +106,33 @@ def connect(path: str | os.PathLike[str], *, timeout: float = 30.0) -> sqlite3.C
                 "insert into meta (key, value) values ('journal_id', ?) on conflict do nothing",
                 (uuid.uuid4().hex,),
             )
+    elif (
+        "'segment'" not in conn.execute("select sql from sqlite_master where name = 'entries'").fetchone()[0]
+    ):
+        _widen_kinds(conn)
     return conn
+
+
+def _widen_kinds(conn: sqlite3.Connection) -> None:
+    """A journal made before ``segment`` entries: its table made again with the kinds of now
+    (SQLite cannot change a CHECK in place), the entries and the id sequence kept, so that no
+    id already applied is handed out again."""
+    with store.transaction(conn):
+        sql = conn.execute("select sql from sqlite_master where name = 'entries'").fetchone()[0]
+        if "'segment'" in sql:  # another process did it first
+            return
+        row = conn.execute("select seq from sqlite_sequence where name = 'entries'").fetchone()
+        seq = max(
+            row[0] if row else 0, conn.execute("select coalesce(max(entry_id), 0) from entries").fetchone()[0]
+        )
+        conn.execute("drop index if exists ix_entries_keyword")
+        conn.execute("alter table entries rename to entries_before_segment")
+        for ddl in _SCHEMA[1:]:
+            conn.execute(ddl)
+        conn.execute("insert into entries select * from entries_before_segment")
+        conn.execute("drop table entries_before_segment")
+        conn.execute("delete from sqlite_sequence where name = 'entries'")
+        conn.execute("insert into sqlite_sequence (name, seq) values ('entries', ?)", (seq,))
 
 
 def keywords_path(journal: str | os.PathLike[str]) -> Path:
@@ -400,7 +427,17 @@ def _apply_click(conn: sqlite3.Connection, payload: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-_APPLY = {"status": _apply_status, "inbound": _apply_inbound, "click": _apply_click}
+def _apply_segment(conn: sqlite3.Connection, payload: dict[str, Any]) -> None:
+    from smsops import collect  # collect imports this module for the journal
+
+    received = datetime.fromisoformat(payload["received_at"])
+    rows = collect.parse(payload["body"].encode("utf-8"), kind=payload["kind"], now=received)
+    collect.write(conn, rows, now=received)
+
+
+_APPLY = {
+    "status": _apply_status, "inbound": _apply_inbound, "click": _apply_click, "segment": _apply_segment,
+}  # fmt: skip
 
 
 def _runs(entries: list[tuple[int, str, str]]) -> Iterator[list[tuple[int, str, str]]]:

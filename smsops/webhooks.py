@@ -428,7 +428,7 @@ def create_app(
     fallback.state.journal = journal
     fallback.state.applier = applier
     key = collect.write_key_from_env()
-    segment = collect.Endpoint(key, path) if key else None
+    segment = collect.Endpoint(key, journal) if key else None
     return _WebhookApp(providers, journal, _Reader(path), public_url, fallback, segment)
 
 

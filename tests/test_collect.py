@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from datetime import UTC, datetime
 
 import pytest
 import segment.analytics as segment_analytics
 from segment.analytics.request import APIError, post
 
-from smsops import collect, store, webhooks
+from smsops import collect, ingress, store, webhooks
 from smsops.providers import from_config
 from smsops.providers.sandbox import serve_in_thread
 
@@ -22,8 +24,13 @@ def collector(home, monkeypatch):
     app = webhooks.create_app({"sandbox": from_config("sandbox", {})}, home=home)
     conn = store.open_store(home)
     with serve_in_thread(app) as server:
-        yield server.url.rstrip("/") + "/segment", conn
+        yield server.url.rstrip("/") + "/segment", conn, app
     conn.close()
+
+
+def applied(app) -> None:
+    """Wait until the app's applier has moved everything journaled into the store."""
+    assert app.state.applier.drain(timeout=20), app.state.applier.last_error
 
 
 def client(host: str, key: str = KEY) -> segment_analytics.Client:
@@ -36,7 +43,7 @@ def client(host: str, key: str = KEY) -> segment_analytics.Client:
 
 
 def test_identify_track_and_order_completed_land_in_the_store(collector):
-    host, conn = collector
+    host, conn, app = collector
     c = client(host)
     c.identify(
         "crm-42",
@@ -51,6 +58,7 @@ def test_identify_track_and_order_completed_land_in_the_store(collector):
         message_id="m-3",
     )  # fmt: skip
     assert c.errors == []
+    applied(app)
     contact = conn.execute(
         "select external_id, first_name, last_name, email, city, birth_date, gender, phone_e164, phone_valid,"
         " attributes from contacts"
@@ -67,7 +75,7 @@ def test_identify_track_and_order_completed_land_in_the_store(collector):
 
 
 def test_a_repeated_message_id_changes_nothing(collector):
-    host, conn = collector
+    host, conn, app = collector
     c = client(host)
     c.identify("crm-7", {"first_name": "Иван"}, message_id="same")
     c.identify("crm-7", {"first_name": "Пётр"}, message_id="same")
@@ -78,20 +86,22 @@ def test_a_repeated_message_id_changes_nothing(collector):
         {"type": "identify", "userId": "crm-7", "messageId": "twice", "traits": {"city": "Тверь"}},
     ])  # fmt: skip
     assert c.errors == []
+    applied(app)
     assert conn.execute("select first_name, city from contacts").fetchall() == [("Иван", "Омск")]
     assert conn.execute("select count(*) from customer_events").fetchone()[0] == 1
 
 
 def test_a_wrong_write_key_is_refused_401(collector):
-    host, conn = collector
+    host, conn, app = collector
     with pytest.raises(APIError) as refused:
         post("wrong-key", host=host, batch=[{"type": "track", "userId": "u", "event": "x", "messageId": "1"}])
     assert refused.value.status == 401
+    applied(app)
     assert conn.execute("select count(*) from customer_events").fetchone()[0] == 0
 
 
 def test_a_batch_over_500_kb_is_refused_413(collector):
-    host, conn = collector
+    host, conn, app = collector
     batch = [
         {
             "type": "track",
@@ -105,11 +115,12 @@ def test_a_batch_over_500_kb_is_refused_413(collector):
     with pytest.raises(APIError) as refused:
         post(KEY, host=host, batch=batch)
     assert refused.value.status == 413
+    applied(app)
     assert conn.execute("select count(*) from customer_events").fetchone()[0] == 0
 
 
 def test_a_bad_message_refuses_the_batch_naming_its_index_and_field(collector):
-    host, conn = collector
+    host, conn, app = collector
     batch = [
         {"type": "track", "userId": "u", "event": "Viewed", "messageId": "ok"},
         {"type": "track", "userId": "u", "event": "Order Completed", "messageId": "bad",
@@ -120,7 +131,49 @@ def test_a_bad_message_refuses_the_batch_naming_its_index_and_field(collector):
     assert refused.value.status == 400
     errors = refused.value.response.json()["errors"]
     assert errors == [{"index": 1, "field": "properties.total", "reason": errors[0]["reason"]}]
+    applied(app)
     assert conn.execute("select count(*) from customer_events").fetchone()[0] == 0
+
+
+def test_a_batch_is_answered_while_the_store_is_locked_and_applied_after(collector, home):
+    host, conn, app = collector
+    other = sqlite3.connect(store.store_path(home), isolation_level=None, check_same_thread=False)
+    other.execute("begin immediate")  # a launch or a build holding the store's write lock
+    try:
+        started = time.monotonic()
+        post(KEY, host=host, batch=[{"type": "track", "userId": "u", "event": "Viewed", "messageId": "held"}])
+        assert time.monotonic() - started < 2
+        assert conn.execute("select count(*) from customer_events").fetchone()[0] == 0
+    finally:
+        other.execute("rollback")
+        other.close()
+    applied(app)
+    assert conn.execute("select event_type from customer_events").fetchall() == [("Viewed",)]
+
+
+def test_a_journal_made_before_segment_entries_takes_them_and_keeps_its_ids(tmp_path):
+    path = tmp_path / "ingress.sqlite"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("create table meta (key text primary key, value text not null) strict")
+    old.execute("insert into meta values ('journal_id', 'j1')")
+    old.execute(
+        "create table entries (entry_id integer primary key autoincrement, kind text not null check (kind in"
+        " ('status', 'inbound', 'click')), provider text, phone text, keyword text check (keyword in ('stop',"
+        " 'start', 'help')), payload text not null, received_at text not null) strict"
+    )
+    for n in range(5):
+        old.execute("insert into entries (kind, payload, received_at) values ('click', '{}', ?)", (str(n),))
+    old.execute("delete from entries where entry_id > 3")  # applied and pruned: id 5 was handed out
+    old.close()
+    jconn = ingress.connect(path)
+    jconn.execute("insert into entries (kind, payload, received_at) values ('segment', '{}', 'x')")
+    assert jconn.execute("select entry_id, kind from entries order by entry_id").fetchall() == [
+        (1, "click"), (2, "click"), (3, "click"), (6, "segment"),
+    ]  # fmt: skip
+    assert jconn.execute(
+        "select count(*) from sqlite_master where name = 'ix_entries_keyword'"
+    ).fetchone() == (1,)
+    jconn.close()
 
 
 def test_the_endpoint_is_off_without_a_write_key(home, monkeypatch):
