@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sandboxes import FAST
+from zones import zone_where_it_is
 
 from smsops import consent, demo, dispatch, erasure, importer, ingress, store, warehouse, webhooks
 from smsops.dispatch import DispatchSettings
@@ -143,10 +144,10 @@ def campaign_to_subject(home: Path) -> tuple[int, str]:
                     "insert into links (token, message_id, url, created_at) values (?, ?, ?, ?)",
                     (token, message_id, f"https://shop.example.ru/spring?phone={phone[1:]}", now),
                 )
-        conn.execute(
-            "update contacts set time_zone = 'UTC'"
+        conn.execute(  # a zone where it is early afternoon: quiet hours never hold these back
+            "update contacts set time_zone = ?"
             " where contact_id in (select contact_id from messages where campaign_id = ?)",
-            (cid,),
+            (zone_where_it_is(13), cid),
         )
         consent.record_many(
             conn,
