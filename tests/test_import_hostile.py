@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
 import io
 import os
 import sqlite3
@@ -15,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from stores import import_digest
 
 from smsops import i18n, importer, store
 
@@ -36,18 +36,6 @@ def stored(home, tmp_path):
     return home
 
 
-def digest(home) -> str:
-    conn = sqlite3.connect(store.store_path(home))
-    try:
-        h = hashlib.sha256()
-        for table in ("contacts", "consent_events", "import_batches"):
-            for row in conn.execute(f"select * from {table} order by 1"):
-                h.update(repr(row).encode())
-        return h.hexdigest()
-    finally:
-        conn.close()
-
-
 def names(home) -> list[str]:
     conn = sqlite3.connect(store.store_path(home))
     try:
@@ -58,13 +46,13 @@ def names(home) -> list[str]:
 
 def refused(home, tmp_path, data: bytes, name: str = "hostile.csv", **options) -> importer.ImportFailed:
     """Import ``data``: it must fail with ImportFailed, leave the store as it was and write no rejects."""
-    before = digest(home)
+    before = import_digest(home)
     path = tmp_path / name
     path.write_bytes(data)
     rejects = tmp_path / "rejects.csv"
     with pytest.raises(importer.ImportFailed) as failed:
         importer.run(path, importer.Options(**options), home=home, rejects=rejects)
-    assert digest(home) == before
+    assert import_digest(home) == before
     assert not rejects.exists()
     assert name in str(failed.value)
     return failed.value

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import sqlite3
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from datetime import datetime
 
 import pytest
+from stores import import_digest
 
 from smsops import i18n, importer, store, warehouse
 
@@ -48,18 +48,6 @@ def contacts(home) -> list[tuple]:
             "select external_id, first_name, last_name, phone_e164, city, time_zone, gender, birth_date, attributes"
             " from contacts order by contact_id"
         ).fetchall()
-    finally:
-        conn.close()
-
-
-def digest(home) -> str:
-    conn = sqlite3.connect(store.store_path(home))
-    try:
-        h = hashlib.sha256()
-        for table in ("contacts", "consent_events", "import_batches"):
-            for row in conn.execute(f"select * from {table} order by 1"):
-                h.update(repr(row).encode())
-        return h.hexdigest()
     finally:
         conn.close()
 
@@ -140,19 +128,19 @@ def test_reimporting_the_same_file_changes_nothing(home, tmp_path):
     path = write_csv(tmp_path / "in.csv", HEADER_RU, ROWS_RU)
     options = importer.Options(consent_source="форма на сайте", consent_proof="https://shop.example.ru/form")
     first = importer.run(path, options, home=home, now=datetime(2026, 1, 1))
-    before = digest(home)
+    before = import_digest(home)
     again = importer.run(path, options, home=home, now=datetime(2026, 2, 1))
-    assert digest(home) == before
+    assert import_digest(home) == before
     assert (again.new, again.updated, again.unchanged) == (0, 0, first.new)
     assert again.already_imported and again.consent_recorded == 0
 
 
 def test_a_dry_run_writes_nothing(home, tmp_path):
     store.open_store(home).close()
-    before = digest(home)
+    before = import_digest(home)
     result = importer.run(write_csv(tmp_path / "in.csv", HEADER_RU, ROWS_RU), home=home, dry_run=True)
     assert result.new == 3 and result.dry_run
-    assert digest(home) == before
+    assert import_digest(home) == before
 
 
 def test_updates_fill_and_replace_but_never_erase(home, tmp_path):
@@ -210,7 +198,7 @@ def test_an_import_never_overrides_a_later_opt_out(home, tmp_path):
 
 def test_a_failure_while_applying_leaves_nothing_half_written(home, tmp_path, monkeypatch):
     store.open_store(home).close()
-    before = digest(home)
+    before = import_digest(home)
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -222,7 +210,7 @@ def test_a_failure_while_applying_leaves_nothing_half_written(home, tmp_path, mo
             importer.Options(consent_source="x"),
             home=home,
         )
-    assert digest(home) == before
+    assert import_digest(home) == before
 
 
 @pytest.mark.parametrize(
